@@ -1,0 +1,72 @@
+"""Finding and reading the YAML configuration files (shipped defaults or an override folder)."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message names the file, the entry and what is wrong."""
+
+
+def config_file(name: str, config_dir: str | os.PathLike | None = None) -> Path:
+    """The override folder's copy of `name` if it has one, else the shipped default."""
+    folder = config_dir if config_dir is not None else os.environ.get("PERSONA_CONFIG_DIR")
+    if folder:
+        candidate = Path(folder).expanduser() / name
+        if candidate.is_file():
+            return candidate
+    return Path(str(resources.files("persona_pipeline.config").joinpath(name)))
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping at the top level, found {type(data).__name__}"
+        )
+    return data
+
+
+def describe_validation_error(path: Path, data: dict[str, Any], exc: ValidationError) -> str:
+    """One line per problem: file, the entry (by list name, position and key), field, message."""
+    lines = []
+    for error in exc.errors():
+        loc = list(error["loc"])
+        entry = _entry_label(data, loc)
+        field = ".".join(str(part) for part in loc[2:]) if entry else ".".join(map(str, loc))
+        message = error["msg"].removeprefix("Value error, ")
+        where = f"{entry}: {field}" if entry and field else entry or field or "top level"
+        lines.append(f"{path}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def _entry_label(data: dict[str, Any], loc: list[Any]) -> str:
+    if len(loc) < 2 or not isinstance(loc[1], int):
+        return ""
+    section, index = loc[0], loc[1]
+    items = data.get(section)
+    label = f"{section}[{index}]"
+    if isinstance(items, list) and index < len(items) and isinstance(items[index], dict):
+        name = items[index].get("key") or items[index].get("name") or items[index].get("id")
+        if name:
+            label += f" ({name!r})"
+    return label

@@ -1,0 +1,51 @@
+"""The one code location: every asset, check, job and resource of persona_pipeline."""
+
+import os
+
+import dagster as dg
+
+from persona_pipeline.feature_schema import load_feature_schema
+from persona_pipeline.ingest.assets import index_updates
+from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
+from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
+
+
+def _from_env(name: str) -> dg.EnvVar | None:
+    """EnvVar when the variable is set (the UI then shows its name, never its value), else None."""
+    return dg.EnvVar(name) if os.environ.get(name) else None
+
+
+def build_resources() -> dict[str, dg.ConfigurableResource]:
+    return {
+        "persona_store": PersonaStore(url=_from_env("PERSONA_DB_URL")),
+        "vector_index": VectorIndex(
+            url=_from_env("QDRANT_URL"), api_key=_from_env("QDRANT_API_KEY")
+        ),
+        "landing_zone": LandingZone(
+            path=_from_env("PERSONA_LANDING_DIR"), source_db_url=_from_env("PERSONA_SOURCE_DB_URL")
+        ),
+        "persona_config": PersonaConfig(config_dir=_from_env("PERSONA_CONFIG_DIR")),
+    }
+
+
+ingest_job = dg.define_asset_job(
+    "ingest_job",
+    selection=dg.AssetSelection.assets(index_updates, device_profiles),
+    partitions_def=index_updates.partitions_def,
+    description="Read, validate and merge the landing data of the selected days into device profiles.",
+)
+
+personas_job = dg.define_asset_job(
+    "personas_job",
+    selection=dg.AssetSelection.assets(persona_vectors, persona_index),
+    description="Rebuild persona vectors from the profiles and bring the Qdrant index up to date.",
+)
+
+# Fail at load time, with the file and entry named, when the configuration is invalid.
+load_feature_schema(os.environ.get("PERSONA_CONFIG_DIR"))
+
+defs = dg.Definitions(
+    assets=[index_updates, device_profiles, persona_vectors, persona_index],
+    jobs=[ingest_job, personas_job],
+    resources=build_resources(),
+)

@@ -1,0 +1,260 @@
+"""The feature schema: keys (or key patterns) -> type, transform and initial weight.
+
+Loaded from `feature_schema.yaml` (shipped default, or `PERSONA_CONFIG_DIR`).
+Pure: no Dagster imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from persona_pipeline.config_files import (
+    ConfigError,
+    config_file,
+    describe_validation_error,
+    read_yaml_mapping,
+)
+
+FEATURE_SCHEMA_FILE = "feature_schema.yaml"
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_*-]+(\.[A-Za-z0-9_*-]+)+$")
+OTHER = "<other>"
+
+KeyType = Literal["numeric", "categorical", "boolean"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Transform(_Strict):
+    clip: tuple[float, float] = Field(description="Lower and upper bound in the key's unit.")
+    log1p: bool = False
+
+    @field_validator("clip")
+    @classmethod
+    def _ordered(cls, clip: tuple[float, float]) -> tuple[float, float]:
+        low, high = clip
+        if not (np.isfinite(low) and np.isfinite(high)) or low >= high:
+            raise ValueError(f"clip must be two finite numbers, low < high; got {list(clip)}")
+        return clip
+
+    @model_validator(mode="after")
+    def _log_needs_non_negative(self) -> Transform:
+        if self.log1p and self.clip[0] < 0:
+            raise ValueError("log1p needs a clip range that starts at 0 or above")
+        return self
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """Clip, optionally log1p, then scale to [0, 1] by the transformed bounds."""
+        low, high = self.clip
+        clipped = np.clip(values, low, high)
+        if self.log1p:
+            clipped, low, high = np.log1p(clipped), np.log1p(low), np.log1p(high)
+        return (clipped - low) / (high - low)
+
+
+class Feature(_Strict):
+    key: str
+    type: KeyType
+    weight: float = Field(ge=0)
+    transform: Transform | None = None
+    fill: float | None = None
+    vocabulary: tuple[str, ...] | None = None
+    expand: tuple[str, ...] | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _dotted(cls, key: str) -> str:
+        if not KEY_PATTERN.match(key):
+            raise ValueError(f"key {key!r} is not a dotted key (like device.location.city)")
+        if key.count("*") > 1:
+            raise ValueError(f"key {key!r} has more than one '*'")
+        return key
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Feature:
+        if self.type == "numeric" and self.transform is None:
+            raise ValueError("a numeric feature needs a transform with a clip range")
+        if self.type != "numeric" and (self.transform or self.fill is not None):
+            raise ValueError(f"transform and fill apply to numeric features, not {self.type}")
+        if self.type == "categorical" and not self.vocabulary:
+            raise ValueError("a categorical feature needs a non-empty vocabulary")
+        if self.type != "categorical" and self.vocabulary:
+            raise ValueError("vocabulary applies to categorical features only")
+        if self.vocabulary and len(set(self.vocabulary)) != len(self.vocabulary):
+            raise ValueError("vocabulary has repeated values")
+        if self.expand is not None and not self.is_pattern:
+            raise ValueError("expand applies to key patterns (with '*') only")
+        if self.is_pattern and self.type != "numeric":
+            raise ValueError("key patterns are supported for numeric features only")
+        return self
+
+    @property
+    def is_pattern(self) -> bool:
+        return "*" in self.key
+
+    @cached_property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile("^" + re.escape(self.key).replace(r"\*", "([A-Za-z0-9_-]+)") + "$")
+
+    def concrete_key(self, name: str) -> str:
+        return self.key.replace("*", name)
+
+
+class Derived(_Strict):
+    name: str
+    kind: Literal["changed_within_days", "sum"]
+    key: str
+    weight: float = Field(ge=0)
+    days: int | None = Field(default=None, ge=1)
+    transform: Transform | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _prefixed(cls, name: str) -> str:
+        if not name.startswith("derived.") or not KEY_PATTERN.match(name):
+            raise ValueError(f"name {name!r} must be dotted and start with 'derived.'")
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Derived:
+        if self.kind == "changed_within_days" and self.days is None:
+            raise ValueError("changed_within_days needs days")
+        if self.kind == "sum" and self.transform is None:
+            raise ValueError("sum needs a transform with a clip range")
+        return self
+
+
+class Limits(_Strict):
+    max_device_id_length: int = Field(default=128, ge=1)
+    max_key_length: int = Field(default=200, ge=1)
+    max_value_length: int = Field(default=256, ge=1)
+    max_future_skew_hours: float = Field(default=24, ge=0)
+
+
+class FeatureSchemaFile(_Strict):
+    limits: Limits = Limits()
+    features: tuple[Feature, ...] = Field(min_length=1)
+    derived: tuple[Derived, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_and_resolvable(self) -> FeatureSchemaFile:
+        seen: set[str] = set()
+        for entry in (*self.features, *self.derived):
+            name = entry.key if isinstance(entry, Feature) else entry.name
+            if name in seen:
+                raise ValueError(f"{name!r} is listed twice")
+            seen.add(name)
+        feature_keys = {feature.key: feature for feature in self.features}
+        for derived in self.derived:
+            source = feature_keys.get(derived.key)
+            if source is None:
+                raise ValueError(
+                    f"derived {derived.name!r} refers to {derived.key!r}, not a feature"
+                )
+            if derived.kind == "sum" and source.type != "numeric":
+                raise ValueError(f"derived {derived.name!r} sums {derived.key!r}, not numeric")
+        return self
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One coordinate of a persona vector."""
+
+    name: str
+    weight_key: str
+    concrete_key: str | None = None
+
+
+class FeatureSchema:
+    """A validated feature schema and what follows from it: key types, dimensions, version."""
+
+    def __init__(self, spec: FeatureSchemaFile, origin: str) -> None:
+        self.spec = spec
+        self.origin = origin
+        self._exact = {f.key: f for f in spec.features if not f.is_pattern}
+        self._patterns = [f for f in spec.features if f.is_pattern]
+
+    @property
+    def limits(self) -> Limits:
+        return self.spec.limits
+
+    @property
+    def features(self) -> tuple[Feature, ...]:
+        return self.spec.features
+
+    @property
+    def derived(self) -> tuple[Derived, ...]:
+        return self.spec.derived
+
+    def feature_for(self, key: str) -> Feature | None:
+        found = self._exact.get(key)
+        if found is not None:
+            return found
+        return next((f for f in self._patterns if f.regex.match(key)), None)
+
+    def key_types(self, keys: list[str]) -> dict[str, str | None]:
+        """Type per key (None for keys the schema does not know). Call on unique keys."""
+        return {key: (f.type if (f := self.feature_for(key)) else None) for key in keys}
+
+    @cached_property
+    def dimensions(self) -> tuple[Dimension, ...]:
+        dims: list[Dimension] = []
+        for feature in self.features:
+            if feature.type == "categorical":
+                for value in (*(feature.vocabulary or ()), OTHER):
+                    dims.append(Dimension(f"{feature.key}={value}", feature.key))
+            elif feature.is_pattern:
+                for name in feature.expand or ():
+                    concrete = feature.concrete_key(name)
+                    dims.append(Dimension(concrete, feature.key, concrete))
+                dims.append(Dimension(f"{feature.key}[{OTHER}]", feature.key))
+            else:
+                dims.append(Dimension(feature.key, feature.key))
+        dims.extend(Dimension(d.name, d.name) for d in self.derived)
+        return tuple(dims)
+
+    @property
+    def dimension_names(self) -> list[str]:
+        return [d.name for d in self.dimensions]
+
+    @cached_property
+    def version(self) -> str:
+        """Hash of everything that shapes the vector space except the weights."""
+        shape = self.spec.model_dump(mode="json", exclude={"limits"})
+        for entry in (*shape["features"], *shape["derived"]):
+            entry.pop("weight")
+        digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+        return digest[:10]
+
+    def initial_weights(self) -> dict[str, float]:
+        weights = {f.key: f.weight for f in self.features}
+        weights.update({d.name: d.weight for d in self.derived})
+        return weights
+
+    def dimension_weights(self, weights: dict[str, float]) -> np.ndarray:
+        """Weight per dimension: a concrete key's own weight if learned, else its entry's."""
+        merged = {**self.initial_weights(), **weights}
+        return np.array(
+            [merged.get(d.concrete_key or "", merged[d.weight_key]) for d in self.dimensions],
+            dtype=np.float64,
+        )
+
+
+def load_feature_schema(config_dir: str | os.PathLike | None = None) -> FeatureSchema:
+    path = config_file(FEATURE_SCHEMA_FILE, config_dir)
+    data = read_yaml_mapping(path)
+    try:
+        spec = FeatureSchemaFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(path, data, exc)) from None
+    return FeatureSchema(spec, origin=str(path))

@@ -1,0 +1,116 @@
+"""Ingest: raw index updates from the landing zone, validated, with rejects kept."""
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from persona_pipeline.ingest.ingest import ingest_days
+from persona_pipeline.metadata import counts_table, markdown_table
+from persona_pipeline.partitions import daily_partitions, partition_days
+from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
+from persona_pipeline.retries import STORE_RETRY
+from persona_pipeline.store.tables import index_update_rejects, index_updates as updates_table
+
+REJECT_SHARE_CHECK = "reject_share_within_threshold"
+
+
+class IndexUpdatesConfig(dg.Config):
+    max_reject_share: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="The reject-share check fails when more than this share of rows read is rejected.",
+    )
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    group_name="ingest",
+    kinds={"pandas", "sql"},
+    retry_policy=STORE_RETRY,
+    check_specs=[
+        dg.AssetCheckSpec(
+            REJECT_SHARE_CHECK,
+            asset="index_updates",
+            description="Share of rejected rows stays within the configured threshold (default 5%).",
+        )
+    ],
+)
+def index_updates(
+    context: dg.AssetExecutionContext,
+    config: IndexUpdatesConfig,
+    landing_zone: LandingZone,
+    persona_store: PersonaStore,
+    persona_config: PersonaConfig,
+) -> dg.MaterializeResult:
+    """Device key-value updates of each day, validated against the contract and the feature
+    schema. Good rows go to `index_updates`, bad ones to `index_update_rejects` with a reason;
+    exact duplicates are dropped. Re-running a day replaces that day's rows."""
+    days = partition_days(context.partition_time_window)
+    schema = persona_config.feature_schema()
+    outcome = ingest_days(days, landing_zone.read_day, schema)
+    for folder in landing_zone.misnamed_folders():
+        context.log.warning(
+            f"landing folder index_updates/{folder} is not date=YYYY-MM-DD: never read"
+        )
+    for problem in outcome.problems:
+        context.log.info(problem)
+
+    rejects = outcome.rejects.assign(rejected_at=pd.Timestamp.now(tz="UTC"))
+    persona_store.replace_rows(
+        updates_table, updates_table.c.partition_date.in_(days), outcome.accepted
+    )
+    persona_store.replace_rows(
+        index_update_rejects, index_update_rejects.c.partition_date.in_(days), rejects
+    )
+
+    accepted = outcome.accepted
+    share = outcome.reject_share
+    passed = share <= config.max_reject_share
+    return dg.MaterializeResult(
+        metadata={
+            "days": dg.MetadataValue.text(f"{days[0]} … {days[-1]}" if len(days) > 1 else days[0]),
+            "rows_read": dg.MetadataValue.int(outcome.rows_read),
+            "rows_accepted": dg.MetadataValue.int(len(accepted)),
+            "rows_rejected": dg.MetadataValue.int(len(rejects)),
+            "reject_share": dg.MetadataValue.float(round(share, 5)),
+            "duplicates_dropped": dg.MetadataValue.int(outcome.duplicates_dropped),
+            "devices": dg.MetadataValue.int(int(accepted["device_id"].nunique())),
+            "keys": dg.MetadataValue.int(int(accepted["key"].nunique())),
+            "unknown_key_rows": dg.MetadataValue.int(outcome.unknown_key_rows),
+            "unknown_keys": dg.MetadataValue.text(
+                ", ".join(sorted(outcome.unknown_keys)) or "none"
+            ),
+            "late_rows": dg.MetadataValue.int(outcome.late_rows),
+            "rejects_by_reason": counts_table(
+                rejects["reason_code"].value_counts()
+                if not rejects.empty
+                else pd.Series(dtype=int),
+                "reason",
+            ),
+            "reject_examples": markdown_table(
+                rejects.drop_duplicates("reason_code")[["source_file", "source_row", "reason"]]
+                if not rejects.empty
+                else rejects
+            ),
+            "file_notes": dg.MetadataValue.text("\n".join(outcome.problems) or "none"),
+            "preview": markdown_table(accepted.head(5).drop(columns=["source_file", "source_row"])),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=REJECT_SHARE_CHECK,
+                passed=passed,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={
+                    "reject_share": dg.MetadataValue.float(round(share, 5)),
+                    "threshold": dg.MetadataValue.float(config.max_reject_share),
+                    "rows_rejected": dg.MetadataValue.int(len(rejects)),
+                    "rows_read": dg.MetadataValue.int(outcome.rows_read),
+                },
+                description=None
+                if passed
+                else f"{share:.1%} of rows rejected; see index_update_rejects",
+            )
+        ],
+    )

@@ -1,0 +1,252 @@
+"""Validating raw index updates against the contract and the feature schema. Pure: no Dagster.
+
+Every row ends up either accepted (normalized: UTC time, canonical value text,
+parsed number) or rejected with the first reason that applies. Vectorized: the
+checks run on whole columns; only keys are looked up one by one (few distinct).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from persona_pipeline.feature_schema import FeatureSchema
+from persona_pipeline.ingest.reading import FIELDS, REJECT_COLUMNS, clip_raw
+
+ACCEPTED_COLUMNS = (
+    "partition_date",
+    "device_id",
+    "customer_id",
+    "key",
+    "value",
+    "value_number",
+    "observed_at",
+    "source_file",
+    "source_row",
+)
+DOTTED_KEY = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+$"
+UTC_OFFSET = r"(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$"
+TRUE_WORDS = {"true", "1", "yes", "y", "t", "1.0", "on"}
+FALSE_WORDS = {"false", "0", "no", "n", "f", "0.0", "off"}
+SHOWN_VALUE_CHARS = 40
+
+
+@dataclass
+class ValidationResult:
+    accepted: pd.DataFrame
+    rejects: pd.DataFrame
+    duplicates_dropped: int
+    unknown_key_rows: int
+    unknown_keys: list[str]
+    late_rows: int
+
+
+def _text(series: pd.Series) -> pd.Series:
+    """Values as stripped text; missing, NaN and blank become <NA>."""
+    text = series.astype("string").str.strip()
+    return text.mask(text == "")
+
+
+def _shown(text: pd.Series) -> pd.Series:
+    """A value as quoted in a reason, shortened."""
+    short = text.fillna("").str.slice(0, SHOWN_VALUE_CHARS)
+    return "'" + short + np.where(text.fillna("").str.len() > SHOWN_VALUE_CHARS, "…'", "'")
+
+
+def _canonical_numbers(numbers: pd.Series) -> pd.Series:
+    """Numbers as text: integral values without a trailing '.0'."""
+    values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+    integral = np.isfinite(values) & (values == np.round(values)) & (np.abs(values) < 1e15)
+    as_int = np.where(integral, values, 0).astype(np.int64).astype(str)
+    as_float = values.astype(str)
+    return pd.Series(np.where(integral, as_int, as_float), index=numbers.index, dtype="string")
+
+
+class _Reasons:
+    """The first failing check per row wins."""
+
+    def __init__(self, index: pd.Index) -> None:
+        self.reason = pd.Series(pd.NA, index=index, dtype="string")
+        self.code = pd.Series(pd.NA, index=index, dtype="string")
+
+    def add(self, code: str, failed: pd.Series | np.ndarray, message: str | pd.Series) -> None:
+        failed = pd.Series(failed, index=self.reason.index).fillna(False).astype(bool)
+        target = failed & self.reason.isna()
+        if not target.any():
+            return
+        self.code[target] = code
+        if isinstance(message, pd.Series):
+            self.reason[target] = message[target].astype("string")
+        else:
+            self.reason[target] = message
+
+    @property
+    def ok(self) -> pd.Series:
+        return self.reason.isna()
+
+
+def validate_updates(
+    raw: pd.DataFrame,
+    schema: FeatureSchema,
+    partition_date: str,
+    day_start: pd.Timestamp,
+    day_end: pd.Timestamp,
+) -> ValidationResult:
+    """Split raw rows of one partition day into accepted and rejected rows."""
+    raw = raw.reset_index(drop=True)
+    limits = schema.limits
+    reasons = _Reasons(raw.index)
+
+    device_id = _text(raw["device_id"])
+    customer_id = _text(raw["customer_id"])
+    key = _text(raw["key"])
+    value = _text(raw["value"])
+    observed_text = _text(raw["observed_at"])
+
+    reasons.add("missing_device_id", device_id.isna(), "device_id is missing or empty")
+    reasons.add(
+        "too_long",
+        device_id.str.len() > limits.max_device_id_length,
+        "device_id is "
+        + device_id.str.len().astype("string")
+        + f" characters long (limit {limits.max_device_id_length})",
+    )
+    reasons.add(
+        "too_long",
+        customer_id.str.len() > limits.max_device_id_length,
+        "customer_id is "
+        + customer_id.str.len().astype("string")
+        + f" characters long (limit {limits.max_device_id_length})",
+    )
+    reasons.add("missing_key", key.isna(), "key is missing or empty")
+    reasons.add(
+        "too_long",
+        key.str.len() > limits.max_key_length,
+        "key is "
+        + key.str.len().astype("string")
+        + f" characters long (limit {limits.max_key_length})",
+    )
+    reasons.add(
+        "bad_key",
+        ~key.str.match(DOTTED_KEY).fillna(False),
+        "key " + _shown(key) + " is not a dotted key like device.location.city",
+    )
+    reasons.add("missing_value", value.isna(), "value is missing")
+    reasons.add(
+        "too_long",
+        value.str.len() > limits.max_value_length,
+        "value is "
+        + value.str.len().astype("string")
+        + f" characters long (limit {limits.max_value_length})",
+    )
+
+    number = pd.to_numeric(value, errors="coerce").astype("Float64")
+    reasons.add(
+        "not_finite",
+        value.notna() & number.notna() & ~np.isfinite(number.fillna(0).to_numpy(dtype=float)),
+        "value " + _shown(value) + " is not a finite number",
+    )
+
+    reasons.add("missing_observed_at", observed_text.isna(), "observed_at is missing")
+    observed_at = pd.to_datetime(observed_text, utc=True, format="ISO8601", errors="coerce")
+    reasons.add(
+        "bad_timestamp",
+        observed_at.isna(),
+        "observed_at " + _shown(observed_text) + " is not an ISO-8601 timestamp",
+    )
+    has_offset = observed_text.str.contains(UTC_OFFSET, regex=True).fillna(False)
+    reasons.add(
+        "no_utc_offset",
+        ~has_offset,
+        "observed_at "
+        + _shown(observed_text)
+        + " has no UTC offset (ISO-8601 with offset required)",
+    )
+    latest_allowed = day_end + pd.Timedelta(hours=limits.max_future_skew_hours)
+    reasons.add(
+        "future_timestamp",
+        observed_at > latest_allowed,
+        "observed_at "
+        + _shown(observed_text)
+        + f" is later than partition {partition_date} allows (day end + {limits.max_future_skew_hours:g} h)",
+    )
+
+    unique_keys = key.dropna().unique().tolist()
+    key_type = key.map(schema.key_types(unique_keys)).astype("string")
+    is_numeric = key_type == "numeric"
+    is_boolean = key_type == "boolean"
+    reasons.add(
+        "not_a_number",
+        is_numeric & number.isna(),
+        "value " + _shown(value) + " is not a number (" + key.fillna("") + " is numeric)",
+    )
+    lowered = value.str.lower()
+    boolean_true = lowered.isin(TRUE_WORDS)
+    boolean_false = lowered.isin(FALSE_WORDS)
+    reasons.add(
+        "not_a_boolean",
+        is_boolean & ~(boolean_true | boolean_false),
+        "value "
+        + _shown(value)
+        + " is not a boolean ("
+        + key.fillna("")
+        + " is boolean: true/false)",
+    )
+
+    ok = reasons.ok
+    canonical = value.copy()
+    canonical[is_numeric.fillna(False)] = _canonical_numbers(number[is_numeric.fillna(False)])
+    canonical[is_boolean.fillna(False)] = np.where(
+        boolean_true[is_boolean.fillna(False)], "true", "false"
+    )
+    accepted = pd.DataFrame(
+        {
+            "partition_date": partition_date,
+            "device_id": device_id,
+            "customer_id": customer_id,
+            "key": key,
+            "value": canonical,
+            "value_number": number.where(is_numeric.fillna(False)).astype("float64"),
+            "observed_at": observed_at,
+            "source_file": raw["source_file"],
+            "source_row": raw["source_row"],
+        }
+    )[ok]
+    identity = ["device_id", "customer_id", "key", "value", "observed_at"]
+    duplicated = accepted.duplicated(subset=identity, keep="first")
+    accepted = accepted[~duplicated]
+    unknown = accepted["key"][key_type[accepted.index].isna()]
+    rejected = raw[~ok]
+    return ValidationResult(
+        accepted=accepted[list(ACCEPTED_COLUMNS)].reset_index(drop=True),
+        rejects=_reject_rows(rejected, reasons.reason[~ok], reasons.code[~ok]),
+        duplicates_dropped=int(duplicated.sum()),
+        unknown_key_rows=len(unknown),
+        unknown_keys=sorted(unknown.unique().tolist()),
+        late_rows=int((accepted["observed_at"] < day_start).sum()),
+    )
+
+
+def _reject_rows(rejected: pd.DataFrame, reason: pd.Series, code: pd.Series) -> pd.DataFrame:
+    if rejected.empty:
+        return pd.DataFrame(columns=[*REJECT_COLUMNS, "reason_code"])
+    as_json = (
+        rejected[list(FIELDS)]
+        .astype(object)
+        .where(rejected[list(FIELDS)].notna(), None)
+        .to_json(orient="records", lines=True, default_handler=str, force_ascii=False)
+        .rstrip("\n")
+        .split("\n")
+    )
+    raw = rejected["raw"].where(rejected["raw"].notna(), pd.Series(as_json, index=rejected.index))
+    return pd.DataFrame(
+        {
+            "source_file": rejected["source_file"],
+            "source_row": rejected["source_row"],
+            "raw": raw.map(clip_raw),
+            "reason": reason.astype(object),
+            "reason_code": code.astype(object),
+        }
+    ).reset_index(drop=True)

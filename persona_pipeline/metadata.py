@@ -1,0 +1,31 @@
+"""Helpers that turn results into metadata a person reads in the UI."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+
+MAX_CELL_CHARS = 80
+
+
+def markdown_table(frame: pd.DataFrame, max_rows: int = 10) -> dg.MetadataValue:
+    """A small markdown table (the UI renders it) of the first rows of `frame`."""
+    if frame.empty:
+        return dg.MetadataValue.md("_(none)_")
+    shown = frame.head(max_rows).astype(str)
+    cells = shown.map(lambda text: _cell(text))
+    header = "| " + " | ".join(_cell(str(c)) for c in shown.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in shown.columns) + " |"
+    body = ["| " + " | ".join(row) + " |" for row in cells.to_numpy().tolist()]
+    more = [f"\n_{len(frame) - max_rows} more rows_"] if len(frame) > max_rows else []
+    return dg.MetadataValue.md("\n".join([header, rule, *body, *more]))
+
+
+def _cell(text: str) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
+
+
+def counts_table(counts: pd.Series, label: str, value_label: str = "rows") -> dg.MetadataValue:
+    frame = counts.rename_axis(label).reset_index(name=value_label)
+    return markdown_table(frame, max_rows=20)

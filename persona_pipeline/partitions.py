@@ -1,0 +1,19 @@
+"""Partitions shared by the domains."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+import pandas as pd
+
+# Recent start keeps the UI fast; set PERSONA_PARTITION_START for older landing data.
+PARTITION_START = os.environ.get("PERSONA_PARTITION_START", "2026-01-01")
+
+daily_partitions = dg.DailyPartitionsDefinition(start_date=PARTITION_START, end_offset=1)
+
+
+def partition_days(window: dg.TimeWindow) -> list[str]:
+    """The days (YYYY-MM-DD) of a partition time window: one for a run, many for a backfill."""
+    days = pd.date_range(window.start, window.end, freq="D", inclusive="left")
+    return [day.strftime("%Y-%m-%d") for day in days]

@@ -1,0 +1,276 @@
+"""Personas: profiles merged from updates, weighted persona vectors, and their Qdrant index."""
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from persona_pipeline.metadata import markdown_table
+from persona_pipeline.partitions import daily_partitions, partition_days
+from persona_pipeline.personas import storage
+from persona_pipeline.personas.profiles import (
+    device_customers,
+    latest_per_device_key,
+    value_changes,
+)
+from persona_pipeline.personas.vectors import build_persona_vectors
+from persona_pipeline.personas.weights import current_weights
+from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
+from persona_pipeline.resources.persona_store import int64_fingerprint
+from persona_pipeline.resources.vector_index import COLLECTION_PREFIX, point_id
+from persona_pipeline.retries import STORE_RETRY
+
+VECTOR_INDEX_POOL = "vector_index"
+ONE_POINT_CHECK = "one_point_per_device"
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=["index_updates"],
+    group_name="personas",
+    kinds={"pandas", "sql"},
+    retry_policy=STORE_RETRY,
+)
+def device_profiles(
+    context: dg.AssetExecutionContext, persona_store: PersonaStore
+) -> dg.MaterializeResult:
+    """Latest value per (device, key) by event time. Merging is order-independent and idempotent:
+    days can be materialized in any order, or twice, and leave the same table."""
+    days = partition_days(context.partition_time_window)
+    updates = storage.read_updates_for_days(persona_store, days)
+    latest = latest_per_device_key(updates)
+    storage.merge_into_profiles(persona_store, latest)
+    rows, devices = storage.profile_counts(persona_store)
+    return dg.MaterializeResult(
+        metadata={
+            "updates_read": dg.MetadataValue.int(len(updates)),
+            "latest_values_merged": dg.MetadataValue.int(len(latest)),
+            "devices_updated": dg.MetadataValue.int(int(latest["device_id"].nunique())),
+            "profile_rows": dg.MetadataValue.int(rows),
+            "devices": dg.MetadataValue.int(devices),
+        }
+    )
+
+
+@dg.asset(
+    deps=[device_profiles],
+    group_name="personas",
+    kinds={"numpy", "sql"},
+    retry_policy=STORE_RETRY,
+)
+def persona_vectors(
+    persona_store: PersonaStore, persona_config: PersonaConfig
+) -> dg.MaterializeResult:
+    """One weighted vector per profiled device, in the feature space of the current schema and
+    the newest `key_weights` version. Only devices whose vector changed are rewritten."""
+    schema = persona_config.feature_schema()
+    weights = current_weights(persona_store, schema.initial_weights())
+    profiles = storage.read_profiles(persona_store)
+    as_of = profiles["observed_at"].max() if not profiles.empty else pd.Timestamp.now(tz="UTC")
+
+    changed: dict[str, set[str]] = {}
+    for derived in schema.derived:
+        if derived.kind == "changed_within_days":
+            since = as_of - pd.Timedelta(days=derived.days)
+            history = storage.read_key_history(persona_store, derived.key, since.to_pydatetime())
+            changed[derived.name] = set(value_changes(history, since)["device_id"])
+
+    vectors = build_persona_vectors(
+        profiles, device_customers(profiles), schema, weights.weights, changed
+    )
+    space = f"{schema.version}-w{weights.version}"
+    fingerprints = int64_fingerprint(
+        pd.DataFrame(vectors.matrix).assign(customer_id=vectors.customer_ids, space=space)
+    )
+    previous = storage.read_vector_fingerprints(persona_store)
+    stale = previous.reindex(vectors.device_ids).to_numpy() != fingerprints
+    removed = sorted(set(previous.index) - set(vectors.device_ids))
+    rows = pd.DataFrame(
+        {
+            "device_id": vectors.device_ids[stale],
+            "customer_id": vectors.customer_ids[stale],
+            "space": space,
+            "weights_version": weights.version,
+            "vector": storage.encode_vectors(vectors.matrix[stale]),
+            "fingerprint": fingerprints[stale],
+            "computed_at": pd.Timestamp.now(tz="UTC"),
+        }
+    )
+    storage.write_vectors(persona_store, rows, removed)
+    dimension_weights = schema.dimension_weights(weights.weights)
+    dimensions = pd.DataFrame(
+        {
+            "position": np.arange(len(schema.dimensions)),
+            "name": schema.dimension_names,
+            "weight_key": [d.weight_key for d in schema.dimensions],
+            "weight": dimension_weights,
+        }
+    )
+    storage.write_dimensions(persona_store, space, dimensions)
+
+    active = (vectors.matrix != 0).mean(axis=0)
+    return dg.MaterializeResult(
+        metadata={
+            "devices": dg.MetadataValue.int(len(vectors.device_ids)),
+            "devices_rewritten": dg.MetadataValue.int(int(stale.sum())),
+            "devices_removed": dg.MetadataValue.int(len(removed)),
+            "dimensions": dg.MetadataValue.int(len(schema.dimensions)),
+            "feature_space": dg.MetadataValue.text(space),
+            "schema_version": dg.MetadataValue.text(schema.version),
+            "weights_version": dg.MetadataValue.int(weights.version),
+            "weights_source": dg.MetadataValue.text(weights.source),
+            "as_of": dg.MetadataValue.text(as_of.isoformat()),
+            "moved_recently": dg.MetadataValue.int(sum(len(v) for v in changed.values())),
+            "dimension_weights": markdown_table(
+                dimensions.assign(share_nonzero=np.round(active, 3))[
+                    ["name", "weight", "share_nonzero"]
+                ],
+                max_rows=len(dimensions),
+            ),
+        }
+    )
+
+
+class PersonaIndexConfig(dg.Config):
+    batch_size: int = Field(default=512, ge=1, description="Points per upsert request to Qdrant.")
+    keep_collections: int = Field(
+        default=2,
+        ge=1,
+        description="Persona collections kept: the current one and older ones for a rollback.",
+    )
+
+
+@dg.asset(
+    deps=[persona_vectors],
+    group_name="personas",
+    kinds={"qdrant"},
+    pool=VECTOR_INDEX_POOL,
+    retry_policy=STORE_RETRY,
+    check_specs=[
+        dg.AssetCheckSpec(
+            ONE_POINT_CHECK,
+            asset="persona_index",
+            description="The alias `personas` resolves to a collection with exactly one point per device.",
+        )
+    ],
+)
+def persona_index(
+    context: dg.AssetExecutionContext,
+    config: PersonaIndexConfig,
+    persona_store: PersonaStore,
+    vector_index: VectorIndex,
+) -> dg.MaterializeResult:
+    """Persona vectors in Qdrant: a collection per feature space (schema + weights version),
+    point id uuid5(device_id). Writes only the devices whose vector changed since the
+    collection last saw them; a new feature space fills a new collection, then the alias
+    `personas` is swapped to it atomically."""
+    vectors = storage.read_vectors(persona_store)
+    spaces = vectors["space"].unique().tolist()
+    if len(spaces) > 1:
+        raise dg.Failure(
+            f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors"
+        )
+    space = spaces[0] if spaces else None
+    if space is None:
+        return dg.MaterializeResult(
+            metadata={"points_written": dg.MetadataValue.int(0)},
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=ONE_POINT_CHECK, passed=True, description="no devices"
+                )
+            ],
+        )
+    collection = f"{COLLECTION_PREFIX}{space}"
+    dimensions = storage.read_dimension_count(persona_store, space)
+    indexed = storage.read_index_state(persona_store, collection)
+    stale = indexed.reindex(vectors["device_id"]).to_numpy() != vectors["fingerprint"].to_numpy()
+    to_write = vectors[stale]
+    gone = sorted(set(indexed.index) - set(vectors["device_id"]))
+
+    with vector_index.client() as client:
+        created = vector_index.ensure_collection(client, collection, dimensions)
+        if created:
+            indexed = indexed.iloc[0:0]
+            to_write = vectors
+        payloads = [
+            {
+                "device_id": d,
+                "customer_id": c,
+                "weights_version": int(w),
+                "feature_space": space,
+                "cluster_id": None,
+            }
+            for d, c, w in zip(
+                to_write["device_id"],
+                to_write["customer_id"],
+                to_write["weights_version"],
+                strict=True,
+            )
+        ]
+        written = vector_index.upsert(
+            client,
+            collection,
+            [point_id(d) for d in to_write["device_id"]],
+            storage.decode_vectors(to_write["vector"], dimensions),
+            payloads,
+            config.batch_size,
+        )
+        deleted = vector_index.delete(client, collection, [point_id(d) for d in gone])
+        storage.write_index_state(
+            persona_store, collection, to_write[["device_id", "fingerprint"]], gone
+        )
+        previous = vector_index.swap_alias(client, collection)
+        dropped = _drop_old_collections(
+            client,
+            vector_index,
+            keep=config.keep_collections,
+            current=collection,
+            previous=previous,
+        )
+        storage.forget_collections(persona_store, dropped)
+        points = client.count(vector_index.alias, exact=True).count
+    if previous != collection:
+        context.log.info(f"alias {vector_index.alias}: {previous} -> {collection}")
+
+    passed = points == len(vectors)
+    return dg.MaterializeResult(
+        metadata={
+            "collection": dg.MetadataValue.text(collection),
+            "alias": dg.MetadataValue.text(vector_index.alias),
+            "previous_collection": dg.MetadataValue.text(previous or "none"),
+            "location": dg.MetadataValue.text(vector_index.location),
+            "points_written": dg.MetadataValue.int(written),
+            "points_deleted": dg.MetadataValue.int(deleted),
+            "points": dg.MetadataValue.int(points),
+            "dimensions": dg.MetadataValue.int(dimensions),
+            "weights_version": dg.MetadataValue.int(int(vectors["weights_version"].iloc[0])),
+            "collections_dropped": dg.MetadataValue.text(", ".join(dropped) or "none"),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=ONE_POINT_CHECK,
+                passed=passed,
+                metadata={"points": points, "devices": len(vectors)},
+                description=None if passed else f"{points} points for {len(vectors)} devices",
+            )
+        ],
+    )
+
+
+def _drop_old_collections(
+    client, vector_index: VectorIndex, keep: int, current: str, previous: str | None
+) -> list[str]:
+    """Drop persona collections beyond the newest `keep`, never the current or previous one."""
+    collections = vector_index.persona_collections(client)
+    protected = {current, previous}
+    candidates = [c for c in collections if c not in protected]
+    room = max(keep - len({c for c in protected if c}), 0)
+    # Collection names end in the weights version: keep the newest of the rest.
+    candidates.sort(
+        key=lambda name: int(name.rsplit("-w", 1)[-1]) if name.rsplit("-w", 1)[-1].isdigit() else -1
+    )
+    dropped = candidates[: max(len(candidates) - room, 0)]
+    for name in dropped:
+        client.delete_collection(name)
+    return dropped

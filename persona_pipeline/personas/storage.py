@@ -1,0 +1,157 @@
+"""Reads and writes of the personas domain in the persona store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from persona_pipeline.resources.persona_store import PersonaStore, as_utc
+from persona_pipeline.store.tables import (
+    device_profiles,
+    index_updates,
+    persona_dimensions,
+    persona_vectors,
+    vector_index_state,
+)
+
+
+def read_updates_for_days(store: PersonaStore, days: list[str]) -> pd.DataFrame:
+    columns = [
+        index_updates.c[c]
+        for c in ("device_id", "customer_id", "key", "value", "value_number", "observed_at")
+    ]
+    frame = store.read_frame(sa.select(*columns).where(index_updates.c.partition_date.in_(days)))
+    frame["observed_at"] = as_utc(frame["observed_at"])
+    return frame
+
+
+def merge_into_profiles(store: PersonaStore, latest: pd.DataFrame) -> None:
+    """Upsert where the incoming (observed_at, value) is larger than the stored one."""
+
+    def newer(stored, incoming):
+        return (incoming.observed_at > stored.observed_at) | (
+            (incoming.observed_at == stored.observed_at) & (incoming.value > stored.value)
+        )
+
+    store.upsert_newer(device_profiles, latest, ["device_id", "key"], newer)
+
+
+def read_profiles(store: PersonaStore) -> pd.DataFrame:
+    frame = store.read_frame(sa.select(device_profiles))
+    frame["observed_at"] = as_utc(frame["observed_at"])
+    return frame
+
+
+def profile_counts(store: PersonaStore) -> tuple[int, int]:
+    with store.engine.connect() as connection:
+        rows = connection.execute(sa.select(sa.func.count()).select_from(device_profiles)).scalar()
+        devices = connection.execute(
+            sa.select(sa.func.count(sa.distinct(device_profiles.c.device_id)))
+        ).scalar()
+    return int(rows or 0), int(devices or 0)
+
+
+def read_key_history(store: PersonaStore, key: str, since: pd.Timestamp) -> pd.DataFrame:
+    """Updates of `key` after `since`, plus each device's last update at or before it."""
+    u = index_updates.c
+    after = sa.select(u.device_id, u.value, u.observed_at).where(
+        (u.key == key) & (u.observed_at > since)
+    )
+    last_before = (
+        sa.select(u.device_id, sa.func.max(u.observed_at).label("observed_at"))
+        .where((u.key == key) & (u.observed_at <= since))
+        .group_by(u.device_id)
+        .subquery()
+    )
+    before = (
+        sa.select(u.device_id, u.value, u.observed_at)
+        .join(
+            last_before,
+            (u.device_id == last_before.c.device_id) & (u.observed_at == last_before.c.observed_at),
+        )
+        .where(u.key == key)
+    )
+    frame = store.read_frame(sa.union_all(after, before))
+    frame["observed_at"] = as_utc(frame["observed_at"])
+    return frame.drop_duplicates()
+
+
+def encode_vectors(matrix: np.ndarray) -> list[bytes]:
+    """Each row as little-endian float32 bytes (one numpy call, no per-device Python)."""
+    contiguous = np.ascontiguousarray(matrix, dtype="<f4")
+    return contiguous.view(np.dtype((np.void, contiguous.shape[1] * 4))).ravel().tolist()
+
+
+def decode_vectors(blobs: pd.Series, dimensions: int) -> np.ndarray:
+    if blobs.empty:
+        return np.zeros((0, dimensions), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs.tolist()), dtype="<f4").reshape(len(blobs), dimensions)
+
+
+def read_vector_fingerprints(store: PersonaStore) -> pd.Series:
+    frame = store.read_frame(sa.select(persona_vectors.c.device_id, persona_vectors.c.fingerprint))
+    return frame.set_index("device_id")["fingerprint"]
+
+
+def write_vectors(store: PersonaStore, rows: pd.DataFrame, removed: list[str]) -> None:
+    """Replace the rows of changed devices and delete the rows of devices that are gone."""
+    ids = [*rows["device_id"].tolist(), *removed]
+    with store.begin() as connection:
+        for start in range(0, len(ids), 10_000):
+            chunk = ids[start : start + 10_000]
+            connection.execute(
+                persona_vectors.delete().where(persona_vectors.c.device_id.in_(chunk))
+            )
+        store.insert_frame(connection, persona_vectors, rows)
+
+
+def write_dimensions(store: PersonaStore, space: str, frame: pd.DataFrame) -> None:
+    store.replace_rows(
+        persona_dimensions, persona_dimensions.c.space == space, frame.assign(space=space)
+    )
+
+
+def read_dimension_count(store: PersonaStore, space: str) -> int:
+    query = (
+        sa.select(sa.func.count())
+        .select_from(persona_dimensions)
+        .where(persona_dimensions.c.space == space)
+    )
+    return int(store.scalar(query) or 0)
+
+
+def read_vectors(store: PersonaStore) -> pd.DataFrame:
+    return store.read_frame(sa.select(persona_vectors))
+
+
+def read_index_state(store: PersonaStore, collection: str) -> pd.Series:
+    s = vector_index_state.c
+    frame = store.read_frame(
+        sa.select(s.device_id, s.fingerprint).where(s.collection == collection)
+    )
+    return frame.set_index("device_id")["fingerprint"]
+
+
+def write_index_state(
+    store: PersonaStore, collection: str, written: pd.DataFrame, deleted: list[str]
+) -> None:
+    s = vector_index_state.c
+    ids = [*written["device_id"].tolist(), *deleted]
+    with store.begin() as connection:
+        for start in range(0, len(ids), 10_000):
+            chunk = ids[start : start + 10_000]
+            connection.execute(
+                vector_index_state.delete().where(
+                    (s.collection == collection) & s.device_id.in_(chunk)
+                )
+            )
+        store.insert_frame(connection, vector_index_state, written.assign(collection=collection))
+
+
+def forget_collections(store: PersonaStore, collections: list[str]) -> None:
+    if collections:
+        with store.begin() as connection:
+            connection.execute(
+                vector_index_state.delete().where(vector_index_state.c.collection.in_(collections))
+            )

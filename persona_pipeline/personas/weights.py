@@ -1,0 +1,61 @@
+"""Key weights versions: the configured weights seed version 1; feedback adds later versions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import sqlalchemy as sa
+
+from persona_pipeline.resources.persona_store import PersonaStore
+from persona_pipeline.store.tables import key_weights
+
+
+@dataclass(frozen=True)
+class WeightsVersion:
+    version: int
+    weights: dict[str, float]
+    source: str
+
+
+def _versions(store: PersonaStore) -> pd.DataFrame:
+    return store.read_frame(sa.select(key_weights).order_by(key_weights.c.version))
+
+
+def current_weights(store: PersonaStore, configured: dict[str, float]) -> WeightsVersion:
+    """The newest weights version, after recording the configured weights if they are new.
+
+    The configured weights become a version of their own (`source` = `config`) the
+    first time, and again whenever someone edits them in the configuration; learned
+    versions (`source` = `feedback`) in between are kept and win until then.
+    """
+    versions = _versions(store)
+    from_config = versions[versions["source"] == "config"]
+    last_config = (
+        from_config[from_config["version"] == from_config["version"].max()]
+        .set_index("key")["weight"]
+        .to_dict()
+        if not from_config.empty
+        else None
+    )
+    if last_config != configured:
+        version = int(versions["version"].max()) + 1 if not versions.empty else 1
+        _insert(store, version, configured, "config")
+        return WeightsVersion(version, dict(configured), "config")
+    newest = int(versions["version"].max())
+    rows = versions[versions["version"] == newest]
+    return WeightsVersion(newest, rows.set_index("key")["weight"].to_dict(), rows["source"].iloc[0])
+
+
+def _insert(store: PersonaStore, version: int, weights: dict[str, float], source: str) -> None:
+    frame = pd.DataFrame(
+        {
+            "version": version,
+            "key": list(weights),
+            "weight": list(weights.values()),
+            "created_at": pd.Timestamp.now(tz="UTC"),
+            "source": source,
+        }
+    )
+    with store.begin() as connection:
+        store.insert_frame(connection, key_weights, frame)

@@ -1,0 +1,133 @@
+"""The landing zone: daily folders of index-update files, or a SQL table with the same columns."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import sqlalchemy as sa
+from pydantic import Field
+
+from persona_pipeline import settings
+from persona_pipeline.ingest.reading import FIELDS, ReadResult, read_landing_file
+
+UPDATES_FOLDER = "index_updates"
+DATE_FOLDER = re.compile(r"^date=(.*)$")
+
+
+class LandingZone(dg.ConfigurableResource):
+    """Where raw index updates arrive (DESIGN.md: `index_updates/date=YYYY-MM-DD/*`)."""
+
+    path: str | None = Field(
+        default=None,
+        description="Landing folder (PERSONA_LANDING_DIR). Default: $PERSONA_HOME/landing.",
+    )
+    source_db_url: str | None = Field(
+        default=None,
+        description="Read index updates from this SQL database instead of files (PERSONA_SOURCE_DB_URL).",
+    )
+    source_table: str = Field(
+        default="index_updates", description="Table holding the updates in the SQL source."
+    )
+
+    @property
+    def root(self) -> Path:
+        return Path(self.path).expanduser().resolve() if self.path else settings.landing_dir()
+
+    @property
+    def updates_root(self) -> Path:
+        return self.root / UPDATES_FOLDER
+
+    def day_folder(self, day: str) -> Path:
+        return self.updates_root / f"date={day}"
+
+    def landed_days(self) -> list[str]:
+        """Days with a well-named folder, sorted."""
+        return sorted(
+            day for day, folder in self._date_folders() if _is_date(day) and folder.is_dir()
+        )
+
+    def misnamed_folders(self) -> list[str]:
+        """Folders under index_updates/ that are not `date=YYYY-MM-DD`: they are never read."""
+        if not self.updates_root.is_dir():
+            return []
+        return sorted(
+            f.name
+            for f in self.updates_root.iterdir()
+            if f.is_dir() and not (DATE_FOLDER.match(f.name) and _is_date(f.name[5:]))
+        )
+
+    def _date_folders(self) -> list[tuple[str, Path]]:
+        if not self.updates_root.is_dir():
+            return []
+        return [
+            (m.group(1), f) for f in self.updates_root.iterdir() if (m := DATE_FOLDER.match(f.name))
+        ]
+
+    def read_day(self, day: str) -> ReadResult:
+        """All rows that landed for one partition day, as written (validation comes next)."""
+        if self.source_db_url:
+            return self._read_day_from_sql(day)
+        folder = self.day_folder(day)
+        if not folder.is_dir():
+            return ReadResult.empty([f"no landing folder {folder.relative_to(self.root)}"])
+        files = sorted(
+            p for p in folder.iterdir() if p.is_file() and not p.name.startswith(("_", "."))
+        )
+        if not files:
+            return ReadResult.empty([f"{folder.relative_to(self.root)}: no files"])
+        return ReadResult.concat(
+            [read_landing_file(f, str(f.relative_to(self.root))) for f in files]
+        )
+
+    def _read_day_from_sql(self, day: str) -> ReadResult:
+        engine = sa.create_engine(self.source_db_url)
+        try:
+            table = sa.Table(self.source_table, sa.MetaData(), autoload_with=engine)
+            observed = table.c["observed_at"]
+            start = pd.Timestamp(day, tz="UTC")
+            if isinstance(observed.type, sa.DateTime):
+                end = start + pd.Timedelta(days=1)
+                condition = (observed >= start.to_pydatetime()) & (observed < end.to_pydatetime())
+            else:
+                # Text timestamps with offsets do not sort as instants: read a day either
+                # side, then keep the rows whose instant falls in the day (UTC).
+                low = (start - pd.Timedelta(days=1)).strftime("%Y-%m-%d")
+                high = (start + pd.Timedelta(days=2)).strftime("%Y-%m-%d")
+                condition = (observed >= low) & (observed < high)
+            columns = [table.c[c] for c in FIELDS if c in table.c]
+            with engine.connect() as connection:
+                result = connection.execute(sa.select(*columns).where(condition))
+                frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+        finally:
+            engine.dispose()
+        if not isinstance(observed.type, sa.DateTime) and not frame.empty:
+            instant = pd.to_datetime(
+                frame["observed_at"], utc=True, format="ISO8601", errors="coerce"
+            )
+            unparseable_of_day = instant.isna() & frame["observed_at"].astype(str).str.startswith(
+                day
+            )
+            in_day = (instant.dt.strftime("%Y-%m-%d") == day) | unparseable_of_day
+            frame = frame[in_day]
+        elif not frame.empty:
+            frame["observed_at"] = pd.to_datetime(frame["observed_at"], utc=True).dt.strftime(
+                "%Y-%m-%dT%H:%M:%S.%f%z"
+            )
+        label = f"sql:{self.source_table}"
+        frame = frame.reset_index(drop=True).astype(object)
+        for column in FIELDS:
+            if column not in frame.columns:
+                frame[column] = None
+        frame["source_file"] = label
+        frame["source_row"] = None
+        frame["raw"] = None
+        return ReadResult(frame, ReadResult.empty().rejects)
+
+
+def _is_date(text: str) -> bool:
+    return re.fullmatch(r"\d{4}-\d{2}-\d{2}", text) is not None and not pd.isna(
+        pd.to_datetime(text, format="%Y-%m-%d", errors="coerce")
+    )

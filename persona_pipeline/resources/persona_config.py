@@ -1,0 +1,20 @@
+"""Access to the YAML configuration (shipped defaults or the `PERSONA_CONFIG_DIR` folder)."""
+
+from __future__ import annotations
+
+import dagster as dg
+from pydantic import Field
+
+from persona_pipeline.feature_schema import FeatureSchema, load_feature_schema
+
+
+class PersonaConfig(dg.ConfigurableResource):
+    """Loads and validates the feature schema each run, so edits take effect without a reload."""
+
+    config_dir: str | None = Field(
+        default=None,
+        description="Folder whose YAML files override the shipped defaults (PERSONA_CONFIG_DIR).",
+    )
+
+    def feature_schema(self) -> FeatureSchema:
+        return load_feature_schema(self.config_dir)

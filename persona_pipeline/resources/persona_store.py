@@ -1,0 +1,155 @@
+"""The persona store: a SQLAlchemy database (SQLite by default, PostgreSQL in production)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+from pydantic import Field
+from sqlalchemy.dialects import postgresql, sqlite
+
+from persona_pipeline import settings
+from persona_pipeline.store import tables
+
+WRITE_CHUNK_ROWS = 50_000
+
+NewerPredicate = Callable[[sa.ColumnCollection, sa.ColumnCollection], sa.ColumnElement[bool]]
+
+
+@lru_cache(maxsize=16)
+def _engine(url: str) -> sa.Engine:
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+    tables.metadata.create_all(engine)
+    return engine
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """Rows as dicts with None for missing values (what DB drivers expect)."""
+    if frame.empty:
+        return []
+    cleaned = frame.astype(object).where(frame.notna(), None)
+    return cleaned.to_dict("records")
+
+
+class PersonaStore(dg.ConfigurableResource):
+    """Tables of DESIGN.md's persona store, behind small read and write helpers."""
+
+    url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL (PERSONA_DB_URL). Default: SQLite at $PERSONA_HOME/persona.db.",
+    )
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or settings.persona_db_url()
+
+    @property
+    def engine(self) -> sa.Engine:
+        return _engine(self.resolved_url)
+
+    @property
+    def display_url(self) -> str:
+        """The URL with any password masked: the only form that may be logged."""
+        return sa.make_url(self.resolved_url).render_as_string(hide_password=True)
+
+    @contextmanager
+    def begin(self) -> Iterator[sa.Connection]:
+        with self.engine.begin() as connection:
+            yield connection
+
+    def read_frame(
+        self, query: sa.Executable, connection: sa.Connection | None = None
+    ) -> pd.DataFrame:
+        if connection is None:
+            with self.engine.connect() as own:
+                return self.read_frame(query, own)
+        result = connection.execute(query)
+        return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+
+    def scalar(self, query: sa.Executable):
+        with self.engine.connect() as connection:
+            return connection.execute(query).scalar()
+
+    @staticmethod
+    def insert_frame(connection: sa.Connection, table: sa.Table, frame: pd.DataFrame) -> int:
+        columns = [c.name for c in table.columns if c.name in frame.columns]
+        for start in range(0, len(frame), WRITE_CHUNK_ROWS):
+            chunk = frame.iloc[start : start + WRITE_CHUNK_ROWS][columns]
+            connection.execute(table.insert(), _records(chunk))
+        return len(frame)
+
+    def replace_rows(
+        self, table: sa.Table, where: sa.ColumnElement[bool], frame: pd.DataFrame
+    ) -> int:
+        """Delete the rows matching `where` and insert `frame`, in one transaction."""
+        with self.begin() as connection:
+            connection.execute(table.delete().where(where))
+            return self.insert_frame(connection, table, frame)
+
+    def upsert_newer(
+        self,
+        table: sa.Table,
+        frame: pd.DataFrame,
+        key_columns: Sequence[str],
+        newer_than_existing: NewerPredicate | None = None,
+        connection: sa.Connection | None = None,
+    ) -> None:
+        """Insert rows; on a key conflict overwrite only where `newer_than_existing` holds.
+
+        `newer_than_existing(stored, incoming)` gets the stored row's columns and the
+        incoming row's (`excluded`) columns and returns the SQL condition.
+        """
+        if frame.empty:
+            return
+        if connection is None:
+            with self.begin() as own:
+                return self.upsert_newer(table, frame, key_columns, newer_than_existing, own)
+        dialect = connection.dialect.name
+        insert_fn = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
+        if insert_fn is None:
+            raise NotImplementedError(
+                f"upserts are implemented for SQLite and PostgreSQL, not {dialect}"
+            )
+        statement = insert_fn(table)
+        value_columns = [c.name for c in table.columns if c.name not in key_columns]
+        statement = statement.on_conflict_do_update(
+            index_elements=list(key_columns),
+            set_={name: statement.excluded[name] for name in value_columns},
+            where=(
+                newer_than_existing(table.c, statement.excluded) if newer_than_existing else None
+            ),
+        )
+        columns = [c.name for c in table.columns if c.name in frame.columns]
+        for start in range(0, len(frame), WRITE_CHUNK_ROWS):
+            connection.execute(
+                statement, _records(frame.iloc[start : start + WRITE_CHUNK_ROWS][columns])
+            )
+
+
+def as_utc(values: pd.Series) -> pd.Series:
+    """Timestamps read back from any backend as UTC-aware (SQLite returns naive UTC)."""
+    return pd.to_datetime(values, utc=True)
+
+
+def int64_fingerprint(frame: pd.DataFrame) -> np.ndarray:
+    """A stable 64-bit hash per row, as signed int64 so every database can store it."""
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy().view(np.int64)

@@ -1,0 +1,5 @@
+"""Retry policy for assets that write to the persona store or the vector index."""
+
+import dagster as dg
+
+STORE_RETRY = dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL)

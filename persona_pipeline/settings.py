@@ -1,0 +1,37 @@
+"""Where things live on disk, resolved from environment variables.
+
+One home folder (`PERSONA_HOME`, default `./.persona`) holds the embedded default:
+the landing zone, the SQLite persona store, the local Qdrant path and Dagster's
+instance. Every location can be overridden on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def persona_home() -> Path:
+    return Path(os.environ.get("PERSONA_HOME") or ".persona").expanduser().resolve()
+
+
+def landing_dir() -> Path:
+    override = os.environ.get("PERSONA_LANDING_DIR")
+    return Path(override).expanduser().resolve() if override else persona_home() / "landing"
+
+
+def persona_db_url() -> str:
+    return os.environ.get("PERSONA_DB_URL") or f"sqlite:///{persona_home() / 'persona.db'}"
+
+
+def qdrant_path() -> Path:
+    return persona_home() / "qdrant"
+
+
+def dagster_home() -> Path:
+    override = os.environ.get("DAGSTER_HOME")
+    return Path(override).expanduser().resolve() if override else persona_home() / "dagster"
+
+
+def ground_truth_dir() -> Path:
+    return persona_home() / "ground_truth"

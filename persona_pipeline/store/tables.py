@@ -1,0 +1,93 @@
+"""Tables of the persona store. Columns named in DESIGN.md are a contract; others are extra."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+# Text compared for ordering (tie-breaks in the profile merge) must sort the same on
+# every backend: byte order, which is SQLite's default and PostgreSQL's "C" collation.
+OrderedText = sa.Text().with_variant(sa.Text(collation="C"), "postgresql")
+UtcDateTime = sa.DateTime(timezone=True)
+
+index_updates = sa.Table(
+    "index_updates",
+    metadata,
+    sa.Column("partition_date", sa.String(10), nullable=False),
+    sa.Column("device_id", sa.Text, nullable=False),
+    sa.Column("customer_id", sa.Text),
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("value", OrderedText, nullable=False),
+    sa.Column("value_number", sa.Float),
+    sa.Column("observed_at", UtcDateTime, nullable=False),
+    sa.Column("source_file", sa.Text, nullable=False),
+    sa.Column("source_row", sa.Integer),
+    sa.Index("ix_index_updates_partition", "partition_date"),
+    sa.Index("ix_index_updates_key_device_time", "key", "device_id", "observed_at"),
+)
+
+index_update_rejects = sa.Table(
+    "index_update_rejects",
+    metadata,
+    sa.Column("partition_date", sa.String(10), nullable=False),
+    sa.Column("source_file", sa.Text, nullable=False),
+    sa.Column("source_row", sa.Integer),
+    sa.Column("raw", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("reason_code", sa.String(32), nullable=False),
+    sa.Column("rejected_at", UtcDateTime, nullable=False),
+    sa.Index("ix_index_update_rejects_partition", "partition_date"),
+)
+
+device_profiles = sa.Table(
+    "device_profiles",
+    metadata,
+    sa.Column("device_id", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text),
+    sa.Column("value", OrderedText, nullable=False),
+    sa.Column("value_number", sa.Float),
+    sa.Column("observed_at", UtcDateTime, nullable=False),
+)
+
+key_weights = sa.Table(
+    "key_weights",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("weight", sa.Float, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+)
+
+persona_vectors = sa.Table(
+    "persona_vectors",
+    metadata,
+    sa.Column("device_id", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text),
+    sa.Column("space", sa.String(64), nullable=False),
+    sa.Column("weights_version", sa.Integer, nullable=False),
+    sa.Column("vector", sa.LargeBinary, nullable=False),
+    sa.Column("fingerprint", sa.BigInteger, nullable=False),
+    sa.Column("computed_at", UtcDateTime, nullable=False),
+)
+
+persona_dimensions = sa.Table(
+    "persona_dimensions",
+    metadata,
+    sa.Column("space", sa.String(64), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("weight_key", sa.Text, nullable=False),
+    sa.Column("weight", sa.Float, nullable=False),
+)
+
+# What each Qdrant collection holds, so a re-run writes only the devices that changed.
+vector_index_state = sa.Table(
+    "vector_index_state",
+    metadata,
+    sa.Column("collection", sa.String(128), primary_key=True),
+    sa.Column("device_id", sa.Text, primary_key=True),
+    sa.Column("fingerprint", sa.BigInteger, nullable=False),
+)
