@@ -12,8 +12,8 @@ def markdown_table(frame: pd.DataFrame, max_rows: int = 10) -> dg.MetadataValue:
     """A small markdown table (the UI renders it) of the first rows of `frame`."""
     if frame.empty:
         return dg.MetadataValue.md("_(none)_")
-    shown = frame.head(max_rows).astype(str)
-    cells = shown.map(lambda text: _cell(text))
+    shown = frame.head(max_rows).astype(object)
+    cells = shown.where(shown.notna(), "").map(lambda value: _cell(str(value)))
     header = "| " + " | ".join(_cell(str(c)) for c in shown.columns) + " |"
     rule = "| " + " | ".join("---" for _ in shown.columns) + " |"
     body = ["| " + " | ".join(row) + " |" for row in cells.to_numpy().tolist()]

@@ -1,0 +1,46 @@
+# persona_pipeline: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PERSONA_HOME ?= $(CURDIR)/.persona
+DAGSTER_HOME ?= $(PERSONA_HOME)/dagster
+export PERSONA_HOME DAGSTER_HOME
+DEV_PORT ?= 3000
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install demo test lint format dev validate clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(INSTALLED)
+
+demo: $(INSTALLED)  ## generate a demo fleet (if the landing zone is empty) and run the whole chain
+	$(BIN)/persona-pipeline generate --if-empty
+	$(BIN)/persona-pipeline run
+
+test: $(INSTALLED)  ## lint and run the test suite
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(INSTALLED)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+validate: $(INSTALLED)  ## load the code location the way the UI does
+	$(BIN)/persona-pipeline init >/dev/null
+	$(BIN)/dagster definitions validate -w workspace.yaml
+
+dev: $(INSTALLED)  ## Dagster UI + daemon on 127.0.0.1:$(DEV_PORT), same instance as `make demo`
+	$(BIN)/persona-pipeline init
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DEV_PORT)
+
+clean:  ## remove the demo home (landing zone, stores, Dagster runs); keeps the virtualenv
+	rm -rf $(PERSONA_HOME)

@@ -1,0 +1,124 @@
+"""`persona-pipeline`: generate a demo fleet, run the chain, print a summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import warnings
+import sys
+from datetime import date, timedelta
+from importlib import resources
+from pathlib import Path
+
+from persona_pipeline import settings
+
+
+class CommandError(RuntimeError):
+    """A failure the command reports in one line."""
+
+
+def init_home() -> Path:
+    """Create $PERSONA_HOME and a Dagster home with this project's dagster.yaml."""
+    home = settings.persona_home()
+    os.environ["PERSONA_HOME"] = str(home)
+    dagster_home = settings.dagster_home()
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    instance_file = dagster_home / "dagster.yaml"
+    if not instance_file.exists():
+        shipped = resources.files("persona_pipeline.deploy").joinpath("dagster.yaml")
+        with resources.as_file(shipped) as source:
+            shutil.copyfile(source, instance_file)
+    return home
+
+
+def _parse_day(text: str) -> str:
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2026-03-01") from None
+
+
+def cmd_init(_: argparse.Namespace) -> int:
+    home = init_home()
+    print(f"PERSONA_HOME={home}\nDAGSTER_HOME={settings.dagster_home()}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
+
+    init_home()
+    landing = Path(args.out).resolve() if args.out else settings.landing_dir()
+    truth = Path(args.truth).resolve() if args.truth else settings.ground_truth_dir()
+    if args.if_empty and (landing / "index_updates").is_dir() and any((landing / "index_updates").iterdir()):
+        print(f"landing zone {landing} already has index updates: not generating")
+        return 0
+    start = args.start or (date.today() - timedelta(days=args.days)).isoformat()
+    fleet = generate_fleet(args.devices, args.days, args.seed, start)
+    files = write_landing(fleet, landing)
+    write_ground_truth(fleet, truth)
+    rows = sum(len(frame) for frame in fleet.updates.values())
+    days = list(fleet.updates)
+    print(
+        f"demo fleet: {args.devices} devices, {rows} updates over {days[0]} … {days[-1]} "
+        f"({len(files)} files in {landing / 'index_updates'}); ground truth in {truth}"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    init_home()
+    from persona_pipeline.runner import run_chain, summary
+
+    result = run_chain(args.start, args.end, verbose=args.verbose)
+    print(summary(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persona-pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    init = commands.add_parser("init", help="create $PERSONA_HOME and the Dagster home")
+    init.set_defaults(handler=cmd_init)
+
+    generate = commands.add_parser("generate", help="write a demo fleet into the landing zone")
+    generate.add_argument("--devices", type=int, default=3000, help="number of devices (default 3000)")
+    generate.add_argument("--days", type=int, default=7, help="days of updates (default 7)")
+    generate.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    generate.add_argument("--start", type=_parse_day, help="first day (default: --days days before today)")
+    generate.add_argument("--out", help="landing folder (default $PERSONA_HOME/landing)")
+    generate.add_argument("--truth", help="ground-truth folder (default $PERSONA_HOME/ground_truth)")
+    generate.add_argument("--if-empty", action="store_true", help="do nothing if the landing zone has updates")
+    generate.set_defaults(handler=cmd_generate)
+
+    run = commands.add_parser("run", help="run the chain for a range of days through the Dagster instance")
+    run.add_argument("--start", type=_parse_day, help="first day (default: first landed day)")
+    run.add_argument("--end", type=_parse_day, help="last day, inclusive (default: last landed day)")
+    run.add_argument("--verbose", action="store_true", help="show Dagster's step logs")
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=Warning, module=r"dagster\..*")
+    try:
+        return args.handler(args)
+    except CommandError as exc:
+        print(f"persona-pipeline: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one line for the person at the terminal; details went to the log
+        from persona_pipeline.config_files import ConfigError
+
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, ConfigError):
+            message = "invalid configuration: " + " / ".join(str(exc).splitlines())
+        print(f"persona-pipeline: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
