@@ -49,7 +49,11 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
 def describe_validation_error(path: Path, data: dict[str, Any], exc: ValidationError) -> str:
     """One line per problem: file, the entry (by list name, position and key), field, message."""
     lines = []
-    for error in exc.errors():
+    errors = exc.errors()
+    # A list whose only entry failed also reports "too short": noise next to the real cause.
+    nested = {e["loc"][0] for e in errors if len(e["loc"]) > 1}
+    errors = [e for e in errors if not (e["type"] == "too_short" and e["loc"][0] in nested)]
+    for error in errors:
         loc = list(error["loc"])
         entry = _entry_label(data, loc)
         field = ".".join(str(part) for part in loc[2:]) if entry else ".".join(map(str, loc))

@@ -107,7 +107,7 @@ def _read_jsonl(data: bytes, label: str) -> ReadResult:
     # only line up when there are none; otherwise the per-line path numbers them.
     if b"\n\n" not in data and not data.startswith((b"\n", b"\r\n")):
         try:
-            frame = pd.read_json(io.BytesIO(data), lines=True, dtype=False, convert_dates=False)
+            frame = pd.read_json(io.BytesIO(data), lines=True, dtype=False)
         except (ValueError, UnicodeDecodeError):
             frame = None
         if frame is not None and len(frame) == data.rstrip(b"\r\n").count(b"\n") + 1:

@@ -1,0 +1,90 @@
+"""Shared fixtures: every test gets its own PERSONA_HOME with real embedded stores."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
+
+ENV_VARIABLES = (
+    "PERSONA_HOME",
+    "PERSONA_DB_URL",
+    "PERSONA_LANDING_DIR",
+    "PERSONA_CONFIG_DIR",
+    "PERSONA_SOURCE_DB_URL",
+    "QDRANT_URL",
+    "QDRANT_API_KEY",
+    "DAGSTER_HOME",
+)
+
+
+@pytest.fixture
+def persona_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in ENV_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("PERSONA_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def landing(persona_home: Path) -> Path:
+    return persona_home / "landing"
+
+
+@pytest.fixture
+def resources(persona_home: Path) -> dict[str, dg.ConfigurableResource]:
+    return {
+        "persona_store": PersonaStore(url=f"sqlite:///{persona_home / 'persona.db'}"),
+        "vector_index": VectorIndex(path=str(persona_home / "qdrant")),
+        "landing_zone": LandingZone(path=str(persona_home / "landing")),
+        "persona_config": PersonaConfig(),
+    }
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+def update(device: str, key: str, value, at: str, customer: str | None = None) -> dict:
+    row = {"device_id": device, "key": key, "value": value, "observed_at": at}
+    if customer is not None:
+        row["customer_id"] = customer
+    return row
+
+
+def write_jsonl(landing: Path, day: str, rows: list[dict], name: str = "part-0.jsonl") -> Path:
+    folder = landing / "index_updates" / f"date={day}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_file(landing: Path, day: str, name: str, content: bytes | str) -> Path:
+    folder = landing / "index_updates" / f"date={day}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    path.write_bytes(content)
+    return path
+
+
+def table(store: PersonaStore, name: str, order_by: list[str] | None = None) -> pd.DataFrame:
+    import sqlalchemy as sa
+
+    from persona_pipeline.store.tables import metadata
+
+    frame = store.read_frame(sa.select(metadata.tables[name]))
+    if order_by:
+        frame = frame.sort_values(order_by).reset_index(drop=True)
+    return frame

@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from persona_pipeline.config_files import ConfigError
+from persona_pipeline.feature_schema import load_feature_schema
+
+SHIPPED = Path(__file__).parents[1] / "persona_pipeline" / "config" / "feature_schema.yaml"
+
+
+def test_shipped_schema_has_the_seed_weights_and_derived_metrics():
+    schema = load_feature_schema()
+    weights = schema.initial_weights()
+    assert weights["device.location.city"] == 0.8
+    assert weights["device.usage.app_*_duration"] == 0.5
+    assert weights["device.connection.signal_strength"] == 0.2
+    kinds = {d.kind for d in schema.derived}
+    assert kinds == {"changed_within_days", "sum"}
+    assert len(schema.dimension_names) == len(set(schema.dimension_names))
+
+
+def test_key_types_resolve_exact_keys_and_patterns():
+    schema = load_feature_schema()
+    types = schema.key_types(
+        ["device.location.city", "device.usage.app_tiktok_duration", "device.settings.dark_mode", "device.os.build"]
+    )
+    assert types == {
+        "device.location.city": "categorical",
+        "device.usage.app_tiktok_duration": "numeric",
+        "device.settings.dark_mode": "boolean",
+        "device.os.build": None,
+    }
+
+
+def test_learned_weight_of_a_concrete_key_overrides_its_pattern():
+    schema = load_feature_schema()
+    weights = schema.dimension_weights({"device.usage.app_maps_duration": 0.9})
+    names = schema.dimension_names
+    assert weights[names.index("device.usage.app_maps_duration")] == 0.9
+    assert weights[names.index("device.usage.app_music_duration")] == 0.5
+
+
+def test_version_ignores_weights_but_not_shape(tmp_path):
+    base = load_feature_schema().version
+    text = SHIPPED.read_text()
+    (tmp_path / "feature_schema.yaml").write_text(text.replace("weight: 0.8", "weight: 0.7"))
+    assert load_feature_schema(tmp_path).version == base
+    (tmp_path / "feature_schema.yaml").write_text(text.replace("Berlin, ", ""))
+    assert load_feature_schema(tmp_path).version != base
+
+
+def test_override_folder_wins_over_shipped_default(tmp_path, monkeypatch):
+    (tmp_path / "feature_schema.yaml").write_text(
+        "features:\n  - {key: device.location.city, type: categorical, vocabulary: [Oslo], weight: 1.0}\n"
+    )
+    monkeypatch.setenv("PERSONA_CONFIG_DIR", str(tmp_path))
+    schema = load_feature_schema()
+    assert schema.dimension_names == ["device.location.city=Oslo", "device.location.city=<other>"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("features: [\n", "invalid YAML at line"),
+        ("- just a list\n", "expected a mapping at the top level"),
+        (
+            "features:\n  - {key: device.location.city, type: categorical, weight: 0.8}\n",
+            "features[0] ('device.location.city'): a categorical feature needs a non-empty vocabulary",
+        ),
+        (
+            "features:\n  - {key: device.battery.level, type: numeric, transform: {clip: [0, 100]}, weight: -1}\n",
+            "features[0] ('device.battery.level'): weight: Input should be greater than or equal to 0",
+        ),
+        (
+            "features:\n  - {key: device.battery.level, type: numeric, transform: {clip: [100, 0]}, weight: 1}\n",
+            "clip must be two finite numbers, low < high",
+        ),
+        (
+            "features:\n  - {key: battery, type: boolean, weight: 1}\n",
+            "key 'battery' is not a dotted key",
+        ),
+        (
+            "features:\n  - {key: device.a.b, type: boolean, weight: 1, colour: red}\n",
+            "features[0] ('device.a.b'): colour: Extra inputs are not permitted",
+        ),
+    ],
+)
+def test_invalid_schema_names_file_entry_and_problem(tmp_path, content, expected):
+    path = tmp_path / "feature_schema.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as raised:
+        load_feature_schema(tmp_path)
+    message = str(raised.value)
+    assert str(path) in message
+    assert expected.lower() in message.lower()
+
+
+def test_numeric_transform_scales_into_unit_range():
+    schema = load_feature_schema()
+    signal = next(f for f in schema.features if f.key == "device.connection.signal_strength")
+    scaled = signal.transform.apply(np.array([-200.0, -120.0, -80.0, -40.0, 0.0]))
+    np.testing.assert_allclose(scaled, [0.0, 0.0, 0.5, 1.0, 1.0])

@@ -1,0 +1,214 @@
+"""Reading and validating landing files: good rows kept, bad rows rejected with a reason."""
+
+import io
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from persona_pipeline.feature_schema import load_feature_schema
+from persona_pipeline.ingest.ingest import ingest_days
+from persona_pipeline.resources import LandingZone
+from persona_pipeline_tests.conftest import update, write_file, write_jsonl
+
+DAY = "2026-03-02"
+AT = "2026-03-02T10:00:00+00:00"
+
+
+def ingest(landing, day=DAY):
+    return ingest_days([day], LandingZone(path=str(landing)).read_day, load_feature_schema())
+
+
+GOOD = [
+    update("d1", "device.location.city", "Berlin", AT, customer="c1"),
+    update("d1", "device.usage.app_maps_duration", 5400, AT),
+    update("d2", "device.usage.app_maps_duration", "5400", "2026-03-02T11:00:00+01:00"),
+    update("d2", "device.settings.dark_mode", True, AT),
+    update("d2", "device.os.build", "AP2A", AT),  # unknown to the schema: kept, counted
+]
+
+BAD = [
+    (update("", "device.location.city", "Berlin", AT), "device_id is missing or empty"),
+    (update("d3", None, "Berlin", AT), "key is missing or empty"),
+    (update("d3", "city", "Berlin", AT), "key 'city' is not a dotted key"),
+    (update("d3", "device.location.city", None, AT), "value is missing"),
+    (update("d3", "device.usage.app_maps_duration", "lots", AT), "value 'lots' is not a number"),
+    (update("d3", "device.battery.level", "inf", AT), "value 'inf' is not a finite number"),
+    (update("d3", "device.settings.dark_mode", "maybe", AT), "value 'maybe' is not a boolean"),
+    (update("d3", "device.location.city", "x" * 300, AT), "value is 300 characters long (limit 256)"),
+    (update("d3", "device.location.city", "Paris", None), "observed_at is missing"),
+    (update("d3", "device.location.city", "Paris", "last tuesday"), "is not an ISO-8601 timestamp"),
+    (update("d3", "device.location.city", "Paris", "2026-03-02T10:00:00"), "has no UTC offset"),
+    (update("d3", "device.location.city", "Paris", "2027-01-01T00:00:00Z"), "is later than partition"),
+]
+
+
+def test_mixed_file_keeps_every_good_row_and_rejects_every_bad_one_with_its_reason(landing):
+    rows = [GOOD[0], BAD[0][0], GOOD[1], *[row for row, _ in BAD[1:]], *GOOD[2:]]
+    write_jsonl(landing, DAY, rows)
+
+    outcome = ingest(landing)
+
+    assert outcome.rows_read == len(rows)
+    assert len(outcome.accepted) == len(GOOD)
+    assert len(outcome.rejects) == len(BAD)
+    for (row, reason), got in zip(BAD, outcome.rejects.sort_values("source_row")["reason"], strict=True):
+        assert reason in got, (row, got)
+    assert set(outcome.rejects["source_file"]) == {f"index_updates/date={DAY}/part-0.jsonl"}
+    assert outcome.rejects["raw"].str.contains('"device_id"').all()
+    assert outcome.unknown_keys == {"device.os.build"}
+    accepted = outcome.accepted.set_index(["device_id", "key"])
+    assert accepted.loc[("d1", "device.usage.app_maps_duration"), "value"] == "5400"
+    assert accepted.loc[("d2", "device.usage.app_maps_duration"), "value_number"] == 5400.0
+    assert accepted.loc[("d2", "device.settings.dark_mode"), "value"] == "true"
+    assert accepted.loc[("d2", "device.usage.app_maps_duration"), "observed_at"] == pd.Timestamp(
+        "2026-03-02T10:00:00Z"
+    )
+    assert accepted.loc[("d1", "device.location.city"), "customer_id"] == "c1"
+
+
+def test_exact_duplicates_are_dropped_and_counted(landing):
+    write_jsonl(landing, DAY, [GOOD[0], GOOD[0], GOOD[1]], name="a.jsonl")
+    write_jsonl(landing, DAY, [GOOD[0]], name="b.jsonl")
+    outcome = ingest(landing)
+    assert len(outcome.accepted) == 2
+    assert outcome.duplicates_dropped == 2
+    assert outcome.rejects.empty
+
+
+def test_csv_parquet_and_jsonl_read_alike(landing):
+    frame = pd.DataFrame(GOOD)
+    frame["value"] = frame["value"].astype(str)
+    write_file(landing, DAY, "a.csv", frame.to_csv(index=False))
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame), buffer)
+    write_file(landing, DAY, "b.parquet", buffer.getvalue())
+    write_jsonl(landing, DAY, GOOD, name="c.jsonl")
+    outcome = ingest(landing)
+    assert outcome.rejects.empty
+    assert len(outcome.accepted) == len(GOOD)
+    assert outcome.duplicates_dropped == 2 * len(GOOD)
+
+
+def test_truncated_jsonl_keeps_the_lines_before_and_after(landing):
+    text = "\n".join(
+        [
+            '{"device_id": "d1", "key": "device.location.city", "value": "Berlin", "observed_at": "' + AT + '"}',
+            '{"device_id": "d2", "key": "device.loc',
+            '["not", "an", "object"]',
+            '{"device_id": "d3", "key": "device.location.city", "value": "Paris", "observed_at": "' + AT + '"}',
+        ]
+    )
+    write_file(landing, DAY, "t.jsonl", text)
+    outcome = ingest(landing)
+    assert sorted(outcome.accepted["device_id"]) == ["d1", "d3"]
+    reasons = outcome.rejects.sort_values("source_row")
+    assert reasons["source_row"].tolist() == [2, 3]
+    assert "not valid JSON" in reasons["reason"].iloc[0]
+    assert "expected an object" in reasons["reason"].iloc[1]
+
+
+def test_non_utf8_lines_are_rejected_alone(landing):
+    good = (
+        '{"device_id": "d1", "key": "device.location.city", "value": "Köln", "observed_at": "' + AT + '"}'
+    ).encode()
+    write_file(landing, DAY, "n.jsonl", good + b"\n" + b'{"device_id": "\xff\xfe"}\n')
+    outcome = ingest(landing)
+    assert outcome.accepted["value"].tolist() == ["Köln"]
+    assert "not valid UTF-8" in outcome.rejects["reason"].iloc[0]
+
+
+def test_csv_without_a_required_column_rejects_its_rows_and_says_so(landing):
+    write_file(landing, DAY, "m.csv", "device_id,key,value\nd1,device.location.city,Berlin\n")
+    outcome = ingest(landing)
+    assert outcome.accepted.empty
+    assert outcome.rejects["reason"].tolist() == ["observed_at is missing"]
+    assert any("no 'observed_at' column" in p for p in outcome.problems)
+
+
+def test_empty_file_and_missing_folder_are_notes_not_errors(landing):
+    write_file(landing, DAY, "empty.jsonl", "")
+    outcome = ingest(landing)
+    assert outcome.rows_read == 0
+    assert any("empty file" in p for p in outcome.problems)
+    outcome = ingest(landing, day="2026-03-03")
+    assert outcome.rows_read == 0
+    assert any("no landing folder" in p for p in outcome.problems)
+
+
+def test_parquet_with_timestamp_columns_and_wrong_types(landing):
+    frame = pd.DataFrame(
+        {
+            "device_id": ["d1", "d2"],
+            "key": ["device.battery.level", "device.battery.level"],
+            "value": [55.0, 60.0],
+            "observed_at": [pd.Timestamp(AT), pd.Timestamp("2026-03-02T12:00:00")],  # aware, naive
+        }
+    )
+    frame["observed_at"] = frame["observed_at"].astype(object)
+    buffer = io.BytesIO()
+    table = pa.table(
+        {
+            "device_id": frame["device_id"],
+            "key": frame["key"],
+            "value": frame["value"],
+            "observed_at": pa.array(
+                [pd.Timestamp(AT).to_pydatetime(), pd.Timestamp("2026-03-02T12:00:00Z").to_pydatetime()],
+                type=pa.timestamp("us", tz="UTC"),
+            ),
+        }
+    )
+    pq.write_table(table, buffer)
+    write_file(landing, DAY, "typed.parquet", buffer.getvalue())
+    wrong = io.BytesIO()
+    pq.write_table(pa.table({"device_id": [1], "key": ["device.battery.level"], "value": [1.0], "observed_at": [17]}), wrong)
+    write_file(landing, DAY, "wrong.parquet", wrong.getvalue())
+    write_file(landing, DAY, "broken.parquet", b"PAR1 not really")
+
+    outcome = ingest(landing)
+    assert sorted(outcome.accepted["device_id"]) == ["d1", "d2"]
+    reasons = " | ".join(outcome.rejects["reason"])
+    assert "observed_at '17' is not an ISO-8601 timestamp" in reasons
+    assert "not a readable Parquet file" in reasons
+
+
+def test_misnamed_date_folders_are_reported_and_never_read(landing):
+    write_jsonl(landing, "2026-02-30", [GOOD[0]])
+    write_jsonl(landing, "yesterday", [GOOD[0]])
+    zone = LandingZone(path=str(landing))
+    assert zone.landed_days() == []
+    assert zone.misnamed_folders() == ["date=2026-02-30", "date=yesterday"]
+
+
+@pytest.mark.parametrize("column_type", ["text", "timestamp"])
+def test_sql_source_selects_the_rows_of_the_partition_day(tmp_path, column_type):
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'source.db'}"
+    engine = sa.create_engine(url)
+    observed = sa.Text if column_type == "text" else sa.DateTime(timezone=True)
+    source = sa.Table(
+        "index_updates",
+        sa.MetaData(),
+        sa.Column("device_id", sa.Text),
+        sa.Column("key", sa.Text),
+        sa.Column("value", sa.Text),
+        sa.Column("observed_at", observed),
+    )
+    source.create(engine)
+    stamps = ["2026-03-01T23:30:00+00:00", "2026-03-02T00:30:00+01:00", "2026-03-02T10:00:00+00:00",
+              "2026-03-03T00:00:00+00:00"]
+    with engine.begin() as connection:
+        connection.execute(
+            source.insert(),
+            [
+                {"device_id": f"d{i}", "key": "device.location.city", "value": "Berlin",
+                 "observed_at": s if column_type == "text" else pd.Timestamp(s).tz_convert("UTC").to_pydatetime()}
+                for i, s in enumerate(stamps)
+            ],
+        )
+    zone = LandingZone(path=str(tmp_path / "unused"), source_db_url=url)
+    outcome = ingest_days([DAY], zone.read_day, load_feature_schema())
+    # 00:30+01:00 on the 2nd is 23:30 UTC on the 1st: it belongs to the 1st.
+    assert sorted(outcome.accepted["device_id"]) == ["d2"]
