@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import warnings
 import sys
+import warnings
 from datetime import date, timedelta
 from importlib import resources
 from pathlib import Path
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--start", type=_parse_day, help="first day (default: --days days before today)")
     generate.add_argument("--out", help="landing folder (default $PERSONA_HOME/landing)")
     generate.add_argument("--truth", help="ground-truth folder (default $PERSONA_HOME/ground_truth)")
-    generate.add_argument("--if-empty", action="store_true", help="do nothing if the landing zone has updates")
+    generate.add_argument(
+        "--if-empty", action="store_true", help="do nothing if the landing zone has updates"
+    )
     generate.set_defaults(handler=cmd_generate)
 
     run = commands.add_parser("run", help="run the chain for a range of days through the Dagster instance")

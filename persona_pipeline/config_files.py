@@ -40,9 +40,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: expected a mapping at the top level, found {type(data).__name__}"
-        )
+        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
     return data
 
 

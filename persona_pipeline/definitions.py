@@ -18,9 +18,7 @@ def _from_env(name: str) -> dg.EnvVar | None:
 def build_resources() -> dict[str, dg.ConfigurableResource]:
     return {
         "persona_store": PersonaStore(url=_from_env("PERSONA_DB_URL")),
-        "vector_index": VectorIndex(
-            url=_from_env("QDRANT_URL"), api_key=_from_env("QDRANT_API_KEY")
-        ),
+        "vector_index": VectorIndex(url=_from_env("QDRANT_URL"), api_key=_from_env("QDRANT_API_KEY")),
         "landing_zone": LandingZone(
             path=_from_env("PERSONA_LANDING_DIR"), source_db_url=_from_env("PERSONA_SOURCE_DB_URL")
         ),
@@ -31,7 +29,6 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
 ingest_job = dg.define_asset_job(
     "ingest_job",
     selection=dg.AssetSelection.assets(index_updates, device_profiles),
-    partitions_def=index_updates.partitions_def,
     description="Read, validate and merge the landing data of the selected days into device profiles.",
 )
 

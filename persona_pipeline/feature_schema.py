@@ -158,9 +158,7 @@ class FeatureSchemaFile(_Strict):
         for derived in self.derived:
             source = feature_keys.get(derived.key)
             if source is None:
-                raise ValueError(
-                    f"derived {derived.name!r} refers to {derived.key!r}, not a feature"
-                )
+                raise ValueError(f"derived {derived.name!r} refers to {derived.key!r}, not a feature")
             if derived.kind == "sum" and source.type != "numeric":
                 raise ValueError(f"derived {derived.name!r} sums {derived.key!r}, not numeric")
         return self

@@ -7,7 +7,10 @@ from datetime import date, timedelta
 
 import dagster as dg
 import sqlalchemy as sa
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
 from persona_pipeline.cli import CommandError
 from persona_pipeline.partitions import daily_partitions
@@ -66,7 +69,10 @@ def _root_message(error) -> str:
 
 
 def run_chain(
-    start: str | None, end: str | None, verbose: bool = False, instance: dg.DagsterInstance | None = None
+    start: str | None,
+    end: str | None,
+    verbose: bool = False,
+    instance: dg.DagsterInstance | None = None,
 ) -> ChainResult:
     from persona_pipeline.definitions import defs
 
@@ -78,7 +84,10 @@ def run_chain(
     for job_name, tags in (("ingest_job", range_tags), ("personas_job", {})):
         job = defs.resolve_job_def(job_name)
         result = job.execute_in_process(
-            instance=instance, tags={**tags, "persona/launched_by": "cli"}, run_config=run_config, raise_on_error=False
+            instance=instance,
+            tags={**tags, "persona/launched_by": "cli"},
+            run_config=run_config,
+            raise_on_error=False,
         )
         _raise_if_failed(result, job_name)
         run_ids[job_name] = result.run_id
@@ -104,7 +113,9 @@ def summary(result: ChainResult) -> str:
             .group_by(index_update_rejects.c.reason_code)
             .order_by(sa.func.count().desc())
         ).all()
-        devices = connection.execute(sa.select(sa.func.count(sa.distinct(device_profiles.c.device_id)))).scalar()
+        devices = connection.execute(
+            sa.select(sa.func.count(sa.distinct(device_profiles.c.device_id)))
+        ).scalar()
     rejected = sum(count for _, count in reasons)
     with index.client() as client:
         collection = index.alias_target(client)
@@ -119,8 +130,9 @@ def summary(result: ChainResult) -> str:
             f"  vectors in Qdrant  {points:>10,}   (alias {index.alias} -> {collection})",
             "",
             "Where to look next:",
-            "  make dev                 Dagster UI on http://127.0.0.1:3000 with these runs and their lineage",
-            f"  persona store            {store.display_url}  (tables index_updates, index_update_rejects, device_profiles, …)",
-            f"  vector index             {index.location}",
+            "  make dev         Dagster UI on http://127.0.0.1:3000: these runs, assets, lineage",
+            f"  persona store    {store.display_url}",
+            "                   (index_updates, index_update_rejects, device_profiles, persona_vectors)",
+            f"  vector index     {index.location}",
         ]
     )

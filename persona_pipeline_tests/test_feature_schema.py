@@ -23,7 +23,12 @@ def test_shipped_schema_has_the_seed_weights_and_derived_metrics():
 def test_key_types_resolve_exact_keys_and_patterns():
     schema = load_feature_schema()
     types = schema.key_types(
-        ["device.location.city", "device.usage.app_tiktok_duration", "device.settings.dark_mode", "device.os.build"]
+        [
+            "device.location.city",
+            "device.usage.app_tiktok_duration",
+            "device.settings.dark_mode",
+            "device.os.build",
+        ]
     )
     assert types == {
         "device.location.city": "categorical",
@@ -69,11 +74,13 @@ def test_override_folder_wins_over_shipped_default(tmp_path, monkeypatch):
             "features[0] ('device.location.city'): a categorical feature needs a non-empty vocabulary",
         ),
         (
-            "features:\n  - {key: device.battery.level, type: numeric, transform: {clip: [0, 100]}, weight: -1}\n",
+            "features:\n  - {key: device.battery.level, type: numeric, weight: -1,\n"
+            "     transform: {clip: [0, 100]}}\n",
             "features[0] ('device.battery.level'): weight: Input should be greater than or equal to 0",
         ),
         (
-            "features:\n  - {key: device.battery.level, type: numeric, transform: {clip: [100, 0]}, weight: 1}\n",
+            "features:\n  - {key: device.battery.level, type: numeric, weight: 1,\n"
+            "     transform: {clip: [100, 0]}}\n",
             "clip must be two finite numbers, low < high",
         ),
         (

@@ -36,11 +36,17 @@ BAD = [
     (update("d3", "device.usage.app_maps_duration", "lots", AT), "value 'lots' is not a number"),
     (update("d3", "device.battery.level", "inf", AT), "value 'inf' is not a finite number"),
     (update("d3", "device.settings.dark_mode", "maybe", AT), "value 'maybe' is not a boolean"),
-    (update("d3", "device.location.city", "x" * 300, AT), "value is 300 characters long (limit 256)"),
+    (
+        update("d3", "device.location.city", "x" * 300, AT),
+        "value is 300 characters long (limit 256)",
+    ),
     (update("d3", "device.location.city", "Paris", None), "observed_at is missing"),
     (update("d3", "device.location.city", "Paris", "last tuesday"), "is not an ISO-8601 timestamp"),
     (update("d3", "device.location.city", "Paris", "2026-03-02T10:00:00"), "has no UTC offset"),
-    (update("d3", "device.location.city", "Paris", "2027-01-01T00:00:00Z"), "is later than partition"),
+    (
+        update("d3", "device.location.city", "Paris", "2027-01-01T00:00:00Z"),
+        "is later than partition",
+    ),
 ]
 
 
@@ -94,10 +100,14 @@ def test_csv_parquet_and_jsonl_read_alike(landing):
 def test_truncated_jsonl_keeps_the_lines_before_and_after(landing):
     text = "\n".join(
         [
-            '{"device_id": "d1", "key": "device.location.city", "value": "Berlin", "observed_at": "' + AT + '"}',
+            '{"device_id": "d1", "key": "device.location.city", "value": "Berlin", "observed_at": "'
+            + AT
+            + '"}',
             '{"device_id": "d2", "key": "device.loc',
             '["not", "an", "object"]',
-            '{"device_id": "d3", "key": "device.location.city", "value": "Paris", "observed_at": "' + AT + '"}',
+            '{"device_id": "d3", "key": "device.location.city", "value": "Paris", "observed_at": "'
+            + AT
+            + '"}',
         ]
     )
     write_file(landing, DAY, "t.jsonl", text)
@@ -154,7 +164,10 @@ def test_parquet_with_timestamp_columns_and_wrong_types(landing):
             "key": frame["key"],
             "value": frame["value"],
             "observed_at": pa.array(
-                [pd.Timestamp(AT).to_pydatetime(), pd.Timestamp("2026-03-02T12:00:00Z").to_pydatetime()],
+                [
+                    pd.Timestamp(AT).to_pydatetime(),
+                    pd.Timestamp("2026-03-02T12:00:00Z").to_pydatetime(),
+                ],
                 type=pa.timestamp("us", tz="UTC"),
             ),
         }
@@ -162,7 +175,10 @@ def test_parquet_with_timestamp_columns_and_wrong_types(landing):
     pq.write_table(table, buffer)
     write_file(landing, DAY, "typed.parquet", buffer.getvalue())
     wrong = io.BytesIO()
-    pq.write_table(pa.table({"device_id": [1], "key": ["device.battery.level"], "value": [1.0], "observed_at": [17]}), wrong)
+    pq.write_table(
+        pa.table({"device_id": [1], "key": ["device.battery.level"], "value": [1.0], "observed_at": [17]}),
+        wrong,
+    )
     write_file(landing, DAY, "wrong.parquet", wrong.getvalue())
     write_file(landing, DAY, "broken.parquet", b"PAR1 not really")
 
@@ -197,14 +213,24 @@ def test_sql_source_selects_the_rows_of_the_partition_day(tmp_path, column_type)
         sa.Column("observed_at", observed),
     )
     source.create(engine)
-    stamps = ["2026-03-01T23:30:00+00:00", "2026-03-02T00:30:00+01:00", "2026-03-02T10:00:00+00:00",
-              "2026-03-03T00:00:00+00:00"]
+    stamps = [
+        "2026-03-01T23:30:00+00:00",
+        "2026-03-02T00:30:00+01:00",
+        "2026-03-02T10:00:00+00:00",
+        "2026-03-03T00:00:00+00:00",
+    ]
     with engine.begin() as connection:
         connection.execute(
             source.insert(),
             [
-                {"device_id": f"d{i}", "key": "device.location.city", "value": "Berlin",
-                 "observed_at": s if column_type == "text" else pd.Timestamp(s).tz_convert("UTC").to_pydatetime()}
+                {
+                    "device_id": f"d{i}",
+                    "key": "device.location.city",
+                    "value": "Berlin",
+                    "observed_at": s
+                    if column_type == "text"
+                    else pd.Timestamp(s).tz_convert("UTC").to_pydatetime(),
+                }
                 for i, s in enumerate(stamps)
             ],
         )

@@ -4,7 +4,11 @@ import numpy as np
 import pandas as pd
 
 from persona_pipeline.feature_schema import load_feature_schema
-from persona_pipeline.personas.profiles import device_customers, latest_per_device_key, value_changes
+from persona_pipeline.personas.profiles import (
+    device_customers,
+    latest_per_device_key,
+    value_changes,
+)
 from persona_pipeline.personas.vectors import build_persona_vectors
 
 
@@ -62,7 +66,12 @@ def test_value_changes_find_moves_within_the_window_only():
     )
     changes = value_changes(history, since=ts("2026-03-01"))
     assert changes.to_dict("records") == [
-        {"device_id": "mover", "previous_value": "Berlin", "value": "Munich", "changed_at": ts("2026-03-05")}
+        {
+            "device_id": "mover",
+            "previous_value": "Berlin",
+            "value": "Munich",
+            "changed_at": ts("2026-03-05"),
+        }
     ]
 
 
@@ -79,9 +88,14 @@ def test_vectors_weight_transformed_values_per_dimension():
             ("d2", "device.location.city", "Lisbon", "2026-03-01T10:00Z"),
         ]
     )
-    profiles.loc[profiles["key"].isin(["device.settings.dark_mode", "device.location.city"]), "value_number"] = np.nan
+    profiles.loc[
+        profiles["key"].isin(["device.settings.dark_mode", "device.location.city"]), "value_number"
+    ] = np.nan
     vectors = build_persona_vectors(
-        profiles, pd.Series(dtype=object), schema, schema.initial_weights(),
+        profiles,
+        pd.Series(dtype=object),
+        schema,
+        schema.initial_weights(),
         {"derived.location.moved_recently": {"d2"}},
     )
     frame = vectors.frame()

@@ -57,9 +57,7 @@ DUPLICATE_SHARE = 0.005
 
 @dataclass
 class DemoFleet:
-    updates: dict[
-        str, pd.DataFrame
-    ]  # day -> rows (device_id, customer_id, key, value, observed_at)
+    updates: dict[str, pd.DataFrame]  # day -> rows (device_id, customer_id, key, value, observed_at)
     devices: pd.DataFrame  # ground truth per device
     malformed: pd.DataFrame  # ground truth of the malformed rows planted
 
@@ -81,9 +79,7 @@ def plant_devices(devices: int, days: int, rng: np.random.Generator) -> pd.DataF
     for name in group_names:
         members = group == name
         city_p = _weights(len(CITIES), GROUP_CITY_BIAS.get(name, []), 3.0)
-        model_p = _weights(
-            len(MODELS), [GROUP_MODEL_BIAS[name]] if name in GROUP_MODEL_BIAS else [], 4.0
-        )
+        model_p = _weights(len(MODELS), [GROUP_MODEL_BIAS[name]] if name in GROUP_MODEL_BIAS else [], 4.0)
         city[members] = rng.choice(CITIES, size=members.sum(), p=city_p)
         model[members] = rng.choice(MODELS, size=members.sum(), p=model_p)
 
@@ -96,9 +92,7 @@ def plant_devices(devices: int, days: int, rng: np.random.Generator) -> pd.DataF
     heavy_app = np.where(heavy, rng.choice(APPS, size=devices), None)
 
     failing = (rng.random(devices) < FAILING_SHARE) & ~moved & ~heavy
-    failure_start = np.where(
-        failing, rng.integers(max(days // 2, 1), max(days, 2), size=devices), -1
-    )
+    failure_start = np.where(failing, rng.integers(max(days // 2, 1), max(days, 2), size=devices), -1)
 
     return pd.DataFrame(
         {
@@ -115,8 +109,7 @@ def plant_devices(devices: int, days: int, rng: np.random.Generator) -> pd.DataF
             "failing": failing,
             "failure_start_day": failure_start,
             "usage_scale": rng.lognormal(0.0, 0.35, devices),
-            "dark_mode": rng.random(devices)
-            < np.where(np.isin(group, ["gamer", "creator"]), 0.8, 0.35),
+            "dark_mode": rng.random(devices) < np.where(np.isin(group, ["gamer", "creator"]), 0.8, 0.35),
             "has_podcasts": rng.random(devices) < 0.2,
             "os_build": rng.choice(["AP2A.240905", "UQ1A.240205", "TP1A.221005"], size=devices),
         }
@@ -135,15 +128,9 @@ def day_updates(
     n = len(truth)
     moved_now = truth["moved"].to_numpy() & (day_number >= truth["move_day"].to_numpy())
     city = np.where(moved_now, truth["new_city"], truth["home_city"])
-    failing_now = truth["failing"].to_numpy() & (
-        day_number >= truth["failure_start_day"].to_numpy()
-    )
+    failing_now = truth["failing"].to_numpy() & (day_number >= truth["failure_start_day"].to_numpy())
     group_means = np.array([GROUPS[g] for g in truth["group"]], dtype=float) * 60.0
-    usage = (
-        group_means
-        * truth["usage_scale"].to_numpy()[:, None]
-        * rng.lognormal(0, 0.25, (n, len(APPS)))
-    )
+    usage = group_means * truth["usage_scale"].to_numpy()[:, None] * rng.lognormal(0, 0.25, (n, len(APPS)))
     heavy_column = pd.Series(truth["heavy_app"]).map({a: i for i, a in enumerate(APPS)})
     heavy_rows = np.flatnonzero(heavy_column.notna().to_numpy())
     usage[heavy_rows, heavy_column.iloc[heavy_rows].to_numpy(dtype=int)] *= 5.0
@@ -226,9 +213,9 @@ def plant_malformed(rows: pd.DataFrame, rng: np.random.Generator) -> pd.DataFram
     broken.loc[kind == "not_finite", "key"] = "device.battery.level"
     broken.loc[kind == "not_finite", "value"] = "inf"
     broken.loc[kind == "too_long", "value"] = "x" * 300
-    broken.loc[kind == "no_offset", "observed_at"] = broken.loc[
-        kind == "no_offset", "observed_at"
-    ].str.slice(0, 19)
+    broken.loc[kind == "no_offset", "observed_at"] = broken.loc[kind == "no_offset", "observed_at"].str.slice(
+        0, 19
+    )
     broken["malformed_kind"] = kind
     return broken
 
@@ -245,15 +232,11 @@ def generate_fleet(devices: int, days: int, seed: int, start: str) -> DemoFleet:
         duplicates = rows.sample(frac=DUPLICATE_SHARE, random_state=int(rng.integers(0, 2**31)))
         broken = plant_malformed(rows, rng)
         malformed.append(broken.assign(day=label))
-        mixed = pd.concat(
-            [rows, duplicates, broken.drop(columns="malformed_kind")], ignore_index=True
+        mixed = pd.concat([rows, duplicates, broken.drop(columns="malformed_kind")], ignore_index=True)
+        updates[label] = mixed.sample(frac=1.0, random_state=int(rng.integers(0, 2**31))).reset_index(
+            drop=True
         )
-        updates[label] = mixed.sample(
-            frac=1.0, random_state=int(rng.integers(0, 2**31))
-        ).reset_index(drop=True)
-    return DemoFleet(
-        updates, truth.drop(columns=["usage_scale"]), pd.concat(malformed, ignore_index=True)
-    )
+    return DemoFleet(updates, truth.drop(columns=["usage_scale"]), pd.concat(malformed, ignore_index=True))
 
 
 def write_landing(fleet: DemoFleet, landing: Path) -> list[Path]:
@@ -264,9 +247,7 @@ def write_landing(fleet: DemoFleet, landing: Path) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         thirds = np.array_split(np.arange(len(rows)), [len(rows) // 2, len(rows) * 4 // 5])
         parquet, jsonl, csv = (rows.iloc[part] for part in thirds)
-        parquet.assign(value=parquet["value"].astype(str)).to_parquet(
-            folder / "part-0.parquet", index=False
-        )
+        parquet.assign(value=parquet["value"].astype(str)).to_parquet(folder / "part-0.parquet", index=False)
         jsonl.to_json(folder / "part-1.jsonl", orient="records", lines=True, force_ascii=False)
         csv.to_csv(folder / "part-2.csv", index=False)
         written.extend([folder / "part-0.parquet", folder / "part-1.jsonl", folder / "part-2.csv"])

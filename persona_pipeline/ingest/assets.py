@@ -9,7 +9,8 @@ from persona_pipeline.metadata import counts_table, markdown_table
 from persona_pipeline.partitions import daily_partitions, partition_days
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
-from persona_pipeline.store.tables import index_update_rejects, index_updates as updates_table
+from persona_pipeline.store.tables import index_update_rejects
+from persona_pipeline.store.tables import index_updates as updates_table
 
 REJECT_SHARE_CHECK = "reject_share_within_threshold"
 
@@ -51,19 +52,13 @@ def index_updates(
     schema = persona_config.feature_schema()
     outcome = ingest_days(days, landing_zone.read_day, schema)
     for folder in landing_zone.misnamed_folders():
-        context.log.warning(
-            f"landing folder index_updates/{folder} is not date=YYYY-MM-DD: never read"
-        )
+        context.log.warning(f"landing folder index_updates/{folder} is not date=YYYY-MM-DD: never read")
     for problem in outcome.problems:
         context.log.info(problem)
 
     rejects = outcome.rejects.assign(rejected_at=pd.Timestamp.now(tz="UTC"))
-    persona_store.replace_rows(
-        updates_table, updates_table.c.partition_date.in_(days), outcome.accepted
-    )
-    persona_store.replace_rows(
-        index_update_rejects, index_update_rejects.c.partition_date.in_(days), rejects
-    )
+    persona_store.replace_rows(updates_table, updates_table.c.partition_date.in_(days), outcome.accepted)
+    persona_store.replace_rows(index_update_rejects, index_update_rejects.c.partition_date.in_(days), rejects)
 
     accepted = outcome.accepted
     share = outcome.reject_share
@@ -79,14 +74,10 @@ def index_updates(
             "devices": dg.MetadataValue.int(int(accepted["device_id"].nunique())),
             "keys": dg.MetadataValue.int(int(accepted["key"].nunique())),
             "unknown_key_rows": dg.MetadataValue.int(outcome.unknown_key_rows),
-            "unknown_keys": dg.MetadataValue.text(
-                ", ".join(sorted(outcome.unknown_keys)) or "none"
-            ),
+            "unknown_keys": dg.MetadataValue.text(", ".join(sorted(outcome.unknown_keys)) or "none"),
             "late_rows": dg.MetadataValue.int(outcome.late_rows),
             "rejects_by_reason": counts_table(
-                rejects["reason_code"].value_counts()
-                if not rejects.empty
-                else pd.Series(dtype=int),
+                rejects["reason_code"].value_counts() if not rejects.empty else pd.Series(dtype=int),
                 "reason",
             ),
             "reject_examples": markdown_table(
@@ -108,9 +99,7 @@ def index_updates(
                     "rows_rejected": dg.MetadataValue.int(len(rejects)),
                     "rows_read": dg.MetadataValue.int(outcome.rows_read),
                 },
-                description=None
-                if passed
-                else f"{share:.1%} of rows rejected; see index_update_rejects",
+                description=None if passed else f"{share:.1%} of rows rejected; see index_update_rejects",
             )
         ],
     )

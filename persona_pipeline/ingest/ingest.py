@@ -50,9 +50,7 @@ def ingest_days(
         outcome.late_rows += result.late_rows
         outcome.problems.extend(read.problems)
     outcome.accepted = (
-        pd.concat(accepted, ignore_index=True)
-        if accepted
-        else pd.DataFrame(columns=list(ACCEPTED_COLUMNS))
+        pd.concat(accepted, ignore_index=True) if accepted else pd.DataFrame(columns=list(ACCEPTED_COLUMNS))
     )
     outcome.rejects = pd.concat(rejects, ignore_index=True) if rejects else pd.DataFrame()
     return outcome

@@ -60,11 +60,7 @@ def empty_rejects() -> pd.DataFrame:
 
 
 def clip_raw(text: str) -> str:
-    return (
-        text
-        if len(text) <= RAW_PREVIEW_CHARS
-        else text[:RAW_PREVIEW_CHARS] + f"… ({len(text)} chars)"
-    )
+    return text if len(text) <= RAW_PREVIEW_CHARS else text[:RAW_PREVIEW_CHARS] + f"… ({len(text)} chars)"
 
 
 def file_reject(label: str, reason: str, raw: str = "", row: int | None = None) -> pd.DataFrame:
@@ -111,9 +107,7 @@ def _read_jsonl(data: bytes, label: str) -> ReadResult:
         except (ValueError, UnicodeDecodeError):
             frame = None
         if frame is not None and len(frame) == data.rstrip(b"\r\n").count(b"\n") + 1:
-            return ReadResult(
-                _with_source(frame, label, np.arange(1, len(frame) + 1)), empty_rejects()
-            )
+            return ReadResult(_with_source(frame, label, np.arange(1, len(frame) + 1)), empty_rejects())
     return _read_jsonl_by_line(data, label)
 
 
@@ -132,9 +126,7 @@ def _read_jsonl_by_line(data: bytes, label: str) -> ReadResult:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
-            reason = (
-                f"line is not valid JSON (truncated or malformed): {exc.msg} at column {exc.colno}"
-            )
+            reason = f"line is not valid JSON (truncated or malformed): {exc.msg} at column {exc.colno}"
             rejects.append((label, number, clip_raw(text), reason))
             continue
         if not isinstance(record, dict):
@@ -186,9 +178,7 @@ def _read_csv(data: bytes, label: str) -> ReadResult:
     except pd.errors.EmptyDataError:
         return ReadResult(empty_rows(), bad_lines, [f"{label}: no header row"])
     frame = frame.replace({"": None})
-    return ReadResult(
-        _with_source(frame, label, rows), pd.concat([bad_lines, malformed], ignore_index=True)
-    )
+    return ReadResult(_with_source(frame, label, rows), pd.concat([bad_lines, malformed], ignore_index=True))
 
 
 def _drop_undecodable_lines(data: bytes, label: str) -> tuple[str, pd.DataFrame]:

@@ -124,9 +124,7 @@ def validate_updates(
     reasons.add(
         "too_long",
         key.str.len() > limits.max_key_length,
-        "key is "
-        + key.str.len().astype("string")
-        + f" characters long (limit {limits.max_key_length})",
+        "key is " + key.str.len().astype("string") + f" characters long (limit {limits.max_key_length})",
     )
     reasons.add(
         "bad_key",
@@ -160,9 +158,7 @@ def validate_updates(
     reasons.add(
         "no_utc_offset",
         ~has_offset,
-        "observed_at "
-        + _shown(observed_text)
-        + " has no UTC offset (ISO-8601 with offset required)",
+        "observed_at " + _shown(observed_text) + " has no UTC offset (ISO-8601 with offset required)",
     )
     latest_allowed = day_end + pd.Timedelta(hours=limits.max_future_skew_hours)
     reasons.add(
@@ -188,19 +184,13 @@ def validate_updates(
     reasons.add(
         "not_a_boolean",
         is_boolean & ~(boolean_true | boolean_false),
-        "value "
-        + _shown(value)
-        + " is not a boolean ("
-        + key.fillna("")
-        + " is boolean: true/false)",
+        "value " + _shown(value) + " is not a boolean (" + key.fillna("") + " is boolean: true/false)",
     )
 
     ok = reasons.ok
     canonical = value.copy()
     canonical[is_numeric.fillna(False)] = _canonical_numbers(number[is_numeric.fillna(False)])
-    canonical[is_boolean.fillna(False)] = np.where(
-        boolean_true[is_boolean.fillna(False)], "true", "false"
-    )
+    canonical[is_boolean.fillna(False)] = np.where(boolean_true[is_boolean.fillna(False)], "true", "false")
     accepted = pd.DataFrame(
         {
             "partition_date": partition_date,

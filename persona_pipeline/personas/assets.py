@@ -32,9 +32,7 @@ ONE_POINT_CHECK = "one_point_per_device"
     kinds={"pandas", "sql"},
     retry_policy=STORE_RETRY,
 )
-def device_profiles(
-    context: dg.AssetExecutionContext, persona_store: PersonaStore
-) -> dg.MaterializeResult:
+def device_profiles(context: dg.AssetExecutionContext, persona_store: PersonaStore) -> dg.MaterializeResult:
     """Latest value per (device, key) by event time. Merging is order-independent and idempotent:
     days can be materialized in any order, or twice, and leave the same table."""
     days = partition_days(context.partition_time_window)
@@ -59,9 +57,7 @@ def device_profiles(
     kinds={"numpy", "sql"},
     retry_policy=STORE_RETRY,
 )
-def persona_vectors(
-    persona_store: PersonaStore, persona_config: PersonaConfig
-) -> dg.MaterializeResult:
+def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) -> dg.MaterializeResult:
     """One weighted vector per profiled device, in the feature space of the current schema and
     the newest `key_weights` version. Only devices whose vector changed are rewritten."""
     schema = persona_config.feature_schema()
@@ -76,9 +72,7 @@ def persona_vectors(
             history = storage.read_key_history(persona_store, derived.key, since.to_pydatetime())
             changed[derived.name] = set(value_changes(history, since)["device_id"])
 
-    vectors = build_persona_vectors(
-        profiles, device_customers(profiles), schema, weights.weights, changed
-    )
+    vectors = build_persona_vectors(profiles, device_customers(profiles), schema, weights.weights, changed)
     space = f"{schema.version}-w{weights.version}"
     fingerprints = int64_fingerprint(
         pd.DataFrame(vectors.matrix).assign(customer_id=vectors.customer_ids, space=space)
@@ -123,9 +117,7 @@ def persona_vectors(
             "as_of": dg.MetadataValue.text(as_of.isoformat()),
             "moved_recently": dg.MetadataValue.int(sum(len(v) for v in changed.values())),
             "dimension_weights": markdown_table(
-                dimensions.assign(share_nonzero=np.round(active, 3))[
-                    ["name", "weight", "share_nonzero"]
-                ],
+                dimensions.assign(share_nonzero=np.round(active, 3))[["name", "weight", "share_nonzero"]],
                 max_rows=len(dimensions),
             ),
         }
@@ -168,17 +160,13 @@ def persona_index(
     vectors = storage.read_vectors(persona_store)
     spaces = vectors["space"].unique().tolist()
     if len(spaces) > 1:
-        raise dg.Failure(
-            f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors"
-        )
+        raise dg.Failure(f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors")
     space = spaces[0] if spaces else None
     if space is None:
         return dg.MaterializeResult(
             metadata={"points_written": dg.MetadataValue.int(0)},
             check_results=[
-                dg.AssetCheckResult(
-                    check_name=ONE_POINT_CHECK, passed=True, description="no devices"
-                )
+                dg.AssetCheckResult(check_name=ONE_POINT_CHECK, passed=True, description="no devices")
             ],
         )
     collection = f"{COLLECTION_PREFIX}{space}"
@@ -217,9 +205,7 @@ def persona_index(
             config.batch_size,
         )
         deleted = vector_index.delete(client, collection, [point_id(d) for d in gone])
-        storage.write_index_state(
-            persona_store, collection, to_write[["device_id", "fingerprint"]], gone
-        )
+        storage.write_index_state(persona_store, collection, to_write[["device_id", "fingerprint"]], gone)
         previous = vector_index.swap_alias(client, collection)
         dropped = _drop_old_collections(
             client,

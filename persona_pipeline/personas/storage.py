@@ -55,9 +55,7 @@ def profile_counts(store: PersonaStore) -> tuple[int, int]:
 def read_key_history(store: PersonaStore, key: str, since: pd.Timestamp) -> pd.DataFrame:
     """Updates of `key` after `since`, plus each device's last update at or before it."""
     u = index_updates.c
-    after = sa.select(u.device_id, u.value, u.observed_at).where(
-        (u.key == key) & (u.observed_at > since)
-    )
+    after = sa.select(u.device_id, u.value, u.observed_at).where((u.key == key) & (u.observed_at > since))
     last_before = (
         sa.select(u.device_id, sa.func.max(u.observed_at).label("observed_at"))
         .where((u.key == key) & (u.observed_at <= since))
@@ -100,23 +98,17 @@ def write_vectors(store: PersonaStore, rows: pd.DataFrame, removed: list[str]) -
     with store.begin() as connection:
         for start in range(0, len(ids), 10_000):
             chunk = ids[start : start + 10_000]
-            connection.execute(
-                persona_vectors.delete().where(persona_vectors.c.device_id.in_(chunk))
-            )
+            connection.execute(persona_vectors.delete().where(persona_vectors.c.device_id.in_(chunk)))
         store.insert_frame(connection, persona_vectors, rows)
 
 
 def write_dimensions(store: PersonaStore, space: str, frame: pd.DataFrame) -> None:
-    store.replace_rows(
-        persona_dimensions, persona_dimensions.c.space == space, frame.assign(space=space)
-    )
+    store.replace_rows(persona_dimensions, persona_dimensions.c.space == space, frame.assign(space=space))
 
 
 def read_dimension_count(store: PersonaStore, space: str) -> int:
     query = (
-        sa.select(sa.func.count())
-        .select_from(persona_dimensions)
-        .where(persona_dimensions.c.space == space)
+        sa.select(sa.func.count()).select_from(persona_dimensions).where(persona_dimensions.c.space == space)
     )
     return int(store.scalar(query) or 0)
 
@@ -127,9 +119,7 @@ def read_vectors(store: PersonaStore) -> pd.DataFrame:
 
 def read_index_state(store: PersonaStore, collection: str) -> pd.Series:
     s = vector_index_state.c
-    frame = store.read_frame(
-        sa.select(s.device_id, s.fingerprint).where(s.collection == collection)
-    )
+    frame = store.read_frame(sa.select(s.device_id, s.fingerprint).where(s.collection == collection))
     return frame.set_index("device_id")["fingerprint"]
 
 
@@ -142,9 +132,7 @@ def write_index_state(
         for start in range(0, len(ids), 10_000):
             chunk = ids[start : start + 10_000]
             connection.execute(
-                vector_index_state.delete().where(
-                    (s.collection == collection) & s.device_id.in_(chunk)
-                )
+                vector_index_state.delete().where((s.collection == collection) & s.device_id.in_(chunk))
             )
         store.insert_frame(connection, vector_index_state, written.assign(collection=collection))
 

@@ -52,11 +52,7 @@ def build_persona_vectors(
 
     numeric = (kind == "numeric").to_numpy()
     numeric_column = known["key"][numeric].map(
-        {
-            k: _numeric_column(k, f, column_of)
-            for k, f in feature_of.items()
-            if f and f.type == "numeric"
-        }
+        {k: _numeric_column(k, f, column_of) for k, f in feature_of.items() if f and f.type == "numeric"}
     )
     cells = (row_index[numeric], numeric_column.to_numpy(dtype=np.int64))
     sums = np.zeros_like(raw)
@@ -104,9 +100,7 @@ def _transform(raw: np.ndarray, schema: FeatureSchema, column_of: dict[str, int]
         columns = [column_of[d.name] for d in schema.dimensions if d.weight_key == feature.key]
         block = raw[:, columns]
         if feature.type == "numeric":
-            filled = np.where(
-                np.isnan(block), feature.fill if feature.fill is not None else np.nan, block
-            )
+            filled = np.where(np.isnan(block), feature.fill if feature.fill is not None else np.nan, block)
             scaled = feature.transform.apply(filled)
             out[:, columns] = np.nan_to_num(scaled, nan=0.0)
         else:

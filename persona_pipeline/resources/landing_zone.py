@@ -45,9 +45,7 @@ class LandingZone(dg.ConfigurableResource):
 
     def landed_days(self) -> list[str]:
         """Days with a well-named folder, sorted."""
-        return sorted(
-            day for day, folder in self._date_folders() if _is_date(day) and folder.is_dir()
-        )
+        return sorted(day for day, folder in self._date_folders() if _is_date(day) and folder.is_dir())
 
     def misnamed_folders(self) -> list[str]:
         """Folders under index_updates/ that are not `date=YYYY-MM-DD`: they are never read."""
@@ -62,9 +60,7 @@ class LandingZone(dg.ConfigurableResource):
     def _date_folders(self) -> list[tuple[str, Path]]:
         if not self.updates_root.is_dir():
             return []
-        return [
-            (m.group(1), f) for f in self.updates_root.iterdir() if (m := DATE_FOLDER.match(f.name))
-        ]
+        return [(m.group(1), f) for f in self.updates_root.iterdir() if (m := DATE_FOLDER.match(f.name))]
 
     def read_day(self, day: str) -> ReadResult:
         """All rows that landed for one partition day, as written (validation comes next)."""
@@ -73,14 +69,10 @@ class LandingZone(dg.ConfigurableResource):
         folder = self.day_folder(day)
         if not folder.is_dir():
             return ReadResult.empty([f"no landing folder {folder.relative_to(self.root)}"])
-        files = sorted(
-            p for p in folder.iterdir() if p.is_file() and not p.name.startswith(("_", "."))
-        )
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(("_", ".")))
         if not files:
             return ReadResult.empty([f"{folder.relative_to(self.root)}: no files"])
-        return ReadResult.concat(
-            [read_landing_file(f, str(f.relative_to(self.root))) for f in files]
-        )
+        return ReadResult.concat([read_landing_file(f, str(f.relative_to(self.root))) for f in files])
 
     def _read_day_from_sql(self, day: str) -> ReadResult:
         engine = sa.create_engine(self.source_db_url)
@@ -104,12 +96,8 @@ class LandingZone(dg.ConfigurableResource):
         finally:
             engine.dispose()
         if not isinstance(observed.type, sa.DateTime) and not frame.empty:
-            instant = pd.to_datetime(
-                frame["observed_at"], utc=True, format="ISO8601", errors="coerce"
-            )
-            unparseable_of_day = instant.isna() & frame["observed_at"].astype(str).str.startswith(
-                day
-            )
+            instant = pd.to_datetime(frame["observed_at"], utc=True, format="ISO8601", errors="coerce")
+            unparseable_of_day = instant.isna() & frame["observed_at"].astype(str).str.startswith(day)
             in_day = (instant.dt.strftime("%Y-%m-%d") == day) | unparseable_of_day
             frame = frame[in_day]
         elif not frame.empty:

@@ -76,9 +76,7 @@ class PersonaStore(dg.ConfigurableResource):
         with self.engine.begin() as connection:
             yield connection
 
-    def read_frame(
-        self, query: sa.Executable, connection: sa.Connection | None = None
-    ) -> pd.DataFrame:
+    def read_frame(self, query: sa.Executable, connection: sa.Connection | None = None) -> pd.DataFrame:
         if connection is None:
             with self.engine.connect() as own:
                 return self.read_frame(query, own)
@@ -97,9 +95,7 @@ class PersonaStore(dg.ConfigurableResource):
             connection.execute(table.insert(), _records(chunk))
         return len(frame)
 
-    def replace_rows(
-        self, table: sa.Table, where: sa.ColumnElement[bool], frame: pd.DataFrame
-    ) -> int:
+    def replace_rows(self, table: sa.Table, where: sa.ColumnElement[bool], frame: pd.DataFrame) -> int:
         """Delete the rows matching `where` and insert `frame`, in one transaction."""
         with self.begin() as connection:
             connection.execute(table.delete().where(where))
@@ -126,23 +122,17 @@ class PersonaStore(dg.ConfigurableResource):
         dialect = connection.dialect.name
         insert_fn = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
         if insert_fn is None:
-            raise NotImplementedError(
-                f"upserts are implemented for SQLite and PostgreSQL, not {dialect}"
-            )
+            raise NotImplementedError(f"upserts are implemented for SQLite and PostgreSQL, not {dialect}")
         statement = insert_fn(table)
         value_columns = [c.name for c in table.columns if c.name not in key_columns]
         statement = statement.on_conflict_do_update(
             index_elements=list(key_columns),
             set_={name: statement.excluded[name] for name in value_columns},
-            where=(
-                newer_than_existing(table.c, statement.excluded) if newer_than_existing else None
-            ),
+            where=(newer_than_existing(table.c, statement.excluded) if newer_than_existing else None),
         )
         columns = [c.name for c in table.columns if c.name in frame.columns]
         for start in range(0, len(frame), WRITE_CHUNK_ROWS):
-            connection.execute(
-                statement, _records(frame.iloc[start : start + WRITE_CHUNK_ROWS][columns])
-            )
+            connection.execute(statement, _records(frame.iloc[start : start + WRITE_CHUNK_ROWS][columns]))
 
 
 def as_utc(values: pd.Series) -> pd.Series:

@@ -29,22 +29,14 @@ class VectorIndexError(RuntimeError):
 class VectorIndex(dg.ConfigurableResource):
     """Persona vectors in Qdrant: one collection per feature space, behind the alias `personas`."""
 
-    url: str | None = Field(
-        default=None, description="Qdrant server URL (QDRANT_URL). Empty: embedded."
-    )
-    api_key: str | None = Field(
-        default=None, description="Qdrant API key (QDRANT_API_KEY). Never logged."
-    )
+    url: str | None = Field(default=None, description="Qdrant server URL (QDRANT_URL). Empty: embedded.")
+    api_key: str | None = Field(default=None, description="Qdrant API key (QDRANT_API_KEY). Never logged.")
     path: str | None = Field(
         default=None,
         description="Local Qdrant folder for the embedded mode. Default: $PERSONA_HOME/qdrant.",
     )
-    alias: str = Field(
-        default="personas", description="Alias that always names the current collection."
-    )
-    timeout_seconds: int = Field(
-        default=30, description="Timeout of each request to a Qdrant server."
-    )
+    alias: str = Field(default="personas", description="Alias that always names the current collection.")
+    timeout_seconds: int = Field(default=30, description="Timeout of each request to a Qdrant server.")
 
     @property
     def location(self) -> str:
@@ -60,15 +52,11 @@ class VectorIndex(dg.ConfigurableResource):
         """A client for the duration of the block. The embedded path admits one process at a time."""
         try:
             if self.url:
-                client = QdrantClient(
-                    url=self.url, api_key=self.api_key, timeout=self.timeout_seconds
-                )
+                client = QdrantClient(url=self.url, api_key=self.api_key, timeout=self.timeout_seconds)
             else:
                 client = QdrantClient(path=self.resolved_path)
         except Exception as exc:
-            raise VectorIndexError(
-                f"cannot open the vector index at {self.location}: {exc}"
-            ) from None
+            raise VectorIndexError(f"cannot open the vector index at {self.location}: {exc}") from None
         try:
             yield client
         finally:
@@ -121,9 +109,7 @@ class VectorIndex(dg.ConfigurableResource):
     @staticmethod
     def delete(client: QdrantClient, collection: str, ids: Sequence[str]) -> int:
         if ids:
-            client.delete(
-                collection, points_selector=models.PointIdsList(points=list(ids)), wait=True
-            )
+            client.delete(collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
         return len(ids)
 
     def swap_alias(self, client: QdrantClient, collection: str) -> str | None:
@@ -147,7 +133,5 @@ class VectorIndex(dg.ConfigurableResource):
     @staticmethod
     def persona_collections(client: QdrantClient) -> list[str]:
         return sorted(
-            c.name
-            for c in client.get_collections().collections
-            if c.name.startswith(COLLECTION_PREFIX)
+            c.name for c in client.get_collections().collections if c.name.startswith(COLLECTION_PREFIX)
         )

@@ -1,0 +1,240 @@
+"""The assets through Dagster, on a real instance with SQLite and a local Qdrant path."""
+
+import dagster as dg
+import pandas as pd
+import pytest
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+
+from persona_pipeline.ingest.assets import REJECT_SHARE_CHECK, index_updates
+from persona_pipeline.personas.assets import (
+    ONE_POINT_CHECK,
+    device_profiles,
+    persona_index,
+    persona_vectors,
+)
+from persona_pipeline.resources.vector_index import point_id
+from persona_pipeline_tests.conftest import table, update, write_jsonl
+
+INGEST = [index_updates, device_profiles]
+DAYS = ["2026-03-01", "2026-03-02", "2026-03-03"]
+
+
+def day_rows(day: str, n: int = 3) -> list[dict]:
+    """Every day reports each device; later days overwrite some values, some keys go quiet."""
+    index = DAYS.index(day)
+    rows = []
+    for d in range(n):
+        rows.append(
+            update(
+                f"d{d}",
+                "device.location.city",
+                ["Berlin", "Munich", "Paris"][(d + index) % 3],
+                f"{day}T1{d}:00:00Z",
+                customer=f"c{d}",
+            )
+        )
+        rows.append(
+            update(
+                f"d{d}",
+                "device.usage.app_maps_duration",
+                600 * (index + 1) * (d + 1),
+                f"{day}T12:00:00Z",
+            )
+        )
+        if index == d:
+            rows.append(update(f"d{d}", "device.health.crash_count", index, f"{day}T13:00:00Z"))
+    # A late update for day 1 arriving with day 3: it must not overwrite newer values.
+    if index == 2:
+        rows.append(update("d0", "device.location.city", "Vienna", "2026-03-01T23:00:00Z"))
+    return rows
+
+
+def materialize(assets, resources, instance, **kwargs) -> dg.ExecuteInProcessResult:
+    return dg.materialize(assets, resources=resources, instance=instance, **kwargs)
+
+
+def profiles_after(order: list[str], landing, resources, instance) -> pd.DataFrame:
+    for day in DAYS:
+        write_jsonl(landing, day, day_rows(day))
+    for day in order:
+        assert materialize(INGEST, resources, instance, partition_key=day).success
+    return table(resources["persona_store"], "device_profiles", ["device_id", "key"])
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ["2026-03-03", "2026-03-01", "2026-03-02"],
+        ["2026-03-01", "2026-03-02", "2026-03-03", "2026-03-02"],
+    ],
+)
+def test_profiles_do_not_depend_on_partition_order_or_repeats(order, landing, resources, instance, tmp_path):
+    got = profiles_after(order, landing, resources, instance)
+    reference_home = tmp_path / "reference"
+    reference = {
+        **resources,
+        "persona_store": type(resources["persona_store"])(url=f"sqlite:///{reference_home / 'p.db'}"),
+    }
+    with dg.instance_for_test() as other:
+        expected = profiles_after(DAYS, landing, reference, other)
+    pd.testing.assert_frame_equal(got, expected)
+    city = got.set_index(["device_id", "key"]).loc[("d0", "device.location.city"), "value"]
+    assert city == "Paris"  # the day-3 value, not the late day-1 "Vienna"
+
+
+def test_range_run_equals_day_by_day(landing, resources, instance, tmp_path):
+    for day in DAYS:
+        write_jsonl(landing, day, day_rows(day))
+    result = materialize(
+        INGEST,
+        resources,
+        instance,
+        tags={ASSET_PARTITION_RANGE_START_TAG: DAYS[0], ASSET_PARTITION_RANGE_END_TAG: DAYS[-1]},
+    )
+    assert result.success
+    ranged = table(resources["persona_store"], "device_profiles", ["device_id", "key"])
+    updates = table(resources["persona_store"], "index_updates")
+    assert sorted(updates["partition_date"].unique()) == DAYS
+
+    day_by_day = {
+        **resources,
+        "persona_store": type(resources["persona_store"])(url=f"sqlite:///{tmp_path / 'd.db'}"),
+    }
+    with dg.instance_for_test() as other:
+        for day in DAYS:
+            assert materialize(INGEST, day_by_day, other, partition_key=day).success
+    pd.testing.assert_frame_equal(
+        ranged, table(day_by_day["persona_store"], "device_profiles", ["device_id", "key"])
+    )
+
+
+def test_mixed_file_reaches_profiles_and_rejects_and_reports_metadata(landing, resources, instance):
+    at = "2026-03-01T10:00:00Z"
+    rows = [
+        update("d1", "device.location.city", "Berlin", at),
+        update("", "device.location.city", "Berlin", at),
+        update("d1", "device.usage.app_maps_duration", "a lot", at),
+        update("d2", "device.usage.app_maps_duration", 5400, at),
+        update("d2", "device.os.build", "AP2A", at),
+    ]
+    write_jsonl(landing, "2026-03-01", rows)
+    result = materialize(INGEST, resources, instance, partition_key="2026-03-01")
+    assert result.success
+    store = resources["persona_store"]
+    profiles = table(store, "device_profiles", ["device_id", "key"])
+    assert list(zip(profiles["device_id"], profiles["key"], strict=True)) == [
+        ("d1", "device.location.city"),
+        ("d2", "device.os.build"),
+        ("d2", "device.usage.app_maps_duration"),
+    ]
+    rejects = table(store, "index_update_rejects", ["source_row"])
+    assert rejects["reason"].tolist() == [
+        "device_id is missing or empty",
+        "value 'a lot' is not a number (device.usage.app_maps_duration is numeric)",
+    ]
+    assert rejects["source_row"].tolist() == [2, 3]
+
+    metadata = result.asset_materializations_for_node("index_updates")[0].metadata
+    assert metadata["rows_read"].value == 5
+    assert metadata["rows_accepted"].value == 3
+    assert metadata["rows_rejected"].value == 2
+    assert metadata["unknown_key_rows"].value == 1
+    assert metadata["devices"].value == 2
+    check = result.get_asset_check_evaluations()[0]
+    assert check.check_name == REJECT_SHARE_CHECK
+    assert not check.passed  # 2 of 5 rejected > 5%
+
+    # Re-ingesting the same day replaces its rows instead of adding to them.
+    assert materialize(INGEST, resources, instance, partition_key="2026-03-01").success
+    assert len(table(store, "index_update_rejects")) == 2
+    assert len(table(store, "index_updates")) == 3
+
+
+def test_reject_check_passes_under_the_threshold_and_threshold_is_configurable(landing, resources, instance):
+    rows = [update(f"d{i}", "device.location.city", "Berlin", "2026-03-01T10:00:00Z") for i in range(19)]
+    rows.append(update("", "device.location.city", "Berlin", "2026-03-01T10:00:00Z"))
+    write_jsonl(landing, "2026-03-01", rows)
+    result = materialize([index_updates], resources, instance, partition_key="2026-03-01")
+    assert result.get_asset_check_evaluations()[0].passed  # exactly 5%
+    strict = dg.RunConfig(ops={"index_updates": {"config": {"max_reject_share": 0.01}}})
+    result = materialize([index_updates], resources, instance, partition_key="2026-03-01", run_config=strict)
+    assert not result.get_asset_check_evaluations()[0].passed
+
+
+def index_points(resources) -> tuple[str, dict[str, dict]]:
+    vector_index = resources["vector_index"]
+    with vector_index.client() as client:
+        collection = vector_index.alias_target(client)
+        points, _ = client.scroll(vector_index.alias, limit=10_000, with_payload=True, with_vectors=True)
+    return collection, {p.payload["device_id"]: p for p in points}
+
+
+def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(landing, resources, instance):
+    for day in DAYS:
+        write_jsonl(landing, day, day_rows(day, n=5))
+        assert materialize(INGEST, resources, instance, partition_key=day).success
+    result = materialize([persona_vectors, persona_index], resources, instance)
+    assert result.success
+    collection, points = index_points(resources)
+    assert collection.startswith("personas_")
+    assert sorted(points) == [f"d{i}" for i in range(5)]
+    assert {str(p.id) for p in points.values()} == {point_id(f"d{i}") for i in range(5)}
+    assert points["d1"].payload["customer_id"] == "c1"
+    assert points["d1"].payload["weights_version"] == 1
+    assert result.get_asset_check_evaluations()[0].check_name == ONE_POINT_CHECK
+    assert result.get_asset_check_evaluations()[0].passed
+
+    again = materialize([persona_vectors, persona_index], resources, instance)
+    assert (
+        again.asset_materializations_for_node("persona_vectors")[0].metadata["devices_rewritten"].value == 0
+    )
+    assert again.asset_materializations_for_node("persona_index")[0].metadata["points_written"].value == 0
+
+    write_jsonl(
+        landing,
+        "2026-03-03",
+        [update("d4", "device.location.city", "Zurich", "2026-03-03T20:00:00Z")],
+        name="late.jsonl",
+    )
+    assert materialize(INGEST, resources, instance, partition_key="2026-03-03").success
+    changed = materialize([persona_vectors, persona_index], resources, instance)
+    assert (
+        changed.asset_materializations_for_node("persona_vectors")[0].metadata["devices_rewritten"].value == 1
+    )
+    assert changed.asset_materializations_for_node("persona_index")[0].metadata["points_written"].value == 1
+    _, points = index_points(resources)
+    assert len(points) == 5
+    names = resources["persona_config"].feature_schema().dimension_names
+    assert points["d4"].vector[names.index("device.location.city=Zurich")] == pytest.approx(0.8)
+
+
+def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing, resources, instance):
+    from persona_pipeline.personas.weights import _insert, current_weights
+
+    write_jsonl(landing, DAYS[0], day_rows(DAYS[0], n=4))
+    assert materialize(INGEST, resources, instance, partition_key=DAYS[0]).success
+    assert materialize([persona_vectors, persona_index], resources, instance).success
+    first, _ = index_points(resources)
+
+    store = resources["persona_store"]
+    schema = resources["persona_config"].feature_schema()
+    learned = {
+        **current_weights(store, schema.initial_weights()).weights,
+        "device.location.city": 0.4,
+    }
+    _insert(store, 2, learned, "feedback")
+    result = materialize([persona_vectors, persona_index], resources, instance)
+    assert result.success
+    second, points = index_points(resources)
+    assert second != first and second.endswith("-w2")
+    assert {p.payload["weights_version"] for p in points.values()} == {2}
+    metadata = result.asset_materializations_for_node("persona_index")[0].metadata
+    assert metadata["previous_collection"].value == first
+    assert metadata["points_written"].value == 4
+    with resources["vector_index"].client() as client:
+        assert client.count(first).count == 4  # kept for a rollback
+    weights = table(store, "key_weights")
+    assert sorted(weights["source"].unique()) == ["config", "feedback"]

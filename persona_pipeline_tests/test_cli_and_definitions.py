@@ -1,0 +1,148 @@
+"""The console script end to end, and the code location as the UI loads it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+from qdrant_client import QdrantClient
+
+from persona_pipeline.definitions import defs
+from persona_pipeline.demo.generator import generate_fleet
+
+REPO = Path(__file__).parents[1]
+SCRIPT = Path(sys.executable).parent / "persona-pipeline"
+
+
+def run_cli(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
+    env["PERSONA_HOME"] = str(home)
+    return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_generate_then_run_with_only_persona_home_set(tmp_path):
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    generated = run_cli(
+        "generate",
+        "--devices",
+        "300",
+        "--days",
+        "3",
+        "--seed",
+        "3",
+        "--start",
+        "2026-03-01",
+        cwd=elsewhere,
+        home=home,
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert (home / "landing" / "index_updates" / "date=2026-03-03").is_dir()
+    assert (home / "ground_truth" / "devices.csv").is_file()
+
+    ran = run_cli("run", "--start", "2026-03-01", "--end", "2026-03-03", cwd=elsewhere, home=home)
+    assert ran.returncode == 0, ran.stderr
+    assert "devices profiled" in ran.stdout and "make dev" in ran.stdout
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{home / 'persona.db'}")
+    with engine.connect() as connection:
+        devices = connection.execute(
+            sa.text("select count(distinct device_id) from device_profiles")
+        ).scalar()
+        rejects = connection.execute(sa.text("select count(*) from index_update_rejects")).scalar()
+    truth = pd.read_csv(home / "ground_truth" / "malformed_rows.csv")
+    assert devices == 300
+    assert rejects == len(truth)  # every planted malformed row, and nothing else
+
+    client = QdrantClient(path=str(home / "qdrant"))
+    try:
+        aliases = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
+        assert client.count(aliases["personas"], exact=True).count == devices
+    finally:
+        client.close()
+
+    # The runs are in the Dagster instance the UI opens (DAGSTER_HOME under PERSONA_HOME).
+    assert (home / "dagster" / "dagster.yaml").is_file()
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        jobs = {run.job_name for run in instance.get_runs()}
+    assert jobs == {"ingest_job", "personas_job"}
+
+
+def test_run_fails_with_one_line_reason(tmp_path):
+    result = run_cli("run", cwd=tmp_path, home=tmp_path / "empty")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no landed days" in lines[0]
+
+    result = run_cli(
+        "run", "--start", "2020-01-01", "--end", "2020-01-02", cwd=tmp_path, home=tmp_path / "empty"
+    )
+    assert result.returncode != 0 and "outside the partitions" in result.stderr
+
+
+def test_invalid_configuration_fails_the_run_naming_the_file(tmp_path):
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "feature_schema.yaml").write_text("features:\n  - {key: device.a.b, type: colour, weight: 1}\n")
+    env = {"PERSONA_CONFIG_DIR": str(config)}
+    result = subprocess.run(
+        [str(SCRIPT), "run", "--start", "2026-03-01", "--end", "2026-03-01"],
+        cwd=tmp_path,
+        env={**os.environ, "PERSONA_HOME": str(tmp_path / "h"), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "feature_schema.yaml" in result.stderr and "features[0] ('device.a.b')" in result.stderr
+
+
+def test_generator_is_deterministic_by_seed():
+    first = generate_fleet(50, 2, seed=11, start="2026-03-01")
+    second = generate_fleet(50, 2, seed=11, start="2026-03-01")
+    other = generate_fleet(50, 2, seed=12, start="2026-03-01")
+    pd.testing.assert_frame_equal(first.devices, second.devices)
+    for day in first.updates:
+        pd.testing.assert_frame_equal(first.updates[day], second.updates[day])
+    assert not first.updates["2026-03-01"].equals(other.updates["2026-03-01"])
+
+
+def test_code_location_lists_the_assets_jobs_and_groups():
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert keys == {"index_updates", "device_profiles", "persona_vectors", "persona_index"}
+    groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    assert groups["index_updates"] == "ingest" and groups["persona_index"] == "personas"
+    assert {job.name for job in defs.resolve_all_job_defs()} >= {"ingest_job", "personas_job"}
+    assert defs.resolve_assets_def("persona_index").op.pool == "vector_index"
+
+
+def test_shipped_instance_config_is_the_repository_one():
+    shipped = REPO / "persona_pipeline" / "deploy" / "dagster.yaml"
+    assert shipped.read_text() == (REPO / "dagster.yaml").read_text()
+
+
+@pytest.mark.skipif(not (REPO / "workspace.yaml").exists(), reason="needs the repository checkout")
+def test_dagster_validates_the_workspace(tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    (tmp_path / "dagster.yaml").write_text("")
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "definitions",
+            "validate",
+            "-w",
+            "workspace.yaml",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
