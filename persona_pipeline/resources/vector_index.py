@@ -10,6 +10,7 @@ import dagster as dg
 import numpy as np
 from pydantic import Field
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from persona_pipeline import settings
 
@@ -59,6 +60,8 @@ class VectorIndex(dg.ConfigurableResource):
             raise VectorIndexError(f"cannot open the vector index at {self.location}: {exc}") from None
         try:
             yield client
+        except (ResponseHandlingException, UnexpectedResponse) as exc:
+            raise VectorIndexError(f"vector index at {self.location} failed: {exc}") from None
         finally:
             client.close()
 
