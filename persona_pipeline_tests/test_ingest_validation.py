@@ -238,3 +238,24 @@ def test_sql_source_selects_the_rows_of_the_partition_day(tmp_path, column_type)
     outcome = ingest_days([DAY], zone.read_day, load_feature_schema())
     # 00:30+01:00 on the 2nd is 23:30 UTC on the 1st: it belongs to the 1st.
     assert sorted(outcome.accepted["device_id"]) == ["d2"]
+
+
+def test_a_bare_date_is_not_a_timestamp_with_offset(landing):
+    write_jsonl(landing, DAY, [update("d1", "device.location.city", "Berlin", "2026-03-02")])
+    outcome = ingest(landing)
+    assert outcome.accepted.empty
+    assert "has no UTC offset" in outcome.rejects["reason"].iloc[0]
+
+
+def test_numbers_read_the_same_from_every_format(landing):
+    write_jsonl(landing, DAY, [update("d1", "device.model", 15, AT)], name="a.jsonl")
+    write_file(landing, DAY, "b.csv", f"device_id,key,value,observed_at\nd1,device.model,15,{AT}\n")
+    outcome = ingest(landing)
+    assert outcome.accepted["value"].tolist() == ["15"]
+    assert outcome.duplicates_dropped == 1
+
+
+def test_timestamps_keep_microseconds_like_the_stores(landing):
+    write_jsonl(landing, DAY, [update("d1", "device.model", "x", "2026-03-02T10:00:00.123456789+00:00")])
+    stamp = ingest(landing).accepted["observed_at"].iloc[0]
+    assert stamp == pd.Timestamp("2026-03-02T10:00:00.123456Z")

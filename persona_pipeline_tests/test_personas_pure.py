@@ -115,3 +115,16 @@ def test_vectors_weight_transformed_values_per_dimension():
     assert frame.loc["d2", "derived.location.moved_recently"] == np.float32(0.6)
     assert frame.loc["d1", "derived.location.moved_recently"] == 0
     assert vectors.matrix.dtype == np.float32
+
+
+def test_same_time_and_value_with_another_customer_is_decided_by_data_not_order():
+    rows = profile_rows(
+        [
+            ("d1", "device.location.city", "Berlin", "2026-03-01T10:00Z"),
+            ("d1", "device.location.city", "Berlin", "2026-03-01T10:00Z"),
+        ]
+    )
+    rows["customer_id"] = ["c-b", "c-a"]
+    forward = latest_per_device_key(rows)
+    backward = latest_per_device_key(rows.iloc[::-1])
+    assert forward["customer_id"].tolist() == backward["customer_id"].tolist() == ["c-b"]

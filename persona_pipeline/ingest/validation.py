@@ -27,7 +27,9 @@ ACCEPTED_COLUMNS = (
     "source_row",
 )
 DOTTED_KEY = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+$"
-UTC_OFFSET = r"(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$"
+# A time of day followed by an offset: a bare date ("2026-01-05") ends in digits that
+# would otherwise pass for an offset.
+UTC_OFFSET = r"\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$"
 TRUE_WORDS = {"true", "1", "yes", "y", "t", "1.0", "on"}
 FALSE_WORDS = {"false", "0", "no", "n", "f", "0.0", "off"}
 SHOWN_VALUE_CHARS = 40
@@ -44,7 +46,13 @@ class ValidationResult:
 
 
 def _text(series: pd.Series) -> pd.Series:
-    """Values as stripped text; missing, NaN and blank become <NA>."""
+    """Values as stripped text; missing, NaN and blank become <NA>.
+
+    A float column (JSON Lines whose values are all numbers) is written without a
+    trailing '.0', so 14 reads the same from every file format.
+    """
+    if pd.api.types.is_float_dtype(series.dtype):
+        return _canonical_numbers(series).mask(series.isna())
     text = series.astype("string").str.strip()
     return text.mask(text == "")
 
@@ -148,7 +156,8 @@ def validate_updates(
     )
 
     reasons.add("missing_observed_at", observed_text.isna(), "observed_at is missing")
-    observed_at = pd.to_datetime(observed_text, utc=True, format="ISO8601", errors="coerce")
+    # Microseconds: what every store keeps, so a merge compares the same instants.
+    observed_at = pd.to_datetime(observed_text, utc=True, format="ISO8601", errors="coerce").dt.floor("us")
     reasons.add(
         "bad_timestamp",
         observed_at.isna(),

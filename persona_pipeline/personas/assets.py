@@ -128,8 +128,9 @@ class PersonaIndexConfig(dg.Config):
     batch_size: int = Field(default=512, ge=1, description="Points per upsert request to Qdrant.")
     keep_collections: int = Field(
         default=2,
-        ge=1,
-        description="Persona collections kept: the current one and older ones for a rollback.",
+        ge=2,
+        description="Persona collections kept: the current one, the previous one (for a rollback) "
+        "and, above 2, older ones.",
     )
 
 
@@ -157,7 +158,7 @@ def persona_index(
     point id uuid5(device_id). Writes only the devices whose vector changed since the
     collection last saw them; a new feature space fills a new collection, then the alias
     `personas` is swapped to it atomically."""
-    vectors = storage.read_vectors(persona_store)
+    vectors = storage.read_vector_summaries(persona_store)
     spaces = vectors["space"].unique().tolist()
     if len(spaces) > 1:
         raise dg.Failure(f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors")
@@ -196,11 +197,12 @@ def persona_index(
                 strict=True,
             )
         ]
+        blobs = storage.read_vector_blobs(persona_store, to_write["device_id"].tolist())
         written = vector_index.upsert(
             client,
             collection,
             [point_id(d) for d in to_write["device_id"]],
-            storage.decode_vectors(to_write["vector"], dimensions),
+            storage.decode_vectors(blobs, dimensions),
             payloads,
             config.batch_size,
         )

@@ -1,8 +1,8 @@
 """Merging updates into profiles: the latest value per (device, key). Pure: no Dagster.
 
-"Latest" is the largest (observed_at, value) pair, so the result does not depend
-on the order in which partitions arrive, and merging the same rows twice changes
-nothing. The store applies the same rule when it upserts.
+"Latest" is the largest (observed_at, value, customer_id) triple, so the result
+does not depend on the order in which partitions arrive, and merging the same rows
+twice changes nothing. The store applies the same rule when it upserts.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ PROFILE_COLUMNS = ("device_id", "key", "customer_id", "value", "value_number", "
 
 
 def latest_per_device_key(updates: pd.DataFrame) -> pd.DataFrame:
-    """One row per (device_id, key): the update with the largest (observed_at, value)."""
+    """One row per (device_id, key): the update with the largest (observed_at, value, customer_id)."""
     if updates.empty:
         return pd.DataFrame(columns=list(PROFILE_COLUMNS))
-    ordered = updates.sort_values(["device_id", "key", "observed_at", "value"], kind="stable")
+    ordered = updates.assign(_customer=updates["customer_id"].fillna("")).sort_values(
+        ["device_id", "key", "observed_at", "value", "_customer"], kind="stable"
+    )
     latest = ordered.drop_duplicates(subset=["device_id", "key"], keep="last")
     return latest[list(PROFILE_COLUMNS)].reset_index(drop=True)
 

@@ -27,11 +27,20 @@ def read_updates_for_days(store: PersonaStore, days: list[str]) -> pd.DataFrame:
 
 
 def merge_into_profiles(store: PersonaStore, latest: pd.DataFrame) -> None:
-    """Upsert where the incoming (observed_at, value) is larger than the stored one."""
+    """Upsert where the incoming (observed_at, value, customer_id) is at least the stored one.
+
+    An equal triple overwrites too: it is the same update, re-ingested, and carries
+    the current reading of the value (value_number after a schema change).
+    """
 
     def newer(stored, incoming):
-        return (incoming.observed_at > stored.observed_at) | (
-            (incoming.observed_at == stored.observed_at) & (incoming.value > stored.value)
+        stored_customer = sa.func.coalesce(stored.customer_id, "")
+        incoming_customer = sa.func.coalesce(incoming.customer_id, "")
+        same_time = incoming.observed_at == stored.observed_at
+        return (
+            (incoming.observed_at > stored.observed_at)
+            | (same_time & (incoming.value > stored.value))
+            | (same_time & (incoming.value == stored.value) & (incoming_customer >= stored_customer))
         )
 
     store.upsert_newer(device_profiles, latest, ["device_id", "key"], newer)
@@ -113,8 +122,22 @@ def read_dimension_count(store: PersonaStore, space: str) -> int:
     return int(store.scalar(query) or 0)
 
 
-def read_vectors(store: PersonaStore) -> pd.DataFrame:
-    return store.read_frame(sa.select(persona_vectors))
+def read_vector_summaries(store: PersonaStore) -> pd.DataFrame:
+    """Every device's vector row without the vector itself (cheap to read whole)."""
+    v = persona_vectors.c
+    return store.read_frame(sa.select(v.device_id, v.customer_id, v.space, v.weights_version, v.fingerprint))
+
+
+def read_vector_blobs(store: PersonaStore, device_ids: list[str]) -> pd.Series:
+    """The encoded vectors of `device_ids`, in that order."""
+    v = persona_vectors.c
+    chunks = [
+        store.read_frame(sa.select(v.device_id, v.vector).where(v.device_id.in_(device_ids[i : i + 10_000])))
+        for i in range(0, len(device_ids), 10_000)
+    ]
+    if not chunks:
+        return pd.Series([], dtype=object)
+    return pd.concat(chunks).set_index("device_id")["vector"].reindex(device_ids)
 
 
 def read_index_state(store: PersonaStore, collection: str) -> pd.Series:

@@ -45,7 +45,7 @@ device_profiles = sa.Table(
     metadata,
     sa.Column("device_id", sa.Text, primary_key=True),
     sa.Column("key", sa.Text, primary_key=True),
-    sa.Column("customer_id", sa.Text),
+    sa.Column("customer_id", OrderedText),
     sa.Column("value", OrderedText, nullable=False),
     sa.Column("value_number", sa.Float),
     sa.Column("observed_at", UtcDateTime, nullable=False),
