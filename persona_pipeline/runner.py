@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, timedelta
 
 import dagster as dg
+import pandas as pd
 import sqlalchemy as sa
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -23,10 +23,6 @@ class ChainResult:
     start: str
     end: str
     run_ids: dict[str, str]
-
-
-def _resource(defs: dg.Definitions, key: str):
-    return defs.resources[key]
 
 
 def resolve_days(landing: LandingZone, start: str | None, end: str | None) -> tuple[str, str]:
@@ -76,7 +72,7 @@ def run_chain(
 ) -> ChainResult:
     from persona_pipeline.definitions import defs
 
-    start, end = resolve_days(_resource(defs, "landing_zone"), start, end)
+    start, end = resolve_days(defs.resources["landing_zone"], start, end)
     instance = instance or dg.DagsterInstance.get()
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO" if verbose else "WARNING"}}}}
     range_tags = {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
@@ -97,12 +93,9 @@ def run_chain(
 def summary(result: ChainResult) -> str:
     from persona_pipeline.definitions import defs
 
-    store: PersonaStore = _resource(defs, "persona_store")
-    index: VectorIndex = _resource(defs, "vector_index")
-    days = [
-        (date.fromisoformat(result.start) + timedelta(days=i)).isoformat()
-        for i in range((date.fromisoformat(result.end) - date.fromisoformat(result.start)).days + 1)
-    ]
+    store: PersonaStore = defs.resources["persona_store"]
+    index: VectorIndex = defs.resources["vector_index"]
+    days = [day.strftime("%Y-%m-%d") for day in pd.date_range(result.start, result.end, freq="D")]
     with store.engine.connect() as connection:
         accepted = connection.execute(
             sa.select(sa.func.count()).where(index_updates.c.partition_date.in_(days))

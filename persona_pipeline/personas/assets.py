@@ -180,7 +180,6 @@ def persona_index(
     with vector_index.client() as client:
         created = vector_index.ensure_collection(client, collection, dimensions)
         if created:
-            indexed = indexed.iloc[0:0]
             to_write = vectors
         payloads = [
             {

@@ -101,13 +101,22 @@ def read_vector_fingerprints(store: PersonaStore) -> pd.Series:
     return frame.set_index("device_id")["fingerprint"]
 
 
+def _delete_devices(
+    connection: sa.Connection,
+    table: sa.Table,
+    device_ids: list[str],
+    where: sa.ColumnElement[bool] | None = None,
+) -> None:
+    """Delete the rows of `device_ids` (in chunks that fit any backend's parameter limit)."""
+    for start in range(0, len(device_ids), 10_000):
+        condition = table.c.device_id.in_(device_ids[start : start + 10_000])
+        connection.execute(table.delete().where(condition if where is None else where & condition))
+
+
 def write_vectors(store: PersonaStore, rows: pd.DataFrame, removed: list[str]) -> None:
     """Replace the rows of changed devices and delete the rows of devices that are gone."""
-    ids = [*rows["device_id"].tolist(), *removed]
     with store.begin() as connection:
-        for start in range(0, len(ids), 10_000):
-            chunk = ids[start : start + 10_000]
-            connection.execute(persona_vectors.delete().where(persona_vectors.c.device_id.in_(chunk)))
+        _delete_devices(connection, persona_vectors, [*rows["device_id"].tolist(), *removed])
         store.insert_frame(connection, persona_vectors, rows)
 
 
@@ -149,14 +158,9 @@ def read_index_state(store: PersonaStore, collection: str) -> pd.Series:
 def write_index_state(
     store: PersonaStore, collection: str, written: pd.DataFrame, deleted: list[str]
 ) -> None:
-    s = vector_index_state.c
     ids = [*written["device_id"].tolist(), *deleted]
     with store.begin() as connection:
-        for start in range(0, len(ids), 10_000):
-            chunk = ids[start : start + 10_000]
-            connection.execute(
-                vector_index_state.delete().where((s.collection == collection) & s.device_id.in_(chunk))
-            )
+        _delete_devices(connection, vector_index_state, ids, vector_index_state.c.collection == collection)
         store.insert_frame(connection, vector_index_state, written.assign(collection=collection))
 
 
