@@ -62,10 +62,17 @@ class Transform(_Strict):
         return (clipped - low) / (high - low)
 
 
+# Presentation only: how reasons and segment profiles name a key and show its values.
+# Not part of the schema version (changing a label does not change the vector space).
+PRESENTATION_FIELDS = ("label", "unit")
+
+
 class Feature(_Strict):
     key: str
     type: KeyType
     weight: float = Field(ge=0)
+    label: str | None = Field(default=None, description="Short name in reasons; '*' stands for the match.")
+    unit: str | None = Field(default=None, description="Unit of the raw value; 'seconds' is shown as min/h.")
     transform: Transform | None = None
     fill: float | None = None
     vocabulary: tuple[str, ...] | None = None
@@ -115,6 +122,8 @@ class Derived(_Strict):
     kind: Literal["changed_within_days", "sum"]
     key: str
     weight: float = Field(ge=0)
+    label: str | None = None
+    unit: str | None = None
     days: int | None = Field(default=None, ge=1)
     transform: Transform | None = None
 
@@ -230,9 +239,35 @@ class FeatureSchema:
         """Hash of everything that shapes the vector space except the weights."""
         shape = self.spec.model_dump(mode="json", exclude={"limits"})
         for entry in (*shape["features"], *shape["derived"]):
-            entry.pop("weight")
+            for field in ("weight", *PRESENTATION_FIELDS):
+                entry.pop(field)
         digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
         return digest[:10]
+
+    def _entry_for(self, name: str) -> Feature | Derived | None:
+        """The schema entry behind a key or dimension name (incl. a pattern's `[<other>]`)."""
+        derived = next((d for d in self.derived if d.name == name), None)
+        if derived is not None:
+            return derived
+        if name.endswith(f"[{OTHER}]"):
+            base = name.removesuffix(f"[{OTHER}]")
+            return next((f for f in self.features if f.key == base), None)
+        return self.feature_for(name)
+
+    def label_for(self, name: str) -> str:
+        """How a person reads a key or dimension: its entry's label ('*' replaced by the
+        matched name, or 'other'), else the name without its `device.` prefix."""
+        entry = self._entry_for(name)
+        if entry is None or entry.label is None:
+            return name.removeprefix("device.").removeprefix("derived.")
+        if isinstance(entry, Feature) and entry.is_pattern:
+            match = entry.regex.match(name)
+            return entry.label.replace("*", match.group(1) if match else "other")
+        return entry.label
+
+    def unit_for(self, name: str) -> str | None:
+        entry = self._entry_for(name)
+        return entry.unit if entry else None
 
     def initial_weights(self) -> dict[str, float]:
         weights = {f.key: f.weight for f in self.features}

@@ -208,7 +208,7 @@ def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(land
     _, points = index_points(resources)
     assert len(points) == 5
     names = resources["persona_config"].feature_schema().dimension_names
-    assert points["d4"].vector[names.index("device.location.city=Zurich")] == pytest.approx(0.8)
+    assert points["d4"].vector[names.index("device.location.city=Zurich")] == pytest.approx(0.3)
 
 
 def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing, resources, instance):

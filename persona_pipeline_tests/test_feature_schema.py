@@ -12,8 +12,8 @@ SHIPPED = Path(__file__).parents[1] / "persona_pipeline" / "config" / "feature_s
 def test_shipped_schema_has_the_seed_weights_and_derived_metrics():
     schema = load_feature_schema()
     weights = schema.initial_weights()
-    assert weights["device.location.city"] == 0.8
-    assert weights["device.usage.app_*_duration"] == 0.5
+    assert weights["device.location.city"] == 0.3
+    assert weights["device.usage.app_*_duration"] == 1.0
     assert weights["device.connection.signal_strength"] == 0.2
     kinds = {d.kind for d in schema.derived}
     assert kinds == {"changed_within_days", "sum"}
@@ -43,14 +43,18 @@ def test_learned_weight_of_a_concrete_key_overrides_its_pattern():
     weights = schema.dimension_weights({"device.usage.app_maps_duration": 0.9})
     names = schema.dimension_names
     assert weights[names.index("device.usage.app_maps_duration")] == 0.9
-    assert weights[names.index("device.usage.app_music_duration")] == 0.5
+    assert weights[names.index("device.usage.app_music_duration")] == 1.0
 
 
 def test_version_ignores_weights_but_not_shape(tmp_path):
     base = load_feature_schema().version
     text = SHIPPED.read_text()
-    (tmp_path / "feature_schema.yaml").write_text(text.replace("weight: 0.8", "weight: 0.7"))
+    (tmp_path / "feature_schema.yaml").write_text(text.replace("weight: 0.3", "weight: 0.7"))
     assert load_feature_schema(tmp_path).version == base
+    (tmp_path / "feature_schema.yaml").write_text(text.replace("label: crashes", "label: crash count"))
+    relabelled = load_feature_schema(tmp_path)
+    assert relabelled.version == base
+    assert relabelled.label_for("device.health.crash_count") == "crash count"
     (tmp_path / "feature_schema.yaml").write_text(text.replace("Berlin, ", ""))
     assert load_feature_schema(tmp_path).version != base
 
@@ -108,3 +112,18 @@ def test_numeric_transform_scales_into_unit_range():
     signal = next(f for f in schema.features if f.key == "device.connection.signal_strength")
     scaled = signal.transform.apply(np.array([-200.0, -120.0, -80.0, -40.0, 0.0]))
     np.testing.assert_allclose(scaled, [0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+def test_labels_and_units_name_keys_dimensions_and_derived_metrics():
+    schema = load_feature_schema()
+    assert schema.label_for("device.usage.app_maps_duration") == "maps use"
+    assert schema.label_for("device.usage.app_podcast_duration") == "podcast use"
+    assert schema.label_for("device.usage.app_*_duration[<other>]") == "other use"
+    assert schema.unit_for("device.usage.app_*_duration[<other>]") == "seconds"
+    assert schema.label_for("derived.location.moved_recently") == "moved city within 7 days"
+    assert (
+        schema.label_for("device.connection.signal_strength"),
+        schema.unit_for("device.connection.signal_strength"),
+    ) == ("signal", "dBm")
+    assert schema.label_for("device.os.build") == "os.build"  # not in the schema: the key itself
+    assert schema.unit_for("device.os.build") is None

@@ -100,14 +100,15 @@ def test_vectors_weight_transformed_values_per_dimension():
     )
     frame = vectors.frame()
     assert list(frame.index) == ["d1", "d2"]
-    assert frame.loc["d1", "device.location.city=Berlin"] == np.float32(0.8)
-    assert frame.loc["d2", "device.location.city=<other>"] == np.float32(0.8)
+    assert frame.loc["d1", "device.location.city=Berlin"] == np.float32(0.3)
+    assert frame.loc["d2", "device.location.city=<other>"] == np.float32(0.3)
     assert frame.loc["d2", "device.location.city=Berlin"] == 0
-    expected_maps = 0.5 * np.log1p(3600) / np.log1p(86400)
+    usage_span = np.log1p(21600) - np.log1p(60)  # clip [60, 21600] s, log1p, weight 1.0
+    expected_maps = (np.log1p(3600) - np.log1p(60)) / usage_span
     assert np.isclose(frame.loc["d1", "device.usage.app_maps_duration"], expected_maps, rtol=1e-6)
-    expected_other = 0.5 * np.log1p(300) / np.log1p(86400)  # two unlisted apps add up
+    expected_other = (np.log1p(300) - np.log1p(60)) / usage_span  # two unlisted apps add up
     assert np.isclose(frame.loc["d1", "device.usage.app_*_duration[<other>]"], expected_other, rtol=1e-6)
-    expected_total = 0.3 * np.log1p(3900) / np.log1p(86400)
+    expected_total = 0.3 * 3900 / 36000
     assert np.isclose(frame.loc["d1", "derived.usage.total_app_duration"], expected_total, rtol=1e-6)
     assert frame.loc["d1", "device.settings.dark_mode"] == np.float32(0.1)
     # Never reported: the schema's fill value (-85 dBm on -120..-40), weighted 0.2.
