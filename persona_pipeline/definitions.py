@@ -4,10 +4,12 @@ import os
 
 import dagster as dg
 
+from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.feature_schema import load_feature_schema
 from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
+from persona_pipeline.segments.assets import device_clusters
 
 
 def _from_env(name: str) -> dg.EnvVar | None:
@@ -38,11 +40,17 @@ personas_job = dg.define_asset_job(
     description="Rebuild persona vectors from the profiles and bring the Qdrant index up to date.",
 )
 
+segments_job = dg.define_asset_job(
+    "segments_job",
+    selection=dg.AssetSelection.assets(device_clusters, anomaly_scores),
+    description="Segment the devices by persona vector and score anomalies, with reasons.",
+)
+
 # Fail at load time, with the file and entry named, when the configuration is invalid.
 load_feature_schema(os.environ.get("PERSONA_CONFIG_DIR"))
 
 defs = dg.Definitions(
-    assets=[index_updates, device_profiles, persona_vectors, persona_index],
-    jobs=[ingest_job, personas_job],
+    assets=[index_updates, device_profiles, persona_vectors, persona_index, device_clusters, anomaly_scores],
+    jobs=[ingest_job, personas_job, segments_job],
     resources=build_resources(),
 )

@@ -8,22 +8,24 @@ import pandas as pd
 MAX_CELL_CHARS = 80
 
 
-def markdown_table(frame: pd.DataFrame, max_rows: int = 10) -> dg.MetadataValue:
+def markdown_table(
+    frame: pd.DataFrame, max_rows: int = 10, max_cell_chars: int = MAX_CELL_CHARS
+) -> dg.MetadataValue:
     """A small markdown table (the UI renders it) of the first rows of `frame`."""
     if frame.empty:
         return dg.MetadataValue.md("_(none)_")
     shown = frame.head(max_rows).astype(object)
-    cells = shown.where(shown.notna(), "").map(lambda value: _cell(str(value)))
-    header = "| " + " | ".join(_cell(str(c)) for c in shown.columns) + " |"
+    cells = shown.where(shown.notna(), "").map(lambda value: _cell(str(value), max_cell_chars))
+    header = "| " + " | ".join(_cell(str(c), max_cell_chars) for c in shown.columns) + " |"
     rule = "| " + " | ".join("---" for _ in shown.columns) + " |"
     body = ["| " + " | ".join(row) + " |" for row in cells.to_numpy().tolist()]
     more = [f"\n_{len(frame) - max_rows} more rows_"] if len(frame) > max_rows else []
     return dg.MetadataValue.md("\n".join([header, rule, *body, *more]))
 
 
-def _cell(text: str) -> str:
+def _cell(text: str, max_chars: int) -> str:
     text = text.replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
 def counts_table(counts: pd.Series, label: str, value_label: str = "rows") -> dg.MetadataValue:

@@ -15,7 +15,13 @@ from dagster._core.storage.tags import (
 from persona_pipeline.cli import CommandError
 from persona_pipeline.partitions import daily_partitions
 from persona_pipeline.resources import LandingZone, PersonaStore, VectorIndex
-from persona_pipeline.store.tables import device_profiles, index_update_rejects, index_updates
+from persona_pipeline.store.tables import (
+    anomaly_scores,
+    device_profiles,
+    index_update_rejects,
+    index_updates,
+    segments,
+)
 
 
 @dataclass
@@ -77,7 +83,7 @@ def run_chain(
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO" if verbose else "WARNING"}}}}
     range_tags = {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
     run_ids = {}
-    for job_name, tags in (("ingest_job", range_tags), ("personas_job", {})):
+    for job_name, tags in (("ingest_job", range_tags), ("personas_job", {}), ("segments_job", {})):
         job = defs.resolve_job_def(job_name)
         result = job.execute_in_process(
             instance=instance,
@@ -109,6 +115,19 @@ def summary(result: ChainResult) -> str:
         devices = connection.execute(
             sa.select(sa.func.count(sa.distinct(device_profiles.c.device_id)))
         ).scalar()
+        active_segments = connection.execute(
+            sa.select(segments.c.cluster_id, segments.c.name, segments.c.devices)
+            .where(segments.c.active)
+            .order_by(segments.c.cluster_id)
+        ).all()
+        flagged = connection.execute(
+            sa.select(sa.func.count()).select_from(anomaly_scores).where(anomaly_scores.c.is_anomaly)
+        ).scalar()
+        strangest = connection.execute(
+            sa.select(anomaly_scores.c.device_id, anomaly_scores.c.reason)
+            .order_by(anomaly_scores.c.score.desc())
+            .limit(1)
+        ).first()
     rejected = sum(count for _, count in reasons)
     with index.client() as client:
         collection = index.alias_target(client)
@@ -121,11 +140,19 @@ def summary(result: ChainResult) -> str:
             f"  updates rejected   {rejected:>10,}   ({top_reasons})",
             f"  devices profiled   {devices:>10,}",
             f"  vectors in Qdrant  {points:>10,}   (alias {index.alias} -> {collection})",
+            f"  segments           {len(active_segments):>10,}",
+            *[
+                f"    {cluster_id:>4}  {count:>7,} devices  {name}"
+                for cluster_id, name, count in active_segments
+            ],
+            f"  anomalies          {flagged:>10,}   ({flagged / max(devices, 1):.1%} of devices)",
+            *([f"    strangest: {strangest.device_id}: {strangest.reason}"] if strangest else []),
             "",
             "Where to look next:",
             "  make dev         Dagster UI on http://127.0.0.1:3000: these runs, assets, lineage",
             f"  persona store    {store.display_url}",
-            "                   (index_updates, index_update_rejects, device_profiles, persona_vectors)",
+            "                   (index_updates, index_update_rejects, device_profiles, persona_vectors,",
+            "                    device_clusters, segments, anomaly_scores)",
             f"  vector index     {index.location}",
         ]
     )

@@ -30,8 +30,10 @@ def explain(
         return pd.Series([], dtype=object)
     deviation = pd.DataFrame(np.abs(result.deviation.deviations[rows]), columns=dimension_groups)
     by_group = deviation.T.groupby(level=0, sort=False).max().T
-    picks = _top_groups(by_group, keys)
     reference = result.deviation.reference[rows]
+    categorical = [g for g in by_group.columns if g in values.categorical.columns]
+    by_group[categorical] = _category_surprise(rows, reference, categorical, values, stats)
+    picks = _top_groups(by_group, keys)
     picks["segment"] = reference[picks["position"].to_numpy()]
     picks["row"] = rows[picks["position"].to_numpy()]
     phrases = _phrases(picks, values, stats)
@@ -47,6 +49,23 @@ def explain(
         + ")"
     )
     return pd.Series((joined + signals).to_numpy(), index=rows)
+
+
+def _category_surprise(
+    rows: np.ndarray, reference: np.ndarray, groups: list[str], values: ReadableValues, stats: SegmentStats
+) -> np.ndarray:
+    """How unusual each device's category is in its segment, as the z of that category's
+    indicator: sqrt((1 - s) / s) for segment share s (a 4% value: 4.9; a 21% value: 1.9)."""
+    device_values = values.categorical[groups].iloc[rows].reset_index(drop=True)
+    long = device_values.assign(segment=reference).melt(
+        id_vars="segment", var_name="group", ignore_index=False
+    )
+    shares = stats.shares.set_index(["segment", "group", "value"])["share"]
+    found = shares.reindex(pd.MultiIndex.from_frame(long[["segment", "group", "value"]])).to_numpy()
+    share = np.clip(np.nan_to_num(found, nan=0.0), 0.01, 1.0)
+    long["surprise"] = np.sqrt((1 - share) / share)
+    wide = long.reset_index().pivot(index="index", columns="group", values="surprise")
+    return wide.reindex(index=np.arange(len(rows)), columns=groups).fillna(0.0).to_numpy()
 
 
 def _top_groups(by_group: pd.DataFrame, keys: int) -> pd.DataFrame:

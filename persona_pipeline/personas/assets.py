@@ -19,6 +19,7 @@ from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.resources.persona_store import int64_fingerprint
 from persona_pipeline.resources.vector_index import COLLECTION_PREFIX, point_id
 from persona_pipeline.retries import STORE_RETRY
+from persona_pipeline.segments.storage import read_assignments
 
 VECTOR_INDEX_POOL = "vector_index"
 ONE_POINT_CHECK = "one_point_per_device"
@@ -181,18 +182,21 @@ def persona_index(
         created = vector_index.ensure_collection(client, collection, dimensions)
         if created:
             to_write = vectors
+        # The segment as device_clusters last assigned it (None until the first clustering).
+        clusters = read_assignments(persona_store).reindex(to_write["device_id"]).astype(object)
         payloads = [
             {
                 "device_id": d,
                 "customer_id": c,
                 "weights_version": int(w),
                 "feature_space": space,
-                "cluster_id": None,
+                "cluster_id": None if pd.isna(k) else int(k),
             }
-            for d, c, w in zip(
+            for d, c, w, k in zip(
                 to_write["device_id"],
                 to_write["customer_id"],
                 to_write["weights_version"],
+                clusters,
                 strict=True,
             )
         ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
@@ -170,3 +172,42 @@ def forget_collections(store: PersonaStore, collections: list[str]) -> None:
             connection.execute(
                 vector_index_state.delete().where(vector_index_state.c.collection.in_(collections))
             )
+
+
+@dataclass
+class StoredVectors:
+    """Every device's persona vector, rows ordered by device_id."""
+
+    device_ids: np.ndarray
+    customer_ids: np.ndarray
+    matrix: np.ndarray
+    space: str | None
+    dimension_names: list[str]
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            self.matrix, index=pd.Index(self.device_ids, name="device_id"), columns=self.dimension_names
+        )
+
+
+def read_stored_vectors(store: PersonaStore) -> StoredVectors:
+    v = persona_vectors.c
+    frame = store.read_frame(sa.select(v.device_id, v.customer_id, v.space, v.vector).order_by(v.device_id))
+    spaces = sorted(frame["space"].unique().tolist())
+    if len(spaces) > 1:
+        raise ValueError(f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors")
+    space = spaces[0] if spaces else None
+    names = read_dimension_names(store, space) if space else []
+    return StoredVectors(
+        device_ids=frame["device_id"].to_numpy(dtype=object),
+        customer_ids=frame["customer_id"].to_numpy(dtype=object),
+        matrix=decode_vectors(frame["vector"], len(names)),
+        space=space,
+        dimension_names=names,
+    )
+
+
+def read_dimension_names(store: PersonaStore, space: str) -> list[str]:
+    d = persona_dimensions.c
+    frame = store.read_frame(sa.select(d.name).where(d.space == space).order_by(d.position))
+    return frame["name"].tolist()

@@ -110,6 +110,19 @@ class VectorIndex(dg.ConfigurableResource):
         return len(ids)
 
     @staticmethod
+    def set_payload_values(
+        client: QdrantClient, collection: str, field: str, ids_by_value: dict[object, Sequence[str]]
+    ) -> int:
+        """Set `field` to each value on its points: one request per value, not per point."""
+        written = 0
+        for value, ids in ids_by_value.items():
+            for start in range(0, len(ids), 10_000):
+                chunk = list(ids[start : start + 10_000])
+                client.set_payload(collection, payload={field: value}, points=chunk, wait=True)
+                written += len(chunk)
+        return written
+
+    @staticmethod
     def delete(client: QdrantClient, collection: str, ids: Sequence[str]) -> int:
         if ids:
             client.delete(collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)

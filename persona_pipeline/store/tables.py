@@ -91,3 +91,42 @@ vector_index_state = sa.Table(
     sa.Column("device_id", sa.Text, primary_key=True),
     sa.Column("fingerprint", sa.BigInteger, nullable=False),
 )
+
+device_clusters = sa.Table(
+    "device_clusters",
+    metadata,
+    sa.Column("device_id", sa.Text, primary_key=True),
+    sa.Column("cluster_id", sa.Integer, nullable=False),  # -1: density noise, in no segment
+    sa.Column("distance", sa.Float, nullable=False),  # to the segment's centre (noise: the nearest)
+    sa.Column("space", sa.String(64), nullable=False),
+    sa.Column("clustered_at", UtcDateTime, nullable=False),
+    sa.Index("ix_device_clusters_cluster", "cluster_id"),
+)
+
+# Every segment id ever given out (ids are never reused), with its current profile.
+segments = sa.Table(
+    "segments",
+    metadata,
+    sa.Column("cluster_id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("devices", sa.Integer, nullable=False),
+    sa.Column("traits", sa.Text, nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False),
+    sa.Column("first_seen_at", UtcDateTime, nullable=False),
+    sa.Column("last_seen_at", UtcDateTime, nullable=False),
+)
+
+anomaly_scores = sa.Table(
+    "anomaly_scores",
+    metadata,
+    sa.Column("device_id", sa.Text, primary_key=True),
+    sa.Column("score", sa.Float, nullable=False),  # [0, 1], higher is stranger
+    sa.Column("is_anomaly", sa.Boolean, nullable=False),
+    sa.Column("reason", sa.Text),  # for flagged devices and the highest scores; else NULL
+    sa.Column("cluster_id", sa.Integer, nullable=False),  # the segment the device was compared with
+    sa.Column("segment_z", sa.Float, nullable=False),
+    sa.Column("detector", sa.String(16), nullable=False),
+    sa.Column("detector_z", sa.Float, nullable=False),
+    sa.Column("scored_at", UtcDateTime, nullable=False),
+    sa.Index("ix_anomaly_scores_flag", "is_anomaly"),
+)

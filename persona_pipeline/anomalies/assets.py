@@ -1,0 +1,217 @@
+"""Anomalies: a score, a flag and a reason per device, from its segment and a PyOD detector."""
+
+import itertools
+from typing import Literal
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from persona_pipeline.anomalies import storage
+from persona_pipeline.anomalies.reasons import explain
+from persona_pipeline.anomalies.scoring import AnomalySettings, score_anomalies, score_from_z
+from persona_pipeline.metadata import markdown_table
+from persona_pipeline.personas import storage as persona_storage
+from persona_pipeline.resources import PersonaConfig, PersonaStore
+from persona_pipeline.retries import STORE_RETRY
+from persona_pipeline.segments import storage as segment_storage
+from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.segments.key_stats import dimension_groups, readable_values, segment_stats
+from persona_pipeline.segments.stable_ids import UNKNOWN
+
+RATE_CHECK = "anomaly_rate_within_band"
+TOP_SHOWN = 10
+
+
+class AnomalyScoresConfig(dg.Config):
+    detector: Literal["hbos", "ecod", "copod", "iforest", "knn"] = Field(
+        default="hbos",
+        description="PyOD detector of the second signal. hbos (default) measured best combined with the "
+        "segment signal on the demo fleet and on public data (see README); knn is slow on large fleets.",
+    )
+    threshold: float = Field(
+        default=3.5,
+        gt=0,
+        description="A device is an anomaly when its combined robust z-score reaches this (3.5 is the "
+        "usual modified z-score cut-off; score 0.5). Flags follow the data: no share is forced.",
+    )
+    contamination: float | None = Field(
+        default=None,
+        gt=0,
+        lt=0.5,
+        description="Optional: flag exactly this share of the fleet (highest scores) instead of using "
+        "the threshold.",
+    )
+    segment_margin: float = Field(
+        default=5.0,
+        ge=0,
+        description="Robust z of the distance from the segment that is still normal; only the excess "
+        "adds to the detector's z.",
+    )
+    large_coverage: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Segments that together hold this share of devices are norms of their own; devices "
+        "in the smaller ones are compared with the nearest large segment.",
+    )
+    detector_sample_size: int = Field(
+        default=200_000, ge=1_000, description="Devices the detector is fitted on; it then scores all."
+    )
+    reason_keys: int = Field(default=3, ge=1, le=10, description="Keys named in each reason.")
+    explained_top: int = Field(
+        default=100,
+        ge=0,
+        description="Besides flagged devices, the highest-scored devices that also get a reason.",
+    )
+    expected_rate_min: float = Field(
+        default=0.002, ge=0, le=1, description="Lower end of the expected anomaly rate (check warns below)."
+    )
+    expected_rate_max: float = Field(
+        default=0.05, ge=0, le=1, description="Upper end of the expected anomaly rate (check warns above)."
+    )
+    random_seed: int = Field(default=0, description="Seed of the detector and its sample.")
+
+    def settings(self) -> AnomalySettings:
+        return AnomalySettings(
+            detector=self.detector,
+            threshold=self.threshold,
+            segment_margin=self.segment_margin,
+            contamination=self.contamination,
+            large_coverage=self.large_coverage,
+            detector_sample_size=self.detector_sample_size,
+            random_seed=self.random_seed,
+        )
+
+
+@dg.asset(
+    deps=[device_clusters],
+    group_name="segments",
+    kinds={"pyod", "sql"},
+    retry_policy=STORE_RETRY,
+    check_specs=[
+        dg.AssetCheckSpec(
+            RATE_CHECK,
+            asset="anomaly_scores",
+            description="The share of devices flagged stays inside the configured band "
+            "(expected_rate_min .. expected_rate_max); warns otherwise.",
+        )
+    ],
+)
+def anomaly_scores(
+    context: dg.AssetExecutionContext,
+    config: AnomalyScoresConfig,
+    persona_store: PersonaStore,
+    persona_config: PersonaConfig,
+) -> dg.MaterializeResult:
+    """Per device: `score` in [0, 1] (higher is stranger), `is_anomaly` by a robust threshold, and a
+    `reason` naming the keys that deviate most, with the device's value against its segment's.
+    Two signals: the distance from the device's segment relative to the segment's spread (median and
+    MAD) and a PyOD detector, combined (see anomalies/scoring.py)."""
+    vectors = persona_storage.read_stored_vectors(persona_store)
+    assignments = segment_storage.read_assignments(persona_store)
+    segments = assignments.reindex(vectors.device_ids).fillna(UNKNOWN).to_numpy(dtype=np.int64)
+    if (segments == UNKNOWN).any():
+        missing = int((segments == UNKNOWN).sum())
+        raise dg.Failure(f"{missing} devices have a vector but no segment: materialize device_clusters first")
+    if len(vectors.device_ids) == 0:
+        return dg.MaterializeResult(
+            metadata={"devices": dg.MetadataValue.int(0)},
+            check_results=[dg.AssetCheckResult(check_name=RATE_CHECK, passed=True, description="no devices")],
+        )
+
+    settings = config.settings()
+    result = score_anomalies(vectors.matrix, segments, settings)
+    schema = persona_config.feature_schema()
+    values = readable_values(
+        persona_storage.read_profiles(persona_store), schema, vectors.device_ids, vectors.frame()
+    )
+    stats = segment_stats(values, segments)
+    top = np.argsort(-result.combined_z, kind="stable")[: config.explained_top]
+    explained = np.union1d(np.flatnonzero(result.is_anomaly), top)
+    reasons = explain(explained, result, dimension_groups(schema), values, stats, keys=config.reason_keys)
+
+    scores = pd.DataFrame(
+        {
+            "device_id": vectors.device_ids,
+            "score": result.score,
+            "is_anomaly": result.is_anomaly,
+            "reason": reasons.reindex(np.arange(len(vectors.device_ids))).to_numpy(),
+            "cluster_id": result.deviation.reference,
+            "segment_z": result.segment_z,
+            "detector": settings.detector,
+            "detector_z": result.detector_z,
+            "scored_at": pd.Timestamp.now(tz="UTC"),
+        }
+    )
+    storage.write_scores(persona_store, scores)
+
+    rate = float(result.is_anomaly.mean())
+    flagged = int(result.is_anomaly.sum())
+    in_band = config.expected_rate_min <= rate <= config.expected_rate_max
+    context.log.info(f"{flagged} anomalies of {len(scores)} devices ({rate:.2%})")
+    ranked = scores.iloc[np.argsort(-result.combined_z, kind="stable")[:TOP_SHOWN]]
+    return dg.MaterializeResult(
+        metadata={
+            "devices": dg.MetadataValue.int(len(scores)),
+            "anomalies": dg.MetadataValue.int(flagged),
+            "anomaly_rate": dg.MetadataValue.float(round(rate, 5)),
+            "detector": dg.MetadataValue.text(settings.detector),
+            "flagged_by": dg.MetadataValue.text(
+                f"top {settings.contamination:.2%} of scores"
+                if settings.contamination
+                else f"combined robust z >= {settings.threshold} "
+                f"(score >= {_score_at(settings.threshold):.3f})"
+            ),
+            "score_distribution": markdown_table(_distribution(result.score), max_rows=20),
+            "top_anomalies": markdown_table(
+                ranked[["device_id", "score", "is_anomaly", "cluster_id", "reason"]].assign(
+                    score=ranked["score"].round(3)
+                ),
+                max_rows=TOP_SHOWN,
+                max_cell_chars=400,
+            ),
+            "anomalies_per_segment": markdown_table(
+                scores.groupby("cluster_id")
+                .agg(devices=("device_id", "size"), anomalies=("is_anomaly", "sum"))
+                .reset_index(),
+                max_rows=50,
+            ),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=RATE_CHECK,
+                passed=in_band,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={
+                    "anomaly_rate": rate,
+                    "band": f"{config.expected_rate_min:.2%} .. {config.expected_rate_max:.2%}",
+                },
+                description=None
+                if in_band
+                else f"anomaly rate {rate:.2%} is outside {config.expected_rate_min:.2%} .. "
+                f"{config.expected_rate_max:.2%}",
+            )
+        ],
+    )
+
+
+def _score_at(z: float) -> float:
+    return float(score_from_z(np.array([z]))[0])
+
+
+def _distribution(score: np.ndarray) -> pd.DataFrame:
+    edges = np.array([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    counts, _ = np.histogram(score, bins=edges)
+    quantiles = np.quantile(score, [0.5, 0.9, 0.99, 1.0])
+    frame = pd.DataFrame(
+        {
+            "score": [f"{low:.1f}–{high:.1f}" for low, high in itertools.pairwise(edges)],
+            "devices": counts,
+        }
+    )
+    summary = pd.DataFrame(
+        {"score": ["median", "p90", "p99", "max"], "devices": [f"{q:.3f}" for q in quantiles]}
+    )
+    return pd.concat([frame, summary], ignore_index=True)
