@@ -77,6 +77,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from persona_pipeline.anomalies.scoring import AnomalySettings
+    from persona_pipeline.evaluate import evaluate_demo_fleet, public_table, report
+
+    demo = None
+    if not args.no_demo:
+        home = Path(args.home).resolve() if args.home else None
+        demo = evaluate_demo_fleet(args.devices, args.days, args.seed, home)
+    public = None if args.no_public else public_table(args.seeds)
+    text, passed = report(demo, public, AnomalySettings().detector)
+    print(text)
+    if demo is not None and args.home:
+        print(f"\nthe evaluated fleet stays in {demo.home}")
+    return 0 if passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--end", type=_parse_day, help="last day, inclusive (default: last landed day)")
     run.add_argument("--verbose", action="store_true", help="show Dagster's step logs")
     run.set_defaults(handler=cmd_run)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="measure the anomaly scores: ROC-AUC and precision at the planted count "
+        "(exit 1 when a target is missed)",
+    )
+    evaluate.add_argument("what", choices=["anomalies"], help="what to evaluate")
+    evaluate.add_argument("--devices", type=int, default=3000, help="demo fleet size (default 3000)")
+    evaluate.add_argument("--days", type=int, default=7, help="demo fleet days (default 7)")
+    evaluate.add_argument("--seed", type=int, default=7, help="demo fleet seed (default 7, as `generate`)")
+    evaluate.add_argument("--seeds", type=int, default=5, help="draws per public dataset (default 5)")
+    evaluate.add_argument(
+        "--home", help="folder for the evaluated demo fleet (kept); default: a temporary folder"
+    )
+    evaluate.add_argument("--no-demo", action="store_true", help="skip (a), the demo fleet")
+    evaluate.add_argument("--no-public", action="store_true", help="skip (b), the public datasets")
+    evaluate.set_defaults(handler=cmd_evaluate)
     return parser
 
 
