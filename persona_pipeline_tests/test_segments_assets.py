@@ -1,0 +1,160 @@
+"""device_clusters and anomaly_scores through Dagster, on the demo fleet (generator seed 7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from qdrant_client import QdrantClient
+
+from persona_pipeline.anomalies.assets import RATE_CHECK, anomaly_scores
+from persona_pipeline.evaluate import DEMO_TARGETS, evaluate_demo_fleet
+from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
+from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline_tests.conftest import ENV_VARIABLES, table
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo fleet of `make demo` (3,000 devices, 7 days, seed 7), run through every asset."""
+    home = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ENV_VARIABLES:
+            patch.delenv(name, raising=False)
+        patch.setenv("PERSONA_HOME", str(home))
+        yield evaluate_demo_fleet(devices=3000, days=7, seed=7, home=home)
+
+
+def resources_for(home: Path) -> dict[str, dg.ConfigurableResource]:
+    return {
+        "persona_store": PersonaStore(url=f"sqlite:///{home / 'persona.db'}"),
+        "vector_index": VectorIndex(path=str(home / "qdrant")),
+        "landing_zone": LandingZone(path=str(home / "landing")),
+        "persona_config": PersonaConfig(),
+    }
+
+
+def cluster_payloads(home: Path) -> dict[str, int | None]:
+    client = QdrantClient(path=str(home / "qdrant"))
+    try:
+        points, payloads = None, {}
+        while True:
+            batch, points = client.scroll("personas", limit=1000, offset=points, with_payload=True)
+            payloads.update({p.payload["device_id"]: p.payload["cluster_id"] for p in batch})
+            if points is None:
+                return payloads
+    finally:
+        client.close()
+
+
+def test_demo_fleet_failing_devices_are_found_through_the_assets(demo):
+    combined = demo.table.iloc[-1]
+    assert combined["method"].startswith("combined")
+    assert demo.planted == 46
+    assert combined["roc_auc"] >= DEMO_TARGETS["roc_auc"]
+    assert combined["precision_at_planted"] >= DEMO_TARGETS["precision_at_planted"]
+    assert 0.002 <= demo.flagged / demo.devices <= 0.05
+
+
+def test_reclustering_an_unchanged_fleet_keeps_every_cluster_id(demo):
+    resources = resources_for(demo.home)
+    store = resources["persona_store"]
+    before = table(store, "device_clusters", order_by=["device_id"])
+    registry_before = table(store, "segments", order_by=["cluster_id"])
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([device_clusters], resources=resources, instance=instance)
+    after = table(store, "device_clusters", order_by=["device_id"])
+    assert len(after) == 3000
+    assert after["cluster_id"].tolist() == before["cluster_id"].tolist()
+    metadata = result.asset_materializations_for_node("device_clusters")[0].metadata
+    assert metadata["devices_reassigned"].value == 0
+    assert metadata["segments_new"].value == 0 and metadata["segments_retired"].value == "none"
+    assert metadata["payloads_written"].value == 0  # nothing changed, nothing rewritten
+    registry = table(store, "segments", order_by=["cluster_id"])
+    assert registry["cluster_id"].tolist() == registry_before["cluster_id"].tolist()
+    assert registry["active"].all()
+    # The Qdrant payload carries the same segment as the table, for every point.
+    payloads = cluster_payloads(demo.home)
+    assert payloads == dict(zip(after["device_id"], after["cluster_id"].astype(int), strict=True))
+
+
+def test_segment_profiles_and_top_anomalies_are_readable_in_the_ui_metadata(demo):
+    resources = resources_for(demo.home)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([device_clusters, anomaly_scores], resources=resources, instance=instance)
+    clusters = result.asset_materializations_for_node("device_clusters")[0].metadata
+    segments = clusters["segments"].value
+    assert 4 <= segments <= 12
+    profile = clusters["segment_profiles"].value
+    assert profile.count("\n") == segments + 1  # header, rule and one row per segment
+    assert " use " in profile and "(fleet " in profile
+    assert 0 < clusters["silhouette"].value < 1
+    assert "segments; smallest" in clusters["size_distribution"].value
+
+    scores = result.asset_materializations_for_node("anomaly_scores")[0].metadata
+    top = scores["top_anomalies"].value
+    assert top.count("\n") == 11 and "crashes" in top and "vs" in top
+    assert 0.002 <= scores["anomaly_rate"].value <= 0.05
+    checks = result.get_asset_check_evaluations()
+    assert [(c.check_name, c.passed) for c in checks] == [(RATE_CHECK, True)]
+
+    store = resources["persona_store"]
+    stored = table(store, "anomaly_scores")
+    assert len(stored) == 3000 and stored["score"].between(0, 1).all()
+    flagged = stored[stored["is_anomaly"].astype(bool)]
+    assert flagged["reason"].notna().all() and (flagged["score"] >= 0.5).all()
+    truth = pd.read_csv(demo.home / "ground_truth" / "devices.csv").set_index("device_id")
+    failing_reasons = flagged[flagged["device_id"].map(truth["failing"])]["reason"]
+    assert failing_reasons.str.contains("crashes|battery drain|signal").all()
+
+
+def test_a_narrow_rate_band_makes_the_check_warn_without_failing_the_run(demo):
+    resources = resources_for(demo.home)
+    config = {"ops": {"anomaly_scores": {"config": {"expected_rate_min": 0.2, "expected_rate_max": 0.3}}}}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([anomaly_scores], resources=resources, instance=instance, run_config=config)
+    assert result.success
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert "outside 20.00% .. 30.00%" in check.description
+
+
+@pytest.fixture(scope="module")
+def small_fleet(tmp_path_factory):
+    home = tmp_path_factory.mktemp("small")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ENV_VARIABLES:
+            patch.delenv(name, raising=False)
+        patch.setenv("PERSONA_HOME", str(home))
+        yield evaluate_demo_fleet(devices=400, days=3, seed=5, home=home)
+
+
+def test_hdbscan_leaves_outliers_in_no_segment_and_scores_them_against_the_nearest(small_fleet):
+    resources = resources_for(small_fleet.home)
+    config = {
+        "ops": {"device_clusters": {"config": {"algorithm": "hdbscan", "hdbscan_min_cluster_size": 15}}}
+    }
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [device_clusters, anomaly_scores], resources=resources, instance=instance, run_config=config
+        )
+    assert result.success
+    metadata = result.asset_materializations_for_node("device_clusters")[0].metadata
+    assert metadata["algorithm"].value == "hdbscan"
+    store = resources["persona_store"]
+    clusters = table(store, "device_clusters").set_index("device_id")
+    noise = clusters.index[clusters["cluster_id"] == -1]
+    assert metadata["noise_devices"].value == len(noise) > 0
+    scores = table(store, "anomaly_scores").set_index("device_id")
+    assert (scores.loc[noise, "cluster_id"] >= 1).all()  # compared with a real segment
+    assert np.isfinite(clusters["distance"]).all()
+
+
+def test_invalid_clustering_config_is_refused_before_the_run(small_fleet):
+    resources = resources_for(small_fleet.home)
+    config = {"ops": {"device_clusters": {"config": {"algorithm": "spectral"}}}}
+    with dg.instance_for_test() as instance, pytest.raises(dg.DagsterInvalidConfigError, match="algorithm"):
+        dg.materialize([device_clusters], resources=resources, instance=instance, run_config=config)
