@@ -38,14 +38,19 @@ def landing(persona_home: Path) -> Path:
     return persona_home / "landing"
 
 
-@pytest.fixture
-def resources(persona_home: Path) -> dict[str, dg.ConfigurableResource]:
+def resources_for(home: Path) -> dict[str, dg.ConfigurableResource]:
+    """The real embedded stores under `home`."""
     return {
-        "persona_store": PersonaStore(url=f"sqlite:///{persona_home / 'persona.db'}"),
-        "vector_index": VectorIndex(path=str(persona_home / "qdrant")),
-        "landing_zone": LandingZone(path=str(persona_home / "landing")),
+        "persona_store": PersonaStore(url=f"sqlite:///{home / 'persona.db'}"),
+        "vector_index": VectorIndex(path=str(home / "qdrant")),
+        "landing_zone": LandingZone(path=str(home / "landing")),
         "persona_config": PersonaConfig(),
     }
+
+
+@pytest.fixture
+def resources(persona_home: Path) -> dict[str, dg.ConfigurableResource]:
+    return resources_for(persona_home)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -11,30 +12,24 @@ import pytest
 from qdrant_client import QdrantClient
 
 from persona_pipeline.anomalies.assets import RATE_CHECK, anomaly_scores
-from persona_pipeline.evaluate import DEMO_TARGETS, evaluate_demo_fleet
-from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
+from persona_pipeline.evaluate import DEMO_TARGETS, DemoEvaluation, evaluate_demo_fleet
 from persona_pipeline.segments.assets import device_clusters
-from persona_pipeline_tests.conftest import ENV_VARIABLES, table
+from persona_pipeline_tests.conftest import ENV_VARIABLES, resources_for, table
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The demo fleet of `make demo` (3,000 devices, 7 days, seed 7), run through every asset."""
-    home = tmp_path_factory.mktemp("demo")
+def evaluated_fleet(home: Path, devices: int, days: int, seed: int) -> Iterator[DemoEvaluation]:
+    """A generated fleet run through every asset in its own home (environment restored after)."""
     with pytest.MonkeyPatch.context() as patch:
         for name in ENV_VARIABLES:
             patch.delenv(name, raising=False)
         patch.setenv("PERSONA_HOME", str(home))
-        yield evaluate_demo_fleet(devices=3000, days=7, seed=7, home=home)
+        yield evaluate_demo_fleet(devices=devices, days=days, seed=seed, home=home)
 
 
-def resources_for(home: Path) -> dict[str, dg.ConfigurableResource]:
-    return {
-        "persona_store": PersonaStore(url=f"sqlite:///{home / 'persona.db'}"),
-        "vector_index": VectorIndex(path=str(home / "qdrant")),
-        "landing_zone": LandingZone(path=str(home / "landing")),
-        "persona_config": PersonaConfig(),
-    }
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo fleet of `make demo` (3,000 devices, 7 days, seed 7)."""
+    yield from evaluated_fleet(tmp_path_factory.mktemp("demo"), devices=3000, days=7, seed=7)
 
 
 def cluster_payloads(home: Path) -> dict[str, int | None]:
@@ -124,12 +119,7 @@ def test_a_narrow_rate_band_makes_the_check_warn_without_failing_the_run(demo):
 
 @pytest.fixture(scope="module")
 def small_fleet(tmp_path_factory):
-    home = tmp_path_factory.mktemp("small")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ENV_VARIABLES:
-            patch.delenv(name, raising=False)
-        patch.setenv("PERSONA_HOME", str(home))
-        yield evaluate_demo_fleet(devices=400, days=3, seed=5, home=home)
+    yield from evaluated_fleet(tmp_path_factory.mktemp("small"), devices=400, days=3, seed=5)
 
 
 def test_hdbscan_leaves_outliers_in_no_segment_and_scores_them_against_the_nearest(small_fleet):
