@@ -124,3 +124,68 @@ def test_combined_score_is_within_002_of_the_best_single_detector_on_public_data
     combined = auc.loc["combined:hbos"]
     assert (combined >= best_single - 0.02).all(), pd.DataFrame({"combined": combined, "best": best_single})
     assert (combined > 0.8).all()
+
+
+@pytest.mark.parametrize("devices", [1, 2, 3, 5])
+def test_tiny_fleets_get_segments_scores_and_reasons(devices):
+    from persona_pipeline.segments.clustering import fit_segments
+    from persona_pipeline.segments.stable_ids import match_segment_ids, previous_segments, stable_labels
+
+    matrix = np.random.default_rng(devices).random((devices, 4))
+    fit = fit_segments(matrix, ClusteringSettings())
+    previous = previous_segments(matrix, np.full(devices, -2))
+    ids = stable_labels(fit.labels, match_segment_ids(matrix, fit.labels, fit.centres, previous, 1).ids)
+    result = score_anomalies(matrix, ids, AnomalySettings())
+    assert np.isfinite(fit.distances).all() and np.isfinite(result.score).all()
+    values = ReadableValues(
+        numeric=pd.DataFrame({"x": matrix[:, 0]}),
+        categorical=pd.DataFrame({"c": ["a"] * devices}),
+        groups=pd.DataFrame(
+            {"kind": [NUMERIC, CATEGORICAL], "label": ["x", "c"], "unit": [None, None]},
+            index=pd.Index(["x", "c"], name="group"),
+        ),
+    )
+    reasons = explain(np.arange(devices), result, ["x", "x", "c", "c"], values, segment_stats(values, ids))
+    assert len(reasons) == devices and reasons.str.contains("distance z").all()
+
+
+def test_all_noise_devices_are_compared_with_the_fleet():
+    from persona_pipeline.segments.clustering import fit_segments
+
+    matrix = np.random.default_rng(0).random((30, 3)) * 100
+    fit = fit_segments(matrix, ClusteringSettings(algorithm="dbscan", dbscan_eps=1e-6))
+    assert (fit.labels == NOISE).all() and fit.n_segments == 0 and fit.silhouette is None
+    assert np.allclose(fit.distances, np.linalg.norm(matrix - matrix.mean(axis=0), axis=1))
+    result = score_anomalies(matrix, fit.labels, AnomalySettings())
+    assert (result.deviation.reference == NOISE).all() and np.isfinite(result.score).all()
+
+
+def test_as_many_segments_as_devices_has_no_silhouette():
+    from persona_pipeline.segments.clustering import fit_segments
+
+    fit = fit_segments(np.eye(4), ClusteringSettings(n_clusters=4))
+    assert fit.n_segments == 4 and fit.silhouette is None
+
+
+def test_a_key_the_device_never_reported_is_not_its_reason():
+    matrix, segments, _ = fleet_with_oddities()
+    result = score_anomalies(matrix, segments, AnomalySettings())
+    index = pd.RangeIndex(len(matrix))
+    network = pd.Series("wifi", index=index, dtype=object)
+    network.iloc[700] = None  # the stray never reported its network
+    values = ReadableValues(
+        numeric=pd.DataFrame({"crash": np.r_[np.zeros(700), [14, 20, 17], np.zeros(6)]}),
+        categorical=pd.DataFrame({"network": network}),
+        groups=pd.DataFrame(
+            {"kind": [NUMERIC, CATEGORICAL], "label": ["crashes", "network"], "unit": [None, None]},
+            index=pd.Index(["crash", "network"], name="group"),
+        ),
+    )
+    reasons = explain(
+        np.array([700]),
+        result,
+        ["network", "network", "crash", "crash"],
+        values,
+        segment_stats(values, segments),
+    )
+    assert reasons[700].startswith("crashes 14") and "not reported" not in reasons[700]

@@ -16,7 +16,7 @@ from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.resources import PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage as segment_storage
-from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.segments.assets import device_clusters, require_current_space
 from persona_pipeline.segments.key_stats import dimension_groups, readable_values, segment_stats
 from persona_pipeline.segments.stable_ids import UNKNOWN
 
@@ -110,6 +110,9 @@ def anomaly_scores(
     Two signals: the distance from the device's segment relative to the segment's spread (median and
     MAD) and a PyOD detector, combined (see anomalies/scoring.py)."""
     vectors = persona_storage.read_stored_vectors(persona_store)
+    schema = persona_config.feature_schema()
+    if len(vectors.device_ids):
+        require_current_space(vectors, schema)
     assignments = segment_storage.read_assignments(persona_store)
     segments = assignments.reindex(vectors.device_ids).fillna(UNKNOWN).to_numpy(dtype=np.int64)
     if (segments == UNKNOWN).any():
@@ -123,7 +126,6 @@ def anomaly_scores(
 
     settings = config.settings()
     result = score_anomalies(vectors.matrix, segments, settings)
-    schema = persona_config.feature_schema()
     values = readable_values(
         persona_storage.read_profiles(persona_store), schema, vectors.device_ids, vectors.frame()
     )

@@ -12,6 +12,7 @@ import pandas as pd
 
 from persona_pipeline.anomalies.scoring import AnomalyResult
 from persona_pipeline.formatting import format_range, format_share, format_values
+from persona_pipeline.segments.clustering import NOISE
 from persona_pipeline.segments.key_stats import CATEGORICAL, ReadableValues, SegmentStats
 
 MIN_KEY_DEVIATION = 2.0
@@ -36,12 +37,16 @@ def explain(
     picks = _top_groups(by_group, keys)
     picks["segment"] = reference[picks["position"].to_numpy()]
     picks["row"] = rows[picks["position"].to_numpy()]
-    phrases = _phrases(picks, values, stats)
-    joined = phrases.sort_values(["position", "rank"]).groupby("position")["text"].agg("; ".join)
+    if picks.empty:
+        joined = pd.Series(np.nan, index=np.arange(len(rows)), dtype=object)
+    else:
+        phrases = _phrases(picks, values, stats)
+        joined = phrases.sort_values(["position", "rank"]).groupby("position")["text"].agg("; ".join)
     joined = joined.reindex(np.arange(len(rows))).fillna("no single key stands out")
+    compared_with = pd.Series(np.where(reference == NOISE, "the fleet", "segment " + reference.astype(str)))
     signals = (
-        " (segment "
-        + pd.Series(reference).astype(str)
+        " ("
+        + compared_with
         + ": distance z "
         + pd.Series(result.segment_z[rows]).round(1).astype(str)
         + f", {result.settings.detector} z "
@@ -63,7 +68,8 @@ def _category_surprise(
     shares = stats.shares.set_index(["segment", "group", "value"])["share"]
     found = shares.reindex(pd.MultiIndex.from_frame(long[["segment", "group", "value"]])).to_numpy()
     share = np.clip(np.nan_to_num(found, nan=0.0), 0.01, 1.0)
-    long["surprise"] = np.sqrt((1 - share) / share)
+    # A key the device never reported says nothing about it: no surprise.
+    long["surprise"] = np.where(long["value"].isna(), 0.0, np.sqrt((1 - share) / share))
     wide = long.reset_index().pivot(index="index", columns="group", values="surprise")
     return wide.reindex(index=np.arange(len(rows)), columns=groups).fillna(0.0).to_numpy()
 

@@ -147,9 +147,9 @@ def segment_deviation(
 ) -> SegmentDeviation:
     large = large_segments(segments, coverage, ratio)
     n, dims = matrix.shape
-    if len(large) == 0:  # every device is noise: the fleet is the only norm
-        segments = np.zeros(n, dtype=np.int64)
-        large = np.array([0])
+    if len(large) == 0:  # every device is density noise: the fleet is the only norm
+        segments = np.full(n, NOISE, dtype=np.int64)
+        large = np.array([NOISE])
     fleet_sd = matrix.std(axis=0)
     centres = np.empty((len(large), dims))
     scales = np.empty((len(large), dims))

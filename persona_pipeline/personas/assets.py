@@ -183,7 +183,8 @@ def persona_index(
         if created:
             to_write = vectors
         # The segment as device_clusters last assigned it (None until the first clustering).
-        clusters = read_assignments(persona_store).reindex(to_write["device_id"]).astype(object)
+        clusters = read_assignments(persona_store).reindex(to_write["device_id"])
+        to_write = to_write.assign(cluster_id=clusters.astype("Int64").to_numpy())
         payloads = [
             {
                 "device_id": d,
@@ -196,7 +197,7 @@ def persona_index(
                 to_write["device_id"],
                 to_write["customer_id"],
                 to_write["weights_version"],
-                clusters,
+                to_write["cluster_id"],
                 strict=True,
             )
         ]
@@ -210,7 +211,9 @@ def persona_index(
             config.batch_size,
         )
         deleted = vector_index.delete(client, collection, [point_id(d) for d in gone])
-        storage.write_index_state(persona_store, collection, to_write[["device_id", "fingerprint"]], gone)
+        storage.write_index_state(
+            persona_store, collection, to_write[["device_id", "fingerprint", "cluster_id"]], gone
+        )
         previous = vector_index.swap_alias(client, collection)
         dropped = _drop_old_collections(
             client,

@@ -14,6 +14,7 @@ from persona_pipeline.store.tables import (
     index_updates,
     persona_dimensions,
     persona_vectors,
+    vector_index_clusters,
     vector_index_state,
 )
 
@@ -160,18 +161,40 @@ def read_index_state(store: PersonaStore, collection: str) -> pd.Series:
 def write_index_state(
     store: PersonaStore, collection: str, written: pd.DataFrame, deleted: list[str]
 ) -> None:
+    """Record the fingerprint and payload cluster_id of the points written to `collection`
+    (`written`: device_id, fingerprint, cluster_id) and forget the deleted ones."""
     ids = [*written["device_id"].tolist(), *deleted]
     with store.begin() as connection:
-        _delete_devices(connection, vector_index_state, ids, vector_index_state.c.collection == collection)
+        for table in (vector_index_state, vector_index_clusters):
+            _delete_devices(connection, table, ids, table.c.collection == collection)
         store.insert_frame(connection, vector_index_state, written.assign(collection=collection))
+        store.insert_frame(connection, vector_index_clusters, written.assign(collection=collection))
+
+
+def read_payload_clusters(store: PersonaStore, collection: str) -> pd.Series:
+    """The cluster_id each point of `collection` carries (NaN: none yet)."""
+    c = vector_index_clusters.c
+    frame = store.read_frame(sa.select(c.device_id, c.cluster_id).where(c.collection == collection))
+    return frame.set_index("device_id")["cluster_id"].astype("float64")
+
+
+def record_payload_clusters(store: PersonaStore, collection: str, written: pd.DataFrame) -> None:
+    """After a payload write: `written` (device_id, cluster_id) is what the points now carry."""
+    with store.begin() as connection:
+        _delete_devices(
+            connection,
+            vector_index_clusters,
+            written["device_id"].tolist(),
+            vector_index_clusters.c.collection == collection,
+        )
+        store.insert_frame(connection, vector_index_clusters, written.assign(collection=collection))
 
 
 def forget_collections(store: PersonaStore, collections: list[str]) -> None:
     if collections:
         with store.begin() as connection:
-            connection.execute(
-                vector_index_state.delete().where(vector_index_state.c.collection.in_(collections))
-            )
+            for table in (vector_index_state, vector_index_clusters):
+                connection.execute(table.delete().where(table.c.collection.in_(collections)))
 
 
 @dataclass

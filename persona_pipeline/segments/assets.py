@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.metadata import markdown_table
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import VECTOR_INDEX_POOL, persona_index, persona_vectors
@@ -108,8 +109,10 @@ def device_clusters(
     unchanged fleet keeps every id and a new segment gets a new one. Writes `device_clusters`,
     the `segments` registry and the `cluster_id` payload of the current Qdrant collection."""
     vectors = persona_storage.read_stored_vectors(persona_store)
+    schema = persona_config.feature_schema()
     if len(vectors.device_ids) == 0:
         return dg.MaterializeResult(metadata={"devices": dg.MetadataValue.int(0)})
+    require_current_space(vectors, schema)
     previous_ids = storage.read_assignments(persona_store)
     aligned_previous = previous_ids.reindex(vectors.device_ids).fillna(UNKNOWN).to_numpy(dtype=np.int64)
     previous = previous_segments(vectors.matrix, aligned_previous)
@@ -121,46 +124,34 @@ def device_clusters(
         fit.labels,
         fit.centres,
         previous,
-        next_id=storage.next_segment_id(registry),
+        next_id=storage.next_segment_id(registry, previous_ids),
         match_radius=config.match_radius,
     )
     cluster_ids = stable_labels(fit.labels, matching.ids)
 
-    schema = persona_config.feature_schema()
     profiles = persona_storage.read_profiles(persona_store)
     values = readable_values(profiles, schema, vectors.device_ids, vectors.frame())
     stats = segment_stats(values, cluster_ids)
     described = describe_segments(stats, segment_traits(values, stats, top=config.profile_traits))
     described = described[described["segment"] != NOISE]
 
-    changed = aligned_previous != cluster_ids
-    with vector_index.client() as client:
-        collection = vector_index.alias_target(client)
-        payloads_written = 0
-        if collection is not None:
-            changed_ids = pd.Series(vectors.device_ids[changed]).map(point_id)
-            by_cluster = changed_ids.groupby(cluster_ids[changed]).agg(list).to_dict()
-            payloads_written = vector_index.set_payload_values(
-                client, collection, "cluster_id", {int(k): v for k, v in by_cluster.items()}
-            )
     now = pd.Timestamp.now(tz="UTC")
-    storage.write_assignments(
-        persona_store,
-        pd.DataFrame(
-            {
-                "device_id": vectors.device_ids,
-                "cluster_id": cluster_ids,
-                "distance": fit.distances,
-                "space": vectors.space,
-                "clustered_at": now,
-            }
-        ),
+    assignments = pd.DataFrame(
+        {
+            "device_id": vectors.device_ids,
+            "cluster_id": cluster_ids,
+            "distance": fit.distances,
+            "space": vectors.space,
+            "clustered_at": now,
+        }
     )
-    storage.write_segment_registry(persona_store, registry, described, now)
+    storage.write_clustering(persona_store, assignments, storage.updated_registry(registry, described, now))
+    payloads_written = _sync_payloads(persona_store, vector_index, assignments)
     context.log.info(
         f"{fit.n_segments} segments ({fit.algorithm}, {fit.note}); {matching.matched} kept their id, "
         f"{matching.new} new, retired {matching.retired or 'none'}"
     )
+    changed = (aligned_previous != cluster_ids) & (aligned_previous != UNKNOWN)
 
     sizes = described["devices"]
     return dg.MaterializeResult(
@@ -188,7 +179,7 @@ def device_clusters(
             )
             if fit.k_scores
             else dg.MetadataValue.text("k not searched"),
-            "devices_reassigned": dg.MetadataValue.int(int((changed & (aligned_previous != UNKNOWN)).sum())),
+            "devices_reassigned": dg.MetadataValue.int(int(changed.sum())),
             "devices_new": dg.MetadataValue.int(int((aligned_previous == UNKNOWN).sum())),
             "noise_devices": dg.MetadataValue.int(int((cluster_ids == NOISE).sum())),
             "segments_kept": dg.MetadataValue.int(matching.matched),
@@ -199,6 +190,40 @@ def device_clusters(
             "feature_space": dg.MetadataValue.text(vectors.space or ""),
         }
     )
+
+
+def require_current_space(vectors: persona_storage.StoredVectors, schema: FeatureSchema) -> None:
+    """Stored vectors must be in the configured schema's space (their dimensions name the keys)."""
+    if vectors.dimension_names != schema.dimension_names:
+        raise dg.Failure(
+            f"persona_vectors were built in feature space {vectors.space}, not in the configured "
+            f"schema's ({schema.version}, {len(schema.dimension_names)} dimensions): "
+            "materialize persona_vectors first"
+        )
+
+
+def _sync_payloads(store: PersonaStore, vector_index: VectorIndex, assignments: pd.DataFrame) -> int:
+    """Bring the `cluster_id` payload of the current collection's points in line with the table:
+    only points whose recorded payload differs are written, one request per segment. Points not in
+    the collection yet get their segment when persona_index writes them."""
+    with vector_index.client() as client:
+        collection = vector_index.alias_target(client)
+        if collection is None:
+            return 0
+        held = persona_storage.read_payload_clusters(store, collection)
+        indexed = assignments[
+            assignments["device_id"].isin(persona_storage.read_index_state(store, collection).index)
+        ]
+        carried = held.reindex(indexed["device_id"]).to_numpy()
+        stale = indexed[carried != indexed["cluster_id"].to_numpy()]
+        if stale.empty:
+            return 0
+        by_cluster = stale["device_id"].map(point_id).groupby(stale["cluster_id"].to_numpy()).agg(list)
+        written = vector_index.set_payload_values(
+            client, collection, "cluster_id", {int(k): v for k, v in by_cluster.items()}
+        )
+    persona_storage.record_payload_clusters(store, collection, stale[["device_id", "cluster_id"]])
+    return written
 
 
 def _size_distribution(sizes: pd.Series, devices: int) -> str:

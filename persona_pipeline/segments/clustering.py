@@ -140,8 +140,9 @@ def _fit_density(matrix: np.ndarray, settings: ClusteringSettings) -> SegmentFit
             note = f"eps {eps:.4g}: 90th percentile of the distance to the {neighbour}th neighbour"
         raw = DBSCAN(eps=eps, min_samples=settings.dbscan_min_samples).fit_predict(matrix)
     else:
-        raw = HDBSCAN(min_cluster_size=settings.hdbscan_min_cluster_size, copy=True).fit_predict(matrix)
-        note = f"min_cluster_size {settings.hdbscan_min_cluster_size}"
+        size = max(min(settings.hdbscan_min_cluster_size, len(matrix) - 1), 2)
+        raw = HDBSCAN(min_cluster_size=size, copy=True).fit_predict(matrix)
+        note = f"min_cluster_size {size}"
     labels = _relabel_by_size(raw)
     silhouette = _silhouette(matrix, labels, settings, rng)
     return _finish(matrix, labels, settings.algorithm, silhouette, {}, note=note)
@@ -164,12 +165,14 @@ def _finish(
     note: str,
 ) -> SegmentFit:
     centres = segment_centres(matrix, labels)
-    distances = np.full(len(matrix), np.nan)
     members = labels != NOISE
-    if len(centres):
-        distances[members] = np.linalg.norm(matrix[members] - centres[labels[members]], axis=1)
-        if (~members).any():
-            distances[~members] = nearest_centre(matrix[~members], centres)[1]
+    if not len(centres):  # every device is noise: its distance is to the fleet's mean
+        distances = np.linalg.norm(matrix - matrix.mean(axis=0), axis=1)
+        return SegmentFit(labels, centres, distances, algorithm, silhouette, k_scores, note=note)
+    distances = np.empty(len(matrix))
+    distances[members] = np.linalg.norm(matrix[members] - centres[labels[members]], axis=1)
+    if (~members).any():
+        distances[~members] = nearest_centre(matrix[~members], centres)[1]
     return SegmentFit(labels, centres, distances, algorithm, silhouette, k_scores, note=note)
 
 
@@ -206,10 +209,8 @@ def _silhouette(
     matrix: np.ndarray, labels: np.ndarray, settings: ClusteringSettings, rng: np.random.Generator
 ) -> float | None:
     members = np.flatnonzero(labels != NOISE)
-    if len(np.unique(labels[members])) < 2 or len(members) < 3:
-        return None
     rows = members[_sample_rows(np.arange(len(members)), settings.silhouette_sample_size, rng)]
-    if len(np.unique(labels[rows])) < 2:
+    if not 2 <= len(np.unique(labels[rows])) <= len(rows) - 1:  # silhouette's own domain
         return None
     return float(silhouette_score(matrix[rows], labels[rows]))
 

@@ -76,6 +76,8 @@ def stable_labels(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def _median_radius(matrix: np.ndarray, labels: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Each segment's median member distance, at least a quarter of the fleet's median (a
+    segment of one, or of identical devices, would otherwise only match an identical centre)."""
     members = labels != NOISE
     distance = np.linalg.norm(matrix[members] - centres[labels[members]], axis=1)
     radius = np.zeros(len(centres))
@@ -83,4 +85,5 @@ def _median_radius(matrix: np.ndarray, labels: np.ndarray, centres: np.ndarray) 
     grouped = np.split(distance[order], np.cumsum(np.bincount(labels[members], minlength=len(centres)))[:-1])
     for label, values in enumerate(grouped):
         radius[label] = np.median(values) if len(values) else 0.0
-    return radius
+    floor = 0.25 * float(np.median(distance)) if len(distance) else 0.0
+    return np.maximum(radius, floor)

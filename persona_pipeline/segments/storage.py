@@ -23,21 +23,24 @@ def read_segment_registry(store: PersonaStore) -> pd.DataFrame:
     return frame
 
 
-def next_segment_id(registry: pd.DataFrame) -> int:
+def next_segment_id(registry: pd.DataFrame, assignments: pd.Series) -> int:
     """Ids are never reused: a new segment gets one above every id ever given out."""
-    return int(registry["cluster_id"].max()) + 1 if not registry.empty else 1
+    used = [int(registry["cluster_id"].max())] if not registry.empty else []
+    used += [int(assignments.max())] if not assignments.empty else []
+    return max([0, *used]) + 1
 
 
-def write_assignments(store: PersonaStore, frame: pd.DataFrame) -> None:
-    """Replace the whole table (every device is re-clustered each run) in one transaction."""
+def write_clustering(store: PersonaStore, assignments: pd.DataFrame, registry: pd.DataFrame) -> None:
+    """Replace `device_clusters` (every device is re-clustered each run) and the `segments`
+    registry together, in one transaction."""
     with store.begin() as connection:
         connection.execute(device_clusters.delete())
-        store.insert_frame(connection, device_clusters, frame)
+        store.insert_frame(connection, device_clusters, assignments)
+        connection.execute(segments.delete())
+        store.insert_frame(connection, segments, registry)
 
 
-def write_segment_registry(
-    store: PersonaStore, registry: pd.DataFrame, described: pd.DataFrame, now: pd.Timestamp
-) -> pd.DataFrame:
+def updated_registry(registry: pd.DataFrame, described: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
     """Today's segments become active with their profile; ids not seen today stay, inactive."""
     today = described.rename(columns={"segment": "cluster_id"})[["cluster_id", "name", "devices", "traits"]]
     merged = registry.drop(columns=["name", "devices", "traits"], errors="ignore").merge(
@@ -53,5 +56,4 @@ def write_segment_registry(
             merged["cluster_id"].map(previous[column]) if len(previous) else ""
         )
     merged["devices"] = merged["devices"].where(seen, 0).astype("int64")
-    store.replace_rows(segments, sa.true(), merged)
     return merged

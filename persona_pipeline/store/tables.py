@@ -92,6 +92,16 @@ vector_index_state = sa.Table(
     sa.Column("fingerprint", sa.BigInteger, nullable=False),
 )
 
+# The cluster_id each Qdrant point's payload holds, so device_clusters rewrites exactly the
+# payloads that differ from the table, even after a run that failed half-way.
+vector_index_clusters = sa.Table(
+    "vector_index_clusters",
+    metadata,
+    sa.Column("collection", sa.String(128), primary_key=True),
+    sa.Column("device_id", sa.Text, primary_key=True),
+    sa.Column("cluster_id", sa.Integer),  # NULL: the point carries no segment yet
+)
+
 device_clusters = sa.Table(
     "device_clusters",
     metadata,
