@@ -9,7 +9,7 @@ import pandas as pd
 from pydantic import Field
 
 from persona_pipeline.anomalies import storage
-from persona_pipeline.anomalies.reasons import explain
+from persona_pipeline.anomalies.reasons import explain_with_causes
 from persona_pipeline.anomalies.scoring import AnomalySettings, score_anomalies, score_from_z
 from persona_pipeline.metadata import markdown_table
 from persona_pipeline.personas import storage as persona_storage
@@ -132,14 +132,17 @@ def anomaly_scores(
     stats = segment_stats(values, segments)
     top = np.argsort(-result.combined_z, kind="stable")[: config.explained_top]
     explained = np.union1d(np.flatnonzero(result.is_anomaly), top)
-    reasons = explain(explained, result, dimension_groups(schema), values, stats, keys=config.reason_keys)
+    reasons = explain_with_causes(
+        explained, result, dimension_groups(schema), values, stats, keys=config.reason_keys
+    )
 
     scores = pd.DataFrame(
         {
             "device_id": vectors.device_ids,
             "score": result.score,
             "is_anomaly": result.is_anomaly,
-            "reason": reasons.reindex(np.arange(len(vectors.device_ids))).to_numpy(),
+            "reason": reasons["reason"].reindex(np.arange(len(vectors.device_ids))).to_numpy(),
+            "cause": reasons["cause"].reindex(np.arange(len(vectors.device_ids))).to_numpy(),
             "cluster_id": result.deviation.reference,
             "segment_z": result.segment_z,
             "detector": settings.detector,

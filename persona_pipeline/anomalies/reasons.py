@@ -27,8 +27,20 @@ def explain(
     keys: int = 3,
 ) -> pd.Series:
     """A reason for each device row in `rows` (index: the row numbers)."""
+    return explain_with_causes(rows, result, dimension_groups, values, stats, keys)["reason"]
+
+
+def explain_with_causes(
+    rows: np.ndarray,
+    result: AnomalyResult,
+    dimension_groups: list[str],
+    values: ReadableValues,
+    stats: SegmentStats,
+    keys: int = 3,
+) -> pd.DataFrame:
+    """`reason` and `cause` (the key that deviates most, or `segment_distance`) per row in `rows`."""
     if len(rows) == 0:
-        return pd.Series([], dtype=object)
+        return pd.DataFrame({"reason": pd.Series([], dtype=object), "cause": pd.Series([], dtype=object)})
     deviation = pd.DataFrame(np.abs(result.deviation.deviations[rows]), columns=dimension_groups)
     by_group = deviation.T.groupby(level=0, sort=False).max().T
     reference = result.deviation.reference[rows]
@@ -37,6 +49,7 @@ def explain(
     picks = _top_groups(by_group, keys)
     picks["segment"] = reference[picks["position"].to_numpy()]
     picks["row"] = rows[picks["position"].to_numpy()]
+    cause = picks[picks["rank"] == 0].set_index("position")["group"].reindex(np.arange(len(rows)))
     if picks.empty:
         joined = pd.Series(np.nan, index=np.arange(len(rows)), dtype=object)
     else:
@@ -53,7 +66,10 @@ def explain(
         + pd.Series(result.detector_z[rows]).round(1).astype(str)
         + ")"
     )
-    return pd.Series((joined + signals).to_numpy(), index=rows)
+    return pd.DataFrame(
+        {"reason": (joined + signals).to_numpy(), "cause": cause.fillna("segment_distance").to_numpy()},
+        index=rows,
+    )
 
 
 def _category_surprise(

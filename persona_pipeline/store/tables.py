@@ -133,6 +133,7 @@ anomaly_scores = sa.Table(
     sa.Column("score", sa.Float, nullable=False),  # [0, 1], higher is stranger
     sa.Column("is_anomaly", sa.Boolean, nullable=False),
     sa.Column("reason", sa.Text),  # for flagged devices and the highest scores; else NULL
+    sa.Column("cause", sa.Text),  # the key that deviates most (or segment_distance), with `reason`
     sa.Column("cluster_id", sa.Integer, nullable=False),  # the segment the device was compared with
     sa.Column("segment_z", sa.Float, nullable=False),
     sa.Column("detector", sa.String(16), nullable=False),

@@ -1,0 +1,126 @@
+"""The service catalog: which services can be offered, on which trigger, to whom. Pure.
+
+Loaded from `service_catalog.yaml` (shipped default, or `PERSONA_CONFIG_DIR`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from persona_pipeline.config_files import (
+    ConfigError,
+    config_file,
+    describe_validation_error,
+    read_yaml_mapping,
+)
+
+SERVICE_CATALOG_FILE = "service_catalog.yaml"
+TRIGGERS = ("location", "usage", "support", "lookalike")
+Trigger = Literal["location", "usage", "support", "lookalike"]
+SERVICE_ID = re.compile(r"^[a-z0-9_]+(:\{app\})?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Eligibility(_Strict):
+    apps: tuple[str, ...] | None = Field(
+        default=None, description="usage: only these apps (the name in device.usage.app_<name>_duration)."
+    )
+    cities: tuple[str, ...] | None = Field(default=None, description="location: only moves to these cities.")
+    min_anomaly_score: float | None = Field(
+        default=None, ge=0, le=1, description="support: only devices scoring at least this."
+    )
+
+
+class Service(_Strict):
+    id: str
+    trigger: Trigger
+    title: str = Field(min_length=1, description="What the person is offered ({app}, {city} filled in).")
+    eligibility: Eligibility = Eligibility()
+    cooldown_days: int = Field(ge=0, description="Days before the same service is offered to a device again.")
+    priority: float = Field(gt=0, le=1, description="Breaks ties between offers under the daily cap.")
+    opens_ticket: bool = Field(default=False, description="support: also open a support ticket.")
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, value: str) -> str:
+        if not SERVICE_ID.match(value):
+            raise ValueError(
+                f"id {value!r} must be lower-case letters, digits and '_' (usage templates end in ':{{app}}')"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Service:
+        templated = self.id.endswith(":{app}")
+        if templated and self.trigger != "usage":
+            raise ValueError("only usage services can be templates over the app (':{app}')")
+        if self.eligibility.apps is not None and self.trigger != "usage":
+            raise ValueError("eligibility.apps applies to usage services only")
+        if self.eligibility.cities is not None and self.trigger != "location":
+            raise ValueError("eligibility.cities applies to location services only")
+        if self.eligibility.min_anomaly_score is not None and self.trigger != "support":
+            raise ValueError("eligibility.min_anomaly_score applies to support services only")
+        if self.opens_ticket and self.trigger != "support":
+            raise ValueError("opens_ticket applies to support services only")
+        if self.trigger == "usage" and not templated and not self.eligibility.apps:
+            raise ValueError("a usage service names its apps (eligibility.apps) or is a ':{app}' template")
+        return self
+
+    def service_id(self, app: str | None = None) -> str:
+        return self.id.replace("{app}", app) if app else self.id
+
+
+class OfferRules(_Strict):
+    location_window_days: int = Field(default=7, ge=1, description="A city change this recent offers.")
+    usage_ratio: float = Field(default=2.5, gt=1, description="Heavy: this times segment median.")
+    usage_min_seconds: float = Field(default=1800, ge=0, description="Heavy: at least these seconds.")
+    daily_cap: int = Field(default=3, ge=1, description="Offers per device per day at most.")
+    ticket_severity: float = Field(default=0.7, ge=0, le=1, description="Anomaly score that opens a ticket.")
+    prior_accepted: float = Field(default=1.0, gt=0, description="Pseudo-acceptances of the smoothed rate.")
+    prior_rejected: float = Field(default=1.0, gt=0, description="Pseudo-rejections of the smoothed rate.")
+    lookalike_min_responses: int = Field(default=5, ge=1, description="Responses before lookalikes.")
+    lookalike_per_service: int = Field(default=20, ge=1, description="Lookalike offers per service per run.")
+
+
+class ServiceCatalogFile(_Strict):
+    rules: OfferRules = OfferRules()
+    services: tuple[Service, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ServiceCatalogFile:
+        seen: set[str] = set()
+        for service in self.services:
+            if service.id in seen:
+                raise ValueError(f"service {service.id!r} is listed twice")
+            seen.add(service.id)
+        return self
+
+
+class ServiceCatalog:
+    def __init__(self, spec: ServiceCatalogFile, origin: str) -> None:
+        self.spec = spec
+        self.origin = origin
+
+    @property
+    def rules(self) -> OfferRules:
+        return self.spec.rules
+
+    def services(self, trigger: str) -> list[Service]:
+        return [s for s in self.spec.services if s.trigger == trigger]
+
+
+def load_service_catalog(config_dir: str | os.PathLike | None = None) -> ServiceCatalog:
+    path = config_file(SERVICE_CATALOG_FILE, config_dir)
+    data = read_yaml_mapping(path)
+    try:
+        spec = ServiceCatalogFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(path, data, exc)) from None
+    return ServiceCatalog(spec, origin=str(path))
