@@ -7,6 +7,8 @@ import dagster as dg
 from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.feature_schema import load_feature_schema
 from persona_pipeline.ingest.assets import index_updates
+from persona_pipeline.offers.assets import service_recommendations
+from persona_pipeline.offers.catalog import load_service_catalog
 from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.segments.assets import device_clusters
@@ -42,15 +44,24 @@ personas_job = dg.define_asset_job(
 
 segments_job = dg.define_asset_job(
     "segments_job",
-    selection=dg.AssetSelection.assets(device_clusters, anomaly_scores),
-    description="Segment the devices by persona vector and score anomalies, with reasons.",
+    selection=dg.AssetSelection.assets(device_clusters, anomaly_scores, service_recommendations),
+    description="Segment the devices by persona vector, score anomalies with reasons, and make offers.",
 )
 
 # Fail at load time, with the file and entry named, when the configuration is invalid.
 load_feature_schema(os.environ.get("PERSONA_CONFIG_DIR"))
+load_service_catalog(os.environ.get("PERSONA_CONFIG_DIR"))
 
 defs = dg.Definitions(
-    assets=[index_updates, device_profiles, persona_vectors, persona_index, device_clusters, anomaly_scores],
+    assets=[
+        index_updates,
+        device_profiles,
+        persona_vectors,
+        persona_index,
+        device_clusters,
+        anomaly_scores,
+        service_recommendations,
+    ],
     jobs=[ingest_job, personas_job, segments_job],
     resources=build_resources(),
 )

@@ -122,10 +122,12 @@ def test_code_location_lists_the_assets_jobs_and_groups():
         "persona_index",
         "device_clusters",
         "anomaly_scores",
+        "service_recommendations",
     }
     groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
     assert groups["index_updates"] == "ingest" and groups["persona_index"] == "personas"
     assert groups["device_clusters"] == groups["anomaly_scores"] == "segments"
+    assert groups["service_recommendations"] == "offers"
     upstream = {key.to_user_string() for key in graph.get(dg.AssetKey("device_clusters")).parent_keys}
     assert upstream == {"persona_vectors", "persona_index"}
     assert defs.resolve_assets_def("device_clusters").op.pool == "vector_index"

@@ -195,3 +195,36 @@ def test_segments_refuse_vectors_from_another_feature_schema(small_fleet, tmp_pa
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     assert "materialize persona_vectors first" in str(failure.step_failure_data.error)
+
+
+def test_demo_offers_reach_movers_heavy_users_and_anomalies_and_reruns_add_nothing(demo):
+    store = resources_for(demo.home)["persona_store"]
+    offers = table(store, "service_recommendations")
+    truth = pd.read_csv(demo.home / "ground_truth" / "devices.csv")
+    location = offers[offers["trigger"] == "location"].merge(truth[["device_id", "new_city"]], on="device_id")
+    movers = truth[truth["moved"]]
+    named = location[
+        [city in reason for city, reason in zip(location["new_city"], location["reason"], strict=True)]
+    ]
+    assert set(movers["device_id"]) <= set(named["device_id"])  # every mover, for its new city
+    usage = offers[offers["trigger"] == "usage"]
+    heavy = truth[truth["heavy_user"]]
+    pairs = set(zip(usage["device_id"], usage["service_id"].str.split(":").str[-1], strict=True))
+    served = [(d, app) in pairs for d, app in zip(heavy["device_id"], heavy["heavy_app"], strict=True)]
+    assert sum(served) >= 0.9 * len(heavy)
+    flagged = table(store, "anomaly_scores").query("is_anomaly == 1")["device_id"]
+    assert set(flagged) <= set(offers.loc[offers["trigger"] == "support", "device_id"])
+    assert offers.groupby("device_id").size().max() <= 3
+    tickets = table(store, "support_tickets")
+    assert len(tickets) > 0 and not tickets.duplicated(["device_id", "cause"]).any()
+
+    from persona_pipeline.offers.assets import service_recommendations
+
+    with dg.instance_for_test() as instance:
+        again = dg.materialize(
+            [service_recommendations], resources=resources_for(demo.home), instance=instance
+        )
+    metadata = again.asset_materializations_for_node("service_recommendations")[0].metadata
+    assert metadata["offers_new"].value == 0 and metadata["tickets_opened"].value == 0
+    assert len(table(store, "service_recommendations")) == len(offers)
+    assert len(table(store, "support_tickets")) == len(tickets)

@@ -6,10 +6,11 @@ import dagster as dg
 from pydantic import Field
 
 from persona_pipeline.feature_schema import FeatureSchema, load_feature_schema
+from persona_pipeline.offers.catalog import ServiceCatalog, load_service_catalog
 
 
 class PersonaConfig(dg.ConfigurableResource):
-    """Loads and validates the feature schema each run, so edits take effect without a reload."""
+    """Loads and validates the configuration each run, so edits take effect without a reload."""
 
     config_dir: str | None = Field(
         default=None,
@@ -18,3 +19,6 @@ class PersonaConfig(dg.ConfigurableResource):
 
     def feature_schema(self) -> FeatureSchema:
         return load_feature_schema(self.config_dir)
+
+    def service_catalog(self) -> ServiceCatalog:
+        return load_service_catalog(self.config_dir)

@@ -141,3 +141,58 @@ anomaly_scores = sa.Table(
     sa.Column("scored_at", UtcDateTime, nullable=False),
     sa.Index("ix_anomaly_scores_flag", "is_anomaly"),
 )
+
+service_recommendations = sa.Table(
+    "service_recommendations",
+    metadata,
+    sa.Column("offer_id", sa.String(64), primary_key=True),  # hash of (device, service, offer_day)
+    sa.Column("device_id", sa.Text, nullable=False),
+    sa.Column("service_id", sa.Text, nullable=False),
+    sa.Column("trigger", sa.String(16), nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("offer_day", sa.String(10), nullable=False),  # event-time day the offer belongs to
+    sa.Column("priority", sa.Float, nullable=False),
+    sa.Column("cluster_id", sa.Integer),  # the device's segment when offered
+    sa.Column("weights_version", sa.Integer),  # the key_weights version behind its vector
+    sa.Index("ix_service_recommendations_device", "device_id", "service_id"),
+    sa.Index("ix_service_recommendations_day", "offer_day"),
+)
+
+# An outbox: the support system reads new rows; one open ticket per device and cause.
+support_tickets = sa.Table(
+    "support_tickets",
+    metadata,
+    sa.Column("ticket_id", sa.String(64), primary_key=True),  # hash of (device, cause)
+    sa.Column("device_id", sa.Text, nullable=False),
+    sa.Column("severity", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("cause", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+)
+
+offer_feedback = sa.Table(
+    "offer_feedback",
+    metadata,
+    sa.Column("batch_id", sa.Text, primary_key=True),
+    sa.Column("offer_id", sa.String(64), primary_key=True),
+    sa.Column("response", sa.String(16), primary_key=True),
+    sa.Column("responded_at", UtcDateTime, nullable=False),
+    sa.Column("source_file", sa.Text, nullable=False),
+    sa.Column("source_row", sa.Integer),
+)
+
+offer_feedback_rejects = sa.Table(
+    "offer_feedback_rejects",
+    metadata,
+    sa.Column("batch_id", sa.Text, nullable=False),
+    sa.Column("source_file", sa.Text, nullable=False),
+    sa.Column("source_row", sa.Integer),
+    sa.Column("raw", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("reason_code", sa.String(32), nullable=False),
+    sa.Column("rejected_at", UtcDateTime, nullable=False),
+    sa.Index("ix_offer_feedback_rejects_batch", "batch_id"),
+)

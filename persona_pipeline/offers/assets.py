@@ -1,0 +1,83 @@
+"""Proactive offers: service_recommendations and the support_tickets outbox."""
+
+import dagster as dg
+import pandas as pd
+
+from persona_pipeline.anomalies.assets import anomaly_scores
+from persona_pipeline.anomalies.storage import read_scores
+from persona_pipeline.metadata import counts_table, markdown_table
+from persona_pipeline.offers import storage
+from persona_pipeline.offers.recommend import OfferInputs, app_usage, recommend, support_tickets
+from persona_pipeline.personas import storage as persona_storage
+from persona_pipeline.personas.profiles import value_changes
+from persona_pipeline.resources import PersonaConfig, PersonaStore
+from persona_pipeline.retries import STORE_RETRY
+from persona_pipeline.segments.storage import read_assignments
+
+CITY_KEY = "device.location.city"
+
+
+@dg.asset(
+    deps=[anomaly_scores],
+    group_name="offers",
+    kinds={"pandas", "sql"},
+    retry_policy=STORE_RETRY,
+)
+def service_recommendations(
+    context: dg.AssetExecutionContext, persona_store: PersonaStore, persona_config: PersonaConfig
+) -> dg.MaterializeResult:
+    """Offers made before anyone asks: localized services after a move (read from the updates'
+    event times), app tutorials and features for heavy use, diagnostics for anomalies (and a
+    support ticket above a severity). Each offer has a deterministic id (device, service, day),
+    a score (trigger strength x the segment's smoothed acceptance rate) and a reason; cooldowns
+    and a per-device daily cap apply. Re-running the same day adds nothing."""
+    catalog = persona_config.service_catalog()
+    profiles = persona_storage.read_profiles(persona_store)
+    if profiles.empty:
+        return dg.MaterializeResult(metadata={"offers_new": dg.MetadataValue.int(0)})
+    as_of = profiles["observed_at"].max()
+    day = as_of.strftime("%Y-%m-%d")
+    since = pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1 - catalog.rules.location_window_days)
+    history = persona_storage.read_key_history(persona_store, CITY_KEY, since.to_pydatetime())
+    anomalies = read_scores(persona_store)
+    inputs = OfferInputs(
+        day=day,
+        moves=value_changes(history, since),
+        app_usage=app_usage(profiles),
+        segments=read_assignments(persona_store),
+        anomalies=anomalies,
+        acceptance=storage.read_acceptance(persona_store),
+        history=storage.read_offer_history(persona_store),
+    )
+    offers = recommend(inputs, catalog)
+    versions = persona_storage.read_vector_summaries(persona_store).set_index("device_id")["weights_version"]
+    now = pd.Timestamp.now(tz="UTC")
+    written = storage.write_offers(
+        persona_store,
+        offers.assign(created_at=now, weights_version=versions.reindex(offers["device_id"]).to_numpy()),
+    )
+    tickets = support_tickets(anomalies, catalog, day).assign(created_at=now, status="open")
+    opened = storage.write_tickets(persona_store, tickets)
+    context.log.info(f"{written} new offers for {day}, {opened} new support tickets")
+
+    todays = storage.read_offer_history(persona_store)
+    todays = todays[todays["offer_day"] == day]
+    preview = (
+        offers.sort_values("score", ascending=False)
+        .groupby("trigger")
+        .head(3)[["device_id", "service_id", "trigger", "score", "reason"]]
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "offer_day": dg.MetadataValue.text(day),
+            "offers_new": dg.MetadataValue.int(written),
+            "offers_today": dg.MetadataValue.int(len(todays)),
+            "devices_offered_today": dg.MetadataValue.int(int(todays["device_id"].nunique())),
+            "tickets_opened": dg.MetadataValue.int(opened),
+            "offers_by_trigger": counts_table(todays["trigger"].value_counts(), "trigger", "offers"),
+            "offers_by_service": counts_table(todays["service_id"].value_counts(), "service", "offers"),
+            "preview": markdown_table(
+                preview.assign(score=preview["score"].round(3)), max_rows=12, max_cell_chars=300
+            ),
+        }
+    )

@@ -1,0 +1,61 @@
+"""Reads and writes of the offers domain in the persona store."""
+
+from __future__ import annotations
+
+import pandas as pd
+import sqlalchemy as sa
+
+from persona_pipeline.offers.recommend import POSITIVE_RESPONSES
+from persona_pipeline.resources.persona_store import PersonaStore
+from persona_pipeline.store.tables import offer_feedback, service_recommendations, support_tickets
+
+
+def read_offer_history(store: PersonaStore) -> pd.DataFrame:
+    r = service_recommendations.c
+    return store.read_frame(
+        sa.select(r.offer_id, r.device_id, r.service_id, r.trigger, r.offer_day, r.score, r.priority)
+    )
+
+
+def read_acceptance(store: PersonaStore) -> pd.DataFrame:
+    """Responses per (segment at offer time, service): accepted (accepted or used) and all."""
+    f, r = offer_feedback.c, service_recommendations.c
+    positive = sa.case((f.response.in_(POSITIVE_RESPONSES), 1), else_=0)
+    responded = sa.select(f.offer_id, sa.func.max(positive).label("accepted")).group_by(f.offer_id).subquery()
+    query = (
+        sa.select(
+            r.cluster_id,
+            r.service_id,
+            sa.func.sum(responded.c.accepted).label("accepted"),
+            sa.func.count().label("responses"),
+        )
+        .join(responded, responded.c.offer_id == r.offer_id)
+        .group_by(r.cluster_id, r.service_id)
+    )
+    frame = store.read_frame(query)
+    return frame.astype({"accepted": "float64", "responses": "float64"})
+
+
+def insert_new(store: PersonaStore, table: sa.Table, frame: pd.DataFrame, key: str) -> int:
+    """Insert rows whose key is not stored yet; existing rows are left as they are."""
+    if frame.empty:
+        return 0
+    with store.begin() as connection:
+        existing = set()
+        keys = frame[key].tolist()
+        for start in range(0, len(keys), 10_000):
+            chunk = keys[start : start + 10_000]
+            existing.update(
+                connection.execute(sa.select(table.c[key]).where(table.c[key].in_(chunk))).scalars()
+            )
+        fresh = frame[~frame[key].isin(existing)]
+        store.insert_frame(connection, table, fresh)
+    return len(fresh)
+
+
+def write_offers(store: PersonaStore, offers: pd.DataFrame) -> int:
+    return insert_new(store, service_recommendations, offers, "offer_id")
+
+
+def write_tickets(store: PersonaStore, tickets: pd.DataFrame) -> int:
+    return insert_new(store, support_tickets, tickets, "ticket_id")

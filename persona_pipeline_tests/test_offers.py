@@ -1,0 +1,145 @@
+"""Service catalog and proactive offers (pure functions), and the offers on the demo fleet."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from persona_pipeline.config_files import ConfigError
+from persona_pipeline.offers.catalog import ServiceCatalog, load_service_catalog
+from persona_pipeline.offers.recommend import OfferInputs, app_usage, recommend, support_tickets
+
+DAY = "2026-03-07"
+
+
+def inputs(**changes) -> OfferInputs:
+    base = {
+        "day": DAY,
+        "moves": pd.DataFrame(
+            {
+                "device_id": ["mover", "old_mover"],
+                "previous_value": ["Berlin", "Paris"],
+                "value": ["Vienna", "Madrid"],
+                "changed_at": pd.to_datetime(["2026-03-06T10:00Z", "2026-02-01T10:00Z"], utc=True),
+            }
+        ),
+        "app_usage": pd.DataFrame(
+            {"maps": [600.0, 600.0, 600.0, 9000.0], "podcast": [0.0, 0.0, 0.0, 7200.0]},
+            index=pd.Index(["a", "b", "c", "heavy"], name="device_id"),
+        ),
+        "segments": pd.Series({"a": 1, "b": 1, "c": 1, "heavy": 1, "mover": 2, "old_mover": 2, "sick": 1}),
+        "anomalies": pd.DataFrame(
+            {
+                "device_id": ["sick", "a"],
+                "score": [0.8, 0.1],
+                "is_anomaly": [True, False],
+                "reason": ["crashes 14 vs 0–1", None],
+                "cause": ["device.health.crash_count", None],
+            }
+        ),
+        "acceptance": pd.DataFrame(columns=["cluster_id", "service_id", "accepted", "responses"]),
+        "history": pd.DataFrame(
+            columns=["offer_id", "device_id", "service_id", "trigger", "offer_day", "score", "priority"]
+        ),
+    }
+    return OfferInputs(**{**base, **changes})
+
+
+def test_moves_heavy_use_and_anomalies_become_offers_with_reasons():
+    offers = recommend(inputs(), load_service_catalog())
+    by = offers.set_index(["device_id", "service_id"])
+    assert ("mover", "localized_support_docs") in by.index
+    assert "Vienna" in by.loc[("mover", "localized_support_docs"), "reason"]
+    assert "old_mover" not in set(offers["device_id"])  # moved a month ago: outside the window
+    heavy = offers[offers["device_id"] == "heavy"]
+    # An app the catalog does not list still gets the generic (templated) offers, named after it.
+    assert {"app_tutorial:maps", "app_tutorial:podcast"} <= set(heavy["service_id"])
+    assert heavy["reason"].str.contains("use 2.5 h a day vs 10 min typical in segment 1").any()
+    sick = offers[offers["device_id"] == "sick"].set_index("service_id")
+    assert {"diagnostics_tool", "support_callback"} <= set(sick.index)
+    assert sick.loc["diagnostics_tool", "reason"].endswith("crashes 14 vs 0–1")
+    assert offers["score"].between(0, 1).all()
+    assert offers.groupby("device_id").size().max() <= 3  # the daily cap
+
+
+def test_offer_ids_are_deterministic_and_a_rerun_of_the_day_adds_nothing():
+    catalog = load_service_catalog()
+    first = recommend(inputs(), catalog)
+    again = recommend(inputs(), catalog)
+    assert first["offer_id"].tolist() == again["offer_id"].tolist()
+    assert recommend(inputs(history=first), catalog).empty
+
+
+def test_cooldown_and_the_daily_cap_hold_across_days():
+    catalog = load_service_catalog()
+    yesterday = recommend(inputs(day="2026-03-06"), catalog)
+    today = recommend(inputs(history=yesterday), catalog)
+    cooled = set(zip(yesterday["device_id"], yesterday["service_id"], strict=True))
+    assert not cooled & set(zip(today["device_id"], today["service_id"], strict=True))
+
+
+def uncapped():
+    catalog = load_service_catalog()
+    rules = catalog.rules.model_copy(update={"daily_cap": 20})
+    return ServiceCatalog(catalog.spec.model_copy(update={"rules": rules}), "test")
+
+
+def test_feedback_changes_the_ranking_through_the_segment_acceptance_rate():
+    catalog = uncapped()
+    plain = recommend(inputs(), catalog).set_index(["device_id", "service_id"])["score"]
+    liked = pd.DataFrame(
+        {"cluster_id": [1], "service_id": ["app_feature:maps"], "accepted": [9.0], "responses": [10.0]}
+    )
+    learned = recommend(inputs(acceptance=liked), catalog).set_index(["device_id", "service_id"])["score"]
+    assert learned[("heavy", "app_feature:maps")] > plain[("heavy", "app_feature:maps")]
+    assert learned[("heavy", "app_tutorial:maps")] == plain[("heavy", "app_tutorial:maps")]
+
+
+def test_tickets_are_one_per_device_and_cause():
+    catalog = load_service_catalog()
+    anomalies = inputs().anomalies
+    first = support_tickets(anomalies, catalog, DAY)
+    later = support_tickets(anomalies.assign(score=[0.9, 0.1]), catalog, "2026-03-08")
+    assert len(first) == 1 and first["ticket_id"].tolist() == later["ticket_id"].tolist()
+
+
+def test_app_usage_reads_every_app_key():
+    profiles = pd.DataFrame(
+        {
+            "device_id": ["a", "a", "b"],
+            "key": [
+                "device.usage.app_maps_duration",
+                "device.usage.app_zoom_duration",
+                "device.location.city",
+            ],
+            "value_number": [60.0, 120.0, None],
+        }
+    )
+    usage = app_usage(profiles)
+    assert usage.loc["a", "zoom"] == 120 and list(usage.columns) == ["maps", "zoom"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "services:\n  - {id: x, trigger: sideways, title: t, cooldown_days: 1, priority: 0.5}\n",
+            "services[0] ('x'): trigger",
+        ),
+        (
+            "services:\n  - {id: 'tut:{app}', trigger: location, title: t, cooldown_days: 1,"
+            " priority: 0.5}\n",
+            "services[0] ('tut:{app}')",
+        ),
+        (
+            "services:\n  - {id: car, trigger: usage, title: t, cooldown_days: -1, priority: 0.5,"
+            " eligibility: {apps: [maps]}}\n",
+            "cooldown_days",
+        ),
+    ],
+)
+def test_invalid_catalog_names_file_entry_and_problem(tmp_path, text, expected):
+    (tmp_path / "service_catalog.yaml").write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_service_catalog(tmp_path)
+    assert "service_catalog.yaml" in str(error.value) and expected in str(error.value)
