@@ -10,6 +10,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from persona_pipeline.evaluate import DemoEvaluation, evaluate_demo_fleet
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 
 ENV_VARIABLES = (
@@ -51,6 +52,15 @@ def resources_for(home: Path) -> dict[str, dg.ConfigurableResource]:
 @pytest.fixture
 def resources(persona_home: Path) -> dict[str, dg.ConfigurableResource]:
     return resources_for(persona_home)
+
+
+def evaluated_fleet(home: Path, devices: int, days: int, seed: int) -> Iterator[DemoEvaluation]:
+    """A generated fleet run through every asset in its own home (environment restored after)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ENV_VARIABLES:
+            patch.delenv(name, raising=False)
+        patch.setenv("PERSONA_HOME", str(home))
+        yield evaluate_demo_fleet(devices=devices, days=days, seed=seed, home=home)
 
 
 @pytest.fixture

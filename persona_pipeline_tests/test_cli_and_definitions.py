@@ -123,11 +123,13 @@ def test_code_location_lists_the_assets_jobs_and_groups():
         "device_clusters",
         "anomaly_scores",
         "service_recommendations",
+        "offer_feedback",
     }
     groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
     assert groups["index_updates"] == "ingest" and groups["persona_index"] == "personas"
     assert groups["device_clusters"] == groups["anomaly_scores"] == "segments"
-    assert groups["service_recommendations"] == "offers"
+    assert groups["service_recommendations"] == "offers" and groups["offer_feedback"] == "feedback"
+    assert defs.resolve_sensor_def("offer_feedback_sensor").default_status == dg.DefaultSensorStatus.RUNNING
     upstream = {key.to_user_string() for key in graph.get(dg.AssetKey("device_clusters")).parent_keys}
     assert upstream == {"persona_vectors", "persona_index"}
     assert defs.resolve_assets_def("device_clusters").op.pool == "vector_index"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -11,20 +10,11 @@ import pytest
 from qdrant_client import QdrantClient
 
 from persona_pipeline.anomalies.assets import RATE_CHECK, anomaly_scores
-from persona_pipeline.evaluate import DEMO_TARGETS, DemoEvaluation, evaluate_demo_fleet
+from persona_pipeline.evaluate import DEMO_TARGETS
 from persona_pipeline.resources import PersonaConfig, VectorIndex
 from persona_pipeline.resources.vector_index import VectorIndexError
 from persona_pipeline.segments.assets import device_clusters
-from persona_pipeline_tests.conftest import ENV_VARIABLES, resources_for, table
-
-
-def evaluated_fleet(home: Path, devices: int, days: int, seed: int) -> Iterator[DemoEvaluation]:
-    """A generated fleet run through every asset in its own home (environment restored after)."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ENV_VARIABLES:
-            patch.delenv(name, raising=False)
-        patch.setenv("PERSONA_HOME", str(home))
-        yield evaluate_demo_fleet(devices=devices, days=days, seed=seed, home=home)
+from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
 
 
 @pytest.fixture(scope="module")

@@ -67,8 +67,14 @@ def file_reject(label: str, reason: str, raw: str = "", row: int | None = None) 
     return pd.DataFrame([{"source_file": label, "source_row": row, "raw": raw, "reason": reason}])
 
 
-def read_landing_file(path: Path, label: str) -> ReadResult:
-    """Read one landing file; `label` is how the file is named in rejects and metadata."""
+def read_landing_file(
+    path: Path,
+    label: str,
+    fields: tuple[str, ...] = FIELDS,
+    required: tuple[str, ...] = REQUIRED_FIELDS,
+) -> ReadResult:
+    """Read one landing file into `fields` (+ source_file, source_row, raw); `label` is how the
+    file is named in rejects and metadata."""
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         return ReadResult.empty([f"{label}: skipped, not .jsonl, .csv or .parquet"])
@@ -80,18 +86,19 @@ def read_landing_file(path: Path, label: str) -> ReadResult:
         return ReadResult.empty([f"{label}: empty file"])
     reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind]
     result = reader(data, label)
-    missing = [c for c in REQUIRED_FIELDS if c not in result.rows.columns]
+    missing = [c for c in required if c not in result.rows.columns]
     if missing and not result.rows.empty:
         result.problems.append(f"{label}: no {', '.join(repr(c) for c in missing)} column")
-    for column in RAW_COLUMNS:
+    columns = (*fields, "source_file", "source_row", "raw")
+    for column in columns:
         if column not in result.rows.columns:
             result.rows[column] = None
-    result.rows = result.rows[list(RAW_COLUMNS)]
+    result.rows = result.rows[list(columns)]
     return result
 
 
 def _with_source(frame: pd.DataFrame, label: str, rows: np.ndarray) -> pd.DataFrame:
-    frame = frame[[c for c in frame.columns if c in FIELDS]].copy()
+    frame = frame[[c for c in frame.columns if c not in ("source_file", "source_row", "raw")]].copy()
     frame["source_file"] = label
     frame["source_row"] = rows
     frame["raw"] = None

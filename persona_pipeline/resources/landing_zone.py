@@ -14,6 +14,7 @@ from persona_pipeline import settings
 from persona_pipeline.ingest.reading import FIELDS, ReadResult, read_landing_file
 
 UPDATES_FOLDER = "index_updates"
+FEEDBACK_FOLDER = "offer_feedback"
 DATE_FOLDER = re.compile(r"^date=(.*)$")
 
 
@@ -61,6 +62,34 @@ class LandingZone(dg.ConfigurableResource):
         if not self.updates_root.is_dir():
             return []
         return [(m.group(1), f) for f in self.updates_root.iterdir() if (m := DATE_FOLDER.match(f.name))]
+
+    @property
+    def feedback_root(self) -> Path:
+        return self.root / FEEDBACK_FOLDER
+
+    def complete_feedback_batches(self) -> list[str]:
+        """Batch ids of `offer_feedback/batch=<id>/` folders that hold `_SUCCESS` (complete)."""
+        if not self.feedback_root.is_dir():
+            return []
+        return sorted(
+            folder.name.removeprefix("batch=")
+            for folder in self.feedback_root.iterdir()
+            if folder.is_dir() and folder.name.startswith("batch=") and (folder / "_SUCCESS").is_file()
+        )
+
+    def read_feedback_batch(self, batch_id: str) -> ReadResult:
+        from persona_pipeline.feedback.validation import FEEDBACK_FIELDS
+
+        folder = self.feedback_root / f"batch={batch_id}"
+        if not (folder / "_SUCCESS").is_file():
+            raise FileNotFoundError(f"feedback batch {batch_id} is not complete: no {folder / '_SUCCESS'}")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(("_", ".")))
+        return ReadResult.concat(
+            [
+                read_landing_file(f, str(f.relative_to(self.root)), FEEDBACK_FIELDS, FEEDBACK_FIELDS)
+                for f in files
+            ]
+        )
 
     def read_day(self, day: str) -> ReadResult:
         """All rows that landed for one partition day, as written (validation comes next)."""

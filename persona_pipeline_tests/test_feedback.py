@@ -1,0 +1,124 @@
+"""Feedback batches: validation, the offer_feedback partitions and the sensor that adds them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from persona_pipeline.feedback.assets import offer_feedback, offer_feedback_batches, offer_feedback_sensor
+from persona_pipeline.feedback.validation import validate_feedback
+from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
+
+
+@pytest.fixture(scope="module")
+def offered(tmp_path_factory):
+    """A small demo fleet run through the chain, so offers exist to respond to."""
+    yield from evaluated_fleet(tmp_path_factory.mktemp("feedback"), devices=300, days=3, seed=4)
+
+
+def write_batch(home: Path, batch: str, lines: list[str], complete: bool = True) -> Path:
+    folder = home / "landing" / "offer_feedback" / f"batch={batch}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "part-0.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    if complete:
+        (folder / "_SUCCESS").touch()
+    return folder
+
+
+def response(offer_id: str, answer: str, at: str = "2026-03-08T10:00:00Z") -> str:
+    return json.dumps({"offer_id": offer_id, "response": answer, "responded_at": at})
+
+
+def test_validation_rejects_unknown_offers_responses_and_timestamps_with_reasons():
+    rows = pd.DataFrame(
+        {
+            "offer_id": ["o1", "o1", "nope", "o2", "o2", None],
+            "response": ["accepted", "accepted", "accepted", "maybe", "used", "used"],
+            "responded_at": [
+                "2026-03-08T10:00Z",
+                "2026-03-08T11:00Z",
+                "2026-03-08T10:00Z",
+                "2026-03-08T10:00Z",
+                "yesterday",
+                "2026-03-08T10:00Z",
+            ],
+            "source_file": "f.jsonl",
+            "source_row": [1, 2, 3, 4, 5, 6],
+            "raw": None,
+        }
+    )
+    responses, rejects = validate_feedback(rows, pd.Index(["o1", "o2"]), "b1")
+    assert responses[["offer_id", "response"]].values.tolist() == [["o1", "accepted"]]  # one, the latest
+    assert responses["responded_at"].iloc[0] == pd.Timestamp("2026-03-08T11:00Z")
+    assert rejects.set_index("source_row")["reason_code"].to_dict() == {
+        3: "unknown_offer",
+        4: "unknown_response",
+        5: "bad_timestamp",
+        6: "missing_offer_id",
+    }
+    assert "'nope' names no offer" in rejects.set_index("source_row").loc[3, "reason"]
+    assert (rejects["batch_id"] == "b1").all()
+
+
+def test_sensor_adds_each_complete_batch_once_and_the_run_loads_it(offered):
+    home = offered.home
+    resources = resources_for(home)
+    offers = table(resources["persona_store"], "service_recommendations")["offer_id"].tolist()
+    assert len(offers) >= 4
+    write_batch(
+        home,
+        "2026-03-08-a",
+        [
+            response(offers[0], "accepted"),
+            response(offers[1], "rejected"),
+            response(offers[2], "used"),
+            response("offer-unknown", "accepted"),
+            '{"offer_id": "' + offers[3] + '", "respo',  # truncated line
+        ],
+    )
+    write_batch(home, "2026-03-08-b", [response(offers[3], "dismissed")], complete=False)
+
+    with dg.instance_for_test() as instance:
+        landing = {"landing_zone": resources["landing_zone"]}
+        first = offer_feedback_sensor(dg.build_sensor_context(instance=instance, resources=landing))
+        assert [r.run_key for r in first.run_requests] == ["2026-03-08-a"]  # b is still being written
+        assert first.run_requests[0].partition_key == "2026-03-08-a"
+        (added,) = first.dynamic_partitions_requests
+        assert added.partition_keys == ["2026-03-08-a"]
+        instance.add_dynamic_partitions(offer_feedback_batches.name, added.partition_keys)
+        run = dg.materialize(
+            [offer_feedback], partition_key="2026-03-08-a", resources=resources, instance=instance
+        )
+        assert run.success
+
+        again = offer_feedback_sensor(
+            dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=landing)
+        )
+        assert not again.run_requests
+
+        (home / "landing" / "offer_feedback" / "batch=2026-03-08-b" / "_SUCCESS").touch()
+        later = offer_feedback_sensor(
+            dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=landing)
+        )
+        assert [r.run_key for r in later.run_requests] == ["2026-03-08-b"]
+
+    store = resources["persona_store"]
+    feedback = table(store, "offer_feedback")
+    assert sorted(feedback["response"]) == ["accepted", "rejected", "used"]
+    rejects = table(store, "offer_feedback_rejects").set_index("reason_code")
+    assert set(rejects.index) == {"unknown_offer", "unreadable"}
+    assert "not valid JSON" in rejects.loc["unreadable", "reason"]
+    metadata = run.asset_materializations_for_node("offer_feedback")[0].metadata
+    assert metadata["responses"].value == 3 and metadata["rejected"].value == 2
+    (check,) = run.get_asset_check_evaluations()
+    assert not check.passed  # 2 of 5 rows rejected is above the 5% threshold
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(offer_feedback_batches.name, ["2026-03-08-a"])
+        dg.materialize([offer_feedback], partition_key="2026-03-08-a", resources=resources, instance=instance)
+    assert len(table(store, "offer_feedback")) == 3  # re-processing a batch replaces it
+    assert len(table(store, "offer_feedback_rejects")) == 2
