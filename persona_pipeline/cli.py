@@ -77,6 +77,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate_feedback(args: argparse.Namespace) -> int:
+    init_home()
+    from persona_pipeline.runner import simulate_feedback
+
+    print(simulate_feedback(args.seed, args.batch))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from persona_pipeline.anomalies.scoring import AnomalySettings
     from persona_pipeline.evaluate import evaluate_demo_fleet, public_table, report
@@ -117,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--end", type=_parse_day, help="last day, inclusive (default: last landed day)")
     run.add_argument("--verbose", action="store_true", help="show Dagster's step logs")
     run.set_defaults(handler=cmd_run)
+
+    simulate = commands.add_parser(
+        "simulate-feedback",
+        help="write a feedback batch answering the offers not answered yet, as the demo's people would",
+    )
+    simulate.add_argument("--seed", type=int, default=11, help="random seed (default 11)")
+    simulate.add_argument("--batch", help="batch id (default: sim-<offer day>-<number>)")
+    simulate.set_defaults(handler=cmd_simulate_feedback)
 
     evaluate = commands.add_parser(
         "evaluate",

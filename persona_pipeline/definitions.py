@@ -6,7 +6,13 @@ import dagster as dg
 
 from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.feature_schema import load_feature_schema
-from persona_pipeline.feedback.assets import feedback_job, offer_feedback, offer_feedback_sensor
+from persona_pipeline.feedback.assets import (
+    feedback_job,
+    key_weights,
+    offer_feedback,
+    offer_feedback_sensor,
+    weights_job,
+)
 from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.offers.catalog import load_service_catalog
@@ -63,8 +69,9 @@ defs = dg.Definitions(
         anomaly_scores,
         service_recommendations,
         offer_feedback,
+        key_weights,
     ],
-    jobs=[ingest_job, personas_job, segments_job, feedback_job],
+    jobs=[ingest_job, personas_job, segments_job, feedback_job, weights_job],
     sensors=[offer_feedback_sensor],
     resources=build_resources(),
 )

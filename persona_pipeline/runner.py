@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dagster as dg
 import pandas as pd
@@ -13,6 +13,8 @@ from dagster._core.storage.tags import (
 )
 
 from persona_pipeline.cli import CommandError
+from persona_pipeline.feedback.assets import offer_feedback_batches
+from persona_pipeline.feedback.storage import acceptance_by_weights_version
 from persona_pipeline.partitions import daily_partitions
 from persona_pipeline.resources import LandingZone, PersonaStore, VectorIndex
 from persona_pipeline.store.tables import (
@@ -20,7 +22,9 @@ from persona_pipeline.store.tables import (
     device_profiles,
     index_update_rejects,
     index_updates,
+    offer_feedback,
     segments,
+    service_recommendations,
 )
 
 
@@ -29,6 +33,7 @@ class ChainResult:
     start: str
     end: str
     run_ids: dict[str, str]
+    feedback_batches: list[str] = field(default_factory=list)
 
 
 def resolve_days(landing: LandingZone, start: str | None, end: str | None) -> tuple[str, str]:
@@ -83,17 +88,71 @@ def run_chain(
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO" if verbose else "WARNING"}}}}
     range_tags = {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
     run_ids = {}
-    for job_name, tags in (("ingest_job", range_tags), ("personas_job", {}), ("segments_job", {})):
-        job = defs.resolve_job_def(job_name)
-        result = job.execute_in_process(
+
+    def run(job_name: str, tags: dict[str, str], partition_key: str | None = None) -> None:
+        result = defs.resolve_job_def(job_name).execute_in_process(
             instance=instance,
             tags={**tags, "persona/launched_by": "cli"},
             run_config=run_config,
+            partition_key=partition_key,
             raise_on_error=False,
         )
         _raise_if_failed(result, job_name)
-        run_ids[job_name] = result.run_id
-    return ChainResult(start, end, run_ids)
+        run_ids[job_name if partition_key is None else f"{job_name}[{partition_key}]"] = result.run_id
+
+    run("ingest_job", range_tags)
+    batches = new_feedback_batches(defs.resources["landing_zone"], instance)
+    if batches:
+        instance.add_dynamic_partitions(offer_feedback_batches.name, batches)
+        for batch in batches:
+            run("feedback_job", {}, partition_key=batch)
+        run("weights_job", {})  # the day's vectors use the refreshed weights
+    run("personas_job", {})
+    run("segments_job", {})
+    return ChainResult(start, end, run_ids, batches)
+
+
+def new_feedback_batches(landing: LandingZone, instance: dg.DagsterInstance) -> list[str]:
+    """Complete feedback batches whose partition was never materialized (what the sensor would
+    request, minus what it already ran)."""
+    done = instance.get_materialized_partitions(dg.AssetKey("offer_feedback"))
+    return [batch for batch in landing.complete_feedback_batches() if batch not in done]
+
+
+def simulate_feedback(seed: int, batch_id: str | None) -> str:
+    from persona_pipeline.definitions import defs
+    from persona_pipeline.demo.responses import simulate_responses, write_feedback_batch
+    from persona_pipeline.settings import ground_truth_dir
+
+    store: PersonaStore = defs.resources["persona_store"]
+    landing: LandingZone = defs.resources["landing_zone"]
+    truth_file = ground_truth_dir() / "devices.csv"
+    if not truth_file.is_file():
+        raise CommandError(f"no ground truth at {truth_file}: run `persona-pipeline generate` first")
+    r, f = service_recommendations.c, offer_feedback.c
+    offers = store.read_frame(
+        sa.select(r.offer_id, r.device_id, r.service_id, r.trigger, r.offer_day).where(
+            ~sa.exists().where(f.offer_id == r.offer_id)
+        )
+    )
+    if offers.empty:
+        raise CommandError("no unanswered offers: run `persona-pipeline run` first")
+    responses = simulate_responses(offers, pd.read_csv(truth_file), seed)
+    batch_id = batch_id or f"sim-{offers['offer_day'].max()}-{len(landing.complete_feedback_batches()) + 1}"
+    folder = write_feedback_batch(responses, landing.root, batch_id)
+    accepted = responses["response"].isin(["accepted", "used"]).mean()
+    return f"feedback batch {batch_id}: {len(responses)} responses ({accepted:.0%} accepting) in {folder}"
+
+
+def _acceptance_lines(acceptance: pd.DataFrame) -> list[str]:
+    answered = acceptance[acceptance["answered"] > 0]
+    if answered.empty:
+        return ["  acceptance         no feedback yet (try `persona-pipeline simulate-feedback`, then `run`)"]
+    return ["  acceptance by the weights version behind the offer:"] + [
+        f"    weights v{int(row.weights_version):<3} {int(row.accepted):>6,} of "
+        f"{int(row.answered):>6,} answered offers accepted ({row.acceptance_rate:.1%})"
+        for row in answered.itertuples()
+    ]
 
 
 def summary(result: ChainResult) -> str:
@@ -128,6 +187,12 @@ def summary(result: ChainResult) -> str:
             .order_by(anomaly_scores.c.score.desc())
             .limit(1)
         ).first()
+        offers = connection.execute(
+            sa.select(service_recommendations.c.trigger, sa.func.count())
+            .group_by(service_recommendations.c.trigger)
+            .order_by(service_recommendations.c.trigger)
+        ).all()
+    acceptance = acceptance_by_weights_version(store)
     rejected = sum(count for _, count in reasons)
     with index.client() as client:
         collection = index.alias_target(client)
@@ -147,6 +212,12 @@ def summary(result: ChainResult) -> str:
             ],
             f"  anomalies          {flagged:>10,}   ({flagged / max(devices, 1):.1%} of devices)",
             *([f"    strangest: {strangest.device_id}: {strangest.reason}"] if strangest else []),
+            f"  offers made        {sum(n for _, n in offers):>10,}   ("
+            + (", ".join(f"{trigger} {n:,}" for trigger, n in offers) or "none")
+            + ")",
+            f"  feedback batches   {len(result.feedback_batches):>10,}   processed in this run"
+            + (f": {', '.join(result.feedback_batches)}" if result.feedback_batches else ""),
+            *_acceptance_lines(acceptance),
             "",
             "Where to look next:",
             "  make dev         Dagster UI on http://127.0.0.1:3000: these runs, assets, lineage",

@@ -212,7 +212,7 @@ def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(land
 
 
 def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing, resources, instance):
-    from persona_pipeline.personas.weights import _insert, current_weights
+    from persona_pipeline.personas.weights import current_weights, insert_weights
 
     write_jsonl(landing, DAYS[0], day_rows(DAYS[0], n=4))
     assert materialize(INGEST, resources, instance, partition_key=DAYS[0]).success
@@ -225,7 +225,7 @@ def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing
         **current_weights(store, schema.initial_weights()).weights,
         "device.location.city": 0.4,
     }
-    _insert(store, 2, learned, "feedback")
+    insert_weights(store, 2, learned, "feedback")
     result = materialize([persona_vectors, persona_index], resources, instance)
     assert result.success
     second, points = index_points(resources)

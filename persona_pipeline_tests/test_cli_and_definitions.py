@@ -70,7 +70,7 @@ def test_generate_then_run_with_only_persona_home_set(tmp_path):
     assert (home / "dagster" / "dagster.yaml").is_file()
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         jobs = {run.job_name for run in instance.get_runs()}
-    assert jobs == {"ingest_job", "personas_job", "segments_job"}
+    assert jobs == {"ingest_job", "personas_job", "segments_job"}  # no feedback yet: no feedback runs
 
 
 def test_run_fails_with_one_line_reason(tmp_path):
@@ -124,6 +124,7 @@ def test_code_location_lists_the_assets_jobs_and_groups():
         "anomaly_scores",
         "service_recommendations",
         "offer_feedback",
+        "key_weights",
     }
     groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
     assert groups["index_updates"] == "ingest" and groups["persona_index"] == "personas"
@@ -133,7 +134,13 @@ def test_code_location_lists_the_assets_jobs_and_groups():
     upstream = {key.to_user_string() for key in graph.get(dg.AssetKey("device_clusters")).parent_keys}
     assert upstream == {"persona_vectors", "persona_index"}
     assert defs.resolve_assets_def("device_clusters").op.pool == "vector_index"
-    assert {job.name for job in defs.resolve_all_job_defs()} >= {"ingest_job", "personas_job", "segments_job"}
+    assert {job.name for job in defs.resolve_all_job_defs()} >= {
+        "ingest_job",
+        "personas_job",
+        "segments_job",
+        "feedback_job",
+        "weights_job",
+    }
     assert defs.resolve_assets_def("persona_index").op.pool == "vector_index"
 
 

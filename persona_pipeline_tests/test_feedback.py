@@ -122,3 +122,31 @@ def test_sensor_adds_each_complete_batch_once_and_the_run_loads_it(offered):
         dg.materialize([offer_feedback], partition_key="2026-03-08-a", resources=resources, instance=instance)
     assert len(table(store, "offer_feedback")) == 3  # re-processing a batch replaces it
     assert len(table(store, "offer_feedback_rejects")) == 2
+
+
+def test_run_processes_new_feedback_and_refreshes_the_weights_before_the_vectors(persona_home, instance):
+    from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
+    from persona_pipeline.runner import run_chain, simulate_feedback, summary
+
+    fleet = generate_fleet(300, 4, seed=6, start="2026-03-01")
+    write_landing(fleet, persona_home / "landing")
+    write_ground_truth(fleet, persona_home / "ground_truth")
+    first = run_chain("2026-03-01", "2026-03-03", instance=instance)
+    assert first.feedback_batches == []
+    said = simulate_feedback(seed=1, batch_id=None)
+    assert said.startswith("feedback batch sim-2026-03-03-1:")
+
+    second = run_chain(None, None, instance=instance)
+    assert second.feedback_batches == ["sim-2026-03-03-1"]
+    assert list(second.run_ids)[:3] == ["ingest_job", "feedback_job[sim-2026-03-03-1]", "weights_job"]
+    store = resources_for(persona_home)["persona_store"]
+    weights = table(store, "key_weights")
+    assert set(weights["source"]) == {"config", "feedback"}
+    newest = int(weights["version"].max())
+    vectors = table(store, "persona_vectors")
+    assert (vectors["weights_version"] == newest).all()  # the day's vectors use the new weights
+    assert "weights v1" in summary(second)
+
+    third = run_chain(None, None, instance=instance)
+    assert third.feedback_batches == []  # a batch is processed once
+    assert int(table(store, "key_weights")["version"].max()) == newest

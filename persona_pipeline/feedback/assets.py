@@ -3,13 +3,18 @@
 import json
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 from pydantic import Field
 
 from persona_pipeline.feedback import storage
+from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
 from persona_pipeline.feedback.validation import FEEDBACK_FIELDS, validate_feedback
 from persona_pipeline.metadata import counts_table, markdown_table
-from persona_pipeline.resources import LandingZone, PersonaStore
+from persona_pipeline.offers.assets import service_recommendations
+from persona_pipeline.personas import storage as persona_storage
+from persona_pipeline.personas.weights import current_weights, insert_weights, read_weights_version
+from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
 
 offer_feedback_batches = dg.DynamicPartitionsDefinition(name="offer_feedback_batches")
@@ -117,3 +122,125 @@ def offer_feedback_sensor(context: dg.SensorEvaluationContext, landing_zone: Lan
         dynamic_partitions_requests=[offer_feedback_batches.build_add_request(new)],
         cursor=json.dumps(sorted(seen | set(new))),
     )
+
+
+class KeyWeightsConfig(dg.Config):
+    learning_rate: float = Field(
+        default=0.3,
+        gt=0,
+        le=1,
+        description="Share of the way each weight moves towards what feedback suggests.",
+    )
+    floor: float = Field(default=0.02, ge=0, description="No weight falls below this.")
+    ceiling: float = Field(default=2.0, gt=0, description="No weight rises above this.")
+    regularization: float = Field(
+        default=1.0, gt=0, description="Inverse L2 strength of the logistic regressions (scikit-learn's C)."
+    )
+    min_responses: int = Field(
+        default=30, ge=2, description="Responses a trigger needs before it contributes to the weights."
+    )
+
+    def settings(self) -> LearningSettings:
+        return LearningSettings(
+            learning_rate=self.learning_rate,
+            floor=self.floor,
+            ceiling=self.ceiling,
+            regularization=self.regularization,
+            min_responses=self.min_responses,
+        )
+
+
+@dg.asset(
+    deps=[offer_feedback, service_recommendations],
+    group_name="feedback",
+    kinds={"scikitlearn", "sql"},
+    retry_policy=STORE_RETRY,
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def key_weights(
+    context: dg.AssetExecutionContext,
+    config: KeyWeightsConfig,
+    persona_store: PersonaStore,
+    persona_config: PersonaConfig,
+) -> dg.MaterializeResult:
+    """A new weights version learned from the feedback batches not learned from yet: per trigger, a
+    regularised logistic regression of acceptance on the persona values at offer time; keys that
+    separate accepted from rejected offers gain weight, blended with the previous weights within a
+    floor and a ceiling. The next persona_vectors uses it (new collection, alias swap)."""
+    schema = persona_config.feature_schema()
+    current = current_weights(persona_store, schema.initial_weights())
+    offers = storage.read_responded_offers(persona_store)
+    learned_before = storage.read_learned_batches(persona_store)
+    batches = sorted({b for ids in offers.get("batches", []) for b in ids} - learned_before)
+    history = storage.acceptance_by_weights_version(persona_store)
+    common = {
+        "acceptance_by_weights_version": markdown_table(history, max_rows=50),
+        "weights_version_in_use": dg.MetadataValue.int(current.version),
+    }
+    if not batches:
+        return dg.MaterializeResult(
+            metadata={**common, "new_version": dg.MetadataValue.text("none: no new feedback")}
+        )
+
+    names = schema.dimension_names
+    parts = []  # the responded offers of each stored space in the current schema's dimensions
+    for space, group in offers.groupby("space", sort=True):
+        if _space_dimensions(persona_store, space) != names:
+            continue
+        weights_of_space = schema.dimension_weights(_space_weights(persona_store, space))
+        matrix = persona_storage.decode_vectors(group["persona_vector"], len(names))
+        parts.append((group, unweighted(matrix, weights_of_space)))
+    ordered = pd.concat([group for group, _ in parts]) if parts else offers.iloc[:0]
+    values = np.vstack([matrix for _, matrix in parts]) if parts else np.zeros((0, len(names)))
+    keys = [d.concrete_key or d.weight_key for d in schema.dimensions]
+    # A concrete key (one app of a pattern) starts from the weight its dimension has now.
+    in_effect = dict(zip(keys, schema.dimension_weights(current.weights).tolist(), strict=True))
+    learned = learn_weights(
+        values,
+        ordered["accepted"].to_numpy(dtype=bool),
+        ordered["trigger"].to_numpy(dtype=object),
+        keys,
+        {**current.weights, **in_effect},
+        config.settings(),
+    )
+    changed = learned.table[(learned.table["new"] - learned.table["old"]).abs() > 1e-9]
+    version = current.version
+    if not changed.empty:
+        version = current.version + 1
+        insert_weights(persona_store, version, learned.weights, "feedback")
+    storage.record_refresh(persona_store, version, batches, len(ordered))
+    context.log.info(f"weights version {version} from {len(ordered)} responded offers ({', '.join(batches)})")
+    table = learned.table.assign(change=(learned.table["new"] - learned.table["old"]).round(4))
+    return dg.MaterializeResult(
+        metadata={
+            **common,
+            "new_version": dg.MetadataValue.text(
+                str(version) if not changed.empty else "none: nothing changed"
+            ),
+            "learned_from_batches": dg.MetadataValue.text(", ".join(batches)),
+            "responded_offers": dg.MetadataValue.int(len(ordered)),
+            "responses_by_trigger": counts_table(
+                pd.Series(learned.responses_by_trigger), "trigger", "offers"
+            ),
+            "weights_old_vs_new": markdown_table(
+                table.sort_values("change", key=abs, ascending=False).round(4), max_rows=60
+            ),
+        }
+    )
+
+
+def _space_dimensions(store: PersonaStore, space: str | None) -> list[str]:
+    return persona_storage.read_dimension_names(store, space) if space else []
+
+
+def _space_weights(store: PersonaStore, space: str) -> dict[str, float]:
+    """The weights behind a stored feature space (its `-w<version>` suffix)."""
+    version = int(space.rsplit("-w", 1)[1])
+    return read_weights_version(store, version)
+
+
+weights_job = dg.define_asset_job(
+    "weights_job",
+    selection=dg.AssetSelection.assets(key_weights),
+    description="Learn a new key_weights version from feedback not learned from yet.",
+)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import sqlalchemy as sa
 
 from persona_pipeline.resources.persona_store import PersonaStore
-from persona_pipeline.store.tables import offer_feedback, offer_feedback_rejects, service_recommendations
+from persona_pipeline.store.tables import (
+    key_weight_refreshes,
+    offer_feedback,
+    offer_feedback_rejects,
+    service_recommendations,
+)
 
 
 def known_offer_ids(store: PersonaStore, offer_ids: list[str]) -> pd.Index:
@@ -27,3 +34,59 @@ def write_batch(store: PersonaStore, batch_id: str, responses: pd.DataFrame, rej
             connection.execute(table.delete().where(table.c.batch_id == batch_id))
         store.insert_frame(connection, offer_feedback, responses)
         store.insert_frame(connection, offer_feedback_rejects, rejects)
+
+
+def read_responded_offers(store: PersonaStore) -> pd.DataFrame:
+    """Offers with at least one response: offer_id, trigger, space, persona_vector,
+    weights_version, accepted (accepted or used), and the batches the responses came in."""
+    f, r = offer_feedback.c, service_recommendations.c
+    rows = store.read_frame(
+        sa.select(
+            r.offer_id, r.trigger, r.space, r.persona_vector, r.weights_version, f.response, f.batch_id
+        ).join(offer_feedback, f.offer_id == r.offer_id)
+    )
+    if rows.empty:
+        return rows.assign(accepted=pd.Series(dtype=bool))
+    rows["accepted"] = rows["response"].isin(["accepted", "used"])
+    grouped = rows.groupby("offer_id", sort=True)
+    offers = grouped.first()[["trigger", "space", "persona_vector", "weights_version"]]
+    offers["accepted"] = grouped["accepted"].any()
+    offers["batches"] = grouped["batch_id"].agg(lambda ids: sorted(set(ids)))
+    return offers.reset_index()
+
+
+def read_learned_batches(store: PersonaStore) -> set[str]:
+    frame = store.read_frame(sa.select(key_weight_refreshes.c.batches))
+    return {batch for text in frame["batches"] for batch in json.loads(text)}
+
+
+def record_refresh(store: PersonaStore, version: int, batches: list[str], responses: int) -> None:
+    with store.begin() as connection:
+        connection.execute(
+            key_weight_refreshes.insert().values(
+                version=version,
+                batches=json.dumps(sorted(batches)),
+                responses=responses,
+                created_at=pd.Timestamp.now(tz="UTC").to_pydatetime(),
+            )
+        )
+
+
+def acceptance_by_weights_version(store: PersonaStore) -> pd.DataFrame:
+    """Per weights version behind the offers: offers made, answered, accepted, acceptance rate."""
+    f, r = offer_feedback.c, service_recommendations.c
+    positive = sa.func.max(sa.case((f.response.in_(["accepted", "used"]), 1), else_=0))
+    answered = sa.select(f.offer_id, positive.label("accepted")).group_by(f.offer_id).subquery()
+    frame = store.read_frame(
+        sa.select(
+            r.weights_version,
+            sa.func.count().label("offers"),
+            sa.func.count(answered.c.offer_id).label("answered"),
+            sa.func.coalesce(sa.func.sum(answered.c.accepted), 0).label("accepted"),
+        )
+        .outerjoin(answered, answered.c.offer_id == r.offer_id)
+        .group_by(r.weights_version)
+        .order_by(r.weights_version)
+    )
+    frame["acceptance_rate"] = (frame["accepted"] / frame["answered"].where(frame["answered"] > 0)).round(4)
+    return frame

@@ -11,7 +11,7 @@ import pandas as pd
 
 RESPONSES = ("accepted", "rejected", "used", "dismissed")
 FEEDBACK_FIELDS = ("offer_id", "response", "responded_at")
-UTC_OFFSET = r"(Z|[+-]\d{2}:?\d{2})$"
+UTC_OFFSET = r"(?:Z|[+-]\d{2}:?\d{2})$"
 
 
 def validate_feedback(

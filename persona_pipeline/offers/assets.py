@@ -50,11 +50,17 @@ def service_recommendations(
         history=storage.read_offer_history(persona_store),
     )
     offers = recommend(inputs, catalog)
-    versions = persona_storage.read_vector_summaries(persona_store).set_index("device_id")["weights_version"]
+    summaries = persona_storage.read_vector_summaries(persona_store).set_index("device_id")
+    blobs = persona_storage.read_vector_blobs(persona_store, offers["device_id"].unique().tolist())
     now = pd.Timestamp.now(tz="UTC")
     written = storage.write_offers(
         persona_store,
-        offers.assign(created_at=now, weights_version=versions.reindex(offers["device_id"]).to_numpy()),
+        offers.assign(
+            created_at=now,
+            weights_version=summaries["weights_version"].reindex(offers["device_id"]).to_numpy(),
+            space=summaries["space"].reindex(offers["device_id"]).to_numpy(),
+            persona_vector=blobs.reindex(offers["device_id"]).to_numpy(),
+        ),
     )
     tickets = support_tickets(anomalies, catalog, day).assign(created_at=now, status="open")
     opened = storage.write_tickets(persona_store, tickets)

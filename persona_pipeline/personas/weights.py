@@ -40,14 +40,21 @@ def current_weights(store: PersonaStore, configured: dict[str, float]) -> Weight
     )
     if last_config != configured:
         version = int(versions["version"].max()) + 1 if not versions.empty else 1
-        _insert(store, version, configured, "config")
+        insert_weights(store, version, configured, "config")
         return WeightsVersion(version, dict(configured), "config")
     newest = int(versions["version"].max())
     rows = versions[versions["version"] == newest]
     return WeightsVersion(newest, rows.set_index("key")["weight"].to_dict(), rows["source"].iloc[0])
 
 
-def _insert(store: PersonaStore, version: int, weights: dict[str, float], source: str) -> None:
+def read_weights_version(store: PersonaStore, version: int) -> dict[str, float]:
+    frame = store.read_frame(
+        sa.select(key_weights.c.key, key_weights.c.weight).where(key_weights.c.version == version)
+    )
+    return frame.set_index("key")["weight"].to_dict()
+
+
+def insert_weights(store: PersonaStore, version: int, weights: dict[str, float], source: str) -> None:
     frame = pd.DataFrame(
         {
             "version": version,

@@ -156,6 +156,8 @@ service_recommendations = sa.Table(
     sa.Column("priority", sa.Float, nullable=False),
     sa.Column("cluster_id", sa.Integer),  # the device's segment when offered
     sa.Column("weights_version", sa.Integer),  # the key_weights version behind its vector
+    sa.Column("space", sa.String(64)),  # the feature space of `persona_vector`
+    sa.Column("persona_vector", sa.LargeBinary),  # the device's vector when offered (for learning)
     sa.Index("ix_service_recommendations_device", "device_id", "service_id"),
     sa.Index("ix_service_recommendations_day", "offer_day"),
 )
@@ -195,4 +197,14 @@ offer_feedback_rejects = sa.Table(
     sa.Column("reason_code", sa.String(32), nullable=False),
     sa.Column("rejected_at", UtcDateTime, nullable=False),
     sa.Index("ix_offer_feedback_rejects_batch", "batch_id"),
+)
+
+# Which feedback batches each learned weights version was learned from.
+key_weight_refreshes = sa.Table(
+    "key_weight_refreshes",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("batches", sa.Text, nullable=False),  # JSON list of batch ids
+    sa.Column("responses", sa.Integer, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
 )

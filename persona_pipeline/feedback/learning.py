@@ -1,0 +1,110 @@
+"""Learning key weights from responses to offers. Pure: no Dagster.
+
+For each trigger with enough responses, a regularised logistic regression predicts
+acceptance from the persona values at offer time (the transformed, unweighted value
+of each dimension, standardised). A key's importance is the largest absolute
+coefficient among its dimensions, averaged over triggers by their number of
+responses. Importances are scaled so their mean equals the mean current weight of
+the keys that were learned, and each weight moves only part of the way there
+(`learning_rate`), within a floor and a ceiling, so a few noisy batches cannot
+wreck the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+
+
+@dataclass(frozen=True)
+class LearningSettings:
+    learning_rate: float = 0.3
+    floor: float = 0.02
+    ceiling: float = 2.0
+    regularization: float = 1.0  # inverse strength (scikit-learn's C)
+    min_responses: int = 30
+
+    def __post_init__(self) -> None:
+        if not 0 < self.learning_rate <= 1:
+            raise ValueError(f"learning_rate must be in (0, 1]; got {self.learning_rate}")
+        if not 0 <= self.floor < self.ceiling:
+            raise ValueError(f"need 0 <= floor < ceiling; got floor={self.floor}, ceiling={self.ceiling}")
+
+
+@dataclass
+class LearnedWeights:
+    weights: dict[str, float]  # every key: new weight (unchanged where nothing was learned)
+    table: pd.DataFrame  # key, old, new, importance, responses
+    responses_by_trigger: dict[str, int]
+
+
+def learn_weights(
+    values: np.ndarray,
+    accepted: np.ndarray,
+    triggers: np.ndarray,
+    dimension_keys: list[str],
+    current: dict[str, float],
+    settings: LearningSettings,
+) -> LearnedWeights:
+    """New weights from responded offers: `values` (offers x dimensions, unweighted persona
+    values at offer time), `accepted` (bool), `triggers` (per offer); `dimension_keys` names
+    the weight key of each dimension."""
+    keys = pd.Index(dimension_keys)
+    importance = pd.Series(np.nan, index=keys.unique())
+    learned_from = 0
+    counts: dict[str, int] = {}
+    for trigger in sorted(set(triggers.tolist())):
+        rows = triggers == trigger
+        counts[trigger] = int(rows.sum())
+        y = accepted[rows]
+        if rows.sum() < settings.min_responses or y.all() or not y.any():
+            continue
+        coefficients = _standardised_coefficients(values[rows], y, settings.regularization)
+        # NaN where a dimension did not vary: no information, not "unimportant".
+        per_key = pd.Series(np.abs(coefficients), index=keys).groupby(level=0).max()
+        importance = importance.add(per_key * rows.sum(), fill_value=0.0).where(
+            importance.notna() | per_key.notna()
+        )
+        learned_from += int(rows.sum())
+
+    old = pd.Series({key: current.get(key, 0.0) for key in importance.index}, dtype="float64")
+    new = old.copy()
+    if learned_from:
+        importance = importance / learned_from
+        informative = importance.index[importance.notna()]
+        mean_importance = importance[informative].mean()
+        if mean_importance > 0:
+            target = old[informative].mean() * importance[informative] / mean_importance
+            blended = (1 - settings.learning_rate) * old[informative] + settings.learning_rate * target
+            new[informative] = blended.clip(settings.floor, settings.ceiling)
+    weights = {**current, **new.to_dict()}
+    table = pd.DataFrame(
+        {
+            "key": importance.index,
+            "old": old.to_numpy(),
+            "new": new.to_numpy(),
+            "importance": importance.to_numpy(),
+        }
+    )
+    return LearnedWeights(weights=weights, table=table, responses_by_trigger=counts)
+
+
+def _standardised_coefficients(x: np.ndarray, y: np.ndarray, regularization: float) -> np.ndarray:
+    spread = x.std(axis=0)
+    varying = spread > 1e-9
+    coefficients = np.full(x.shape[1], np.nan)
+    if not varying.any():
+        return coefficients
+    standardised = (x[:, varying] - x[:, varying].mean(axis=0)) / spread[varying]
+    model = LogisticRegression(C=regularization, max_iter=1000).fit(standardised, y)
+    coefficients[varying] = model.coef_[0]
+    return coefficients
+
+
+def unweighted(matrix: np.ndarray, dimension_weights: np.ndarray) -> np.ndarray:
+    """Persona values before weighting (0 where a dimension's weight is 0)."""
+    safe = np.where(dimension_weights > 0, dimension_weights, 1.0)
+    return np.where(dimension_weights > 0, matrix / safe, 0.0)
