@@ -146,6 +146,14 @@ def test_run_processes_new_feedback_and_refreshes_the_weights_before_the_vectors
     vectors = table(store, "persona_vectors")
     assert (vectors["weights_version"] == newest).all()  # the day's vectors use the new weights
     assert "weights v1" in summary(second)
+    offers = table(store, "service_recommendations")
+    lookalike = offers[offers["trigger"] == "lookalike"]
+    assert len(lookalike) > 0 and lookalike["reason"].str.startswith("close in persona to the ").all()
+    # Qdrant never proposes a device that was already offered the service before.
+    earlier = offers[offers["offer_day"] < lookalike["offer_day"].min()]
+    assert not set(zip(lookalike["device_id"], lookalike["service_id"], strict=True)) & set(
+        zip(earlier["device_id"], earlier["service_id"], strict=True)
+    )
 
     third = run_chain(None, None, instance=instance)
     assert third.feedback_batches == []  # a batch is processed once

@@ -7,30 +7,80 @@ from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.anomalies.storage import read_scores
 from persona_pipeline.metadata import counts_table, markdown_table
 from persona_pipeline.offers import storage
+from persona_pipeline.offers.catalog import ServiceCatalog
 from persona_pipeline.offers.recommend import OfferInputs, app_usage, recommend, support_tickets
 from persona_pipeline.personas import storage as persona_storage
+from persona_pipeline.personas.assets import VECTOR_INDEX_POOL
 from persona_pipeline.personas.profiles import value_changes
-from persona_pipeline.resources import PersonaConfig, PersonaStore
+from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
+from persona_pipeline.resources.vector_index import point_id
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments.storage import read_assignments
 
 CITY_KEY = "device.location.city"
+MAX_EXAMPLES = 200  # positive and negative examples per recommendation query, each
+
+
+def _lookalike_hits(
+    store: PersonaStore, vector_index: VectorIndex, history: pd.DataFrame, catalog: ServiceCatalog
+) -> pd.DataFrame:
+    """Per service with enough responses and an accepting device: the nearest devices not offered it."""
+    responses = storage.read_service_responses(store)
+    counts = responses.groupby("service_id")["accepted"].agg(["size", "sum"])
+    eligible = counts[(counts["size"] >= catalog.rules.lookalike_min_responses) & (counts["sum"] > 0)].index
+    if eligible.empty:
+        return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
+    frames = []
+    with vector_index.client() as client:
+        collection = vector_index.alias_target(client)
+        if collection is None:
+            return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
+        for service_id in eligible:
+            answered = responses[responses["service_id"] == service_id]
+            positive = answered.loc[answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
+            negative = answered.loc[~answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
+            offered = history.loc[history["service_id"] == service_id, "device_id"].unique().tolist()
+            found = vector_index.recommend_devices(
+                client,
+                collection,
+                [point_id(d) for d in positive],
+                [point_id(d) for d in negative],
+                offered,
+                catalog.rules.lookalike_per_service,
+            )
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "service_id": service_id,
+                        "device_id": [device for device, _ in found],
+                        "rank": range(len(found)),
+                        "accepters": len(positive),
+                    }
+                )
+            )
+    return pd.concat(frames, ignore_index=True)
 
 
 @dg.asset(
     deps=[anomaly_scores],
     group_name="offers",
-    kinds={"pandas", "sql"},
+    kinds={"pandas", "sql", "qdrant"},
+    pool=VECTOR_INDEX_POOL,
     retry_policy=STORE_RETRY,
 )
 def service_recommendations(
-    context: dg.AssetExecutionContext, persona_store: PersonaStore, persona_config: PersonaConfig
+    context: dg.AssetExecutionContext,
+    persona_store: PersonaStore,
+    persona_config: PersonaConfig,
+    vector_index: VectorIndex,
 ) -> dg.MaterializeResult:
     """Offers made before anyone asks: localized services after a move (read from the updates'
     event times), app tutorials and features for heavy use, diagnostics for anomalies (and a
     support ticket above a severity). Each offer has a deterministic id (device, service, day),
     a score (trigger strength x the segment's smoothed acceptance rate) and a reason; cooldowns
-    and a per-device daily cap apply. Re-running the same day adds nothing."""
+    and a per-device daily cap apply. Lookalikes: for each service with enough responses, Qdrant's
+    recommendation query (accepting devices positive, rejecting ones negative) finds the nearest
+    devices not offered it yet. Re-running the same day adds nothing."""
     catalog = persona_config.service_catalog()
     profiles = persona_storage.read_profiles(persona_store)
     if profiles.empty:
@@ -49,7 +99,8 @@ def service_recommendations(
         acceptance=storage.read_acceptance(persona_store),
         history=storage.read_offer_history(persona_store),
     )
-    offers = recommend(inputs, catalog)
+    lookalikes = _lookalike_hits(persona_store, vector_index, inputs.history, catalog)
+    offers = recommend(inputs, catalog, lookalikes)
     summaries = persona_storage.read_vector_summaries(persona_store).set_index("device_id")
     blobs = persona_storage.read_vector_blobs(persona_store, offers["device_id"].unique().tolist())
     now = pd.Timestamp.now(tz="UTC")

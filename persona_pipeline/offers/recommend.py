@@ -210,14 +210,45 @@ def smoothed_acceptance(
     return (accepted + prior_yes) / (responses + prior_yes + prior_no)
 
 
-def recommend(inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFrame:
+def lookalike_candidates(hits: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFrame:
+    """Offers for the devices Qdrant found nearest to those that accepted a service.
+    `hits`: service_id, device_id, rank (0 = nearest), accepters (how many examples)."""
+    if hits.empty:
+        return _empty()
+    priority = {s.service_id(): s.priority for s in catalog.spec.services}
+    limit = max(catalog.rules.lookalike_per_service, 1)
+    frame = pd.DataFrame(
+        {
+            "device_id": hits["device_id"].to_numpy(),
+            "service_id": hits["service_id"].to_numpy(),
+            "trigger": "lookalike",
+            "strength": (1.0 - 0.5 * hits["rank"] / limit).to_numpy(),
+            "priority": hits["service_id"]
+            .map(lambda sid: priority.get(sid, priority.get(sid.split(":")[0] + ":{app}", 0.3)))
+            .to_numpy(),
+            "reason": (
+                "close in persona to the "
+                + hits["accepters"].astype(str)
+                + " devices that accepted "
+                + hits["service_id"]
+            ).to_numpy(),
+        }
+    )
+    return _with_segments(frame, inputs)
+
+
+def recommend(
+    inputs: OfferInputs, catalog: ServiceCatalog, lookalikes: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Today's new offers: offer_id, device_id, service_id, trigger, score, reason, cluster_id,
-    priority, offer_day (cooldowns and the daily cap applied)."""
+    priority, offer_day (cooldowns and the daily cap applied). `lookalikes`: Qdrant's hits, see
+    `lookalike_candidates`."""
     candidates = pd.concat(
         [
             location_candidates(inputs, catalog),
             usage_candidates(inputs, catalog),
             support_candidates(inputs, catalog),
+            lookalike_candidates(lookalikes if lookalikes is not None else pd.DataFrame(), inputs, catalog),
         ],
         ignore_index=True,
     )

@@ -59,3 +59,15 @@ def write_offers(store: PersonaStore, offers: pd.DataFrame) -> int:
 
 def write_tickets(store: PersonaStore, tickets: pd.DataFrame) -> int:
     return insert_new(store, support_tickets, tickets, "ticket_id")
+
+
+def read_service_responses(store: PersonaStore) -> pd.DataFrame:
+    """Per responded offer: service_id, device_id, accepted (accepted or used)."""
+    f, r = offer_feedback.c, service_recommendations.c
+    positive = sa.func.max(sa.case((f.response.in_(POSITIVE_RESPONSES), 1), else_=0))
+    frame = store.read_frame(
+        sa.select(r.service_id, r.device_id, positive.label("accepted"))
+        .join(offer_feedback, f.offer_id == r.offer_id)
+        .group_by(r.offer_id, r.service_id, r.device_id)
+    )
+    return frame.assign(accepted=frame["accepted"].astype(bool))

@@ -123,6 +123,33 @@ class VectorIndex(dg.ConfigurableResource):
         return written
 
     @staticmethod
+    def recommend_devices(
+        client: QdrantClient,
+        collection: str,
+        positive: Sequence[str],
+        negative: Sequence[str],
+        exclude_devices: Sequence[str],
+        limit: int,
+    ) -> list[tuple[str, float]]:
+        """Qdrant's recommendation query: the devices nearest to the positive examples and away
+        from the negative ones (point ids), skipping `exclude_devices`; (device_id, score) pairs."""
+        exclude = models.Filter(
+            must_not=[
+                models.FieldCondition(key="device_id", match=models.MatchAny(any=list(exclude_devices)))
+            ]
+        )
+        hits = client.query_points(
+            collection,
+            query=models.RecommendQuery(
+                recommend=models.RecommendInput(positive=list(positive), negative=list(negative) or None)
+            ),
+            query_filter=exclude if exclude_devices else None,
+            limit=limit,
+            with_payload=["device_id"],
+        ).points
+        return [(hit.payload["device_id"], float(hit.score)) for hit in hits]
+
+    @staticmethod
     def delete(client: QdrantClient, collection: str, ids: Sequence[str]) -> int:
         if ids:
             client.delete(collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
