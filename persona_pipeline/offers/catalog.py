@@ -81,6 +81,9 @@ class OfferRules(_Strict):
     location_window_days: int = Field(default=7, ge=1, description="A city change this recent offers.")
     usage_ratio: float = Field(default=2.25, gt=1, description="Heavy: this times segment median.")
     usage_min_seconds: float = Field(default=300, ge=0, description="Heavy: at least these seconds.")
+    min_score: float = Field(
+        default=0.1, ge=0, le=1, description="Offers scoring below this are not made (strength x acceptance)."
+    )
     daily_cap: int = Field(default=3, ge=1, description="Offers per device per day at most.")
     ticket_severity: float = Field(default=0.7, ge=0, le=1, description="Anomaly score that opens a ticket.")
     prior_accepted: float = Field(default=1.0, gt=0, description="Pseudo-acceptances of the smoothed rate.")

@@ -261,6 +261,7 @@ def finalize(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCata
         return _empty().assign(offer_id=[], score=[], offer_day=[])
     candidates = candidates.drop_duplicates(["device_id", "service_id"]).reset_index(drop=True)
     candidates["score"] = candidates["strength"] * smoothed_acceptance(candidates, inputs.acceptance, catalog)
+    candidates = candidates[candidates["score"] >= catalog.rules.min_score].reset_index(drop=True)
     candidates["offer_day"] = inputs.day
     candidates["offer_id"] = "offer-" + _hash_hex(candidates[["device_id", "service_id", "offer_day"]])
 
