@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 
 class ConfigError(ValueError):
@@ -72,3 +72,14 @@ def _entry_label(data: dict[str, Any], loc: list[Any]) -> str:
         if name:
             label += f" ({name!r})"
     return label
+
+
+def load_validated(name: str, model: type[BaseModel], config_dir: str | os.PathLike | None = None):
+    """The file `name` (override folder or shipped default) validated as `model`, and its path.
+    Invalid content raises ConfigError naming the file, the entry and the problem."""
+    path = config_file(name, config_dir)
+    data = read_yaml_mapping(path)
+    try:
+        return model.model_validate(data), path
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(path, data, exc)) from None

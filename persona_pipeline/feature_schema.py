@@ -15,14 +15,9 @@ from functools import cached_property
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from persona_pipeline.config_files import (
-    ConfigError,
-    config_file,
-    describe_validation_error,
-    read_yaml_mapping,
-)
+from persona_pipeline.config_files import load_validated
 
 FEATURE_SCHEMA_FILE = "feature_schema.yaml"
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_*-]+(\.[A-Za-z0-9_*-]+)+$")
@@ -284,10 +279,5 @@ class FeatureSchema:
 
 
 def load_feature_schema(config_dir: str | os.PathLike | None = None) -> FeatureSchema:
-    path = config_file(FEATURE_SCHEMA_FILE, config_dir)
-    data = read_yaml_mapping(path)
-    try:
-        spec = FeatureSchemaFile.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(path, data, exc)) from None
+    spec, path = load_validated(FEATURE_SCHEMA_FILE, FeatureSchemaFile, config_dir)
     return FeatureSchema(spec, origin=str(path))

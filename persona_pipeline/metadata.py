@@ -31,3 +31,22 @@ def _cell(text: str, max_chars: int) -> str:
 def counts_table(counts: pd.Series, label: str, value_label: str = "rows") -> dg.MetadataValue:
     frame = counts.rename_axis(label).reset_index(name=value_label)
     return markdown_table(frame, max_rows=20)
+
+
+def reject_share_check(
+    check_name: str, share: float, threshold: float, rejected: int, read: int, where: str
+) -> dg.AssetCheckResult:
+    """Fails (ERROR) when more than `threshold` of the rows read were rejected."""
+    passed = share <= threshold
+    return dg.AssetCheckResult(
+        check_name=check_name,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "reject_share": dg.MetadataValue.float(round(share, 5)),
+            "threshold": dg.MetadataValue.float(threshold),
+            "rows_rejected": dg.MetadataValue.int(rejected),
+            "rows_read": dg.MetadataValue.int(read),
+        },
+        description=None if passed else f"{share:.1%} of rows rejected; see {where}",
+    )

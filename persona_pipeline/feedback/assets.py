@@ -10,7 +10,7 @@ from pydantic import Field
 from persona_pipeline.feedback import storage
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
 from persona_pipeline.feedback.validation import FEEDBACK_FIELDS, validate_feedback
-from persona_pipeline.metadata import counts_table, markdown_table
+from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
 from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.weights import current_weights, insert_weights, read_weights_version
@@ -68,7 +68,6 @@ def offer_feedback(
     total = len(rows) + len(read.rejects)
     share = len(rejects) / total if total else 0.0
     positive = responses["response"].isin(["accepted", "used"])
-    passed = share <= config.max_reject_share
     return dg.MaterializeResult(
         metadata={
             "batch_id": dg.MetadataValue.text(batch_id),
@@ -90,11 +89,13 @@ def offer_feedback(
             "reject_examples": markdown_table(rejects[["source_file", "source_row", "reason"]], max_rows=5),
         },
         check_results=[
-            dg.AssetCheckResult(
-                check_name=FEEDBACK_REJECT_CHECK,
-                passed=passed,
-                metadata={"reject_share": share, "threshold": config.max_reject_share},
-                description=None if passed else f"{share:.1%} of the batch rejected",
+            reject_share_check(
+                FEEDBACK_REJECT_CHECK,
+                share,
+                config.max_reject_share,
+                len(rejects),
+                total,
+                "offer_feedback_rejects",
             )
         ],
     )

@@ -5,7 +5,7 @@ import pandas as pd
 from pydantic import Field
 
 from persona_pipeline.ingest.ingest import ingest_days
-from persona_pipeline.metadata import counts_table, markdown_table
+from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
 from persona_pipeline.partitions import daily_partitions, partition_days
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
@@ -62,7 +62,6 @@ def index_updates(
 
     accepted = outcome.accepted
     share = outcome.reject_share
-    passed = share <= config.max_reject_share
     return dg.MaterializeResult(
         metadata={
             "days": dg.MetadataValue.text(f"{days[0]} … {days[-1]}" if len(days) > 1 else days[0]),
@@ -89,17 +88,13 @@ def index_updates(
             "preview": markdown_table(accepted.head(5).drop(columns=["source_file", "source_row"])),
         },
         check_results=[
-            dg.AssetCheckResult(
-                check_name=REJECT_SHARE_CHECK,
-                passed=passed,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata={
-                    "reject_share": dg.MetadataValue.float(round(share, 5)),
-                    "threshold": dg.MetadataValue.float(config.max_reject_share),
-                    "rows_rejected": dg.MetadataValue.int(len(rejects)),
-                    "rows_read": dg.MetadataValue.int(outcome.rows_read),
-                },
-                description=None if passed else f"{share:.1%} of rows rejected; see index_update_rejects",
+            reject_share_check(
+                REJECT_SHARE_CHECK,
+                share,
+                config.max_reject_share,
+                len(rejects),
+                outcome.rows_read,
+                "index_update_rejects",
             )
         ],
     )

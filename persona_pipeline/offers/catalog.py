@@ -9,14 +9,9 @@ import os
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from persona_pipeline.config_files import (
-    ConfigError,
-    config_file,
-    describe_validation_error,
-    read_yaml_mapping,
-)
+from persona_pipeline.config_files import load_validated
 
 SERVICE_CATALOG_FILE = "service_catalog.yaml"
 TRIGGERS = ("location", "usage", "support", "lookalike")
@@ -120,10 +115,5 @@ class ServiceCatalog:
 
 
 def load_service_catalog(config_dir: str | os.PathLike | None = None) -> ServiceCatalog:
-    path = config_file(SERVICE_CATALOG_FILE, config_dir)
-    data = read_yaml_mapping(path)
-    try:
-        spec = ServiceCatalogFile.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(path, data, exc)) from None
+    spec, path = load_validated(SERVICE_CATALOG_FILE, ServiceCatalogFile, config_dir)
     return ServiceCatalog(spec, origin=str(path))
