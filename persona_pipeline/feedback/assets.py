@@ -13,7 +13,7 @@ from persona_pipeline.feedback.validation import FEEDBACK_FIELDS, validate_feedb
 from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
 from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.personas import storage as persona_storage
-from persona_pipeline.personas.weights import current_weights, insert_weights, read_weights_version
+from persona_pipeline.personas.weights import current_weights, insert_weights
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
 
@@ -172,7 +172,7 @@ def key_weights(
     current = current_weights(persona_store, schema.initial_weights())
     offers = storage.read_responded_offers(persona_store)
     learned_before = storage.read_learned_batches(persona_store)
-    batches = sorted({b for ids in offers.get("batches", []) for b in ids} - learned_before)
+    batches = sorted(storage.read_feedback_batch_ids(persona_store) - learned_before)
     history = storage.acceptance_by_weights_version(persona_store)
     common = {
         "acceptance_by_weights_version": markdown_table(history, max_rows=50),
@@ -186,11 +186,11 @@ def key_weights(
     names = schema.dimension_names
     parts = []  # the responded offers of each stored space in the current schema's dimensions
     for space, group in offers.groupby("space", sort=True):
-        if _space_dimensions(persona_store, space) != names:
+        dimensions = persona_storage.read_dimensions(persona_store, space)
+        if dimensions["name"].tolist() != names:
             continue
-        weights_of_space = schema.dimension_weights(_space_weights(persona_store, space))
         matrix = persona_storage.decode_vectors(group["persona_vector"], len(names))
-        parts.append((group, unweighted(matrix, weights_of_space)))
+        parts.append((group, unweighted(matrix, dimensions["weight"].to_numpy())))
     ordered = pd.concat([group for group, _ in parts]) if parts else offers.iloc[:0]
     values = np.vstack([matrix for _, matrix in parts]) if parts else np.zeros((0, len(names)))
     keys = [d.concrete_key or d.weight_key for d in schema.dimensions]
@@ -228,16 +228,6 @@ def key_weights(
             ),
         }
     )
-
-
-def _space_dimensions(store: PersonaStore, space: str | None) -> list[str]:
-    return persona_storage.read_dimension_names(store, space) if space else []
-
-
-def _space_weights(store: PersonaStore, space: str) -> dict[str, float]:
-    """The weights behind a stored feature space (its `-w<version>` suffix)."""
-    version = int(space.rsplit("-w", 1)[1])
-    return read_weights_version(store, version)
 
 
 weights_job = dg.define_asset_job(

@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import sqlalchemy as sa
 
+from persona_pipeline.offers.storage import answered_offers
 from persona_pipeline.resources.persona_store import PersonaStore
 from persona_pipeline.store.tables import (
     key_weight_refreshes,
@@ -38,21 +39,20 @@ def write_batch(store: PersonaStore, batch_id: str, responses: pd.DataFrame, rej
 
 def read_responded_offers(store: PersonaStore) -> pd.DataFrame:
     """Offers with at least one response: offer_id, trigger, space, persona_vector,
-    weights_version, accepted (accepted or used), and the batches the responses came in."""
-    f, r = offer_feedback.c, service_recommendations.c
-    rows = store.read_frame(
-        sa.select(
-            r.offer_id, r.trigger, r.space, r.persona_vector, r.weights_version, f.response, f.batch_id
-        ).join(offer_feedback, f.offer_id == r.offer_id)
+    weights_version, accepted (any response accepted or used)."""
+    r = service_recommendations.c
+    answered = answered_offers()
+    frame = store.read_frame(
+        sa.select(r.offer_id, r.trigger, r.space, r.persona_vector, r.weights_version, answered.c.accepted)
+        .join(answered, answered.c.offer_id == r.offer_id)
+        .order_by(r.offer_id)
     )
-    if rows.empty:
-        return rows.assign(accepted=pd.Series(dtype=bool))
-    rows["accepted"] = rows["response"].isin(["accepted", "used"])
-    grouped = rows.groupby("offer_id", sort=True)
-    offers = grouped.first()[["trigger", "space", "persona_vector", "weights_version"]]
-    offers["accepted"] = grouped["accepted"].any()
-    offers["batches"] = grouped["batch_id"].agg(lambda ids: sorted(set(ids)))
-    return offers.reset_index()
+    return frame.assign(accepted=frame["accepted"].astype(bool))
+
+
+def read_feedback_batch_ids(store: PersonaStore) -> set[str]:
+    """Every batch that has delivered responses."""
+    return set(store.read_frame(sa.select(offer_feedback.c.batch_id).distinct())["batch_id"])
 
 
 def read_learned_batches(store: PersonaStore) -> set[str]:
@@ -74,9 +74,8 @@ def record_refresh(store: PersonaStore, version: int, batches: list[str], respon
 
 def acceptance_by_weights_version(store: PersonaStore) -> pd.DataFrame:
     """Per weights version behind the offers: offers made, answered, accepted, acceptance rate."""
-    f, r = offer_feedback.c, service_recommendations.c
-    positive = sa.func.max(sa.case((f.response.in_(["accepted", "used"]), 1), else_=0))
-    answered = sa.select(f.offer_id, positive.label("accepted")).group_by(f.offer_id).subquery()
+    r = service_recommendations.c
+    answered = answered_offers()
     frame = store.read_frame(
         sa.select(
             r.weights_version,

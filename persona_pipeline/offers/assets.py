@@ -117,8 +117,8 @@ def service_recommendations(
     opened = storage.write_tickets(persona_store, tickets)
     context.log.info(f"{written} new offers for {day}, {opened} new support tickets")
 
-    todays = storage.read_offer_history(persona_store)
-    todays = todays[todays["offer_day"] == day]
+    columns = ["device_id", "service_id", "trigger"]
+    todays = pd.concat([inputs.history.loc[inputs.history["offer_day"] == day, columns], offers[columns]])
     preview = (
         offers.sort_values("score", ascending=False)
         .groupby("trigger")

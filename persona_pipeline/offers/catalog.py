@@ -9,6 +9,7 @@ import os
 import re
 from typing import Literal
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from persona_pipeline.config_files import load_validated
@@ -112,6 +113,17 @@ class ServiceCatalog:
 
     def services(self, trigger: str) -> list[Service]:
         return [s for s in self.spec.services if s.trigger == trigger]
+
+    def service_for(self, service_id: str) -> Service | None:
+        """The catalog entry behind an offer's service id (`app_tutorial:maps` -> `app_tutorial:{app}`)."""
+        template = service_id.split(":", 1)[0] + ":{app}"
+        by_id = {s.id: s for s in self.spec.services}
+        return by_id.get(service_id) or by_id.get(template)
+
+    def per_service(self, service_ids: pd.Series, field: str, default: float) -> pd.Series:
+        """`field` of each offer's service (looked up once per distinct id), `default` if unknown."""
+        found = {sid: getattr(self.service_for(sid), field, default) for sid in service_ids.unique()}
+        return service_ids.map(found)
 
 
 def load_service_catalog(config_dir: str | os.PathLike | None = None) -> ServiceCatalog:

@@ -215,7 +215,6 @@ def lookalike_candidates(hits: pd.DataFrame, inputs: OfferInputs, catalog: Servi
     `hits`: service_id, device_id, rank (0 = nearest), accepters (how many examples)."""
     if hits.empty:
         return _empty()
-    priority = {s.service_id(): s.priority for s in catalog.spec.services}
     limit = max(catalog.rules.lookalike_per_service, 1)
     frame = pd.DataFrame(
         {
@@ -223,9 +222,7 @@ def lookalike_candidates(hits: pd.DataFrame, inputs: OfferInputs, catalog: Servi
             "service_id": hits["service_id"].to_numpy(),
             "trigger": "lookalike",
             "strength": (1.0 - 0.5 * hits["rank"] / limit).to_numpy(),
-            "priority": hits["service_id"]
-            .map(lambda sid: priority.get(sid, priority.get(sid.split(":")[0] + ":{app}", 0.3)))
-            .to_numpy(),
+            "priority": catalog.per_service(hits["service_id"], "priority", 0.3).to_numpy(),
             "reason": (
                 "close in persona to the "
                 + hits["accepters"].astype(str)
@@ -267,12 +264,11 @@ def finalize(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCata
 
     history = inputs.history
     earlier = history[history["offer_day"] < inputs.day]
-    cooldown = _cooldowns(catalog)
     last = earlier.groupby(["device_id", "service_id"])["offer_day"].max()
     previous_day = last.reindex(pd.MultiIndex.from_frame(candidates[["device_id", "service_id"]])).to_numpy()
     days_since = (pd.Timestamp(inputs.day) - pd.to_datetime(pd.Series(previous_day))).dt.days.to_numpy()
     cooling = pd.notna(previous_day) & (
-        days_since < candidates["service_id"].map(cooldown).fillna(0).to_numpy()
+        days_since < catalog.per_service(candidates["service_id"], "cooldown_days", 0).to_numpy()
     )
     candidates = candidates[~cooling]
 
@@ -288,20 +284,6 @@ def finalize(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCata
     kept = pool[pool.groupby("device_id").cumcount() < catalog.rules.daily_cap]
     new = kept[~kept["existing"].astype(bool)]
     return new.drop(columns=["existing", "rank_key", "precedence", "strength"]).reset_index(drop=True)
-
-
-def _cooldowns(catalog: ServiceCatalog) -> dict[str, int]:
-    """Cooldown days per concrete service id (templates resolved by prefix)."""
-    table = {}
-    for service in catalog.spec.services:
-        table[service.id.replace(":{app}", ":")] = service.cooldown_days
-    return _PrefixDict(table)
-
-
-class _PrefixDict(dict):
-    def __missing__(self, key: str) -> int:
-        prefix = key.split(":", 1)[0] + ":"
-        return super().get(prefix, 0)
 
 
 def _titled(title: str, placeholder: str, values: pd.Series) -> pd.Series:
@@ -322,4 +304,6 @@ def _empty() -> pd.DataFrame:
 
 def _hash_hex(frame: pd.DataFrame) -> pd.Series:
     hashes = pd.util.hash_pandas_object(frame.astype(str), index=False).to_numpy()
-    return pd.Series(np.char.mod("%016x", hashes), index=frame.index)
+    # 16 hex digits per row, formatted for the whole column at once.
+    digits = np.frombuffer(hashes.astype(">u8").tobytes().hex().encode(), dtype="S16").astype(str)
+    return pd.Series(digits, index=frame.index)

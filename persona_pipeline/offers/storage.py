@@ -17,11 +17,18 @@ def read_offer_history(store: PersonaStore) -> pd.DataFrame:
     )
 
 
+def answered_offers() -> sa.Subquery:
+    """One row per offer with a response: offer_id, accepted (1 when any response to it was
+    accepted or used, else 0)."""
+    f = offer_feedback.c
+    positive = sa.func.max(sa.case((f.response.in_(POSITIVE_RESPONSES), 1), else_=0))
+    return sa.select(f.offer_id, positive.label("accepted")).group_by(f.offer_id).subquery()
+
+
 def read_acceptance(store: PersonaStore) -> pd.DataFrame:
     """Responses per (segment at offer time, service): accepted (accepted or used) and all."""
-    f, r = offer_feedback.c, service_recommendations.c
-    positive = sa.case((f.response.in_(POSITIVE_RESPONSES), 1), else_=0)
-    responded = sa.select(f.offer_id, sa.func.max(positive).label("accepted")).group_by(f.offer_id).subquery()
+    r = service_recommendations.c
+    responded = answered_offers()
     query = (
         sa.select(
             r.cluster_id,
@@ -63,11 +70,11 @@ def write_tickets(store: PersonaStore, tickets: pd.DataFrame) -> int:
 
 def read_service_responses(store: PersonaStore) -> pd.DataFrame:
     """Per responded offer: service_id, device_id, accepted (accepted or used)."""
-    f, r = offer_feedback.c, service_recommendations.c
-    positive = sa.func.max(sa.case((f.response.in_(POSITIVE_RESPONSES), 1), else_=0))
+    r = service_recommendations.c
+    answered = answered_offers()
     frame = store.read_frame(
-        sa.select(r.service_id, r.device_id, positive.label("accepted"))
-        .join(offer_feedback, f.offer_id == r.offer_id)
-        .group_by(r.offer_id, r.service_id, r.device_id)
+        sa.select(r.service_id, r.device_id, answered.c.accepted).join(
+            answered, answered.c.offer_id == r.offer_id
+        )
     )
     return frame.assign(accepted=frame["accepted"].astype(bool))

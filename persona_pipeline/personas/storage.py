@@ -230,7 +230,11 @@ def read_stored_vectors(store: PersonaStore) -> StoredVectors:
     )
 
 
-def read_dimension_names(store: PersonaStore, space: str) -> list[str]:
+def read_dimensions(store: PersonaStore, space: str) -> pd.DataFrame:
+    """The dimensions of a stored feature space, in position order: name, weight."""
     d = persona_dimensions.c
-    frame = store.read_frame(sa.select(d.name).where(d.space == space).order_by(d.position))
-    return frame["name"].tolist()
+    return store.read_frame(sa.select(d.name, d.weight).where(d.space == space).order_by(d.position))
+
+
+def read_dimension_names(store: PersonaStore, space: str) -> list[str]:
+    return read_dimensions(store, space)["name"].tolist()

@@ -47,13 +47,6 @@ def current_weights(store: PersonaStore, configured: dict[str, float]) -> Weight
     return WeightsVersion(newest, rows.set_index("key")["weight"].to_dict(), rows["source"].iloc[0])
 
 
-def read_weights_version(store: PersonaStore, version: int) -> dict[str, float]:
-    frame = store.read_frame(
-        sa.select(key_weights.c.key, key_weights.c.weight).where(key_weights.c.version == version)
-    )
-    return frame.set_index("key")["weight"].to_dict()
-
-
 def insert_weights(store: PersonaStore, version: int, weights: dict[str, float], source: str) -> None:
     frame = pd.DataFrame(
         {
