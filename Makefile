@@ -18,9 +18,9 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
-demo: $(INSTALLED)  ## generate a demo fleet (if the landing zone is empty) and run the whole chain
+demo: $(INSTALLED)  ## generate a demo fleet (if the landing zone is empty), run the whole loop, compare the weights
 	$(BIN)/persona-pipeline generate --if-empty
-	$(BIN)/persona-pipeline run
+	$(BIN)/persona-pipeline demo
 
 test: $(INSTALLED)  ## lint and run the test suite
 	$(BIN)/ruff check .

@@ -77,6 +77,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    init_home()
+    from persona_pipeline.demo.loop import compare_weights, comparison_report, run_demo
+    from persona_pipeline.runner import summary
+
+    result = run_demo(args.rounds, args.seed, say=lambda line: print(line, flush=True))
+    print()
+    print(summary(result))
+    print()
+    print("comparing the initial and the learned weights on the same day …", flush=True)
+    print(comparison_report(compare_weights()))
+    return 0
+
+
 def cmd_simulate_feedback(args: argparse.Namespace) -> int:
     init_home()
     from persona_pipeline.runner import simulate_feedback
@@ -125,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--end", type=_parse_day, help="last day, inclusive (default: last landed day)")
     run.add_argument("--verbose", action="store_true", help="show Dagster's step logs")
     run.set_defaults(handler=cmd_run)
+
+    demo = commands.add_parser(
+        "demo",
+        help="the whole loop on the landed demo fleet: offers, simulated feedback, new weights, "
+        "new offers; then the last day's offers with the initial and with the learned weights",
+    )
+    demo.add_argument("--rounds", type=int, default=2, help="feedback rounds, one per last day (default 2)")
+    demo.add_argument("--seed", type=int, default=11, help="random seed of the responses (default 11)")
+    demo.set_defaults(handler=cmd_demo)
 
     simulate = commands.add_parser(
         "simulate-feedback",

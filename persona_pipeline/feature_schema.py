@@ -225,6 +225,16 @@ class FeatureSchema:
         dims.extend(Dimension(d.name, d.name) for d in self.derived)
         return tuple(dims)
 
+    def dimension_of_key(self, key: str) -> int | None:
+        """The dimension a numeric key feeds: its own, or its pattern's `[<other>]` dimension."""
+        names = self.dimension_names
+        if key in names:
+            return names.index(key)
+        feature = self.feature_for(key)
+        if feature is not None and feature.is_pattern and f"{feature.key}[{OTHER}]" in names:
+            return names.index(f"{feature.key}[{OTHER}]")
+        return None
+
     @property
     def dimension_names(self) -> list[str]:
         return [d.name for d in self.dimensions]

@@ -16,7 +16,7 @@ from persona_pipeline.cli import CommandError
 from persona_pipeline.feedback.assets import offer_feedback_batches
 from persona_pipeline.feedback.storage import acceptance_by_weights_version
 from persona_pipeline.partitions import daily_partitions
-from persona_pipeline.resources import LandingZone, PersonaStore, VectorIndex
+from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.store.tables import (
     anomaly_scores,
     device_profiles,
@@ -119,13 +119,19 @@ def new_feedback_batches(landing: LandingZone, instance: dg.DagsterInstance) -> 
     return [batch for batch in landing.complete_feedback_batches() if batch not in done]
 
 
+class NothingToAnswer(CommandError):
+    """Every offer made so far has a response."""
+
+
 def simulate_feedback(seed: int, batch_id: str | None) -> str:
+    """Write a feedback batch answering every offer not answered yet, as the demo's people would."""
     from persona_pipeline.definitions import defs
     from persona_pipeline.demo.responses import simulate_responses, write_feedback_batch
     from persona_pipeline.settings import ground_truth_dir
 
     store: PersonaStore = defs.resources["persona_store"]
     landing: LandingZone = defs.resources["landing_zone"]
+    config: PersonaConfig = defs.resources["persona_config"]
     truth_file = ground_truth_dir() / "devices.csv"
     if not truth_file.is_file():
         raise CommandError(f"no ground truth at {truth_file}: run `persona-pipeline generate` first")
@@ -136,8 +142,8 @@ def simulate_feedback(seed: int, batch_id: str | None) -> str:
         )
     )
     if offers.empty:
-        raise CommandError("no unanswered offers: run `persona-pipeline run` first")
-    responses = simulate_responses(offers, pd.read_csv(truth_file), seed)
+        raise NothingToAnswer("no unanswered offers: run `persona-pipeline run` first")
+    responses = simulate_responses(offers, pd.read_csv(truth_file), config.service_catalog(), seed)
     batch_id = batch_id or f"sim-{offers['offer_day'].max()}-{len(landing.complete_feedback_batches()) + 1}"
     folder = write_feedback_batch(responses, landing.root, batch_id)
     accepted = responses["response"].isin(["accepted", "used"]).mean()

@@ -123,3 +123,26 @@ def test_learned_weights_make_lookalike_offers_accepted_more_often(tmp_path):
 
     assert all(weights["a"] / weights[key] > 1.5 for key in keys[1:])
     assert after > before + 0.05, (before, after)
+
+
+def test_the_use_of_the_app_an_offer_is_about_is_learned_as_the_strongest_predictor():
+    """Tutorials for three apps, each taken by heavy users of its own app (80%); owners of some
+    models take any offer more often (40% against 5%). Pooled over the offers, each app's column
+    predicts only a third of them and the model looks stronger; the offered app's use is not."""
+    rng = np.random.default_rng(5)
+    n = 1200
+    values = rng.random((n, 5))  # maps, music, games use; connection (noise); model
+    offered = rng.integers(0, 3, n)
+    heavy = values[np.arange(n), offered] > 0.7
+    accepted = rng.random(n) < np.where(heavy, 0.8, np.where(values[:, 4] > 0.5, 0.4, 0.05))
+    keys = ["maps", "music", "games", "connection", "model"]
+    current = dict.fromkeys(keys, 0.5)
+    triggers = np.array(["usage"] * n)
+    settings = LearningSettings(learning_rate=1.0)
+    pooled = learn_weights(values, accepted, triggers, keys, current, settings).weights
+    aware = learn_weights(
+        values, accepted, triggers, keys, current, settings, offered_dimension=offered
+    ).weights
+    assert min(aware[app] for app in keys[:3]) > aware["model"] > 0.5 * aware["maps"] > aware["connection"]
+    assert pooled["model"] > min(pooled[app] for app in keys[:3])
+    assert aware["connection"] == settings.floor  # L1: no evidence, so it decays to the floor

@@ -95,6 +95,30 @@ def test_feedback_changes_the_ranking_through_the_segment_acceptance_rate():
     assert learned[("heavy", "app_tutorial:maps")] == plain[("heavy", "app_tutorial:maps")]
 
 
+def test_a_service_the_fleet_turns_down_scores_low_in_a_segment_that_never_saw_it():
+    """The segment's rate is shrunk toward the service's fleet rate, so what was learned survives
+    when segments are re-formed; a segment's own answers win once there are enough of them."""
+    from persona_pipeline.offers.recommend import smoothed_acceptance
+
+    catalog = load_service_catalog()  # prior 1 accepted, 1 rejected
+    acceptance = pd.DataFrame(
+        {
+            "cluster_id": [7, 8, 9],
+            "service_id": ["app_feature:maps"] * 3,
+            "accepted": [0.0, 1.0, 45.0],
+            "responses": [40.0, 40.0, 50.0],
+        }
+    )
+    candidates = pd.DataFrame(
+        {"cluster_id": [1, 9, 1], "service_id": ["app_feature:maps", "app_feature:maps", "app_tutorial:news"]}
+    )
+    unseen_segment, keen_segment, unknown_service = smoothed_acceptance(candidates, acceptance, catalog)
+    fleet = (46 + 1) / (130 + 2)
+    assert unseen_segment == pytest.approx(fleet)
+    assert keen_segment == pytest.approx((45 + 2 * fleet) / (50 + 2))
+    assert unknown_service == pytest.approx(0.5)
+
+
 def test_tickets_are_one_per_device_and_cause():
     catalog = load_service_catalog()
     anomalies = inputs().anomalies

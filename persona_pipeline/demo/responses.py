@@ -2,7 +2,10 @@
 
 The demo's people respond to what they need, as the ground truth says: a device that
 moved takes location services for its new city, a heavy user takes offers about its
-heavy app, a failing device takes support; everything else is mostly turned down.
+heavy app, a failing device takes support. A lookalike offer is judged by the need its service
+serves. Offers that meet no need are mostly turned down, except by the owners of two
+models, who take them at RECEPTIVE_ACCEPTANCE: acceptance depends on a key the initial
+weights make little of, so learning has something to find.
 """
 
 from __future__ import annotations
@@ -13,31 +16,64 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from persona_pipeline.offers.catalog import ServiceCatalog
+
 NEEDED_ACCEPTANCE = 0.75
-OTHER_ACCEPTANCE = 0.08
+# Owners of these models take offers they did not strictly need far more often than others:
+# acceptance depends on `device.model`, and not, say, on `device.connection.type`.
+RECEPTIVE_MODELS = ("iPhone 15", "Pixel 8")
+RECEPTIVE_ACCEPTANCE = 0.4
+OTHER_ACCEPTANCE = 0.05
 
 
-def needed(offers: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
-    """Whether each offer meets a need the ground truth planted."""
+def _service_needs(service_ids: pd.Series, catalog: ServiceCatalog) -> pd.DataFrame:
+    """Per distinct service id: the need it serves (location/usage/support) and, for usage
+    services, the apps it concerns (the app in a templated id, else the catalog's apps)."""
+    rows = []
+    for service_id in service_ids.unique():
+        service = catalog.service_for(service_id)
+        trigger = service.trigger if service is not None else None
+        apps: tuple[str, ...] = ()
+        if trigger == "usage":
+            apps = (service_id.split(":", 1)[1],) if ":" in service_id else service.eligibility.apps or ()
+        rows.append({"service_id": service_id, "need": trigger, "apps": apps})
+    return pd.DataFrame(rows, columns=["service_id", "need", "apps"]).set_index("service_id")
+
+
+def needed(offers: pd.DataFrame, truth: pd.DataFrame, catalog: ServiceCatalog) -> np.ndarray:
+    """Whether each offer meets a need the ground truth planted: a location service for a device
+    that moved, a usage service about the device's heavy app, a support service for a failing
+    device. A lookalike offer is judged by the service it offers, like any other."""
     people = truth.set_index("device_id").reindex(offers["device_id"])
-    app = offers["service_id"].str.split(":").str[-1].to_numpy()
+    needs = _service_needs(offers["service_id"], catalog).reindex(offers["service_id"])
+    need = needs["need"].to_numpy()
     moved = people["moved"].fillna(False).to_numpy(dtype=bool)
-    heavy_app = people["heavy_app"].astype(object).to_numpy()
     failing = people["failing"].fillna(False).to_numpy(dtype=bool)
-    trigger = offers["trigger"].to_numpy()
+    heavy_app = people["heavy_app"].astype(object).to_numpy()
+    exploded = pd.DataFrame({"row": np.arange(len(offers)), "app": needs["apps"].to_numpy()}).explode("app")
+    about_heavy_app = np.zeros(len(offers), dtype=bool)
+    matches = exploded["app"].to_numpy() == heavy_app[exploded["row"].to_numpy()]
+    about_heavy_app[exploded["row"].to_numpy()[matches]] = True
     return (
-        ((trigger == "location") & moved)
-        | ((trigger == "usage") & (app == heavy_app))
-        | ((trigger == "support") & failing)
-        | ((trigger == "lookalike") & (moved | failing))
+        ((need == "location") & moved)
+        | ((need == "usage") & about_heavy_app)
+        | ((need == "support") & failing)
     )
 
 
-def simulate_responses(offers: pd.DataFrame, truth: pd.DataFrame, seed: int) -> pd.DataFrame:
+def acceptance_probability(offers: pd.DataFrame, truth: pd.DataFrame, catalog: ServiceCatalog) -> np.ndarray:
+    """The chance that each offer is accepted under the demo's response model."""
+    model = truth.set_index("device_id")["model"].reindex(offers["device_id"]).to_numpy()
+    unneeded = np.where(np.isin(model, RECEPTIVE_MODELS), RECEPTIVE_ACCEPTANCE, OTHER_ACCEPTANCE)
+    return np.where(needed(offers, truth, catalog), NEEDED_ACCEPTANCE, unneeded)
+
+
+def simulate_responses(
+    offers: pd.DataFrame, truth: pd.DataFrame, catalog: ServiceCatalog, seed: int
+) -> pd.DataFrame:
     """One response per offer: accepted/used when it meets a need (mostly), else rejected/dismissed."""
     rng = np.random.default_rng(seed)
-    wanted = needed(offers, truth)
-    accepts = rng.random(len(offers)) < np.where(wanted, NEEDED_ACCEPTANCE, OTHER_ACCEPTANCE)
+    accepts = rng.random(len(offers)) < acceptance_probability(offers, truth, catalog)
     positive = np.where(rng.random(len(offers)) < 0.5, "accepted", "used")
     negative = np.where(rng.random(len(offers)) < 0.6, "rejected", "dismissed")
     created = pd.to_datetime(offers["offer_day"]).dt.tz_localize("UTC")

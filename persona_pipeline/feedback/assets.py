@@ -7,11 +7,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.feedback import storage
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
 from persona_pipeline.feedback.validation import FEEDBACK_FIELDS, validate_feedback
 from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
 from persona_pipeline.offers.assets import service_recommendations
+from persona_pipeline.offers.catalog import ServiceCatalog
+from persona_pipeline.offers.recommend import app_key
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.weights import current_weights, insert_weights
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
@@ -133,7 +136,9 @@ class KeyWeightsConfig(dg.Config):
         description="Share of the way each weight moves towards what feedback suggests.",
     )
     floor: float = Field(default=0.02, ge=0, description="No weight falls below this.")
-    ceiling: float = Field(default=2.0, gt=0, description="No weight rises above this.")
+    ceiling: float = Field(
+        default=1.0, gt=0, description="No weight rises above this (default: the largest initial weight)."
+    )
     regularization: float = Field(
         default=1.0, gt=0, description="Inverse L2 strength of the logistic regressions (scikit-learn's C)."
     )
@@ -149,6 +154,16 @@ class KeyWeightsConfig(dg.Config):
             regularization=self.regularization,
             min_responses=self.min_responses,
         )
+
+
+def _offered_dimensions(service_ids: pd.Series, schema: FeatureSchema, catalog: ServiceCatalog) -> np.ndarray:
+    """Per offer, the dimension of the app a usage service is about (-1 for other services)."""
+    found = {}
+    for service_id in service_ids.unique():
+        app = catalog.app_of(service_id)
+        dimension = schema.dimension_of_key(app_key(app)) if app else None
+        found[service_id] = -1 if dimension is None else dimension
+    return service_ids.map(found).to_numpy(dtype=int)
 
 
 @dg.asset(
@@ -203,6 +218,9 @@ def key_weights(
         keys,
         {**current.weights, **in_effect},
         config.settings(),
+        offered_dimension=_offered_dimensions(
+            ordered["service_id"], schema, persona_config.service_catalog()
+        ),
     )
     changed = learned.table[(learned.table["new"] - learned.table["old"]).abs() > 1e-9]
     version = current.version

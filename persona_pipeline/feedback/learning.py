@@ -1,9 +1,11 @@
 """Learning key weights from responses to offers. Pure: no Dagster.
 
-For each trigger with enough responses, a regularised logistic regression predicts
-acceptance from the persona values at offer time (the transformed, unweighted value
-of each dimension, standardised). A key's importance is the largest absolute
-coefficient among its dimensions, averaged over triggers by their number of
+For each trigger with enough responses, an L1-regularised logistic regression (strength
+chosen by cross-validation) predicts acceptance from the persona values at offer time
+(the transformed, unweighted value of each dimension, standardised), plus the value of
+the dimension the offer is about (the use of the app a tutorial teaches). A key's
+importance is the largest absolute coefficient among its dimensions (and, for the keys
+offers were about, that extra column's), averaged over triggers by their number of
 responses. Importances are scaled so their mean equals the mean current weight of
 the keys that were learned, and each weight moves only part of the way there
 (`learning_rate`), within a floor and a ceiling, so a few noisy batches cannot
@@ -16,7 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+# Inverse L1 strengths tried by cross-validation; the L1 penalty sets the coefficients of keys
+# that do not predict acceptance to zero, so their weights decay instead of drifting on noise.
+REGULARIZATION_GRID = np.logspace(-3, 1, 9)
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,9 @@ class LearningSettings:
     learning_rate: float = 0.3
     floor: float = 0.02
     ceiling: float = 2.0
-    regularization: float = 1.0  # inverse strength (scikit-learn's C)
+    regularization: float = (
+        1.0  # inverse L1 strength (scikit-learn's C) when too few answers to cross-validate
+    )
     min_responses: int = 30
 
     def __post_init__(self) -> None:
@@ -48,23 +56,36 @@ def learn_weights(
     dimension_keys: list[str],
     current: dict[str, float],
     settings: LearningSettings,
+    offered_dimension: np.ndarray | None = None,
 ) -> LearnedWeights:
     """New weights from responded offers: `values` (offers x dimensions, unweighted persona
     values at offer time), `accepted` (bool), `triggers` (per offer); `dimension_keys` names
-    the weight key of each dimension."""
+    the weight key of each dimension. `offered_dimension` (per offer, -1 for none) is the
+    dimension the offer is about, such as the use of the app a tutorial teaches: its value
+    enters the regression as one more column, whose importance goes to the keys offered."""
     keys = pd.Index(dimension_keys)
     importance = pd.Series(np.nan, index=keys.unique())
     learned_from = 0
     counts: dict[str, int] = {}
+    if offered_dimension is None:
+        offered_dimension = np.full(len(values), -1)
     for trigger in sorted(set(triggers.tolist())):
         rows = triggers == trigger
         counts[trigger] = int(rows.sum())
         y = accepted[rows]
         if rows.sum() < settings.min_responses or y.all() or not y.any():
             continue
-        coefficients = _standardised_coefficients(values[rows], y, settings.regularization)
+        offered = offered_dimension[rows]
+        about = offered >= 0
+        x = values[rows]
+        if about.any():
+            x = np.column_stack([x, np.where(about, x[np.arange(len(x)), np.maximum(offered, 0)], 0.0)])
+        coefficients = _standardised_coefficients(x, y, settings.regularization)
         # NaN where a dimension did not vary: no information, not "unimportant".
-        per_key = pd.Series(np.abs(coefficients), index=keys).groupby(level=0).max()
+        per_key = pd.Series(np.abs(coefficients[: len(keys)]), index=keys).groupby(level=0).max()
+        if about.any() and not np.isnan(coefficients[-1]):
+            offered_keys = keys[np.unique(offered[about])]
+            per_key[offered_keys] = np.fmax(per_key[offered_keys], abs(coefficients[-1]))
         importance = importance.add(per_key * rows.sum(), fill_value=0.0).where(
             importance.notna() | per_key.notna()
         )
@@ -99,7 +120,18 @@ def _standardised_coefficients(x: np.ndarray, y: np.ndarray, regularization: flo
     if not varying.any():
         return coefficients
     standardised = (x[:, varying] - x[:, varying].mean(axis=0)) / spread[varying]
-    model = LogisticRegression(C=regularization, max_iter=1000).fit(standardised, y)
+    folds = int(min(5, y.sum(), (~y).sum()))
+    if folds >= 2:
+        model = LogisticRegressionCV(
+            Cs=REGULARIZATION_GRID,
+            cv=folds,
+            l1_ratios=(1.0,),
+            solver="liblinear",
+            scoring="neg_log_loss",
+            use_legacy_attributes=False,
+        ).fit(standardised, y)
+    else:
+        model = LogisticRegression(C=regularization, l1_ratio=1.0, solver="liblinear").fit(standardised, y)
     coefficients[varying] = model.coef_[0]
     return coefficients
 

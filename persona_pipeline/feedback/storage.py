@@ -38,12 +38,20 @@ def write_batch(store: PersonaStore, batch_id: str, responses: pd.DataFrame, rej
 
 
 def read_responded_offers(store: PersonaStore) -> pd.DataFrame:
-    """Offers with at least one response: offer_id, trigger, space, persona_vector,
+    """Offers with at least one response: offer_id, service_id, trigger, space, persona_vector,
     weights_version, accepted (any response accepted or used)."""
     r = service_recommendations.c
     answered = answered_offers()
     frame = store.read_frame(
-        sa.select(r.offer_id, r.trigger, r.space, r.persona_vector, r.weights_version, answered.c.accepted)
+        sa.select(
+            r.offer_id,
+            r.service_id,
+            r.trigger,
+            r.space,
+            r.persona_vector,
+            r.weights_version,
+            answered.c.accepted,
+        )
         .join(answered, answered.c.offer_id == r.offer_id)
         .order_by(r.offer_id)
     )

@@ -120,6 +120,15 @@ class ServiceCatalog:
         by_id = {s.id: s for s in self.spec.services}
         return by_id.get(service_id) or by_id.get(template)
 
+    def app_of(self, service_id: str) -> str | None:
+        """The app a usage service is about: a template's app, else the first app it is for."""
+        service = self.service_for(service_id)
+        if service is None or service.trigger != "usage":
+            return None
+        if ":" in service_id:
+            return service_id.split(":", 1)[1]
+        return service.eligibility.apps[0] if service.eligibility.apps else None
+
     def per_service(self, service_ids: pd.Series, field: str, default: float) -> pd.Series:
         """`field` of each offer's service (looked up once per distinct id), `default` if unknown."""
         found = {sid: getattr(self.service_for(sid), field, default) for sid in service_ids.unique()}

@@ -1,8 +1,9 @@
 """Proactive offers from moves, heavy app use and anomalies, ranked by what segments accept. Pure.
 
 Each candidate has a trigger strength in (0, 1]; its score is that strength times the
-smoothed acceptance rate of the service in the device's segment, (accepted + a) /
-(responses + a + b), so feedback changes the ranking. Offers are idempotent: the
+acceptance rate of the service in the device's segment, smoothed toward the service's
+fleet-wide rate (itself smoothed toward the prior a / (a + b)), so feedback changes the
+ranking. Offers are idempotent: the
 offer id is a hash of (device, service, day), so a re-run of the same day yields the
 same offers. Cooldowns and a per-device daily cap are honoured.
 """
@@ -34,6 +35,11 @@ class OfferInputs:
     anomalies: pd.DataFrame  # device_id, score, is_anomaly, reason, cause
     acceptance: pd.DataFrame  # cluster_id, service_id, accepted, responses
     history: pd.DataFrame  # earlier offers: offer_id, device_id, service_id, offer_day, score, priority
+
+
+def app_key(app: str) -> str:
+    """The profile key of an app's daily use."""
+    return f"device.usage.app_{app}_duration"
 
 
 def app_usage(profiles: pd.DataFrame) -> pd.DataFrame:
@@ -202,12 +208,21 @@ def support_tickets(anomalies: pd.DataFrame, catalog: ServiceCatalog, day: str) 
 def smoothed_acceptance(
     candidates: pd.DataFrame, acceptance: pd.DataFrame, catalog: ServiceCatalog
 ) -> np.ndarray:
+    """Each candidate's segment's acceptance rate of its service, shrunk toward the service's
+    rate over the whole fleet, which is itself shrunk toward the configured prior. What the
+    fleet taught about a service survives when segments are re-formed in a new space."""
     prior_yes, prior_no = catalog.rules.prior_accepted, catalog.rules.prior_rejected
+    strength = prior_yes + prior_no
+    fleet = acceptance.groupby("service_id")[["accepted", "responses"]].sum()
+    fleet_rate = ((fleet["accepted"] + prior_yes) / (fleet["responses"] + strength)).reindex(
+        candidates["service_id"]
+    )
+    fleet_rate = fleet_rate.fillna(prior_yes / strength).to_numpy()
     keyed = acceptance.set_index(["cluster_id", "service_id"])
     index = pd.MultiIndex.from_arrays([candidates["cluster_id"].astype("Int64"), candidates["service_id"]])
     accepted = keyed["accepted"].reindex(index).fillna(0.0).to_numpy()
     responses = keyed["responses"].reindex(index).fillna(0.0).to_numpy()
-    return (accepted + prior_yes) / (responses + prior_yes + prior_no)
+    return (accepted + strength * fleet_rate) / (responses + strength)
 
 
 def lookalike_candidates(hits: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFrame:

@@ -48,8 +48,12 @@ def updated_registry(registry: pd.DataFrame, described: pd.DataFrame, now: pd.Ti
     )
     seen = merged["cluster_id"].isin(today["cluster_id"])
     merged["active"] = seen
-    merged["first_seen_at"] = merged["first_seen_at"].fillna(now)
-    merged["last_seen_at"] = merged["last_seen_at"].where(~seen, now)
+    first, last = (
+        pd.to_datetime(merged[column], utc=True).astype("datetime64[ns, UTC]")
+        for column in ("first_seen_at", "last_seen_at")
+    )
+    merged["first_seen_at"] = first.fillna(now)
+    merged["last_seen_at"] = last.where(~seen, now)
     previous = registry.set_index("cluster_id")
     for column in ("name", "traits"):
         merged[column] = merged[column].fillna(

@@ -1,0 +1,235 @@
+"""`persona-pipeline demo`: the whole loop on the demo fleet, and what the learned weights changed.
+
+The landed days run in rounds. The first run covers all but the last `rounds` days and makes
+that day's offers. Then, for each remaining day, the demo's people answer the offers not
+answered yet (a feedback batch in the landing zone), and the run for that day processes the
+batch, refreshes the weights and makes the day's offers with them.
+
+Acceptance per weights version compares different days and different devices (a fleet's first
+offers go to everyone who qualifies, later days only to what changed), so it cannot tell
+whether the weights got better. `compare_weights` can: it copies the persona store and the
+vector index twice, makes the last day's offers again from the same state in both copies, once
+with the initial weights and once with the learned ones, and scores both sets with the
+acceptance probability of the demo's response model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import sqlalchemy as sa
+
+from persona_pipeline import settings
+from persona_pipeline.cli import CommandError
+from persona_pipeline.demo.responses import (
+    NEEDED_ACCEPTANCE,
+    OTHER_ACCEPTANCE,
+    RECEPTIVE_ACCEPTANCE,
+    RECEPTIVE_MODELS,
+    acceptance_probability,
+)
+from persona_pipeline.personas.weights import current_weights, insert_weights
+from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
+from persona_pipeline.runner import ChainResult, NothingToAnswer, run_chain, simulate_feedback
+from persona_pipeline.store.tables import key_weights, service_recommendations
+
+TRIGGER_ORDER = ["location", "usage", "support", "lookalike"]
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@dataclass
+class WeightsComparison:
+    day: str
+    initial_version: int
+    learned_version: int
+    table: pd.DataFrame  # trigger; offers and expected acceptance with each weights version
+    weight_changes: pd.DataFrame  # key, initial, learned
+
+
+def run_demo(
+    rounds: int, seed: int, say: Callable[[str], None], instance: dg.DagsterInstance | None = None
+) -> ChainResult:
+    """The landed days in rounds, with a simulated feedback batch before each later day."""
+    from persona_pipeline.definitions import defs
+
+    landing: LandingZone = defs.resources["landing_zone"]
+    days = landing.landed_days()
+    if len(days) <= rounds:
+        raise CommandError(
+            f"the demo needs more than {rounds} landed days; {landing.updates_root} has {days}"
+        )
+    first_end = days[-rounds - 1]
+    say(f"round 0: days {days[0]} … {first_end} with the initial weights")
+    result = run_chain(days[0], first_end, instance=instance)
+    batches = list(result.feedback_batches)
+    for number, day in enumerate(days[-rounds:], start=1):
+        try:
+            say(f"round {number}: " + simulate_feedback(seed + number, batch_id=None))
+        except NothingToAnswer:
+            say(f"round {number}: every offer has a response already")
+        result = run_chain(day, day, instance=instance)
+        batches += result.feedback_batches
+        say(f"round {number}: day {day}, {len(result.feedback_batches)} feedback batch(es) learned from")
+    return ChainResult(days[0], days[-1], result.run_ids, batches)
+
+
+def compare_weights(instance: dg.DagsterInstance | None = None) -> WeightsComparison:
+    """The last offer day's offers made again from copies of the current state, with the initial
+    weights and with the newest weights, scored by the demo's response model."""
+    for variable in ("PERSONA_DB_URL", "QDRANT_URL"):
+        if os.environ.get(variable):
+            raise CommandError(f"the comparison copies the embedded demo stores; unset {variable}")
+    truth_file = settings.ground_truth_dir() / "devices.csv"
+    if not truth_file.is_file():
+        raise CommandError(f"no ground truth at {truth_file}: the comparison needs the demo fleet")
+    source = PersonaStore()
+    config = PersonaConfig(config_dir=os.environ.get("PERSONA_CONFIG_DIR"))
+    initial = config.feature_schema().initial_weights()
+    newest = current_weights(source, initial)
+    day = source.read_frame(sa.select(sa.func.max(service_recommendations.c.offer_day).label("day")))["day"][
+        0
+    ]
+    if day is None:
+        raise CommandError("no offers yet: run `persona-pipeline run` first")
+    versions = source.read_frame(sa.select(key_weights.c.version, key_weights.c.source))
+    initial_version = int(versions.loc[versions["source"] == "config", "version"].max())
+    truth = pd.read_csv(truth_file)
+    catalog = config.service_catalog()
+
+    arms = {}
+    with tempfile.TemporaryDirectory(prefix="persona-compare-") as scratch:
+        for arm, weights in (("initial", initial), ("learned", None)):
+            store, index = _copy_stores(Path(scratch) / arm)
+            _forget_day(store, day)
+            if weights is not None:
+                version = int(versions["version"].max()) + 1
+                insert_weights(store, version, weights, "config")
+            offers = _offers_again(store, index, config, day, instance)
+            arms[arm] = offers.assign(probability=acceptance_probability(offers, truth, catalog))
+
+    table = pd.DataFrame(
+        {
+            f"{column}_{arm}": frame.groupby("trigger")["probability"].agg(
+                "size" if column == "offers" else "mean"
+            )
+            for arm, frame in arms.items()
+            for column in ("offers", "acceptance")
+        }
+    )
+    table = table.reindex([t for t in TRIGGER_ORDER if t in table.index]).fillna(0)
+    overall = {
+        f"{column}_{arm}": len(frame) if column == "offers" else frame["probability"].mean()
+        for arm, frame in arms.items()
+        for column in ("offers", "acceptance")
+    }
+    table.loc["all"] = pd.Series(overall)
+    schema = config.feature_schema()
+    changes = pd.DataFrame(
+        {
+            "key": [d.concrete_key or d.weight_key for d in schema.dimensions],
+            "initial": schema.dimension_weights(initial),
+            "learned": schema.dimension_weights(newest.weights),
+        }
+    ).drop_duplicates("key")
+    return WeightsComparison(
+        day=day,
+        initial_version=initial_version,
+        learned_version=newest.version,
+        table=table.rename_axis("trigger").reset_index(),
+        weight_changes=changes,
+    )
+
+
+def _copy_stores(folder: Path) -> tuple[PersonaStore, VectorIndex]:
+    folder.mkdir(parents=True)
+    database = settings.persona_home() / "persona.db"
+    with sqlite3.connect(database) as original, sqlite3.connect(folder / "persona.db") as copy:
+        original.backup(copy)  # consistent, write-ahead log included
+    shutil.copytree(settings.qdrant_path(), folder / "qdrant")
+    return PersonaStore(url=f"sqlite:///{folder / 'persona.db'}"), VectorIndex(path=str(folder / "qdrant"))
+
+
+def _forget_day(store: PersonaStore, day: str) -> None:
+    """The day's offers, as if they were not made yet (tickets do not steer offers: kept)."""
+    with store.begin() as connection:
+        connection.execute(
+            sa.delete(service_recommendations).where(service_recommendations.c.offer_day == day)
+        )
+
+
+def _offers_again(
+    store: PersonaStore,
+    index: VectorIndex,
+    config: PersonaConfig,
+    day: str,
+    instance: dg.DagsterInstance | None,
+) -> pd.DataFrame:
+    from persona_pipeline.definitions import (
+        anomaly_scores,
+        device_clusters,
+        persona_index,
+        persona_vectors,
+    )
+    from persona_pipeline.definitions import (
+        service_recommendations as recommendations_asset,
+    )
+
+    resources = {
+        "persona_store": store,
+        "vector_index": index,
+        "persona_config": config,
+        "landing_zone": LandingZone(path=os.environ.get("PERSONA_LANDING_DIR")),
+    }
+    assets = [persona_vectors, persona_index, device_clusters, anomaly_scores, recommendations_asset]
+    with dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance) as runs:
+        result = dg.materialize(
+            assets, resources=resources, instance=runs, run_config=QUIET, raise_on_error=False
+        )
+    if not result.success:
+        raise CommandError(
+            f"re-making the offers of {day} in a copy of the stores failed (run {result.run_id})"
+        )
+    r = service_recommendations.c
+    return store.read_frame(
+        sa.select(r.offer_id, r.device_id, r.service_id, r.trigger, r.weights_version).where(
+            r.offer_day == day
+        )
+    )
+
+
+def comparison_report(comparison: WeightsComparison) -> str:
+    table = comparison.table
+    lines = [
+        f"Learning, measured: the offers of {comparison.day} made again from the same state "
+        "(profiles, feedback, offer history),",
+        f"once with the initial weights (v{comparison.initial_version}) and once with the learned "
+        f"ones (v{comparison.learned_version}); acceptance is the demo's response model's chance",
+        f"({NEEDED_ACCEPTANCE:.0%} for an offer meeting a planted need; otherwise {RECEPTIVE_ACCEPTANCE:.0%} "
+        f"for owners of {' and '.join(RECEPTIVE_MODELS)}, {OTHER_ACCEPTANCE:.0%} for the rest).",
+        "",
+        f"  {'trigger':<10} {'initial weights':>26} {'learned weights':>26}",
+        f"  {'':<10} {'offers':>12} {'acceptance':>13} {'offers':>12} {'acceptance':>13}",
+    ]
+    for row in table.itertuples():
+        lines.append(
+            f"  {row.trigger:<10} {int(row.offers_initial):>12,} {row.acceptance_initial:>13.1%} "
+            f"{int(row.offers_learned):>12,} {row.acceptance_learned:>13.1%}"
+        )
+    changes = comparison.weight_changes.assign(
+        change=lambda frame: frame["learned"] - frame["initial"]
+    ).sort_values("change", key=abs, ascending=False)
+    moved = changes[changes["change"].abs() > 1e-6].head(6)
+    if not moved.empty:
+        lines += ["", "  weights that moved most:"] + [
+            f"    {row.key:<45} {row.initial:.3f} -> {row.learned:.3f}" for row in moved.itertuples()
+        ]
+    return "\n".join(lines)
