@@ -154,7 +154,7 @@ def _acceptance_lines(acceptance: pd.DataFrame) -> list[str]:
     answered = acceptance[acceptance["answered"] > 0]
     if answered.empty:
         return ["  acceptance         no feedback yet (try `persona-pipeline simulate-feedback`, then `run`)"]
-    return ["  acceptance by the weights version behind the offer:"] + [
+    return ["  acceptance by the weights version behind the offer (other days, other devices):"] + [
         f"    weights v{int(row.weights_version):<3} {int(row.accepted):>6,} of "
         f"{int(row.answered):>6,} answered offers accepted ({row.acceptance_rate:.1%})"
         for row in answered.itertuples()
