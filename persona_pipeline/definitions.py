@@ -21,19 +21,22 @@ from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore,
 from persona_pipeline.segments.assets import device_clusters
 
 
-def _from_env(name: str) -> dg.EnvVar | None:
-    """EnvVar when the variable is set (the UI then shows its name, never its value), else None."""
-    return dg.EnvVar(name) if os.environ.get(name) else None
+def build_resources(resolved: bool = False) -> dict[str, dg.ConfigurableResource]:
+    """The resources, configured from environment variables: as `EnvVar`s for Dagster (the UI
+    shows a variable's name, never its value), or `resolved` to their values for use outside a
+    run (the command line's summaries)."""
 
+    def from_env(name: str) -> dg.EnvVar | str | None:
+        value = os.environ.get(name) or None
+        return value if resolved or value is None else dg.EnvVar(name)
 
-def build_resources() -> dict[str, dg.ConfigurableResource]:
     return {
-        "persona_store": PersonaStore(url=_from_env("PERSONA_DB_URL")),
-        "vector_index": VectorIndex(url=_from_env("QDRANT_URL"), api_key=_from_env("QDRANT_API_KEY")),
+        "persona_store": PersonaStore(url=from_env("PERSONA_DB_URL")),
+        "vector_index": VectorIndex(url=from_env("QDRANT_URL"), api_key=from_env("QDRANT_API_KEY")),
         "landing_zone": LandingZone(
-            path=_from_env("PERSONA_LANDING_DIR"), source_db_url=_from_env("PERSONA_SOURCE_DB_URL")
+            path=from_env("PERSONA_LANDING_DIR"), source_db_url=from_env("PERSONA_SOURCE_DB_URL")
         ),
-        "persona_config": PersonaConfig(config_dir=_from_env("PERSONA_CONFIG_DIR")),
+        "persona_config": PersonaConfig(config_dir=from_env("PERSONA_CONFIG_DIR")),
     }
 
 

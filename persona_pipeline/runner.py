@@ -81,9 +81,10 @@ def run_chain(
     verbose: bool = False,
     instance: dg.DagsterInstance | None = None,
 ) -> ChainResult:
-    from persona_pipeline.definitions import defs
+    from persona_pipeline.definitions import build_resources, defs
 
-    start, end = resolve_days(defs.resources["landing_zone"], start, end)
+    landing: LandingZone = build_resources(resolved=True)["landing_zone"]
+    start, end = resolve_days(landing, start, end)
     instance = instance or dg.DagsterInstance.get()
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO" if verbose else "WARNING"}}}}
     range_tags = {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
@@ -101,7 +102,7 @@ def run_chain(
         run_ids[job_name if partition_key is None else f"{job_name}[{partition_key}]"] = result.run_id
 
     run("ingest_job", range_tags)
-    batches = new_feedback_batches(defs.resources["landing_zone"], instance)
+    batches = new_feedback_batches(landing, instance)
     if batches:
         instance.add_dynamic_partitions(offer_feedback_batches.name, batches)
         for batch in batches:
@@ -125,13 +126,14 @@ class NothingToAnswer(CommandError):
 
 def simulate_feedback(seed: int, batch_id: str | None) -> str:
     """Write a feedback batch answering every offer not answered yet, as the demo's people would."""
-    from persona_pipeline.definitions import defs
+    from persona_pipeline.definitions import build_resources
     from persona_pipeline.demo.responses import simulate_responses, write_feedback_batch
     from persona_pipeline.settings import ground_truth_dir
 
-    store: PersonaStore = defs.resources["persona_store"]
-    landing: LandingZone = defs.resources["landing_zone"]
-    config: PersonaConfig = defs.resources["persona_config"]
+    resources = build_resources(resolved=True)
+    store: PersonaStore = resources["persona_store"]
+    landing: LandingZone = resources["landing_zone"]
+    config: PersonaConfig = resources["persona_config"]
     truth_file = ground_truth_dir() / "devices.csv"
     if not truth_file.is_file():
         raise CommandError(f"no ground truth at {truth_file}: run `persona-pipeline generate` first")
@@ -162,10 +164,11 @@ def _acceptance_lines(acceptance: pd.DataFrame) -> list[str]:
 
 
 def summary(result: ChainResult) -> str:
-    from persona_pipeline.definitions import defs
+    from persona_pipeline.definitions import build_resources
 
-    store: PersonaStore = defs.resources["persona_store"]
-    index: VectorIndex = defs.resources["vector_index"]
+    resources = build_resources(resolved=True)
+    store: PersonaStore = resources["persona_store"]
+    index: VectorIndex = resources["vector_index"]
     days = [day.strftime("%Y-%m-%d") for day in pd.date_range(result.start, result.end, freq="D")]
     with store.engine.connect() as connection:
         accepted = connection.execute(

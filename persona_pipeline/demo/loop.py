@@ -59,9 +59,9 @@ def run_demo(
     rounds: int, seed: int, say: Callable[[str], None], instance: dg.DagsterInstance | None = None
 ) -> ChainResult:
     """The landed days in rounds, with a simulated feedback batch before each later day."""
-    from persona_pipeline.definitions import defs
+    from persona_pipeline.definitions import build_resources
 
-    landing: LandingZone = defs.resources["landing_zone"]
+    landing: LandingZone = build_resources(resolved=True)["landing_zone"]
     days = landing.landed_days()
     if len(days) <= rounds:
         raise CommandError(
