@@ -91,8 +91,11 @@ def compare_weights(instance: dg.DagsterInstance | None = None) -> WeightsCompar
     truth_file = settings.ground_truth_dir() / "devices.csv"
     if not truth_file.is_file():
         raise CommandError(f"no ground truth at {truth_file}: the comparison needs the demo fleet")
-    source = PersonaStore()
-    config = PersonaConfig(config_dir=os.environ.get("PERSONA_CONFIG_DIR"))
+    from persona_pipeline.definitions import build_resources
+
+    resources = build_resources(resolved=True)
+    source: PersonaStore = resources["persona_store"]
+    config: PersonaConfig = resources["persona_config"]
     initial = config.feature_schema().initial_weights()
     newest = current_weights(source, initial)
     day = source.read_frame(sa.select(sa.func.max(service_recommendations.c.offer_day).label("day")))["day"][
@@ -113,25 +116,17 @@ def compare_weights(instance: dg.DagsterInstance | None = None) -> WeightsCompar
             if weights is not None:
                 version = int(versions["version"].max()) + 1
                 insert_weights(store, version, weights, "config")
-            offers = _offers_again(store, index, config, day, instance)
+            offers = _offers_again(store, index, config, resources["landing_zone"], day, instance)
             arms[arm] = offers.assign(probability=acceptance_probability(offers, truth, catalog))
 
-    table = pd.DataFrame(
-        {
-            f"{column}_{arm}": frame.groupby("trigger")["probability"].agg(
-                "size" if column == "offers" else "mean"
-            )
-            for arm, frame in arms.items()
-            for column in ("offers", "acceptance")
-        }
-    )
-    table = table.reindex([t for t in TRIGGER_ORDER if t in table.index]).fillna(0)
-    overall = {
-        f"{column}_{arm}": len(frame) if column == "offers" else frame["probability"].mean()
-        for arm, frame in arms.items()
-        for column in ("offers", "acceptance")
-    }
-    table.loc["all"] = pd.Series(overall)
+    per_arm = []
+    for arm, frame in arms.items():
+        by_trigger = frame.groupby("trigger")["probability"].agg(["size", "mean"])
+        by_trigger.loc["all"] = [len(frame), frame["probability"].mean()]
+        per_arm.append(by_trigger.set_axis([f"offers_{arm}", f"acceptance_{arm}"], axis=1))
+    order = [*TRIGGER_ORDER, "all"]
+    table = pd.concat(per_arm, axis=1).fillna(0)
+    table = table.reindex([row for row in order if row in table.index])
     schema = config.feature_schema()
     changes = pd.DataFrame(
         {
@@ -170,6 +165,7 @@ def _offers_again(
     store: PersonaStore,
     index: VectorIndex,
     config: PersonaConfig,
+    landing: LandingZone,
     day: str,
     instance: dg.DagsterInstance | None,
 ) -> pd.DataFrame:
@@ -187,7 +183,7 @@ def _offers_again(
         "persona_store": store,
         "vector_index": index,
         "persona_config": config,
-        "landing_zone": LandingZone(path=os.environ.get("PERSONA_LANDING_DIR")),
+        "landing_zone": landing,
     }
     assets = [persona_vectors, persona_index, device_clusters, anomaly_scores, recommendations_asset]
     with dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance) as runs:
