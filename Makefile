@@ -8,7 +8,7 @@ export PERSONA_HOME DAGSTER_HOME
 DEV_PORT ?= 3000
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint format dev validate clean
+.PHONY: install demo test lint format dev validate migrate clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,10 @@ demo: $(INSTALLED)  ## generate a demo fleet (if the landing zone is empty), run
 	$(BIN)/persona-pipeline generate --if-empty
 	$(BIN)/persona-pipeline demo
 
-test: $(INSTALLED)  ## lint and run the test suite
+test: $(INSTALLED)  ## lint, then the test suite with the persona store on SQLite and on PostgreSQL
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest --store sqlite
+	$(BIN)/pytest --store postgresql
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
@@ -41,6 +42,9 @@ validate: $(INSTALLED)  ## load the code location the way the UI does
 dev: $(INSTALLED)  ## Dagster UI + daemon on 127.0.0.1:$(DEV_PORT), same instance as `make demo`
 	$(BIN)/persona-pipeline init
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DEV_PORT)
+
+migrate: $(INSTALLED)  ## create or upgrade the persona store's schema (PERSONA_DB_URL, default SQLite)
+	$(BIN)/persona-pipeline migrate
 
 clean:  ## remove the demo home (landing zone, stores, Dagster runs); keeps the virtualenv
 	rm -rf $(PERSONA_HOME)

@@ -115,6 +115,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from persona_pipeline.resources.persona_store import connect
+    from persona_pipeline.store.schema import upgrade_to_head
+
+    url = settings.persona_db_url()
+    engine = connect(url)
+    try:
+        before, after = upgrade_to_head(engine)
+    finally:
+        engine.dispose()
+    where = sa.make_url(url).render_as_string(hide_password=True)
+    change = "already at" if before == after else f"upgraded from {before or 'an empty database'} to"
+    print(f"persona store {where}: {change} schema revision {after}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-demo", action="store_true", help="skip (a), the demo fleet")
     evaluate.add_argument("--no-public", action="store_true", help="skip (b), the public datasets")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="create or upgrade the persona store's schema (PERSONA_DB_URL) to this version; "
+        "every run also does this before its first write",
+    )
+    migrate.set_defaults(handler=cmd_migrate)
     return parser
 
 

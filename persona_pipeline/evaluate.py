@@ -47,9 +47,12 @@ class DemoEvaluation:
     home: Path
 
 
-def evaluate_demo_fleet(devices: int, days: int, seed: int, home: Path | None = None) -> DemoEvaluation:
+def evaluate_demo_fleet(
+    devices: int, days: int, seed: int, home: Path | None = None, db_url: str | None = None
+) -> DemoEvaluation:
     """Generate the demo fleet into `home` (a temporary folder by default), run the whole chain
-    through Dagster and compare `anomaly_scores` with the planted failing devices."""
+    through Dagster and compare `anomaly_scores` with the planted failing devices. The persona
+    store is SQLite in `home` unless `db_url` names another (an empty database)."""
     from persona_pipeline.cli import init_home
     from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
 
@@ -57,6 +60,8 @@ def evaluate_demo_fleet(devices: int, days: int, seed: int, home: Path | None = 
     for name in STORE_VARIABLES:
         os.environ.pop(name, None)
     os.environ["PERSONA_HOME"] = str(home)
+    if db_url:
+        os.environ["PERSONA_DB_URL"] = db_url
     os.environ.pop("DAGSTER_HOME", None)
     init_home()
 
@@ -71,16 +76,16 @@ def evaluate_demo_fleet(devices: int, days: int, seed: int, home: Path | None = 
 
     with dg.DagsterInstance.ephemeral() as instance:
         run_chain(None, None, instance=instance)
-    return score_demo_home(home)
+    return score_demo_home(home, db_url)
 
 
-def score_demo_home(home: Path) -> DemoEvaluation:
+def score_demo_home(home: Path, db_url: str | None = None) -> DemoEvaluation:
     """Scores in the persona store under `home` against its ground truth."""
     from persona_pipeline.anomalies.storage import read_scores
     from persona_pipeline.personas.storage import read_stored_vectors
     from persona_pipeline.resources import PersonaStore
 
-    store = PersonaStore(url=f"sqlite:///{home / 'persona.db'}")
+    store = PersonaStore(url=db_url or f"sqlite:///{home / 'persona.db'}")
     scores = read_scores(store).set_index("device_id")
     vectors = read_stored_vectors(store)
     truth = pd.read_csv(home / "ground_truth" / "devices.csv").set_index("device_id")

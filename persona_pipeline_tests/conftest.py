@@ -1,14 +1,22 @@
-"""Shared fixtures: every test gets its own PERSONA_HOME with real embedded stores."""
+"""Shared fixtures: every test gets its own PERSONA_HOME with real stores.
+
+The persona store is SQLite in the home by default; `pytest --store postgresql` runs the same
+tests with a fresh PostgreSQL database per home (PERSONA_TEST_PG_URL, default the loopback
+server's `test` database, is where databases are created and dropped).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from persona_pipeline.evaluate import DemoEvaluation, evaluate_demo_fleet
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
@@ -25,12 +33,104 @@ ENV_VARIABLES = (
 )
 
 
+ADMIN_URL = os.environ.get("PERSONA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+# CI sets this: a service that does not answer fails the run instead of skipping tests.
+REQUIRE_SERVICES = os.environ.get("PERSONA_REQUIRE_SERVICES") == "1"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default=os.environ.get("PERSONA_TEST_STORE", "sqlite"),
+        help="backend of the persona store in the tests (default sqlite)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only(reason): the test is about the embedded SQLite store")
+    global STORE_BACKEND
+    STORE_BACKEND = config.getoption("--store")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"persona store: {STORE_BACKEND}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if STORE_BACKEND != "postgresql":
+        return
+    for item in items:
+        marker = item.get_closest_marker("sqlite_only")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=f"SQLite only: {marker.kwargs.get('reason', '')}"))
+
+
+STORE_BACKEND = "sqlite"
+_created_databases: set[str] = set()
+
+
+def postgres_admin_engine() -> sa.Engine:
+    """An AUTOCOMMIT engine on the loopback server; skips (fails in CI) when none answers."""
+    engine = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.text("select 1"))
+    except sa.exc.OperationalError as exc:
+        message = f"no PostgreSQL answers at {sa.make_url(ADMIN_URL).render_as_string()}: {exc.orig}"
+        if REQUIRE_SERVICES:
+            pytest.fail(message + " (PERSONA_REQUIRE_SERVICES=1: not skipping)")
+        pytest.skip(message)
+    return engine
+
+
+def fresh_postgres_url(label: str) -> str:
+    """A new, empty database on the test server; dropped at the end of the session."""
+    name = "persona_t_" + hashlib.sha1(label.encode()).hexdigest()[:16]
+    engine = postgres_admin_engine()
+    with engine.connect() as connection:
+        connection.execute(sa.text(f'drop database if exists "{name}" with (force)'))
+        connection.execute(sa.text(f'create database "{name}"'))
+    engine.dispose()
+    _created_databases.add(name)
+    return sa.make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def store_url(home: Path) -> str:
+    """The persona store of a test home on the backend under test (created on first use)."""
+    if STORE_BACKEND == "sqlite":
+        return f"sqlite:///{home / 'persona.db'}"
+    if str(home) not in _store_urls:
+        _store_urls[str(home)] = fresh_postgres_url(str(home))
+    return _store_urls[str(home)]
+
+
+_store_urls: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    yield
+    if not _created_databases:
+        return
+    from persona_pipeline.resources.persona_store import _engine
+
+    _engine.cache_clear()
+    engine = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        for name in sorted(_created_databases):
+            connection.execute(sa.text(f'drop database if exists "{name}" with (force)'))
+    engine.dispose()
+
+
 @pytest.fixture
 def persona_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ENV_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "home"
     monkeypatch.setenv("PERSONA_HOME", str(home))
+    if STORE_BACKEND != "sqlite":
+        monkeypatch.setenv("PERSONA_DB_URL", store_url(home))
     return home
 
 
@@ -42,7 +142,7 @@ def landing(persona_home: Path) -> Path:
 def resources_for(home: Path) -> dict[str, dg.ConfigurableResource]:
     """The real embedded stores under `home`."""
     return {
-        "persona_store": PersonaStore(url=f"sqlite:///{home / 'persona.db'}"),
+        "persona_store": PersonaStore(url=store_url(home)),
         "vector_index": VectorIndex(path=str(home / "qdrant")),
         "landing_zone": LandingZone(path=str(home / "landing")),
         "persona_config": PersonaConfig(),
@@ -60,7 +160,8 @@ def evaluated_fleet(home: Path, devices: int, days: int, seed: int) -> Iterator[
         for name in ENV_VARIABLES:
             patch.delenv(name, raising=False)
         patch.setenv("PERSONA_HOME", str(home))
-        yield evaluate_demo_fleet(devices=devices, days=days, seed=seed, home=home)
+        db_url = None if STORE_BACKEND == "sqlite" else store_url(home)
+        yield evaluate_demo_fleet(devices=devices, days=days, seed=seed, home=home, db_url=db_url)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from persona_pipeline.personas.assets import (
     persona_vectors,
 )
 from persona_pipeline.resources.vector_index import point_id
-from persona_pipeline_tests.conftest import table, update, write_jsonl
+from persona_pipeline_tests.conftest import store_url, table, update, write_jsonl
 
 INGEST = [index_updates, device_profiles]
 DAYS = ["2026-03-01", "2026-03-02", "2026-03-03"]
@@ -76,7 +76,7 @@ def test_profiles_do_not_depend_on_partition_order_or_repeats(order, landing, re
     reference_home = tmp_path / "reference"
     reference = {
         **resources,
-        "persona_store": type(resources["persona_store"])(url=f"sqlite:///{reference_home / 'p.db'}"),
+        "persona_store": type(resources["persona_store"])(url=store_url(reference_home)),
     }
     with dg.instance_for_test() as other:
         expected = profiles_after(DAYS, landing, reference, other)
@@ -101,7 +101,7 @@ def test_range_run_equals_day_by_day(landing, resources, instance, tmp_path):
 
     day_by_day = {
         **resources,
-        "persona_store": type(resources["persona_store"])(url=f"sqlite:///{tmp_path / 'd.db'}"),
+        "persona_store": type(resources["persona_store"])(url=store_url(tmp_path / "day_by_day")),
     }
     with dg.instance_for_test() as other:
         for day in DAYS:

@@ -12,6 +12,7 @@ from qdrant_client import QdrantClient
 
 from persona_pipeline.definitions import defs
 from persona_pipeline.demo.generator import generate_fleet
+from persona_pipeline_tests.conftest import store_url
 
 REPO = Path(__file__).parents[1]
 SCRIPT = Path(sys.executable).parent / "persona-pipeline"
@@ -20,6 +21,7 @@ SCRIPT = Path(sys.executable).parent / "persona-pipeline"
 def run_cli(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
     env["PERSONA_HOME"] = str(home)
+    env["PERSONA_DB_URL"] = store_url(home)
     return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -49,7 +51,7 @@ def test_generate_then_run_with_only_persona_home_set(tmp_path):
 
     import sqlalchemy as sa
 
-    engine = sa.create_engine(f"sqlite:///{home / 'persona.db'}")
+    engine = sa.create_engine(store_url(home))
     with engine.connect() as connection:
         devices = connection.execute(
             sa.text("select count(distinct device_id) from device_profiles")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from persona_pipeline.demo.responses import acceptance_probability
 from persona_pipeline.offers.catalog import load_service_catalog
@@ -37,6 +38,7 @@ def test_the_response_model_judges_each_offer_by_the_need_its_service_serves():
     assert np.allclose(chance, [0.75, 0.75, 0.75, 0.75, 0.05, 0.75, 0.05, 0.4])
 
 
+@pytest.mark.sqlite_only(reason="the same-day comparison copies the embedded SQLite file and Qdrant path")
 def test_the_demo_loop_learns_weights_that_make_better_offers(persona_home, instance):
     from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
     from persona_pipeline.demo.loop import compare_weights, comparison_report, run_demo

@@ -15,7 +15,7 @@ from pydantic import Field
 from sqlalchemy.dialects import postgresql, sqlite
 
 from persona_pipeline import settings
-from persona_pipeline.store import tables
+from persona_pipeline.store.schema import upgrade_to_head
 
 WRITE_CHUNK_ROWS = 50_000
 
@@ -24,6 +24,13 @@ NewerPredicate = Callable[[sa.ColumnCollection, sa.ColumnCollection], sa.ColumnE
 
 @lru_cache(maxsize=16)
 def _engine(url: str) -> sa.Engine:
+    engine = connect(url)
+    upgrade_to_head(engine)
+    return engine
+
+
+def connect(url: str) -> sa.Engine:
+    """An engine for the persona store at `url`, schema untouched (see store.schema)."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -38,7 +45,6 @@ def _engine(url: str) -> sa.Engine:
             cursor.close()
     else:
         engine = sa.create_engine(url, pool_pre_ping=True)
-    tables.metadata.create_all(engine)
     return engine
 
 

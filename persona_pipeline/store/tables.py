@@ -37,6 +37,7 @@ index_update_rejects = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("reason_code", sa.String(32), nullable=False),
     sa.Column("rejected_at", UtcDateTime, nullable=False),
+    sa.Column("device_id", sa.Text),  # when the row could be parsed; lets an erasure find it
     sa.Index("ix_index_update_rejects_partition", "partition_date"),
 )
 
@@ -207,4 +208,31 @@ key_weight_refreshes = sa.Table(
     sa.Column("batches", sa.Text, nullable=False),  # JSON list of batch ids
     sa.Column("responses", sa.Integer, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+# Data erasure (right to be forgotten): one audit row per request, counts only, no ids.
+erasure_requests = sa.Table(
+    "erasure_requests",
+    metadata,
+    sa.Column("request_id", sa.String(32), primary_key=True),
+    sa.Column("requested_by", sa.Text, nullable=False),
+    sa.Column("requested_at", UtcDateTime, nullable=False),
+    sa.Column("completed_at", UtcDateTime),
+    sa.Column("device_ids_requested", sa.Integer, nullable=False),
+    sa.Column("customer_ids_requested", sa.Integer, nullable=False),
+    sa.Column("devices_erased", sa.Integer, nullable=False),
+    sa.Column("rows_deleted", sa.Integer, nullable=False),
+    sa.Column("points_deleted", sa.Integer, nullable=False),
+    sa.Column("rows_by_table", sa.Text, nullable=False),  # JSON {table: rows deleted}
+)
+
+# Subjects that must never come back: SHA-256 of the id, never the id itself. Ingest drops
+# rows whose device or customer is listed here.
+suppressed_subjects = sa.Table(
+    "suppressed_subjects",
+    metadata,
+    sa.Column("subject_kind", sa.String(16), primary_key=True),  # device | customer
+    sa.Column("subject_hash", sa.String(64), primary_key=True),
+    sa.Column("request_id", sa.String(32), nullable=False),
+    sa.Column("suppressed_at", UtcDateTime, nullable=False),
 )

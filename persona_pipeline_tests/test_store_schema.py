@@ -1,0 +1,114 @@
+"""The persona store's schema is made and upgraded by migrations, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from persona_pipeline.store import tables
+from persona_pipeline.store.schema import (
+    BASELINE,
+    BASELINE_TABLES,
+    SchemaError,
+    alembic_config,
+    current_revision,
+    head_revision,
+    upgrade_to_head,
+)
+from persona_pipeline_tests.conftest import fresh_postgres_url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'schema.db'}"
+    else:
+        url = fresh_postgres_url(f"schema-{request.node.name}-{tmp_path}")
+    engine = sa.create_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def test_a_new_store_is_at_head_and_matches_the_table_definitions(engine):
+    before, after = upgrade_to_head(engine)
+    assert (before, after) == (None, head_revision())
+    with engine.connect() as connection:
+        assert current_revision(connection) == head_revision()
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        drift = compare_metadata(context, tables.metadata)
+    assert drift == []  # a change to tables.py without a migration shows up here
+    assert upgrade_to_head(engine) == (head_revision(), head_revision())
+
+
+def test_an_upgrade_keeps_the_rows_of_the_previous_revision(engine):
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), BASELINE)
+        connection.execute(
+            sa.text(
+                "insert into index_update_rejects (partition_date, source_file, source_row, raw, "
+                "reason, reason_code, rejected_at) values ('2026-03-01', 'a.jsonl', 3, '{}', "
+                "'no device_id', 'missing', '2026-03-01 10:00:00+00:00')"
+            )
+        )
+        connection.execute(
+            sa.text(
+                "insert into key_weights values "
+                "(1, 'device.model', 0.2, '2026-03-01 10:00:00+00:00', 'config')"
+            )
+        )
+    assert upgrade_to_head(engine) == (BASELINE, head_revision())
+    with engine.connect() as connection:
+        rejects = pd.DataFrame(connection.execute(sa.text("select * from index_update_rejects")).mappings())
+        weights = connection.execute(sa.text("select weight from key_weights")).scalar()
+        audit = connection.execute(sa.text("select count(*) from erasure_requests")).scalar()
+    kept = rejects[["source_file", "source_row", "reason"]].to_numpy().tolist()
+    assert kept == [["a.jsonl", 3, "no device_id"]]
+    assert rejects["device_id"].isna().all()
+    assert weights == 0.2 and audit == 0
+
+
+def test_every_migration_downgrades_to_nothing_and_upgrades_again(engine):
+    upgrade_to_head(engine)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "base")
+    assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version"}
+    upgrade_to_head(engine)
+    assert set(tables.metadata.tables) <= set(sa.inspect(engine).get_table_names())
+
+
+def test_a_store_made_before_migrations_is_adopted_at_the_baseline(engine):
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), BASELINE)
+        connection.execute(sa.text("drop table alembic_version"))
+        connection.execute(
+            sa.text("insert into segments values (4, 'Berlin', 10, '', true, '2026-03-01', '2026-03-02')")
+        )
+    assert upgrade_to_head(engine) == (BASELINE, head_revision())
+    with engine.connect() as connection:
+        assert connection.execute(sa.text("select name from segments")).scalar() == "Berlin"
+
+
+def test_a_partial_or_newer_store_is_refused_with_the_reason(engine):
+    with engine.begin() as connection:
+        connection.execute(sa.text("create table device_profiles (device_id text)"))
+    with pytest.raises(SchemaError, match=r"not .*index_updates.* and no schema revision"):
+        upgrade_to_head(engine)
+    with engine.begin() as connection:
+        connection.execute(sa.text("drop table device_profiles"))
+        command.upgrade(alembic_config(connection), "head")
+        connection.execute(sa.text("update alembic_version set version_num = '0099_from_the_future'"))
+    with pytest.raises(SchemaError, match=r"0099_from_the_future.*does not know"):
+        upgrade_to_head(engine)
+
+
+def test_the_baseline_makes_exactly_the_tables_that_recognise_an_old_store():
+    engine = sa.create_engine("sqlite://")
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), BASELINE)
+        assert set(sa.inspect(connection).get_table_names()) - {"alembic_version"} == BASELINE_TABLES
