@@ -5,6 +5,7 @@ import os
 import dagster as dg
 
 from persona_pipeline.anomalies.assets import anomaly_scores
+from persona_pipeline.erasure.jobs import erase_devices_job
 from persona_pipeline.feature_schema import load_feature_schema
 from persona_pipeline.feedback.assets import (
     feedback_job,
@@ -74,7 +75,7 @@ defs = dg.Definitions(
         offer_feedback,
         key_weights,
     ],
-    jobs=[ingest_job, personas_job, segments_job, feedback_job, weights_job],
+    jobs=[ingest_job, personas_job, segments_job, feedback_job, weights_job, erase_devices_job],
     sensors=[offer_feedback_sensor],
     resources=build_resources(),
 )

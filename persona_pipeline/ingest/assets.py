@@ -4,6 +4,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from persona_pipeline.erasure.storage import read_suppression
 from persona_pipeline.ingest.ingest import ingest_days
 from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
 from persona_pipeline.partitions import daily_partitions, partition_days
@@ -56,11 +57,16 @@ def index_updates(
     for problem in outcome.problems:
         context.log.info(problem)
 
-    rejects = outcome.rejects.assign(rejected_at=pd.Timestamp.now(tz="UTC"))
-    persona_store.replace_rows(updates_table, updates_table.c.partition_date.in_(days), outcome.accepted)
+    suppression = read_suppression(persona_store)
+    accepted = outcome.accepted[~suppression.matches(outcome.accepted)]
+    rejects = outcome.rejects[~suppression.matches(outcome.rejects)]
+    suppressed_rows = len(outcome.accepted) - len(accepted) + len(outcome.rejects) - len(rejects)
+    if suppressed_rows:
+        context.log.info(f"{suppressed_rows} rows of erased devices or customers dropped (suppression list)")
+    rejects = rejects.assign(rejected_at=pd.Timestamp.now(tz="UTC"))
+    persona_store.replace_rows(updates_table, updates_table.c.partition_date.in_(days), accepted)
     persona_store.replace_rows(index_update_rejects, index_update_rejects.c.partition_date.in_(days), rejects)
 
-    accepted = outcome.accepted
     share = outcome.reject_share
     return dg.MaterializeResult(
         metadata={
@@ -70,6 +76,7 @@ def index_updates(
             "rows_rejected": dg.MetadataValue.int(len(rejects)),
             "reject_share": dg.MetadataValue.float(round(share, 5)),
             "duplicates_dropped": dg.MetadataValue.int(outcome.duplicates_dropped),
+            "suppressed_rows": dg.MetadataValue.int(suppressed_rows),
             "devices": dg.MetadataValue.int(int(accepted["device_id"].nunique())),
             "keys": dg.MetadataValue.int(int(accepted["key"].nunique())),
             "unknown_key_rows": dg.MetadataValue.int(outcome.unknown_key_rows),

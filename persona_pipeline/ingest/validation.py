@@ -240,10 +240,12 @@ def _reject_rows(rejected: pd.DataFrame, reason: pd.Series, code: pd.Series) -> 
         .split("\n")
     )
     raw = rejected["raw"].where(rejected["raw"].notna(), pd.Series(as_json, index=rejected.index))
+    device = _text(rejected["device_id"]).astype(object) if "device_id" in rejected.columns else None
     return pd.DataFrame(
         {
             "source_file": rejected["source_file"],
             "source_row": rejected["source_row"],
+            "device_id": device,
             "raw": raw.map(clip_raw),
             "reason": reason.astype(object),
             "reason_code": code.astype(object),

@@ -1,0 +1,1 @@
+"""Data erasure (right to be forgotten): remove devices from every store and keep them out."""

@@ -1,0 +1,99 @@
+"""`erase_devices_job`: a right-to-be-forgotten request, carried out in every store."""
+
+import json
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from persona_pipeline.erasure.storage import delete_device_rows, devices_of, suppress
+from persona_pipeline.erasure.subjects import unique_ids
+from persona_pipeline.personas.assets import VECTOR_INDEX_POOL
+from persona_pipeline.resources import PersonaStore, VectorIndex
+from persona_pipeline.resources.vector_index import point_id
+from persona_pipeline.retries import STORE_RETRY
+from persona_pipeline.store import tables
+
+
+class ErasureConfig(dg.Config):
+    device_ids: list[str] = Field(default_factory=list, description="Devices to erase.")
+    customer_ids: list[str] = Field(
+        default_factory=list,
+        description="Customers to erase: every device any store links to them, and their future rows.",
+    )
+    requested_by: str = Field(
+        description="Who asked (a ticket or case reference, not a person's data): kept in the audit."
+    )
+
+
+@dg.op(pool=VECTOR_INDEX_POOL, retry_policy=STORE_RETRY)
+def erase_devices(
+    context: dg.OpExecutionContext,
+    config: ErasureConfig,
+    persona_store: PersonaStore,
+    vector_index: VectorIndex,
+) -> dg.Output[None]:
+    """Delete the devices (and the customers' devices) from every table and every Qdrant
+    collection, add them to the suppression list ingest honours, and record an audit row with
+    counts only. Safe to run again: a second run finds nothing left and changes nothing."""
+    device_ids = unique_ids(config.device_ids, "device_ids")
+    customer_ids = unique_ids(config.customer_ids, "customer_ids")
+    if not device_ids and not customer_ids:
+        raise dg.Failure(
+            "erase_devices: give at least one of device_ids or customer_ids", allow_retries=False
+        )
+    request_id = context.run_id.replace("-", "")
+    requested_at = pd.Timestamp.now(tz="UTC")
+    devices = devices_of(persona_store, device_ids, customer_ids)
+
+    # Qdrant first: a failure there leaves the store's rows, so a retry still finds the devices.
+    points = 0
+    with vector_index.client() as client:
+        ids = [point_id(device) for device in devices]
+        for collection in vector_index.persona_collections(client):
+            points += len(client.retrieve(collection, ids, with_payload=False, with_vectors=False))
+            vector_index.delete(client, collection, ids)
+
+    with persona_store.begin() as connection:
+        rows = delete_device_rows(connection, devices)
+        suppressed = suppress(persona_store, connection, devices, customer_ids, request_id, requested_at)
+        audit = {
+            "request_id": request_id,
+            "requested_by": config.requested_by,
+            "requested_at": requested_at,
+            "completed_at": pd.Timestamp.now(tz="UTC"),
+            "device_ids_requested": len(device_ids),
+            "customer_ids_requested": len(customer_ids),
+            "devices_erased": len(devices),
+            "rows_deleted": sum(rows.values()),
+            "points_deleted": points,
+            "rows_by_table": json.dumps(rows, sort_keys=True),
+        }
+        connection.execute(
+            tables.erasure_requests.delete().where(tables.erasure_requests.c.request_id == request_id)
+        )
+        connection.execute(tables.erasure_requests.insert(), [audit])
+    context.log.info(
+        f"erasure {request_id}: {len(devices)} devices, {audit['rows_deleted']} rows and {points} "
+        f"points deleted; {suppressed} subjects suppressed"
+    )
+    return dg.Output(
+        None,
+        metadata={
+            "request_id": dg.MetadataValue.text(request_id),
+            "devices_erased": dg.MetadataValue.int(len(devices)),
+            "rows_deleted": dg.MetadataValue.int(audit["rows_deleted"]),
+            "points_deleted": dg.MetadataValue.int(points),
+            "subjects_suppressed": dg.MetadataValue.int(suppressed),
+            "rows_by_table": dg.MetadataValue.json(rows),
+        },
+    )
+
+
+@dg.job(
+    description="Right-to-be-forgotten: erase devices or customers from the persona store and every "
+    "Qdrant collection, keep them out of later ingests, and record an audit row (counts only).",
+    tags={"domain": "privacy"},
+)
+def erase_devices_job() -> None:
+    erase_devices()

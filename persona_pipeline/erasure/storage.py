@@ -1,0 +1,115 @@
+"""Erasure in the persona store: find a request's devices, delete their rows, keep them out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pandas as pd
+import sqlalchemy as sa
+
+from persona_pipeline.erasure.subjects import CUSTOMER, DEVICE, Suppression, hash_texts
+from persona_pipeline.resources import PersonaStore
+from persona_pipeline.store import tables
+
+# SQLite allows 32,766 bound parameters per statement; stay far below on every backend.
+ID_CHUNK = 900
+
+# Every table with a device_id column, children before the rows they point to.
+DEVICE_TABLES: tuple[sa.Table, ...] = (
+    tables.index_updates,
+    tables.index_update_rejects,
+    tables.device_profiles,
+    tables.persona_vectors,
+    tables.vector_index_state,
+    tables.vector_index_clusters,
+    tables.device_clusters,
+    tables.anomaly_scores,
+    tables.support_tickets,
+    tables.service_recommendations,
+)
+
+
+def _chunks(values: Sequence[str]) -> list[Sequence[str]]:
+    return [values[start : start + ID_CHUNK] for start in range(0, len(values), ID_CHUNK)]
+
+
+def devices_of(store: PersonaStore, device_ids: list[str], customer_ids: list[str]) -> list[str]:
+    """The requested devices plus every device any store links to a requested customer."""
+    found = set(device_ids)
+    for chunk in _chunks(customer_ids):
+        for table in (tables.index_updates, tables.device_profiles, tables.persona_vectors):
+            query = sa.select(table.c.device_id).where(table.c.customer_id.in_(chunk)).distinct()
+            found.update(store.read_frame(query)["device_id"].tolist())
+    return sorted(found)
+
+
+def delete_device_rows(connection: sa.Connection, devices: list[str]) -> dict[str, int]:
+    """Delete every row of `devices` from the persona store; rows deleted per table."""
+    deleted: dict[str, int] = {}
+    offers = tables.service_recommendations
+    for chunk in _chunks(devices):
+        their_offers = sa.select(offers.c.offer_id).where(offers.c.device_id.in_(chunk))
+        offer_ids = [row[0] for row in connection.execute(their_offers)]
+        feedback = connection.execute(
+            tables.offer_feedback.delete().where(tables.offer_feedback.c.offer_id.in_(their_offers))
+        ).rowcount
+        deleted["offer_feedback"] = deleted.get("offer_feedback", 0) + feedback
+        rejected = 0
+        for offer_id in offer_ids:  # a feedback reject keeps its raw line: find the offer id in it
+            rejected += connection.execute(
+                tables.offer_feedback_rejects.delete().where(
+                    tables.offer_feedback_rejects.c.raw.contains(offer_id, autoescape=True)
+                )
+            ).rowcount
+        deleted["offer_feedback_rejects"] = deleted.get("offer_feedback_rejects", 0) + rejected
+        for table in DEVICE_TABLES:
+            count = connection.execute(table.delete().where(table.c.device_id.in_(chunk))).rowcount
+            deleted[table.name] = deleted.get(table.name, 0) + count
+    # Rejects of lines that could not be parsed have no device id: their raw text names it.
+    rejects = tables.index_update_rejects
+    unparsed = 0
+    for device in devices:
+        quoted = json.dumps(device)
+        unparsed += connection.execute(
+            rejects.delete().where(
+                rejects.c.device_id.is_(None),
+                sa.or_(
+                    rejects.c.raw.contains(quoted, autoescape=True),
+                    rejects.c.raw.startswith(device + ",", autoescape=True),
+                ),
+            )
+        ).rowcount
+    deleted["index_update_rejects"] = deleted.get("index_update_rejects", 0) + unparsed
+    return deleted
+
+
+def suppress(
+    store: PersonaStore,
+    connection: sa.Connection,
+    devices: list[str],
+    customers: list[str],
+    request_id: str,
+    at: pd.Timestamp,
+) -> int:
+    """Add the hashes of `devices` and `customers` to the suppression list; a subject already
+    listed keeps the request that listed it first."""
+    subjects = [(DEVICE, text) for text in hash_texts(devices)]
+    subjects += [(CUSTOMER, text) for text in hash_texts(customers)]
+    rows = pd.DataFrame(subjects, columns=["subject_kind", "subject_hash"])
+    store.upsert_newer(
+        tables.suppressed_subjects,
+        rows.assign(request_id=request_id, suppressed_at=at),
+        ["subject_kind", "subject_hash"],
+        newer_than_existing=lambda _stored, _incoming: sa.false(),
+        connection=connection,
+    )
+    return len(rows)
+
+
+def read_suppression(store: PersonaStore) -> Suppression:
+    rows = store.read_frame(
+        sa.select(tables.suppressed_subjects.c.subject_kind, tables.suppressed_subjects.c.subject_hash)
+    )
+    by_kind = rows.groupby("subject_kind")["subject_hash"].agg(list) if not rows.empty else pd.Series()
+    return Suppression.from_texts(by_kind.get(DEVICE, []), by_kind.get(CUSTOMER, []))

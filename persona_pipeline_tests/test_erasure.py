@@ -1,0 +1,161 @@
+"""A right-to-be-forgotten request leaves nothing of its devices in any store, and they stay out."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from qdrant_client import models
+
+from persona_pipeline.erasure.jobs import erase_devices_job
+from persona_pipeline.erasure.storage import DEVICE_TABLES
+from persona_pipeline.erasure.subjects import Suppression, hash_texts, unique_ids
+from persona_pipeline.resources.vector_index import point_id
+from persona_pipeline_tests.conftest import resources_for, table
+
+DAYS = ("2026-03-01", "2026-03-04")
+
+
+def erase(resources, instance, devices=(), customers=()) -> dg.ExecuteInProcessResult:
+    config = {"device_ids": list(devices), "customer_ids": list(customers), "requested_by": "case-4711"}
+    return erase_devices_job.execute_in_process(
+        run_config={"ops": {"erase_devices": {"config": config}}},
+        resources={k: resources[k] for k in ("persona_store", "vector_index")},
+        instance=instance,
+    )
+
+
+def stored_rows_of(resources, devices: set[str], offer_ids: set[str]) -> dict[str, int]:
+    """Rows anywhere in the persona store that belong to `devices` (by id or in raw text)."""
+    store = resources["persona_store"]
+    found = {}
+    for t in DEVICE_TABLES:
+        found[t.name] = int(table(store, t.name)["device_id"].isin(devices).sum())
+    found["offer_feedback"] = int(table(store, "offer_feedback")["offer_id"].isin(offer_ids).sum())
+    for name in ("index_update_rejects", "offer_feedback_rejects"):
+        raw = table(store, name)["raw"]
+        found[f"{name}.raw"] = int(sum(raw.str.contains(v, regex=False).sum() for v in devices | offer_ids))
+    return found
+
+
+def points_of(resources, devices: set[str]) -> int:
+    index = resources["vector_index"]
+    with index.client() as client:
+        collections = index.persona_collections(client)
+        assert len(collections) >= 2  # the config weights' space and the learned one
+        by_payload = models.Filter(
+            must=[models.FieldCondition(key="device_id", match=models.MatchAny(any=sorted(devices)))]
+        )
+        return sum(
+            len(client.retrieve(c, [point_id(d) for d in devices]))
+            + client.count(c, count_filter=by_payload, exact=True).count
+            for c in collections
+        )
+
+
+@pytest.fixture
+def fleet_with_feedback(persona_home, instance):
+    from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
+    from persona_pipeline.runner import run_chain, simulate_feedback
+
+    fleet = generate_fleet(300, 4, seed=8, start=DAYS[0])
+    write_landing(fleet, persona_home / "landing")
+    write_ground_truth(fleet, persona_home / "ground_truth")
+    run_chain(DAYS[0], "2026-03-03", instance=instance)
+    simulate_feedback(seed=2, batch_id=None)
+    run_chain(None, None, instance=instance)
+    return resources_for(persona_home)
+
+
+def test_erased_devices_are_gone_from_every_store_and_reingest_does_not_bring_them_back(
+    fleet_with_feedback, instance
+):
+    from persona_pipeline.runner import run_chain
+
+    resources = fleet_with_feedback
+    store = resources["persona_store"]
+    offers = table(store, "service_recommendations")
+    feedback = table(store, "offer_feedback").merge(offers[["offer_id", "device_id"]], on="offer_id")
+    tickets = table(store, "support_tickets")
+    rejects = table(store, "index_update_rejects")
+    with_everything = sorted(set(feedback["device_id"]) & set(tickets["device_id"]))
+    assert with_everything, "the fleet should have a device with a ticket and answered offers"
+    rejected = sorted(set(rejects["device_id"].dropna()) - set(with_everything))
+    profiles = table(store, "device_profiles")
+    customer = profiles.loc[
+        ~profiles["device_id"].isin([with_everything[0], rejected[0]]), "customer_id"
+    ].iloc[0]
+    customer_devices = set(profiles.loc[profiles["customer_id"] == customer, "device_id"])
+    erased = {with_everything[0], rejected[0], *customer_devices}
+    their_offers = set(offers.loc[offers["device_id"].isin(erased), "offer_id"])
+    before = stored_rows_of(resources, erased, their_offers)
+    assert before["support_tickets"] and before["offer_feedback"] and before["index_update_rejects"]
+    assert points_of(resources, erased) > 0
+    devices_before = profiles["device_id"].nunique()
+
+    result = erase(resources, instance, devices=[with_everything[0], rejected[0]], customers=[customer])
+    assert result.success
+    assert set(stored_rows_of(resources, erased, their_offers).values()) == {0}
+    assert points_of(resources, erased) == 0
+    assert table(store, "device_profiles")["device_id"].nunique() == devices_before - len(erased)
+
+    audit = table(store, "erasure_requests")
+    assert len(audit) == 1
+    row = audit.iloc[0]
+    assert (row["requested_by"], row["devices_erased"], row["customer_ids_requested"]) == (
+        "case-4711",
+        len(erased),
+        1,
+    )
+    assert row["rows_deleted"] == sum(before[t.name] for t in DEVICE_TABLES) + before["offer_feedback"]
+    assert row["points_deleted"] > 0
+    audit_text = audit.astype(str).to_json() + table(store, "suppressed_subjects").astype(str).to_json()
+    assert not any(value in audit_text for value in erased | {customer})  # counts and hashes, no ids
+    logged = " ".join(
+        str(event.dagster_event.event_specific_data if event.dagster_event else "") + event.message
+        for event in instance.all_logs(result.run_id)
+    )
+    assert not any(value in logged for value in erased | {customer})
+
+    # The same landing files ingested again (every day, the whole chain): nothing comes back.
+    rerun = run_chain(*DAYS, instance=instance)
+    assert rerun.run_ids
+    assert set(stored_rows_of(resources, erased, their_offers).values()) == {0}
+    assert points_of(resources, erased) == 0
+    ingest_runs = instance.get_runs(dg.RunsFilter(job_name="ingest_job"))
+    ingested = instance.get_latest_materialization_event(dg.AssetKey("index_updates"))
+    assert ingest_runs and ingested.asset_materialization.metadata["suppressed_rows"].value > 0
+
+    again = erase(resources, instance, devices=[with_everything[0]])
+    assert again.success
+    second = table(store, "erasure_requests").set_index("request_id").loc[again.run_id.replace("-", "")]
+    assert (second["rows_deleted"], second["points_deleted"]) == (0, 0)
+
+
+def test_suppression_matches_devices_and_customers_by_hash_only():
+    listed = Suppression.from_texts(hash_texts(["dev-1"]), hash_texts(["cust-9"]))
+    frame = pd.DataFrame(
+        {"device_id": ["dev-1", "dev-2", "dev-3", "dev-10"], "customer_id": [None, "cust-9", "cust-1", None]}
+    )
+    assert listed.matches(frame).tolist() == [True, True, False, False]
+    assert not Suppression().matches(frame).any()
+    assert hash_texts(["dev-1"]) == hash_texts(["dev-1"]) and len(hash_texts(["dev-1"])[0]) == 16
+    with pytest.raises(ValueError, match="device_ids: an empty id"):
+        unique_ids(["dev-1", " "], "device_ids")
+
+
+def test_a_request_without_ids_is_refused(persona_home, instance):
+    result = erase_devices_job.execute_in_process(
+        run_config={"ops": {"erase_devices": {"config": {"requested_by": "case-1"}}}},
+        resources={
+            k: v for k, v in resources_for(persona_home).items() if k in ("persona_store", "vector_index")
+        },
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = result.failure_data_for_node("erase_devices")
+    assert "give at least one of device_ids or customer_ids" in failure.error.message
+    store = resources_for(persona_home)["persona_store"]
+    assert store.scalar(sa.select(sa.func.count()).select_from(sa.table("erasure_requests"))) == 0
