@@ -5,16 +5,19 @@ import os
 import dagster as dg
 
 from persona_pipeline.anomalies.assets import anomaly_scores
+from persona_pipeline.automation import automation_sensor
 from persona_pipeline.erasure.jobs import erase_devices_job
 from persona_pipeline.feature_schema import load_feature_schema
 from persona_pipeline.feedback.assets import (
     feedback_job,
     key_weights,
+    key_weights_sensor,
     offer_feedback,
     offer_feedback_sensor,
     weights_job,
 )
 from persona_pipeline.ingest.assets import index_updates
+from persona_pipeline.ingest.automation import index_updates_sensor, ingest_job, ingest_schedule
 from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.offers.catalog import load_service_catalog
 from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
@@ -40,12 +43,6 @@ def build_resources(resolved: bool = False) -> dict[str, dg.ConfigurableResource
         "persona_config": PersonaConfig(config_dir=from_env("PERSONA_CONFIG_DIR")),
     }
 
-
-ingest_job = dg.define_asset_job(
-    "ingest_job",
-    selection=dg.AssetSelection.assets(index_updates, device_profiles),
-    description="Read, validate and merge the landing data of the selected days into device profiles.",
-)
 
 personas_job = dg.define_asset_job(
     "personas_job",
@@ -76,6 +73,7 @@ defs = dg.Definitions(
         key_weights,
     ],
     jobs=[ingest_job, personas_job, segments_job, feedback_job, weights_job, erase_devices_job],
-    sensors=[offer_feedback_sensor],
+    schedules=[ingest_schedule],
+    sensors=[index_updates_sensor, offer_feedback_sensor, key_weights_sensor, automation_sensor],
     resources=build_resources(),
 )

@@ -38,17 +38,13 @@ ADMIN_URL = os.environ.get("PERSONA_TEST_PG_URL", "postgresql+psycopg://postgres
 REQUIRE_SERVICES = os.environ.get("PERSONA_REQUIRE_SERVICES") == "1"
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--store",
-        choices=("sqlite", "postgresql"),
-        default=os.environ.get("PERSONA_TEST_STORE", "sqlite"),
-        help="backend of the persona store in the tests (default sqlite)",
-    )
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sqlite_only(reason): the test is about the embedded SQLite store")
+    config.addinivalue_line(
+        "markers",
+        "store_agnostic: the same whatever --store says (no persona store, or both backends "
+        "parametrized inside); only the SQLite run collects it",
+    )
     global STORE_BACKEND
     STORE_BACKEND = config.getoption("--store")
 
@@ -60,6 +56,10 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if STORE_BACKEND != "postgresql":
         return
+    pure = [item for item in items if item.get_closest_marker("store_agnostic")]
+    if pure:
+        config.hook.pytest_deselected(items=pure)
+        items[:] = [item for item in items if not item.get_closest_marker("store_agnostic")]
     for item in items:
         marker = item.get_closest_marker("sqlite_only")
         if marker is not None:

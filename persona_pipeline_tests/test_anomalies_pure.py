@@ -24,6 +24,8 @@ from persona_pipeline.anomalies.scoring import (
 from persona_pipeline.segments.clustering import NOISE, ClusteringSettings
 from persona_pipeline.segments.key_stats import CATEGORICAL, NUMERIC, ReadableValues, segment_stats
 
+pytestmark = pytest.mark.store_agnostic
+
 
 def test_robust_z_is_not_pulled_by_the_outlier_it_should_find():
     values = np.r_[np.random.default_rng(0).normal(10, 1, 999), 1e6]

@@ -6,6 +6,8 @@ import pytest
 from persona_pipeline.config_files import ConfigError
 from persona_pipeline.feature_schema import load_feature_schema
 
+pytestmark = pytest.mark.store_agnostic
+
 SHIPPED = Path(__file__).parents[1] / "persona_pipeline" / "config" / "feature_schema.yaml"
 
 

@@ -12,6 +12,8 @@ from persona_pipeline.ingest.ingest import ingest_days
 from persona_pipeline.resources import LandingZone
 from persona_pipeline_tests.conftest import update, write_file, write_jsonl
 
+pytestmark = pytest.mark.store_agnostic
+
 DAY = "2026-03-02"
 AT = "2026-03-02T10:00:00+00:00"
 

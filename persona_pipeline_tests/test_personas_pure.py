@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from persona_pipeline.feature_schema import load_feature_schema
 from persona_pipeline.personas.profiles import (
@@ -10,6 +11,8 @@ from persona_pipeline.personas.profiles import (
     value_changes,
 )
 from persona_pipeline.personas.vectors import build_persona_vectors
+
+pytestmark = pytest.mark.store_agnostic
 
 
 def ts(text: str) -> pd.Timestamp:

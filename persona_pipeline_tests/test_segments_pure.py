@@ -18,6 +18,8 @@ from persona_pipeline.segments.stable_ids import (
     stable_labels,
 )
 
+pytestmark = pytest.mark.store_agnostic
+
 CENTRES = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
 
 

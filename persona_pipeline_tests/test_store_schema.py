@@ -23,6 +23,8 @@ from persona_pipeline.store.schema import (
 )
 from persona_pipeline_tests.conftest import fresh_postgres_url
 
+pytestmark = pytest.mark.store_agnostic
+
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path):

@@ -11,6 +11,7 @@ from pydantic import Field
 from persona_pipeline.anomalies import storage
 from persona_pipeline.anomalies.reasons import explain_with_causes
 from persona_pipeline.anomalies.scoring import AnomalySettings, score_anomalies, score_from_z
+from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.metadata import markdown_table
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.resources import PersonaConfig, PersonaStore
@@ -87,6 +88,7 @@ class AnomalyScoresConfig(dg.Config):
 
 @dg.asset(
     deps=[device_clusters],
+    automation_condition=AFTER_UPSTREAM,
     group_name="segments",
     kinds={"pyod", "sql"},
     retry_policy=STORE_RETRY,

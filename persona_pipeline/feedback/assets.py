@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from persona_pipeline.automation import after_upstream_updates
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.feedback import storage
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
@@ -16,6 +17,7 @@ from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.offers.catalog import ServiceCatalog
 from persona_pipeline.offers.recommend import app_key
 from persona_pipeline.personas import storage as persona_storage
+from persona_pipeline.personas.assets import persona_vectors
 from persona_pipeline.personas.weights import current_weights, insert_weights
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
@@ -107,7 +109,6 @@ def offer_feedback(
 feedback_job = dg.define_asset_job(
     "feedback_job",
     selection=dg.AssetSelection.assets(offer_feedback),
-    partitions_def=offer_feedback_batches,
     description="Load one feedback batch (a dynamic partition) into offer_feedback.",
 )
 
@@ -168,10 +169,11 @@ def _offered_dimensions(service_ids: pd.Series, schema: FeatureSchema, catalog: 
 
 @dg.asset(
     deps=[offer_feedback, service_recommendations],
+    # New feedback refreshes the weights; new offers alone do not.
+    automation_condition=after_upstream_updates(ignore=dg.AssetSelection.assets(service_recommendations)),
     group_name="feedback",
     kinds={"scikitlearn", "sql"},
     retry_policy=STORE_RETRY,
-    automation_condition=dg.AutomationCondition.eager(),
 )
 def key_weights(
     context: dg.AssetExecutionContext,
@@ -253,3 +255,30 @@ weights_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(key_weights),
     description="Learn a new key_weights version from feedback not learned from yet.",
 )
+
+
+@dg.sensor(
+    asset_selection=dg.AssetSelection.assets(persona_vectors),
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def key_weights_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    """A new weights version rebuilds the persona vectors with it (automation then carries the
+    new vectors to the index, segments, scores and offers). The loop closes through the weights
+    store, not a graph edge, so this sensor stands in for the edge. The cursor is the storage id
+    of the last key_weights materialization seen."""
+    latest = context.instance.fetch_materializations(key_weights.key, limit=1).records
+    if not latest:
+        return dg.SensorResult(skip_reason="key_weights was never materialized")
+    record = latest[0]
+    seen = int(context.cursor) if context.cursor else 0
+    if record.storage_id <= seen:
+        return dg.SensorResult(skip_reason="no new key_weights materialization")
+    new_version = record.asset_materialization.metadata.get("new_version")
+    if new_version is not None and str(new_version.value).startswith("none"):
+        return dg.SensorResult(
+            skip_reason="key_weights ran without a new version", cursor=str(record.storage_id)
+        )
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=f"weights-{record.storage_id}")], cursor=str(record.storage_id)
+    )

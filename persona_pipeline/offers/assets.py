@@ -5,6 +5,7 @@ import pandas as pd
 
 from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.anomalies.storage import read_scores
+from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.metadata import counts_table, markdown_table
 from persona_pipeline.offers import storage
 from persona_pipeline.offers.catalog import ServiceCatalog
@@ -63,6 +64,7 @@ def _lookalike_hits(
 
 @dg.asset(
     deps=[anomaly_scores],
+    automation_condition=AFTER_UPSTREAM,
     group_name="offers",
     kinds={"pandas", "sql", "qdrant"},
     pool=VECTOR_INDEX_POOL,

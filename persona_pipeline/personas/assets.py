@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.metadata import markdown_table
 from persona_pipeline.partitions import daily_partitions, partition_days
 from persona_pipeline.personas import storage
@@ -54,6 +55,7 @@ def device_profiles(context: dg.AssetExecutionContext, persona_store: PersonaSto
 
 @dg.asset(
     deps=[device_profiles],
+    automation_condition=AFTER_UPSTREAM,
     group_name="personas",
     kinds={"numpy", "sql"},
     retry_policy=STORE_RETRY,
@@ -137,6 +139,7 @@ class PersonaIndexConfig(dg.Config):
 
 @dg.asset(
     deps=[persona_vectors],
+    automation_condition=AFTER_UPSTREAM,
     group_name="personas",
     kinds={"qdrant"},
     pool=VECTOR_INDEX_POOL,

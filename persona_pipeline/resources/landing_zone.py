@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -57,6 +59,24 @@ class LandingZone(dg.ConfigurableResource):
             for f in self.updates_root.iterdir()
             if f.is_dir() and not (DATE_FOLDER.match(f.name) and _is_date(f.name[5:]))
         )
+
+    def settled_day_fingerprints(self, settle_seconds: float) -> dict[str, str]:
+        """Per well-named day folder, a fingerprint of its files (names, sizes, modification
+        times). A day whose newest file changed less than `settle_seconds` ago is left out: it
+        may still be being written."""
+        newest_allowed = time.time() - settle_seconds
+        fingerprints = {}
+        for day in self.landed_days():
+            files = sorted(
+                (p.name, p.stat())
+                for p in self.day_folder(day).iterdir()
+                if p.is_file() and not p.name.startswith(("_", "."))
+            )
+            if not files or max(stat.st_mtime for _, stat in files) > newest_allowed:
+                continue
+            listing = "\n".join(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}" for name, stat in files)
+            fingerprints[day] = hashlib.sha1(listing.encode()).hexdigest()[:16]
+        return fingerprints
 
     def _date_folders(self) -> list[tuple[str, Path]]:
         if not self.updates_root.is_dir():

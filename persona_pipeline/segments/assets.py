@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.metadata import markdown_table
 from persona_pipeline.personas import storage as persona_storage
@@ -92,6 +93,7 @@ class DeviceClustersConfig(dg.Config):
 
 @dg.asset(
     deps=[persona_vectors, persona_index],
+    automation_condition=AFTER_UPSTREAM,
     group_name="segments",
     kinds={"scikitlearn", "qdrant", "sql"},
     pool=VECTOR_INDEX_POOL,

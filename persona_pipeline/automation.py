@@ -1,0 +1,36 @@
+"""Declarative automation: what keeps the assets after ingest fresh without anyone clicking.
+
+`index_updates` and `device_profiles` run from the daily schedule and the landing-folder sensor
+(ingest/automation.py); `offer_feedback` from its sensor. Every asset after them carries
+`AFTER_UPSTREAM` and the automation sensor below evaluates it.
+"""
+
+import dagster as dg
+
+
+def after_upstream_updates(ignore: dg.AssetSelection | None = None) -> dg.AutomationCondition:
+    """Run once after any dependency (any partition of it) updated, when none is still running.
+
+    Unlike `AutomationCondition.eager()`, a missing partition upstream does not block it: most
+    daily partitions before the first landing day are never materialized, and that is fine.
+    """
+    updated = dg.AutomationCondition.any_deps_updated()
+    if ignore is not None:
+        updated = updated.ignore(ignore)
+    return (
+        updated.since_last_handled()
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label("after upstream updates")
+
+
+AFTER_UPSTREAM = after_upstream_updates()
+
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "persona_automation_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Evaluates the assets' automation conditions: after new profiles, the vectors, the "
+    "Qdrant index, segments, anomaly scores and offers follow; after a feedback batch, the weights.",
+)

@@ -1,0 +1,63 @@
+"""When ingest runs: a daily schedule over the partitions, and a sensor for files as they land."""
+
+import json
+
+import dagster as dg
+
+from persona_pipeline.ingest.assets import index_updates
+from persona_pipeline.partitions import daily_partitions
+from persona_pipeline.personas.assets import device_profiles
+from persona_pipeline.resources import LandingZone
+
+# A file younger than this may still be being written: it waits for the next tick.
+SETTLE_SECONDS = 10
+
+ingest_job = dg.define_asset_job(
+    "ingest_job",
+    selection=dg.AssetSelection.assets(index_updates, device_profiles),
+    description="Read, validate and merge the landing data of the selected days into device profiles.",
+)
+
+
+@dg.schedule(
+    job=ingest_job,
+    cron_schedule=daily_partitions.get_cron_schedule(minute_of_hour=30, hour_of_day=0),
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    execution_timezone="UTC",
+)
+def ingest_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+    """At 00:30 UTC, the day that just ended, complete with its late files. Today's files are
+    picked up during the day by index_updates_sensor."""
+    keys = daily_partitions.get_partition_keys(current_time=context.scheduled_execution_time)
+    if len(keys) < 2:
+        return dg.SkipReason("no complete day inside the partitions yet")
+    day = keys[-2]  # the last key is today's (the partitions end one day ahead)
+    return dg.RunRequest(partition_key=day, run_key=f"schedule:{day}")
+
+
+@dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+def index_updates_sensor(context: dg.SensorEvaluationContext, landing_zone: LandingZone) -> dg.SensorResult:
+    """Each tick: a day folder whose files changed since the last tick (a new file today, or a
+    late one for a past day) gets a run of that day's partition, so an update reaches profiles and
+    vectors within minutes. The cursor keeps a fingerprint (names, sizes, times) per day folder."""
+    if landing_zone.source_db_url:
+        return dg.SensorResult(skip_reason="updates come from a SQL source: the daily schedule reads them")
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    known_days = set(daily_partitions.get_partition_keys())
+    current = landing_zone.settled_day_fingerprints(SETTLE_SECONDS)
+    changed = sorted(day for day, print_ in current.items() if seen.get(day) != print_)
+    outside = [day for day in changed if day not in known_days]
+    for day in outside:
+        context.log.warning(
+            f"landing folder date={day} is outside the partitions "
+            f"({daily_partitions.start:%Y-%m-%d} onwards): set PERSONA_PARTITION_START to read it"
+        )
+    requests = [
+        dg.RunRequest(partition_key=day, run_key=f"{day}:{current[day]}")
+        for day in changed
+        if day in known_days
+    ]
+    cursor = json.dumps({**seen, **{day: current[day] for day in changed}}, sort_keys=True)
+    if not requests:
+        return dg.SensorResult(skip_reason="no new or changed landing files", cursor=cursor)
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
