@@ -7,6 +7,8 @@
 
 import dagster as dg
 
+from persona_pipeline.settings import sensor_interval_seconds
+
 
 def after_upstream_updates(ignore: dg.AssetSelection | None = None) -> dg.AutomationCondition:
     """Run once after any dependency (any partition of it) updated, when none is still running.
@@ -30,7 +32,7 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     "persona_automation_sensor",
     target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=sensor_interval_seconds(30),
     description="Evaluates the assets' automation conditions: after new profiles, the vectors, the "
     "Qdrant index, segments, anomaly scores and offers follow; after a feedback batch, the weights.",
 )

@@ -35,3 +35,16 @@ def dagster_home() -> Path:
 
 def ground_truth_dir() -> Path:
     return persona_home() / "ground_truth"
+
+
+def sensor_interval_seconds(default: int) -> int:
+    """How often a sensor ticks: `default`, or PERSONA_SENSOR_INTERVAL_SECONDS for every sensor
+    (read when the code location loads)."""
+    override = os.environ.get("PERSONA_SENSOR_INTERVAL_SECONDS")
+    if not override:
+        return default
+    if not override.isdigit() or int(override) < 1:
+        raise ValueError(
+            f"PERSONA_SENSOR_INTERVAL_SECONDS={override!r}: expected a whole number of seconds >= 1"
+        )
+    return int(override)

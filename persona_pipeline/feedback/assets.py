@@ -21,6 +21,7 @@ from persona_pipeline.personas.assets import persona_vectors
 from persona_pipeline.personas.weights import current_weights, insert_weights
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
+from persona_pipeline.settings import sensor_interval_seconds
 
 offer_feedback_batches = dg.DynamicPartitionsDefinition(name="offer_feedback_batches")
 FEEDBACK_REJECT_CHECK = "feedback_reject_share_within_threshold"
@@ -113,7 +114,11 @@ feedback_job = dg.define_asset_job(
 )
 
 
-@dg.sensor(job=feedback_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(
+    job=feedback_job,
+    minimum_interval_seconds=sensor_interval_seconds(60),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
 def offer_feedback_sensor(context: dg.SensorEvaluationContext, landing_zone: LandingZone) -> dg.SensorResult:
     """Each tick: complete feedback batches (`_SUCCESS` present) not seen before become partitions
     of offer_feedback, with one run each. The run key is the batch id and the cursor remembers the
@@ -259,7 +264,7 @@ weights_job = dg.define_asset_job(
 
 @dg.sensor(
     asset_selection=dg.AssetSelection.assets(persona_vectors),
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=sensor_interval_seconds(30),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def key_weights_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:

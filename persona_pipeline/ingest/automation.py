@@ -8,6 +8,7 @@ from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.partitions import daily_partitions
 from persona_pipeline.personas.assets import device_profiles
 from persona_pipeline.resources import LandingZone
+from persona_pipeline.settings import sensor_interval_seconds
 
 # A file younger than this may still be being written: it waits for the next tick.
 SETTLE_SECONDS = 10
@@ -35,7 +36,11 @@ def ingest_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg
     return dg.RunRequest(partition_key=day, run_key=f"schedule:{day}")
 
 
-@dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(
+    job=ingest_job,
+    minimum_interval_seconds=sensor_interval_seconds(30),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
 def index_updates_sensor(context: dg.SensorEvaluationContext, landing_zone: LandingZone) -> dg.SensorResult:
     """Each tick: a day folder whose files changed since the last tick (a new file today, or a
     late one for a past day) gets a run of that day's partition, so an update reaches profiles and

@@ -1,0 +1,176 @@
+"""The daemon as `make dev` runs it: new landing files and a feedback batch go all the way to
+vectors, segments, scores, offers and weights with no click. Sensors tick every 3 s here
+(PERSONA_SENSOR_INTERVAL_SECONDS); the shipped default is 30 s (60 s for feedback)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from qdrant_client import QdrantClient
+
+from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
+from persona_pipeline.resources.vector_index import point_id
+from persona_pipeline_tests.conftest import ENV_VARIABLES, update, write_jsonl
+
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+START = "2026-03-01"
+CHAIN = ("persona_vectors", "persona_index", "device_clusters", "anomaly_scores", "service_recommendations")
+
+# Runs through the daemon, not the store: the SQLite run covers it.
+pytestmark = pytest.mark.store_agnostic
+
+
+def wait_for(what: str, done: Callable[[], bool], daemon_log: Path, timeout: float = 300) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if done():
+            return time.monotonic() - started
+        time.sleep(2)
+    pytest.fail(
+        f"{what}: not within {timeout:.0f} s\n--- daemon log (tail) ---\n{daemon_log.read_text()[-4000:]}"
+    )
+
+
+@pytest.fixture
+def daemon_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    for name in ENV_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("PERSONA_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    monkeypatch.setenv("PERSONA_PARTITION_START", START)
+    monkeypatch.setenv("PERSONA_SENSOR_INTERVAL_SECONDS", "3")
+    from persona_pipeline.cli import init_home
+
+    init_home()
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as out:
+        daemon = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+            cwd=REPO,
+            env=dict(os.environ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield home, log
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait()
+
+
+def test_landing_files_and_a_feedback_batch_flow_through_without_a_click(daemon_home):
+    from persona_pipeline.runner import simulate_feedback
+
+    home, log = daemon_home
+    fleet = generate_fleet(300, 3, seed=9, start=START)
+    landing = home / "landing"
+    write_landing(fleet, landing)
+    write_ground_truth(fleet, home / "ground_truth")
+    third_day = landing / "index_updates" / "date=2026-03-03"
+    held_back = home / "held_back"
+    shutil.move(third_day, held_back)
+
+    store = sa.create_engine(f"sqlite:///{home / 'persona.db'}")
+    instance = dg.DagsterInstance.get()
+
+    def materialized_after(key: str, since: float) -> bool:
+        event = instance.get_latest_materialization_event(dg.AssetKey(key))
+        return event is not None and event.timestamp > since
+
+    def chain_after(since: float) -> bool:
+        return all(materialized_after(key, since) for key in CHAIN)
+
+    def idle() -> bool:
+        return not instance.get_runs(
+            dg.RunsFilter(
+                statuses=[
+                    dg.DagsterRunStatus.QUEUED,
+                    dg.DagsterRunStatus.STARTING,
+                    dg.DagsterRunStatus.STARTED,
+                ]
+            )
+        )
+
+    def scalar(query: str):
+        with store.connect() as connection:
+            return connection.execute(sa.text(query)).scalar()
+
+    began = time.time()
+    first = wait_for("the first two days through the chain", lambda: chain_after(began) and idle(), log)
+
+    # A new day lands, with a device no one has seen.
+    dropped = time.time()
+    shutil.move(held_back, third_day)
+    write_jsonl(
+        landing,
+        "2026-03-03",
+        [update("dev-newcomer", "device.location.city", "Lisbon", "2026-03-03T12:00:00+00:00", "cust-new")],
+        "late-arrival.jsonl",
+    )
+    profiled = wait_for(
+        "the new device in device_profiles",
+        lambda: scalar("select count(*) from device_profiles where device_id = 'dev-newcomer'") > 0,
+        log,
+    )
+    indexed = wait_for(
+        "the new device's point in Qdrant",
+        lambda: scalar("select count(*) from vector_index_state where device_id = 'dev-newcomer'") > 0,
+        log,
+    )
+    wait_for("the third day through the chain", lambda: chain_after(dropped) and idle(), log)
+
+    # People answer the offers: a feedback batch lands.
+    answered = time.time()
+    simulate_feedback(seed=3, batch_id="batch-1")
+    wait_for(
+        "new weights and the chain after them",
+        lambda: (
+            scalar("select max(version) from key_weights where source = 'feedback'") is not None
+            and chain_after(answered)
+            and materialized_after(
+                "persona_vectors",
+                instance.get_latest_materialization_event(dg.AssetKey("key_weights")).timestamp,
+            )
+            and idle()
+        ),
+        log,
+    )
+    learned = scalar("select max(version) from key_weights")
+    assert scalar("select min(weights_version) from persona_vectors") == learned
+    runs = instance.get_runs()
+    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), [
+        (run.job_name, run.status) for run in runs if run.status != dg.DagsterRunStatus.SUCCESS
+    ]
+    launched_by = pd.Series([run.tags.get("dagster/sensor_name", "manual") for run in runs]).value_counts()
+    assert "manual" not in launched_by.index  # every run came from a sensor
+    print(
+        f"\nchain for 2 days {first:.0f} s; new file -> profiles {profiled:.0f} s, -> Qdrant point "
+        f"{profiled + indexed:.0f} s; runs by sensor: {launched_by.to_dict()}"
+    )
+    assert profiled + indexed < 300
+
+    instance.dispose()
+    client = QdrantClient(path=str(home / "qdrant"))
+    try:
+        point = client.retrieve("personas", [point_id("dev-newcomer")], with_payload=True)
+        assert point and point[0].payload["weights_version"] == learned
+    finally:
+        client.close()
