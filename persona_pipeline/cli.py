@@ -18,8 +18,12 @@ class CommandError(RuntimeError):
     """A failure the command reports in one line."""
 
 
-def init_home() -> Path:
-    """Create $PERSONA_HOME and a Dagster home with this project's dagster.yaml."""
+INSTANCE_FILES = {"sqlite": "dagster.yaml", "postgres": "dagster-postgres.yaml"}
+
+
+def init_home(instance_storage: str = "sqlite") -> Path:
+    """Create $PERSONA_HOME and a Dagster home with this project's dagster.yaml (or its
+    PostgreSQL variant); an existing dagster.yaml is kept."""
     home = settings.persona_home()
     os.environ["PERSONA_HOME"] = str(home)
     dagster_home = settings.dagster_home()
@@ -27,10 +31,20 @@ def init_home() -> Path:
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     instance_file = dagster_home / "dagster.yaml"
     if not instance_file.exists():
-        shipped = resources.files("persona_pipeline.deploy").joinpath("dagster.yaml")
+        shipped = resources.files("persona_pipeline.deploy").joinpath(INSTANCE_FILES[instance_storage])
         with resources.as_file(shipped) as source:
             shutil.copyfile(source, instance_file)
+    _create_instance_storage(dagster_home)
     return home
+
+
+def _create_instance_storage(dagster_home: Path) -> None:
+    """Create Dagster's storage once, here: the webserver and the daemon started together on an
+    empty home both try to, and one fails ("table alembic_version already exists")."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(dagster_home)):
+        pass
 
 
 def _parse_day(text: str) -> str:
@@ -40,8 +54,8 @@ def _parse_day(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2026-03-01") from None
 
 
-def cmd_init(_: argparse.Namespace) -> int:
-    home = init_home()
+def cmd_init(args: argparse.Namespace) -> int:
+    home = init_home(args.instance)
     print(f"PERSONA_HOME={home}\nDAGSTER_HOME={settings.dagster_home()}")
     return 0
 
@@ -138,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     init = commands.add_parser("init", help="create $PERSONA_HOME and the Dagster home")
+    init.add_argument(
+        "--instance",
+        choices=sorted(INSTANCE_FILES),
+        default="sqlite",
+        help="Dagster's instance storage: SQLite files in the Dagster home (default), or PostgreSQL "
+        "at DAGSTER_PG_URL (an existing dagster.yaml is kept)",
+    )
     init.set_defaults(handler=cmd_init)
 
     generate = commands.add_parser("generate", help="write a demo fleet into the landing zone")

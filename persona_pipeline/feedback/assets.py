@@ -118,6 +118,8 @@ feedback_job = dg.define_asset_job(
     job=feedback_job,
     minimum_interval_seconds=sensor_interval_seconds(60),
     default_status=dg.DefaultSensorStatus.RUNNING,
+    description="A complete feedback batch (offer_feedback/batch=<id>/ with _SUCCESS) becomes a "
+    "partition of offer_feedback and gets one run; each batch once, even after a restart.",
 )
 def offer_feedback_sensor(context: dg.SensorEvaluationContext, landing_zone: LandingZone) -> dg.SensorResult:
     """Each tick: complete feedback batches (`_SUCCESS` present) not seen before become partitions
@@ -266,6 +268,8 @@ weights_job = dg.define_asset_job(
     asset_selection=dg.AssetSelection.assets(persona_vectors),
     minimum_interval_seconds=sensor_interval_seconds(30),
     default_status=dg.DefaultSensorStatus.RUNNING,
+    description="A new key_weights version rebuilds the persona vectors with it; automation then "
+    "carries them to the index, segments, scores and offers.",
 )
 def key_weights_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """A new weights version rebuilds the persona vectors with it (automation then carries the

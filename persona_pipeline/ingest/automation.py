@@ -25,6 +25,7 @@ ingest_job = dg.define_asset_job(
     cron_schedule=daily_partitions.get_cron_schedule(minute_of_hour=30, hour_of_day=0),
     default_status=dg.DefaultScheduleStatus.RUNNING,
     execution_timezone="UTC",
+    description="Every day at 00:30 UTC: ingest the day that just ended, late files included.",
 )
 def ingest_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
     """At 00:30 UTC, the day that just ended, complete with its late files. Today's files are
@@ -40,6 +41,8 @@ def ingest_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg
     job=ingest_job,
     minimum_interval_seconds=sensor_interval_seconds(30),
     default_status=dg.DefaultSensorStatus.RUNNING,
+    description="New or changed files in a day's landing folder (today's, or a late one for a past "
+    "day) get a run of that day's partition within a tick.",
 )
 def index_updates_sensor(context: dg.SensorEvaluationContext, landing_zone: LandingZone) -> dg.SensorResult:
     """Each tick: a day folder whose files changed since the last tick (a new file today, or a
