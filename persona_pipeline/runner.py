@@ -112,7 +112,7 @@ def run_chain(
 
     def run(job_name: str, tags: dict[str, str], partition_key: str | None = None) -> None:
         tags = {**tags, "persona/launched_by": "cli"}
-        if distributed():
+        if distributed() and not instance.is_ephemeral:  # workers cannot open an ephemeral instance
             result = _execute_out_of_process(job_name, instance, tags, run_config, partition_key)
         else:
             result = defs.resolve_job_def(job_name).execute_in_process(
