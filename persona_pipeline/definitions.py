@@ -7,6 +7,7 @@ import dagster as dg
 from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.automation import automation_sensor
 from persona_pipeline.erasure.jobs import erase_devices_job
+from persona_pipeline.executors import executor_from_env
 from persona_pipeline.feature_schema import load_feature_schema
 from persona_pipeline.feedback.assets import (
     feedback_job,
@@ -76,4 +77,5 @@ defs = dg.Definitions(
     schedules=[ingest_schedule],
     sensors=[index_updates_sensor, offer_feedback_sensor, key_weights_sensor, automation_sensor],
     resources=build_resources(),
+    executor=executor_from_env(),
 )

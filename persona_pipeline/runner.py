@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 import dagster as dg
 import pandas as pd
 import sqlalchemy as sa
+from dagster._core.definitions.reconstruct import ReconstructableRepository
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
 )
 
 from persona_pipeline.cli import CommandError
+from persona_pipeline.executors import distributed
 from persona_pipeline.feedback.assets import offer_feedback_batches
 from persona_pipeline.feedback.storage import acceptance_by_weights_version
 from persona_pipeline.partitions import daily_partitions
@@ -57,7 +60,24 @@ def resolve_days(landing: LandingZone, start: str | None, end: str | None) -> tu
     return start, end
 
 
-def _raise_if_failed(result: dg.ExecuteInProcessResult, job: str) -> None:
+def _execute_out_of_process(
+    job_name: str,
+    instance: dg.DagsterInstance,
+    tags: dict[str, str],
+    run_config: dict,
+    partition_key: str | None,
+) -> dg.JobExecutionResult:
+    """Run a job with the Definitions' executor (Celery): this process orchestrates and the
+    workers rebuild the job from this module path, as they would for a run launched by the UI."""
+    job = ReconstructableRepository.for_module(
+        "persona_pipeline.definitions", "defs"
+    ).get_reconstructable_job(job_name)
+    if partition_key is not None:
+        tags = {**tags, PARTITION_NAME_TAG: partition_key}
+    return dg.execute_job(job, instance=instance, tags=tags, run_config=run_config)
+
+
+def _raise_if_failed(result: dg.ExecuteInProcessResult | dg.JobExecutionResult, job: str) -> None:
     if result.success:
         return
     for event in result.all_events:
@@ -91,13 +111,17 @@ def run_chain(
     run_ids = {}
 
     def run(job_name: str, tags: dict[str, str], partition_key: str | None = None) -> None:
-        result = defs.resolve_job_def(job_name).execute_in_process(
-            instance=instance,
-            tags={**tags, "persona/launched_by": "cli"},
-            run_config=run_config,
-            partition_key=partition_key,
-            raise_on_error=False,
-        )
+        tags = {**tags, "persona/launched_by": "cli"}
+        if distributed() and not instance.is_ephemeral:  # workers cannot open an ephemeral instance
+            result = _execute_out_of_process(job_name, instance, tags, run_config, partition_key)
+        else:
+            result = defs.resolve_job_def(job_name).execute_in_process(
+                instance=instance,
+                tags=tags,
+                run_config=run_config,
+                partition_key=partition_key,
+                raise_on_error=False,
+            )
         _raise_if_failed(result, job_name)
         run_ids[job_name if partition_key is None else f"{job_name}[{partition_key}]"] = result.run_id
 

@@ -30,6 +30,7 @@ ENV_VARIABLES = (
     "QDRANT_URL",
     "QDRANT_API_KEY",
     "DAGSTER_HOME",
+    "PERSONA_EXECUTOR",
 )
 
 
