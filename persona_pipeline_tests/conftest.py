@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from persona_pipeline.evaluate import DemoEvaluation, evaluate_demo_fleet
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
@@ -23,6 +25,7 @@ ENV_VARIABLES = (
     "QDRANT_API_KEY",
     "DAGSTER_HOME",
 )
+POSTGRES = "postgresql+psycopg://postgres:{password}@127.0.0.1:5432/{database}"
 
 
 @pytest.fixture
@@ -103,3 +106,31 @@ def table(store: PersonaStore, name: str, order_by: list[str] | None = None) -> 
     if order_by:
         frame = frame.sort_values(order_by).reset_index(drop=True)
     return frame
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[Callable[[str], str]]:
+    """Makes fresh databases on the loopback PostgreSQL, which trusts any password, and drops
+    them after the test: `create(password)` returns the URL. Skips where there is none."""
+    admin = sa.create_engine(POSTGRES.format(password="", database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        admin.connect().close()
+    except sa.exc.OperationalError:
+        admin.dispose()
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    created: list[str] = []
+
+    def create(password: str = "") -> str:
+        name = f"persona_test_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as connection:
+            connection.execute(sa.text(f"CREATE DATABASE {name}"))
+        created.append(name)
+        return POSTGRES.format(password=password, database=name)
+
+    try:
+        yield create
+    finally:
+        with admin.connect() as connection:
+            for name in created:
+                connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()

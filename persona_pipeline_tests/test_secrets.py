@@ -2,8 +2,6 @@
 its event log (every event, metadata, error messages, stack traces), its run record and
 snapshots, the captured compute logs, or the console."""
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -18,7 +16,6 @@ from persona_pipeline_tests.conftest import update, write_jsonl
 PLANTED_KEY = "planted-secret-4c9a7e21"
 PLANTED_PASSWORD = "s3cret-planted"
 PLANTED_SOURCE_PASSWORD = "src-s3cret-planted"
-POSTGRES = "postgresql+psycopg://postgres:{password}@127.0.0.1:5432/{database}"
 DAY = "2026-03-01"
 
 
@@ -39,29 +36,6 @@ def compute_logs(instance: dg.DagsterInstance) -> str:
     files = [p for p in Path(instance.root_directory).rglob("compute_logs/*") if p.is_file()]
     assert any(p.stat().st_size for p in files), "no captured compute logs to search"
     return "\n".join(p.read_text(errors="replace") for p in files)
-
-
-@pytest.fixture
-def postgres_databases() -> Iterator[tuple[str, str]]:
-    """Two fresh databases (persona store, SQL source) on the loopback PostgreSQL, which trusts
-    any password; skipped where there is none."""
-    admin = sa.create_engine(POSTGRES.format(password="", database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        admin.connect().close()
-    except sa.exc.OperationalError:
-        admin.dispose()
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
-    names = (f"persona_secrets_{uuid.uuid4().hex[:12]}", f"persona_secrets_src_{uuid.uuid4().hex[:12]}")
-    with admin.connect() as connection:
-        for name in names:
-            connection.execute(sa.text(f"CREATE DATABASE {name}"))
-    try:
-        yield names
-    finally:
-        with admin.connect() as connection:
-            for name in names:
-                connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 def fill_source(url: str) -> None:
@@ -88,9 +62,9 @@ def test_planted_secrets_never_reach_what_a_run_leaves_behind(
     monkeypatch.setenv("QDRANT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("QDRANT_API_KEY", PLANTED_KEY)
     if store == "postgresql":
-        store_db, source_db = request.getfixturevalue("postgres_databases")
-        store_url = POSTGRES.format(password=PLANTED_PASSWORD, database=store_db)
-        source_url = POSTGRES.format(password=PLANTED_SOURCE_PASSWORD, database=source_db)
+        create_database = request.getfixturevalue("postgres_database")
+        store_url = create_database(PLANTED_PASSWORD)
+        source_url = create_database(PLANTED_SOURCE_PASSWORD)
         fill_source(source_url)
         monkeypatch.setenv("PERSONA_DB_URL", store_url)
         monkeypatch.setenv("PERSONA_SOURCE_DB_URL", source_url)
