@@ -10,7 +10,7 @@ from pydantic import Field
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.feedback import storage
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
-from persona_pipeline.feedback.validation import FEEDBACK_FIELDS, validate_feedback
+from persona_pipeline.feedback.validation import FEEDBACK_FIELDS, offer_ids, validate_feedback
 from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
 from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.offers.catalog import ServiceCatalog
@@ -58,7 +58,7 @@ def offer_feedback(
     batch_id = context.partition_key
     read = landing_zone.read_feedback_batch(batch_id)
     rows = read.rows.reindex(columns=[*FEEDBACK_FIELDS, "source_file", "source_row", "raw"])
-    known = storage.known_offer_ids(persona_store, rows["offer_id"].dropna().astype(str).unique().tolist())
+    known = storage.known_offer_ids(persona_store, offer_ids(rows).dropna().unique().tolist())
     responses, rejects = validate_feedback(rows, known, batch_id)
     unreadable = read.rejects.assign(batch_id=batch_id, reason_code="unreadable")
     rejects = pd.concat([unreadable, rejects], ignore_index=True).assign(
