@@ -7,6 +7,8 @@ DAGSTER_HOME ?= $(PERSONA_HOME)/dagster
 export PERSONA_HOME DAGSTER_HOME
 DEV_PORT ?= 3000
 INSTALLED := $(VENV)/.installed
+# Test files spread over two processes; a file's tests (and its module fixtures) stay together.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: install demo test lint format dev validate migrate clean
 
@@ -24,8 +26,8 @@ demo: $(INSTALLED)  ## generate a demo fleet (if the landing zone is empty), run
 
 test: $(INSTALLED)  ## lint, then the test suite with the persona store on SQLite and on PostgreSQL
 	$(BIN)/ruff check .
-	$(BIN)/pytest --store sqlite
-	$(BIN)/pytest --store postgresql
+	$(BIN)/pytest --store sqlite $(PYTEST_PARALLEL)
+	$(BIN)/pytest --store postgresql $(PYTEST_PARALLEL)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

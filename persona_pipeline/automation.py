@@ -7,7 +7,10 @@
 
 import dagster as dg
 
-from persona_pipeline.settings import sensor_interval_seconds
+from persona_pipeline.settings import automation_on, sensor_interval_seconds
+
+SENSOR_STATUS = dg.DefaultSensorStatus.RUNNING if automation_on() else dg.DefaultSensorStatus.STOPPED
+SCHEDULE_STATUS = dg.DefaultScheduleStatus.RUNNING if automation_on() else dg.DefaultScheduleStatus.STOPPED
 
 
 def after_upstream_updates(ignore: dg.AssetSelection | None = None) -> dg.AutomationCondition:
@@ -31,7 +34,7 @@ AFTER_UPSTREAM = after_upstream_updates()
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "persona_automation_sensor",
     target=dg.AssetSelection.all(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=SENSOR_STATUS,
     minimum_interval_seconds=sensor_interval_seconds(30),
     description="Evaluates the assets' automation conditions: after new profiles, the vectors, the "
     "Qdrant index, segments, anomaly scores and offers follow; after a feedback batch, the weights.",

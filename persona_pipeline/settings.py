@@ -48,3 +48,13 @@ def sensor_interval_seconds(default: int) -> int:
             f"PERSONA_SENSOR_INTERVAL_SECONDS={override!r}: expected a whole number of seconds >= 1"
         )
     return int(override)
+
+
+def automation_on() -> bool:
+    """Whether the schedule and sensors start running (default) or stopped, e.g. in a staging
+    deployment that only backfills: PERSONA_AUTOMATION=off. Either way they can be toggled in
+    the UI."""
+    value = os.environ.get("PERSONA_AUTOMATION", "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"PERSONA_AUTOMATION={value!r}: expected on or off")
+    return value == "on"

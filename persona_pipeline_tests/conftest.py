@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -205,3 +206,17 @@ def table(store: PersonaStore, name: str, order_by: list[str] | None = None) -> 
     if order_by:
         frame = frame.sort_values(order_by).reset_index(drop=True)
     return frame
+
+
+@pytest.fixture
+def postgres_database() -> Callable[[str], str]:
+    """Makes fresh databases on the loopback PostgreSQL, which trusts any password (dropped at
+    the end of the session): `create(password)` returns the URL with that password in it.
+    Skips where no server answers, fails instead in CI."""
+    postgres_admin_engine().dispose()
+
+    def create(password: str = "") -> str:
+        url = sa.make_url(fresh_postgres_url(f"database-{uuid.uuid4()}"))
+        return url.set(password=password or None).render_as_string(hide_password=False)
+
+    return create

@@ -145,3 +145,23 @@ def test_schedules_and_sensors_run_by_default():
     assert repository.get_schedule_def("ingest_schedule").default_status == dg.DefaultScheduleStatus.RUNNING
     for sensor in repository.sensor_defs:
         assert sensor.default_status == dg.DefaultSensorStatus.RUNNING, sensor.name
+
+
+def test_automation_can_start_stopped_for_a_deployment_that_only_backfills():
+    import subprocess
+    import sys
+
+    probe = (
+        "from persona_pipeline.definitions import defs; r = defs.get_repository_def(); "
+        "print(sorted({s.default_status.value for s in [*r.sensor_defs, *r.schedule_defs]}))"
+    )
+    env = {**os.environ, "PERSONA_AUTOMATION": "off"}
+    stopped = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", probe], env=env, capture_output=True, text=True
+    )
+    assert stopped.stdout.strip() == "['STOPPED']", stopped.stderr
+    env["PERSONA_AUTOMATION"] = "sometimes"
+    refused = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", probe], env=env, capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "PERSONA_AUTOMATION='sometimes': expected on or off" in refused.stderr

@@ -170,3 +170,24 @@ def test_dagster_validates_the_workspace(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not (REPO / "workspace.yaml").exists(), reason="needs the repository checkout")
+def test_dagster_refuses_the_code_location_while_a_configuration_file_is_not_yaml(tmp_path):
+    config = tmp_path / "config"
+    config.mkdir()
+    catalog = config / "service_catalog.yaml"
+    catalog.write_text("rules:\n  daily_cap: [3\nservices: []\n")
+    (tmp_path / "dagster.yaml").write_text("")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO,
+        env={**os.environ, "DAGSTER_HOME": str(tmp_path), "PERSONA_CONFIG_DIR": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"ConfigError: {catalog}: invalid YAML at line 3, column 9" in output
+    assert "(while parsing a flow sequence that starts at line 2)" in output

@@ -52,6 +52,9 @@ def daemon_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     monkeypatch.setenv("PERSONA_PARTITION_START", START)
     monkeypatch.setenv("PERSONA_SENSOR_INTERVAL_SECONDS", "3")
+    # Steps in the run's process: the automation is under test, not the executor, and a process
+    # per step costs seconds each on two cores.
+    monkeypatch.setenv("PERSONA_EXECUTOR", "in_process")
     from persona_pipeline.cli import init_home
 
     init_home()
@@ -80,7 +83,7 @@ def test_landing_files_and_a_feedback_batch_flow_through_without_a_click(daemon_
     from persona_pipeline.runner import simulate_feedback
 
     home, log = daemon_home
-    fleet = generate_fleet(300, 3, seed=9, start=START)
+    fleet = generate_fleet(200, 3, seed=9, start=START)
     landing = home / "landing"
     write_landing(fleet, landing)
     write_ground_truth(fleet, home / "ground_truth")

@@ -129,3 +129,32 @@ def test_labels_and_units_name_keys_dimensions_and_derived_metrics():
     ) == ("signal", "dBm")
     assert schema.label_for("device.os.build") == "os.build"  # not in the schema: the key itself
     assert schema.unit_for("device.os.build") is None
+
+
+def edited(text: str, old: str, new: str) -> tuple[str, int]:
+    """`text` with the first line `old` replaced by `new`, and that line's number."""
+    lines = text.splitlines()
+    number = lines.index(old)
+    lines[number] = new
+    return "\n".join(lines) + "\n", number + 1
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("    label: city", "    label: city: of residence", "mapping values are not allowed here"),
+        ("    label: city", "\tlabel: city", "found character '\\t' that cannot start any token"),
+        ("    weight: 0.3", "    weight: 0.3\n    weight: 0.9", "key 'weight' is given twice in one mapping"),
+    ],
+    ids=["colon", "tab", "twice"],
+)
+def test_a_yaml_mistake_in_an_edited_schema_names_the_file_and_the_line(tmp_path, old, new, expected):
+    text, line = edited(SHIPPED.read_text(), old, new)
+    path = tmp_path / "feature_schema.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_feature_schema(tmp_path)
+    message = str(raised.value)
+    wrong_line = line + 1 if "twice" in expected else line  # the second `weight` is the mistake
+    assert message.startswith(f"{path}: invalid YAML at line {wrong_line}, column ")
+    assert expected in message

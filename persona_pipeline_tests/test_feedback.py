@@ -158,3 +158,48 @@ def test_run_processes_new_feedback_and_refreshes_the_weights_before_the_vectors
     third = run_chain(None, None, instance=instance)
     assert third.feedback_batches == []  # a batch is processed once
     assert int(table(store, "key_weights")["version"].max()) == newest
+
+
+def test_responses_to_offers_never_made_are_rejected_and_the_rest_kept(offered):
+    home = offered.home
+    resources = resources_for(home)
+    store = resources["persona_store"]
+    made = table(store, "service_recommendations")["offer_id"].tolist()
+    batch = "2026-03-09-unknown"
+    never_made = "0" * len(made[0])
+    write_batch(
+        home,
+        batch,
+        [
+            response(made[4], "accepted"),
+            response(never_made, "accepted"),
+            response(f"  {made[5]} ", "used"),  # blanks around a real id
+            response(made[6].upper(), "rejected"),  # ids are case-sensitive
+            response(made[7], "dismissed"),
+        ],
+    )
+
+    with dg.instance_for_test() as instance:
+        landing = {"landing_zone": resources["landing_zone"]}
+        ticked = offer_feedback_sensor(dg.build_sensor_context(instance=instance, resources=landing))
+        (request,) = [r for r in ticked.run_requests if r.run_key == batch]
+        instance.add_dynamic_partitions(offer_feedback_batches.name, [request.partition_key])
+        run = dg.materialize(
+            [offer_feedback], partition_key=request.partition_key, resources=resources, instance=instance
+        )
+    assert run.success
+
+    kept = table(store, "offer_feedback").query("batch_id == @batch").sort_values("offer_id")
+    assert kept[["offer_id", "response"]].values.tolist() == sorted(
+        [[made[4], "accepted"], [made[5], "used"], [made[7], "dismissed"]]
+    )
+    rejects = table(store, "offer_feedback_rejects").query("batch_id == @batch").set_index("source_row")
+    assert rejects["reason"].to_dict() == {
+        2: f"offer_id {never_made!r} names no offer that was made",
+        4: f"offer_id {made[6].upper()!r} names no offer that was made",
+    }
+    assert (rejects["reason_code"] == "unknown_offer").all()
+    assert (rejects["source_file"] == f"offer_feedback/batch={batch}/part-0.jsonl").all()
+    assert json.loads(rejects.loc[2, "raw"]) == json.loads(response(never_made, "accepted"))
+    metadata = run.asset_materializations_for_node("offer_feedback")[0].metadata
+    assert (metadata["rows_read"].value, metadata["responses"].value, metadata["rejected"].value) == (5, 3, 2)

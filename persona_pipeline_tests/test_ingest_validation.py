@@ -1,6 +1,9 @@
 """Reading and validating landing files: good rows kept, bad rows rejected with a reason."""
 
+import codecs
 import io
+import json
+import tracemalloc
 
 import pandas as pd
 import pyarrow as pa
@@ -261,3 +264,128 @@ def test_timestamps_keep_microseconds_like_the_stores(landing):
     write_jsonl(landing, DAY, [update("d1", "device.model", "x", "2026-03-02T10:00:00.123456789+00:00")])
     stamp = ingest(landing).accepted["observed_at"].iloc[0]
     assert stamp == pd.Timestamp("2026-03-02T10:00:00.123456Z")
+
+
+def good_line(device: str) -> str:
+    return json.dumps(update(device, "device.location.city", "Berlin", AT))
+
+
+@pytest.mark.parametrize(
+    "huge",
+    [
+        json.dumps(update("dx", "device.location.city", "x" * 10_000_000, AT)),  # one enormous value
+        json.dumps({f"field_{i}": i for i in range(800_000)} | update("dx", "device.model", "x", AT)),
+        "y" * 10_000_000,  # not JSON at all
+    ],
+    ids=["value", "fields", "garbage"],
+)
+def test_a_10_mb_line_is_rejected_unread_and_memory_stays_near_the_file_size(landing, huge):
+    lines = [good_line(f"d{i}") for i in range(1_000)]
+    path = write_file(landing, DAY, "big.jsonl", "\n".join([*lines[:500], huge, *lines[500:]]) + "\n")
+
+    tracemalloc.start()
+    try:
+        outcome = ingest(landing)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 5 * path.stat().st_size
+    assert len(outcome.accepted) == 1_000
+    (reject,) = outcome.rejects.itertuples()
+    assert (reject.source_file, reject.source_row) == (f"index_updates/date={DAY}/big.jsonl", 501)
+    assert f"line is {len(huge.encode()):,} bytes long (limit 65,536): not read" == reject.reason
+    assert len(reject.raw) < 2_100 and reject.raw.startswith(huge[:100])
+
+
+def test_a_10_mb_csv_cell_is_rejected_alone(landing):
+    rows = [f"d{i},device.location.city,Berlin,{AT}" for i in range(1_000)]
+    rows.insert(500, f"dx,device.location.city,{'z' * 10_000_000},{AT}")
+    write_file(landing, DAY, "big.csv", "device_id,key,value,observed_at\n" + "\n".join(rows) + "\n")
+    outcome = ingest(landing)
+    assert len(outcome.accepted) == 1_000
+    (reject,) = outcome.rejects.itertuples()
+    assert reject.source_row == 501 and "bytes long (limit 65,536): not read" in reject.reason
+    assert len(reject.raw) < 2_100
+
+
+def test_csv_rows_keep_their_numbers_around_broken_lines(landing):
+    lines = [
+        "device_id,key,value,observed_at",
+        f"d1,device.location.city,Berlin,{AT}",
+        f'd2,device.location.city,"Ber,{AT}',  # unclosed quote: must not swallow d3
+        f"d3,device.location.city,Berlin,{AT}",
+        f"d4,device.location.city,Berlin,{AT},extra,fields",
+        "",
+        f"d5,device.location.city,Berlin,{AT}",
+    ]
+    text = "\n".join(lines).encode() + b"\n" + f"d6,device.location.city,K\xf6ln,{AT}\n".encode("latin-1")
+    write_file(landing, DAY, "broken.csv", text + f"d7,device.location.city,Köln,{AT}\n".encode())
+    outcome = ingest(landing)
+    accepted = outcome.accepted.set_index("device_id")["source_row"].to_dict()
+    assert accepted == {"d1": 1, "d3": 3, "d5": 6, "d7": 8}  # data rows; the header is row 0
+    rejects = outcome.rejects.set_index("source_row")["reason"].to_dict()
+    assert rejects == {
+        2: "row has an unclosed quote",
+        4: "row has 6 fields, the header has 4",
+        7: "line is not valid UTF-8 (byte 25)",
+    }
+
+
+def test_a_byte_order_mark_is_not_data_and_utf16_files_are_rejected_readably(landing):
+    rows = [update(f"d{i}", "device.location.city", "Köln", AT) for i in range(3)]
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_file(landing, DAY, "bom.jsonl", codecs.BOM_UTF8 + text.encode())
+    write_file(landing, DAY, "wide.jsonl", text.encode("utf-16"))
+    write_file(
+        landing, DAY, "wide.csv", "device_id,key,value,observed_at\nd9,device.model,x,{AT}\n".encode("utf-16")
+    )
+    outcome = ingest(landing)
+    assert sorted(outcome.accepted["device_id"]) == ["d0", "d1", "d2"]  # from bom.jsonl, row 1 included
+    rejects = outcome.rejects.sort_values(["source_file", "source_row"])
+    assert rejects["source_row"].tolist() == [1, 1, 2, 3]
+    assert rejects["reason"].str.startswith("file is UTF-16 text").all()
+    assert rejects["raw"].iloc[1] == json.dumps(rows[0], ensure_ascii=False)  # readable, not bytes
+
+
+def test_nul_characters_are_rejected_before_they_reach_a_store(landing):
+    write_jsonl(landing, DAY, [update("d\u0000", "device.location.city", "Berlin", AT), GOOD[0]])
+    outcome = ingest(landing)
+    assert outcome.accepted["device_id"].tolist() == ["d1"]
+    (reject,) = outcome.rejects.itertuples()
+    assert reject.reason == "device_id contains a NUL character (\\u0000)"
+    assert "\x00" not in reject.raw
+
+
+def test_parquet_columns_of_nested_or_binary_types_reject_their_rows(landing):
+    at = [AT, AT, AT]
+    tables = {
+        "nested.parquet": pa.table(
+            {
+                "device_id": ["n1", "n2", "n3"],
+                "key": ["device.location.city"] * 3,
+                "value": pa.array([["Berlin"], None, ["a", "b"]], pa.list_(pa.string())),
+                "observed_at": at,
+            }
+        ),
+        "binary.parquet": pa.table(
+            {
+                "device_id": pa.array([b"b1", b"b2\xff", b"b3"], pa.binary()),
+                "key": ["device.location.city"] * 3,
+                "value": ["Berlin"] * 3,
+                "observed_at": at,
+            }
+        ),
+    }
+    for name, contents in tables.items():
+        buffer = io.BytesIO()
+        pq.write_table(contents, buffer)
+        write_file(landing, DAY, name, buffer.getvalue())
+    outcome = ingest(landing)
+    assert sorted(outcome.accepted["device_id"]) == ["b1", "b3"]
+    rejects = outcome.rejects.set_index(["source_file", "source_row"])["reason"]
+    folder = f"index_updates/date={DAY}"
+    assert rejects[(f"{folder}/nested.parquet", 1)].startswith("value is a Parquet list<")
+    assert rejects[(f"{folder}/nested.parquet", 2)] == "value is missing"
+    assert rejects[(f"{folder}/binary.parquet", 2)] == "device_id is binary data, not UTF-8 text"
+    assert len(rejects) == 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -167,3 +169,18 @@ def test_invalid_catalog_names_file_entry_and_problem(tmp_path, text, expected):
     with pytest.raises(ConfigError) as error:
         load_service_catalog(tmp_path)
     assert "service_catalog.yaml" in str(error.value) and expected in str(error.value)
+
+
+def test_a_yaml_syntax_error_in_the_catalog_names_the_file_and_the_line(tmp_path, monkeypatch):
+    shipped = Path(__file__).parents[1] / "persona_pipeline" / "config" / "service_catalog.yaml"
+    lines = shipped.read_text().splitlines()
+    opened = lines.index("  daily_cap: 3")
+    lines[opened] = "  daily_cap: [3"  # the bracket is never closed
+    path = tmp_path / "service_catalog.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("PERSONA_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(ConfigError) as error:
+        load_service_catalog()
+    message = str(error.value)
+    assert message.startswith(f"{path}: invalid YAML at line {opened + 2}, column ")
+    assert f"(while parsing a flow sequence that starts at line {opened + 1})" in message

@@ -325,6 +325,10 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
         "PERSONA_HOME": str(home),
         "DAGSTER_HOME": str(home / "dagster"),
         "PERSONA_PARTITION_START": DAYS[0],
+        # This test launches runs and backfills by hand; with the sensors on, the landing sensor
+        # would ingest the 30 days too and the backfill would queue behind those runs.
+        # test_daemon.py covers the automation.
+        "PERSONA_AUTOMATION": "off",
     }
     fleet = ["--devices", str(DEVICES), "--days", str(len(DAYS)), "--start", DAYS[0]]
     generated = subprocess.run(

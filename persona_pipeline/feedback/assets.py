@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from persona_pipeline.automation import after_upstream_updates
+from persona_pipeline.automation import SENSOR_STATUS, after_upstream_updates
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.feedback import storage
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
-from persona_pipeline.feedback.validation import FEEDBACK_FIELDS, validate_feedback
+from persona_pipeline.feedback.validation import FEEDBACK_FIELDS, offer_ids, validate_feedback
 from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
 from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.offers.catalog import ServiceCatalog
@@ -61,7 +61,7 @@ def offer_feedback(
     batch_id = context.partition_key
     read = landing_zone.read_feedback_batch(batch_id)
     rows = read.rows.reindex(columns=[*FEEDBACK_FIELDS, "source_file", "source_row", "raw"])
-    known = storage.known_offer_ids(persona_store, rows["offer_id"].dropna().astype(str).unique().tolist())
+    known = storage.known_offer_ids(persona_store, offer_ids(rows).dropna().unique().tolist())
     responses, rejects = validate_feedback(rows, known, batch_id)
     unreadable = read.rejects.assign(batch_id=batch_id, reason_code="unreadable")
     rejects = pd.concat([unreadable, rejects], ignore_index=True).assign(
@@ -117,7 +117,7 @@ feedback_job = dg.define_asset_job(
 @dg.sensor(
     job=feedback_job,
     minimum_interval_seconds=sensor_interval_seconds(60),
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=SENSOR_STATUS,
     description="A complete feedback batch (offer_feedback/batch=<id>/ with _SUCCESS) becomes a "
     "partition of offer_feedback and gets one run; each batch once, even after a restart.",
 )
@@ -267,7 +267,7 @@ weights_job = dg.define_asset_job(
 @dg.sensor(
     asset_selection=dg.AssetSelection.assets(persona_vectors),
     minimum_interval_seconds=sensor_interval_seconds(30),
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=SENSOR_STATUS,
     description="A new key_weights version rebuilds the persona vectors with it; automation then "
     "carries them to the index, segments, scores and offers.",
 )

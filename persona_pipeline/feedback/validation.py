@@ -6,19 +6,30 @@ a bad row never stops the good ones.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
+
+from persona_pipeline.ingest.reading import clip_raw
 
 RESPONSES = ("accepted", "rejected", "used", "dismissed")
 FEEDBACK_FIELDS = ("offer_id", "response", "responded_at")
 UTC_OFFSET = r"(?:Z|[+-]\d{2}:?\d{2})$"
+SHOWN_VALUE_CHARS = 40
+
+
+def offer_ids(rows: pd.DataFrame) -> pd.Series:
+    """The offer ids as responses name them, without surrounding blanks."""
+    return rows["offer_id"].astype("string").str.strip()
 
 
 def validate_feedback(
     rows: pd.DataFrame, known_offers: pd.Index, batch_id: str
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(responses, rejects) of one batch. `rows` has FEEDBACK_FIELDS + source_file, source_row, raw."""
-    offer = rows["offer_id"].astype("string").str.strip()
+    """(responses, rejects) of one batch. `rows` has FEEDBACK_FIELDS + source_file, source_row, raw;
+    `known_offers` are those of `offer_ids(rows)` that name an offer that was made."""
+    offer = offer_ids(rows)
     response = rows["response"].astype("string").str.strip().str.lower()
     stamp_text = rows["responded_at"].astype("string").str.strip()
     has_offset = stamp_text.str.contains(UTC_OFFSET, regex=True, na=False) & stamp_text.str.contains(
@@ -47,7 +58,7 @@ def validate_feedback(
     templates = {name: template for name, _, template in checks}
     rejected = rows[bad]
     reasons = [
-        templates[c].format(offer_id=o, response=r, responded_at=t)
+        templates[c].format(offer_id=_shown(o), response=_shown(r), responded_at=_shown(t))
         for c, o, r, t in zip(
             code[bad], rejected["offer_id"], rejected["response"], rejected["responded_at"], strict=True
         )
@@ -78,13 +89,22 @@ def validate_feedback(
     return responses.reset_index(drop=True), rejects
 
 
+def _shown(value: object) -> object:
+    """A value as quoted in a reason: long text shortened."""
+    if isinstance(value, str) and len(value) > SHOWN_VALUE_CHARS:
+        return value[:SHOWN_VALUE_CHARS] + "…"
+    return value
+
+
 def _raw(rows: pd.DataFrame) -> np.ndarray:
+    """What was read (the fields as JSON) where the reader kept no raw text."""
     if rows.empty:
         return np.array([], dtype=object)
     stored = rows["raw"].astype(object)
-    rebuilt = (
-        rows[list(FEEDBACK_FIELDS)]
-        .astype(str)
-        .agg(lambda r: ", ".join(f"{k}={v}" for k, v in r.items()), axis=1)
+    fields = rows[list(FEEDBACK_FIELDS)].astype(object)
+    records = fields.where(fields.notna(), None).to_dict("records")
+    rebuilt = pd.Series(
+        [clip_raw(json.dumps(record, default=str, ensure_ascii=False)) for record in records],
+        index=rows.index,
     )
     return stored.where(stored.notna(), rebuilt).to_numpy(dtype=object)

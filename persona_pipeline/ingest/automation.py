@@ -4,6 +4,7 @@ import json
 
 import dagster as dg
 
+from persona_pipeline.automation import SCHEDULE_STATUS, SENSOR_STATUS
 from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.partitions import daily_partitions
 from persona_pipeline.personas.assets import device_profiles
@@ -23,7 +24,7 @@ ingest_job = dg.define_asset_job(
 @dg.schedule(
     job=ingest_job,
     cron_schedule=daily_partitions.get_cron_schedule(minute_of_hour=30, hour_of_day=0),
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=SCHEDULE_STATUS,
     execution_timezone="UTC",
     description="Every day at 00:30 UTC: ingest the day that just ended, late files included.",
 )
@@ -40,7 +41,7 @@ def ingest_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg
 @dg.sensor(
     job=ingest_job,
     minimum_interval_seconds=sensor_interval_seconds(30),
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=SENSOR_STATUS,
     description="New or changed files in a day's landing folder (today's, or a late one for a past "
     "day) get a run of that day's partition within a tick.",
 )

@@ -1,11 +1,17 @@
 """Reading landing files (JSON Lines, CSV, Parquet) into one raw frame. Pure: no Dagster.
 
 A file never stops the others: what cannot be read becomes reject rows with the
-file, the line and the reason; what can be read is returned as it was written.
+file, the row and the reason; what can be read is returned as it was written.
+Rows are numbered as a person finds them: JSON Lines by line, CSV by data row
+(the header is row 0), Parquet by row. Only the contract's fields are kept, and
+text lines longer than MAX_LINE_BYTES are rejected unparsed, so one odd row
+cannot take the memory of the run.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import io
 import json
 from dataclasses import dataclass, field
@@ -28,6 +34,15 @@ SUFFIXES = {
     ".parquet": "parquet",
 }
 RAW_PREVIEW_CHARS = 2_000
+# A valid update is well under 1 KiB; a line far longer is not an update.
+MAX_LINE_BYTES = 64 * 1024
+# UTF-32 first: its little-endian mark starts with UTF-16's.
+WIDE_ENCODINGS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
 
 
 @dataclass
@@ -60,11 +75,35 @@ def empty_rejects() -> pd.DataFrame:
 
 
 def clip_raw(text: str) -> str:
-    return text if len(text) <= RAW_PREVIEW_CHARS else text[:RAW_PREVIEW_CHARS] + f"… ({len(text)} chars)"
+    """Raw content as stored with a reject: at most RAW_PREVIEW_CHARS characters, and NUL
+    characters spelled out (PostgreSQL text cannot hold them)."""
+    clipped = text if len(text) <= RAW_PREVIEW_CHARS else text[:RAW_PREVIEW_CHARS] + f"… ({len(text)} chars)"
+    return clipped.replace("\x00", "\\x00")
+
+
+def _preview(line: bytes) -> str:
+    """The start of a line of any length, decoded without decoding all of it."""
+    text = line[: RAW_PREVIEW_CHARS * 4].decode("utf-8", errors="replace")
+    if len(text) <= RAW_PREVIEW_CHARS and len(line) <= RAW_PREVIEW_CHARS * 4:
+        return clip_raw(text)
+    return clip_raw(text[:RAW_PREVIEW_CHARS]) + f"… ({len(line):,} bytes)"
 
 
 def file_reject(label: str, reason: str, raw: str = "", row: int | None = None) -> pd.DataFrame:
     return pd.DataFrame([{"source_file": label, "source_row": row, "raw": raw, "reason": reason}])
+
+
+def _rejects(rows: list[tuple[str, int | None, str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=list(REJECT_COLUMNS)) if rows else empty_rejects()
+
+
+def _too_long(label: str, number: int, line: bytes) -> tuple[str, int, str, str]:
+    reason = f"line is {len(line):,} bytes long (limit {MAX_LINE_BYTES:,}): not read"
+    return (label, number, _preview(line), reason)
+
+
+def _not_utf8(label: str, number: int, line: bytes, exc: UnicodeDecodeError) -> tuple[str, int, str, str]:
+    return (label, number, _preview(line), f"line is not valid UTF-8 (byte {exc.start})")
 
 
 def read_landing_file(
@@ -84,8 +123,19 @@ def read_landing_file(
         return ReadResult(empty_rows(), file_reject(label, f"file cannot be read: {exc.strerror}"))
     if not data.strip():
         return ReadResult.empty([f"{label}: empty file"])
-    reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind]
-    result = reader(data, label)
+    if kind == "parquet":
+        result = _reject_nul_characters(_read_parquet(data, label, fields), label, fields)
+    else:
+        data = data.removeprefix(codecs.BOM_UTF8)
+        wide = next((name for mark, name in WIDE_ENCODINGS if data.startswith(mark)), None)
+        if wide:
+            result = _reject_wide_text(data, label, wide, header=kind == "csv")
+        elif kind == "jsonl":
+            result = _read_jsonl(data, label, fields)
+        else:
+            result = _read_csv(data, label, fields)
+        if b"\x00" in data or b"\\u0000" in data:
+            result = _reject_nul_characters(result, label, fields)
     missing = [c for c in required if c not in result.rows.columns]
     if missing and not result.rows.empty:
         result.problems.append(f"{label}: no {', '.join(repr(c) for c in missing)} column")
@@ -105,30 +155,89 @@ def _with_source(frame: pd.DataFrame, label: str, rows: np.ndarray) -> pd.DataFr
     return frame
 
 
-def _read_jsonl(data: bytes, label: str) -> ReadResult:
-    # Fast path: the whole file parses. pandas skips blank lines, so line numbers
-    # only line up when there are none; otherwise the per-line path numbers them.
-    if b"\n\n" not in data and not data.startswith((b"\n", b"\r\n")):
-        try:
-            frame = pd.read_json(io.BytesIO(data), lines=True, dtype=False)
-        except (ValueError, UnicodeDecodeError):
-            frame = None
-        if frame is not None and len(frame) == data.rstrip(b"\r\n").count(b"\n") + 1:
-            return ReadResult(_with_source(frame, label, np.arange(1, len(frame) + 1)), empty_rejects())
-    return _read_jsonl_by_line(data, label)
+def _reject_wide_text(data: bytes, label: str, encoding: str, header: bool) -> ReadResult:
+    """A UTF-16 or UTF-32 file: every row rejected, readable, with the reason."""
+    lines = data.decode(encoding.lower(), errors="replace").lstrip("\ufeff").split("\n")
+    first = 0 if header else 1  # CSV rows count from the header (row 0), JSON Lines lines from 1
+    reason = f"file is {encoding} text (it starts with a {encoding} byte-order mark), expected UTF-8"
+    rejects = [
+        (label, number, clip_raw(line.rstrip("\r")), reason)
+        for number, line in enumerate(lines, start=first)
+        if line.strip() and number > 0
+    ]
+    return ReadResult(empty_rows(), _rejects(rejects))
 
 
-def _read_jsonl_by_line(data: bytes, label: str) -> ReadResult:
-    """Per-line parsing, used only for files the fast path cannot read whole."""
-    records, numbers, rejects = [], [], []
+def _reject_nul_characters(result: ReadResult, label: str, fields: tuple[str, ...]) -> ReadResult:
+    """Rows whose text holds a NUL character: rejected (no store keeps it as text)."""
+    rows = result.rows
+    nul = pd.Series(False, index=rows.index)
+    named = pd.Series("", index=rows.index, dtype=object)
+    for column in [c for c in fields if c in rows.columns]:
+        found = rows[column].map(lambda v: isinstance(v, str) and "\x00" in v).astype(bool)
+        named = named.where(~found | nul, column)
+        nul |= found
+    if not nul.any():
+        return result
+    bad = rows[nul]
+    rejects = pd.DataFrame(
+        {
+            "source_file": label,
+            "source_row": bad["source_row"].to_numpy(),
+            "raw": _rows_as_json(bad, fields),
+            "reason": [f"{column} contains a NUL character (\\u0000)" for column in named[nul]],
+        }
+    )
+    return ReadResult(rows[~nul], pd.concat([result.rejects, rejects], ignore_index=True), result.problems)
+
+
+def _rows_as_json(rows: pd.DataFrame, fields: tuple[str, ...]) -> list[str]:
+    present = [c for c in fields if c in rows.columns]
+    return [
+        clip_raw(json.dumps(record, default=str, ensure_ascii=False))
+        for record in rows[present].astype(object).where(rows[present].notna(), None).to_dict("records")
+    ]
+
+
+def _read_jsonl(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResult:
+    lines, numbers, rejects = [], [], []
     for number, line in enumerate(data.split(b"\n"), start=1):
-        if not line.strip():
-            continue
+        if len(line) > MAX_LINE_BYTES:
+            rejects.append(_too_long(label, number, line))
+        elif line.strip():
+            lines.append(line)
+            numbers.append(number)
+    records = _parse_jsonl_whole(lines)
+    if records is None:
+        records, numbers, unparsed = _parse_jsonl_by_line(lines, numbers, label)
+        rejects += unparsed
+    # Only the contract's fields become columns: a line with thousands of other fields
+    # would otherwise widen the frame of every row.
+    present = [f for f in fields if any(f in record for record in records)]
+    frame = pd.DataFrame.from_records(records, columns=present, index=pd.RangeIndex(len(records)))
+    return ReadResult(_with_source(frame, label, np.asarray(numbers, dtype=np.int64)), _rejects(rejects))
+
+
+def _parse_jsonl_whole(lines: list[bytes]) -> list[dict] | None:
+    """All lines parsed in one call when each is one JSON object; None when any is not."""
+    try:
+        records = json.loads(b"[" + b",".join(lines) + b"]")
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    if len(records) != len(lines) or not all(type(record) is dict for record in records):
+        return None
+    return records
+
+
+def _parse_jsonl_by_line(
+    lines: list[bytes], numbers: list[int], label: str
+) -> tuple[list[dict], list[int], list[tuple[str, int, str, str]]]:
+    records, kept, rejects = [], [], []
+    for number, line in zip(numbers, lines, strict=True):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raw = clip_raw(line.decode("utf-8", errors="replace"))
-            rejects.append((label, number, raw, f"line is not valid UTF-8 (byte {exc.start})"))
+            rejects.append(_not_utf8(label, number, line, exc))
             continue
         try:
             record = json.loads(text)
@@ -141,77 +250,129 @@ def _read_jsonl_by_line(data: bytes, label: str) -> ReadResult:
             rejects.append((label, number, clip_raw(text), reason))
             continue
         records.append(record)
-        numbers.append(number)
-    frame = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=list(FIELDS))
-    return ReadResult(
-        _with_source(frame, label, np.asarray(numbers, dtype=np.int64)),
-        pd.DataFrame(rejects, columns=list(REJECT_COLUMNS)) if rejects else empty_rejects(),
-    )
+        kept.append(number)
+    return records, kept, rejects
 
 
-def _read_csv(data: bytes, label: str) -> ReadResult:
-    try:
-        text = data.decode("utf-8")
-        bad_lines = empty_rejects()
-    except UnicodeDecodeError:
-        text, bad_lines = _drop_undecodable_lines(data, label)
-    options = {"dtype": str, "keep_default_na": False, "na_values": [], "skipinitialspace": True}
-    try:
-        frame = pd.read_csv(io.StringIO(text), **options)
-        rows = np.arange(1, len(frame) + 1)
-        malformed = empty_rejects()
-    except pd.errors.ParserError:
-        found: list[list[str]] = []
-        frame = pd.read_csv(
-            io.StringIO(text),
-            engine="python",
-            on_bad_lines=lambda fields: found.append(fields),
-            **options,
-        )
-        rows = np.arange(1, len(frame) + 1)
-        columns = len(frame.columns)
-        malformed = pd.DataFrame(
-            [
-                (
-                    label,
-                    None,
-                    clip_raw(",".join(f)),
-                    f"row has {len(f)} fields, the header has {columns}",
-                )
-                for f in found
-            ],
-            columns=list(REJECT_COLUMNS),
-        )
-    except pd.errors.EmptyDataError:
-        return ReadResult(empty_rows(), bad_lines, [f"{label}: no header row"])
-    frame = frame.replace({"": None})
-    return ReadResult(_with_source(frame, label, rows), pd.concat([bad_lines, malformed], ignore_index=True))
-
-
-def _drop_undecodable_lines(data: bytes, label: str) -> tuple[str, pd.DataFrame]:
-    kept, rejects = [], []
-    for number, line in enumerate(data.split(b"\n")):
+def _read_csv(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResult:
+    """CSV, one row per line: a broken line (too long, not UTF-8, an unclosed quote, too many
+    fields) is rejected alone and never shifts the rows after it."""
+    lines = data.split(b"\n")
+    start = next(i for i, line in enumerate(lines) if line.strip())  # the header's line
+    header_line = lines[start]
+    if len(header_line) > MAX_LINE_BYTES or header_line.count(b'"') % 2:
+        problem = "has an unclosed quote" if len(header_line) <= MAX_LINE_BYTES else "is too long"
+        reason = f"header row {problem} ({len(header_line):,} bytes): file not read"
+        return ReadResult(empty_rows(), file_reject(label, reason, _preview(header_line), row=0))
+    whole = _parse_csv_whole(lines[start:])
+    if whole is not None:
+        frame, numbers = whole
+        columns = [name for name in dict.fromkeys(frame.columns) if name in fields]
+        return ReadResult(_with_source(frame[columns], label, numbers), empty_rejects())
+    texts, rejects = [header_line.decode("utf-8", errors="replace").removesuffix("\r")], []
+    for number, line in enumerate(lines[start + 1 :], start=1):
+        # Rejected lines stay as blank lines, so the reader's rows keep their numbers.
+        texts.append("")
+        if len(line) > MAX_LINE_BYTES:
+            rejects.append(_too_long(label, number, line))
+            continue
         try:
-            kept.append(line.decode("utf-8"))
+            text = line.decode("utf-8").removesuffix("\r")
         except UnicodeDecodeError as exc:
-            raw = clip_raw(line.decode("utf-8", errors="replace"))
-            rejects.append((label, number, raw, f"line is not valid UTF-8 (byte {exc.start})"))
-    return "\n".join(kept), pd.DataFrame(rejects, columns=list(REJECT_COLUMNS))
+            rejects.append(_not_utf8(label, number, line, exc))
+            continue
+        if text.count('"') % 2:
+            rejects.append((label, number, clip_raw(text), "row has an unclosed quote"))
+            continue
+        texts[-1] = text
+    parsed = csv.reader(texts, skipinitialspace=True)
+    header = [name.strip() for name in next(parsed)]
+    width = len(header)
+    records, numbers = [], []
+    for number, values in enumerate(parsed, start=1):
+        if not texts[number].strip():
+            continue
+        if len(values) > width:
+            reason = f"row has {len(values)} fields, the header has {width}"
+            rejects.append((label, number, clip_raw(texts[number]), reason))
+            continue
+        records.append([value or None for value in values] + [None] * (width - len(values)))
+        numbers.append(number)
+    columns = [name for name in dict.fromkeys(header) if name in fields]
+    positions = [header.index(name) for name in columns]
+    frame = pd.DataFrame(
+        [[record[i] for i in positions] for record in records], columns=columns, dtype=object
+    )
+    return ReadResult(_with_source(frame, label, np.asarray(numbers, dtype=np.int64)), _rejects(rejects))
 
 
-def _read_parquet(data: bytes, label: str) -> ReadResult:
+def _parse_csv_whole(lines: list[bytes]) -> tuple[pd.DataFrame, np.ndarray] | None:
+    """The header and rows parsed in one call when no line needs to be rejected alone (too
+    long, not UTF-8, an unclosed quote, too many fields); None otherwise."""
+    if max(map(len, lines)) > MAX_LINE_BYTES:
+        return None
+    if any(line.count(b'"') % 2 for line in lines if b'"' in line):
+        return None
+    try:
+        text = b"\n".join(lines).decode("utf-8")
+        frame = pd.read_csv(
+            io.StringIO(text), dtype=str, keep_default_na=False, na_values=[], skipinitialspace=True
+        )
+    except (UnicodeDecodeError, pd.errors.ParserError):
+        return None
+    numbers = np.asarray([n for n, line in enumerate(lines[1:], start=1) if line.strip()], dtype=np.int64)
+    if len(frame) != len(numbers):  # blank-looking lines pandas read as rows: count them one by one
+        return None
+    frame.columns = [str(name).strip() for name in frame.columns]
+    return frame.replace({"": None}).astype(object), numbers
+
+
+def _read_parquet(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResult:
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as exc:
         return ReadResult(empty_rows(), file_reject(label, f"not a readable Parquet file: {exc}"))
+    table = table.select([name for name in table.column_names if name in fields])
     frame = table.to_pandas(types_mapper=None)
+    unusable = pd.Series("", index=frame.index, dtype=object)
     for column in frame.columns:
+        kind = table.schema.field(column).type
         series = frame[column]
         if isinstance(series.dtype, pd.DatetimeTZDtype):
             frame[column] = series.dt.strftime("%Y-%m-%dT%H:%M:%S.%f%z").astype(object)
         elif pd.api.types.is_datetime64_dtype(series.dtype):
             # Naive timestamps carry no offset; the validator rejects them with that reason.
             frame[column] = series.dt.strftime("%Y-%m-%dT%H:%M:%S").astype(object)
+        elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            text = series.map(_utf8_or_none)
+            failed = series.notna() & text.isna()
+            unusable = unusable.where(~failed | (unusable != ""), f"{column} is binary data, not UTF-8 text")
+            frame[column] = text.astype(object)
+        elif pa.types.is_nested(kind):
+            reason = f"{column} is a Parquet {kind}, expected text, a number or a boolean"
+            unusable = unusable.where(~series.notna() | (unusable != ""), reason)
+            frame[column] = series.astype(object)
         else:
             frame[column] = series.astype(object)
-    return ReadResult(_with_source(frame, label, np.arange(1, len(frame) + 1)), empty_rejects())
+    rows = _with_source(frame, label, np.arange(1, len(frame) + 1))
+    bad = (unusable != "").to_numpy()
+    if not bad.any():
+        return ReadResult(rows, empty_rejects())
+    rejects = pd.DataFrame(
+        {
+            "source_file": label,
+            "source_row": rows["source_row"][bad].to_numpy(),
+            "raw": _rows_as_json(rows[bad], fields),
+            "reason": unusable[bad].to_numpy(),
+        }
+    )
+    return ReadResult(rows[~bad], rejects)
+
+
+def _utf8_or_none(value: object) -> str | None:
+    if not isinstance(value, bytes):
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None

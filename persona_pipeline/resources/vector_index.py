@@ -87,8 +87,8 @@ class VectorIndex(dg.ConfigurableResource):
         )
         return True
 
-    @staticmethod
     def upsert(
+        self,
         client: QdrantClient,
         collection: str,
         ids: Sequence[str],
@@ -98,15 +98,21 @@ class VectorIndex(dg.ConfigurableResource):
     ) -> int:
         for start in range(0, len(ids), batch_size):
             stop = start + batch_size
-            client.upsert(
-                collection,
-                points=models.Batch(
-                    ids=list(ids[start:stop]),
-                    vectors=vectors[start:stop].tolist(),
-                    payloads=list(payloads[start:stop]),
-                ),
-                wait=True,
-            )
+            try:
+                client.upsert(
+                    collection,
+                    points=models.Batch(
+                        ids=list(ids[start:stop]),
+                        vectors=vectors[start:stop].tolist(),
+                        payloads=list(payloads[start:stop]),
+                    ),
+                    wait=True,
+                )
+            except (ResponseHandlingException, UnexpectedResponse) as exc:
+                raise VectorIndexError(
+                    f"vector index at {self.location} failed after {start} of {len(ids)} points "
+                    f"were written to {collection}: {exc}"
+                ) from None
         return len(ids)
 
     @staticmethod

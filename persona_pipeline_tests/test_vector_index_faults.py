@@ -1,0 +1,189 @@
+"""Qdrant going away in the middle of persona_index's writes: the run fails saying where, and a
+retry completes the collection with one point per device, nothing duplicated or lost.
+
+No Qdrant server runs here, so the fault is injected: the real embedded index, whose client
+loses its connection after the first upsert batch (the only fake in these tests).
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+import dagster as dg
+import httpx
+import numpy as np
+from qdrant_client import QdrantClient
+from qdrant_client.http.exceptions import ResponseHandlingException
+
+from persona_pipeline.ingest.assets import index_updates
+from persona_pipeline.personas import storage
+from persona_pipeline.personas.assets import ONE_POINT_CHECK, device_profiles, persona_index, persona_vectors
+from persona_pipeline.personas.weights import current_weights, insert_weights
+from persona_pipeline.resources import VectorIndex
+from persona_pipeline.resources.vector_index import point_id
+from persona_pipeline_tests.conftest import update, write_jsonl
+
+DAY = "2026-03-01"
+DEVICES = [f"d{i}" for i in range(5)]
+BATCH = {"ops": {"persona_index": {"config": {"batch_size": 2}}}}
+
+
+class _ConnectionDropsAfterOneUpsert:
+    """A Qdrant client whose connection is refused from the second upsert request on."""
+
+    def __init__(self, client: QdrantClient) -> None:
+        self._client = client
+        self._upserts = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def upsert(self, *args, **kwargs):
+        self._upserts += 1
+        if self._upserts > 1:
+            raise ResponseHandlingException(httpx.ConnectError("[Errno 111] Connection refused"))
+        return self._client.upsert(*args, **kwargs)
+
+
+class DropsMidWrite(VectorIndex):
+    """The real embedded index; its next `failing_runs` clients drop the connection mid-write."""
+
+    failing_runs: ClassVar[int] = 0
+
+    @contextmanager
+    def client(self) -> Iterator[QdrantClient]:
+        with super().client() as client:
+            if DropsMidWrite.failing_runs > 0:
+                DropsMidWrite.failing_runs -= 1
+                yield _ConnectionDropsAfterOneUpsert(client)
+            else:
+                yield client
+
+
+def ingest(landing, resources, instance) -> None:
+    rows = [
+        update(d, "device.location.city", "Berlin", f"{DAY}T10:00:00Z", customer=f"c-{d}") for d in DEVICES
+    ]
+    rows += [
+        update(d, "device.usage.app_maps_duration", 600 * (i + 1), f"{DAY}T11:00:00Z")
+        for i, d in enumerate(DEVICES)
+    ]
+    write_jsonl(landing, DAY, rows)
+    assert dg.materialize(
+        [index_updates, device_profiles], resources=resources, instance=instance, partition_key=DAY
+    ).success
+
+
+def points_of(index: VectorIndex, collection: str) -> dict[str, object]:
+    with index.client() as client:
+        points, _ = client.scroll(collection, limit=1_000, with_payload=True, with_vectors=True)
+    return {str(p.id): p for p in points}
+
+
+def alias_target(index: VectorIndex) -> str | None:
+    with index.client() as client:
+        return index.alias_target(client)
+
+
+def assert_complete(index: VectorIndex, store, collection: str, weights_version: int) -> None:
+    """Exactly one point per device, under its uuid5 id, with the stored vector and payload."""
+    stored = storage.read_stored_vectors(store)
+    points = points_of(index, collection)
+    assert sorted(points) == sorted(point_id(d) for d in DEVICES)
+    for device, customer, vector in zip(stored.device_ids, stored.customer_ids, stored.matrix, strict=True):
+        point = points[point_id(device)]
+        assert point.payload == {
+            "device_id": device,
+            "customer_id": customer,
+            "weights_version": weights_version,
+            "feature_space": stored.space,
+            "cluster_id": None,
+        }
+        np.testing.assert_allclose(point.vector, vector, rtol=1e-6)
+    with index.client() as client:
+        assert client.count(index.alias, exact=True).count == len(DEVICES)
+
+
+def failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
+    """The innermost error of each failed attempt of persona_index (Dagster wraps it)."""
+    messages = []
+    for event in result.all_events:
+        if event.step_key == "persona_index" and (event.is_step_failure or event.is_step_up_for_retry):
+            error = event.event_specific_data.error
+            while error.cause is not None:
+                error = error.cause
+            messages.append(error.message)
+    return messages
+
+
+def test_a_write_interrupted_on_the_first_attempt_is_finished_by_the_retry_policy(
+    landing, resources, instance, monkeypatch
+):
+    ingest(landing, resources, instance)
+    monkeypatch.setattr(DropsMidWrite, "failing_runs", 1)
+    index = DropsMidWrite(path=resources["vector_index"].path)
+
+    result = dg.materialize(
+        [persona_vectors, persona_index],
+        resources={**resources, "vector_index": index},
+        instance=instance,
+        run_config=BATCH,
+    )
+
+    assert result.success
+    (message,) = failure_messages(result)  # one attempt failed, the retry succeeded
+    assert f"vector index at {index.location}" in message
+    assert "after 2 of 5 points" in message and "Connection refused" in message
+    collection = alias_target(index)
+    assert collection is not None
+    assert_complete(index, resources["persona_store"], collection, weights_version=1)
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == ONE_POINT_CHECK and check.passed
+
+
+def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun_finishes_it(
+    landing, resources, instance, monkeypatch
+):
+    ingest(landing, resources, instance)
+    index = resources["vector_index"]
+    assert dg.materialize([persona_vectors, persona_index], resources=resources, instance=instance).success
+    first = alias_target(index)
+    store = resources["persona_store"]
+    schema = resources["persona_config"].feature_schema()
+    learned = {**current_weights(store, schema.initial_weights()).weights, "device.location.city": 0.4}
+    insert_weights(store, 2, learned, "feedback")
+
+    monkeypatch.setattr(DropsMidWrite, "failing_runs", 99)  # every attempt of the run
+    faulty = DropsMidWrite(path=index.path)
+    failed = dg.materialize(
+        [persona_vectors, persona_index],
+        resources={**resources, "vector_index": faulty},
+        instance=instance,
+        run_config=BATCH,
+        raise_on_error=False,
+    )
+
+    assert not failed.success
+    messages = failure_messages(failed)
+    assert len(messages) == 3  # the first attempt and the retry policy's two retries
+    assert all(f"vector index at {index.location}" in m and "after 2 of 5 points" in m for m in messages)
+    second = f"personas_{storage.read_vector_summaries(store)['space'].iloc[0]}"
+    assert second != first and second.endswith("-w2")
+    assert alias_target(index) == first  # still the complete collection of weights v1
+    kept = points_of(index, first)
+    assert sorted(kept) == sorted(point_id(d) for d in DEVICES)
+    assert {p.payload["weights_version"] for p in kept.values()} == {1}
+    assert len(points_of(index, second)) == 2  # only the first batch arrived
+
+    monkeypatch.setattr(DropsMidWrite, "failing_runs", 0)
+    rerun = dg.materialize(
+        [persona_vectors, persona_index], resources=resources, instance=instance, run_config=BATCH
+    )
+
+    assert rerun.success
+    assert alias_target(index) == second
+    assert_complete(index, store, second, weights_version=2)
+    metadata = rerun.asset_materializations_for_node("persona_index")[0].metadata
+    assert metadata["previous_collection"].value == first
+    assert metadata["points"].value == len(DEVICES)
+    assert rerun.get_asset_check_evaluations()[0].passed
