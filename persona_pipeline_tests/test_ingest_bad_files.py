@@ -15,6 +15,9 @@ from persona_pipeline.personas.assets import device_profiles
 from persona_pipeline.resources import PersonaStore
 from persona_pipeline_tests.conftest import table, update, write_file, write_jsonl
 
+# Both backends are parametrized inside.
+pytestmark = pytest.mark.store_agnostic
+
 DAY = "2026-03-02"
 AT = f"{DAY}T10:00:00Z"
 FOLDER = f"index_updates/date={DAY}"

@@ -11,6 +11,9 @@ from persona_pipeline.cli import main
 from persona_pipeline.definitions import defs
 from persona_pipeline_tests.conftest import fresh_postgres_url, resources_for, update, write_jsonl
 
+# About Dagster's instance on PostgreSQL; runs once.
+pytestmark = pytest.mark.store_agnostic
+
 PASSWORD = "s3cret-planted-in-DAGSTER_PG_URL"
 
 

@@ -54,6 +54,7 @@ def fill_source(url: str) -> None:
     engine.dispose()
 
 
+@pytest.mark.store_agnostic  # both backends are parametrized here
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 def test_planted_secrets_never_reach_what_a_run_leaves_behind(
     store, request, landing, instance, monkeypatch, capfd, caplog
