@@ -113,6 +113,11 @@ def learn_weights(
     return LearnedWeights(weights=weights, table=table, responses_by_trigger=counts)
 
 
+# liblinear visits the samples in a random order: unseeded, two runs on the same responses
+# learn weights that differ in the fourth decimal, and everything downstream with them.
+LIBLINEAR_SEED = 0
+
+
 def _standardised_coefficients(x: np.ndarray, y: np.ndarray, regularization: float) -> np.ndarray:
     spread = x.std(axis=0)
     varying = spread > 1e-9
@@ -129,9 +134,12 @@ def _standardised_coefficients(x: np.ndarray, y: np.ndarray, regularization: flo
             solver="liblinear",
             scoring="neg_log_loss",
             use_legacy_attributes=False,
+            random_state=LIBLINEAR_SEED,
         ).fit(standardised, y)
     else:
-        model = LogisticRegression(C=regularization, l1_ratio=1.0, solver="liblinear").fit(standardised, y)
+        model = LogisticRegression(
+            C=regularization, l1_ratio=1.0, solver="liblinear", random_state=LIBLINEAR_SEED
+        ).fit(standardised, y)
     coefficients[varying] = model.coef_[0]
     return coefficients
 
