@@ -15,7 +15,7 @@ from persona_pipeline.personas.assets import (
     persona_index,
     persona_vectors,
 )
-from persona_pipeline.resources.vector_index import point_id
+from persona_pipeline.resources.vector_index import StoredPoint, point_id
 from persona_pipeline_tests.conftest import store_url, table, update, write_jsonl
 
 INGEST = [index_updates, device_profiles]
@@ -164,11 +164,11 @@ def test_reject_check_passes_under_the_threshold_and_threshold_is_configurable(l
     assert not result.get_asset_check_evaluations()[0].passed
 
 
-def index_points(resources) -> tuple[str, dict[str, dict]]:
+def index_points(resources) -> tuple[str, dict[str, StoredPoint]]:
     vector_index = resources["vector_index"]
-    with vector_index.client() as client:
-        collection = vector_index.alias_target(client)
-        points, _ = client.scroll(vector_index.alias, limit=10_000, with_payload=True, with_vectors=True)
+    with vector_index.open() as index:
+        collection = index.alias_target(vector_index.alias)
+        points = list(index.scroll(vector_index.alias, with_vectors=True))
     return collection, {p.payload["device_id"]: p for p in points}
 
 
@@ -234,7 +234,7 @@ def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing
     metadata = result.asset_materializations_for_node("persona_index")[0].metadata
     assert metadata["previous_collection"].value == first
     assert metadata["points_written"].value == 4
-    with resources["vector_index"].client() as client:
-        assert client.count(first).count == 4  # kept for a rollback
+    with resources["vector_index"].open() as index:
+        assert index.count(first) == 4  # kept for a rollback
     weights = table(store, "key_weights")
     assert sorted(weights["source"].unique()) == ["config", "feedback"]

@@ -87,20 +87,19 @@ def test_learned_weights_make_lookalike_offers_accepted_more_often(tmp_path):
     def lookalike_acceptance(weights: dict[str, float], offered: np.ndarray, accepted: np.ndarray) -> float:
         matrix = values * np.array([weights[key] for key in keys])
         name = f"personas_test-{len(weights)}-{weights['a']:.4f}"
-        with index.client() as client:
-            index.ensure_collection(client, name, len(keys))
-            index.upsert(
-                client, name, [point_id(d) for d in devices], matrix, [{"device_id": d} for d in devices], 500
+        with index.open() as store:
+            store.ensure_collection(name, len(keys))
+            store.upsert(
+                name, [point_id(d) for d in devices], matrix, [{"device_id": d} for d in devices], 500
             )
-            found = index.recommend_devices(
-                client,
+            found = store.recommend(
                 name,
                 [point_id(d) for d in devices[offered][accepted]],
                 [point_id(d) for d in devices[offered][~accepted]],
-                devices[offered].tolist(),
                 limit=100,
+                exclude={"device_id": devices[offered].tolist()},
             )
-        chosen = np.isin(devices, [device for device, _ in found])
+        chosen = np.isin(devices, [hit.payload["device_id"] for hit in found])
         return float(needs[chosen].mean())
 
     initial = dict.fromkeys(keys, 0.5)
