@@ -207,6 +207,14 @@ def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(land
     assert changed.asset_materializations_for_node("persona_index")[0].metadata["points_written"].value == 1
     _, points = index_points(resources)
     assert len(points) == 5
+    # A device whose profiles name no customer (d4, after its late update) carries null, not NaN.
+    assert {d: p.payload["customer_id"] for d, p in points.items()} == {
+        "d0": "c0",
+        "d1": "c1",
+        "d2": "c2",
+        "d3": "c3",
+        "d4": None,
+    }
     names = resources["persona_config"].feature_schema().dimension_names
     assert points["d4"].vector[names.index("device.location.city=Zurich")] == pytest.approx(0.3)
 

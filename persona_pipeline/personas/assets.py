@@ -196,7 +196,7 @@ def persona_index(
         payloads = [
             {
                 "device_id": d,
-                "customer_id": c,
+                "customer_id": None if pd.isna(c) else c,
                 "weights_version": int(w),
                 "feature_space": space,
                 "cluster_id": None if pd.isna(k) else int(k),
