@@ -16,7 +16,7 @@ from persona_pipeline.personas.assets import (
     persona_vectors,
 )
 from persona_pipeline.resources.vector_index import StoredPoint, point_id
-from persona_pipeline_tests.conftest import store_url, table, update, write_jsonl
+from persona_pipeline_tests.conftest import ENGINES, store_url, table, update, write_jsonl
 
 INGEST = [index_updates, device_profiles]
 DAYS = ["2026-03-01", "2026-03-02", "2026-03-03"]
@@ -172,6 +172,7 @@ def index_points(resources) -> tuple[str, dict[str, StoredPoint]]:
     return collection, {p.payload["device_id"]: p for p in points}
 
 
+@pytest.mark.parametrize("embedded_engine", ENGINES)
 def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(landing, resources, instance):
     for day in DAYS:
         write_jsonl(landing, day, day_rows(day, n=5))
@@ -219,6 +220,7 @@ def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(land
     assert points["d4"].vector[names.index("device.location.city=Zurich")] == pytest.approx(0.3)
 
 
+@pytest.mark.parametrize("embedded_engine", ENGINES)
 def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing, resources, instance):
     from persona_pipeline.personas.weights import current_weights, insert_weights
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
+from persona_pipeline_tests.conftest import ENGINES
 
 KEYS = ["signal", "battery", "city", "city"]  # city has two one-hot dimensions
 
@@ -70,7 +71,8 @@ def test_unweighted_divides_out_the_dimension_weights():
     assert unweighted(matrix, np.array([0.5, 0.0, 0.6])).tolist() == [[1.0, 0.0, 0.5]]
 
 
-def test_learned_weights_make_lookalike_offers_accepted_more_often(tmp_path):
+@pytest.mark.parametrize("embedded_engine", ENGINES)
+def test_learned_weights_make_lookalike_offers_accepted_more_often(tmp_path, embedded_engine):
     """The loop, measured: acceptance depends on one key (`a`) and not on six others. After
     learning from the responses to a first, random round of offers, the lookalikes Qdrant finds
     in the re-weighted space accept more often than those it finds with the initial weights."""
@@ -82,7 +84,7 @@ def test_learned_weights_make_lookalike_offers_accepted_more_often(tmp_path):
     keys = ["a", "b", "c", "d", "e", "f", "g"]
     values = rng.random((len(devices), len(keys)))
     needs = 1 / (1 + np.exp(-12 * (values[:, 0] - 0.65)))  # only `a` predicts acceptance
-    index = VectorIndex(path=str(tmp_path / "qdrant"))
+    index = VectorIndex(path=str(tmp_path / "qdrant"), embedded_engine=embedded_engine)
 
     def lookalike_acceptance(weights: dict[str, float], offered: np.ndarray, accepted: np.ndarray) -> float:
         matrix = values * np.array([weights[key] for key in keys])

@@ -1,8 +1,10 @@
-"""Qdrant going away in the middle of persona_index's writes: the run fails saying where, and a
-retry completes the collection with one point per device, nothing duplicated or lost.
+"""The vector index failing in the middle of persona_index's writes, on every embedded engine: the
+run fails saying where, and a retry completes the collection with one point per device, nothing
+duplicated or lost.
 
-No Qdrant server runs here, so the fault is injected: the real embedded index, whose client
-loses its connection after the first upsert batch (the only fake in these tests).
+No Qdrant server runs here, so the fault is injected into the real embedded index: through
+qdrant-client, the connection drops after the first upsert batch (what a server going away looks
+like); on Qdrant Edge, the disk fills up after the first batch. These are the only fakes here.
 """
 
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from typing import ClassVar
 import dagster as dg
 import httpx
 import numpy as np
+import pytest
 from qdrant_client.http.exceptions import ResponseHandlingException
 
 from persona_pipeline.ingest.assets import index_updates
@@ -21,15 +24,18 @@ from persona_pipeline.personas.weights import current_weights, insert_weights
 from persona_pipeline.resources import VectorIndex
 from persona_pipeline.resources.vector_index import StoredPoint, VectorStore, point_id
 from persona_pipeline.resources.vector_stores.qdrant_client_store import QdrantClientStore
-from persona_pipeline_tests.conftest import update, write_jsonl
+from persona_pipeline_tests.conftest import ENGINES, update, write_jsonl
+
+pytestmark = pytest.mark.parametrize("embedded_engine", ENGINES)
 
 DAY = "2026-03-01"
 DEVICES = [f"d{i}" for i in range(5)]
 BATCH = {"ops": {"persona_index": {"config": {"batch_size": 2}}}}
+FAILURES = {"local": "Connection refused", "edge": "No space left on device"}
 
 
 class _FailsAfterOneWrite:
-    """Stands in for a qdrant-client; its upserts fail with `error` from the second on."""
+    """Stands in for a qdrant-client or an Edge shard; its writes fail with `error` from the second on."""
 
     def __init__(self, engine: object, error: Exception) -> None:
         self._engine = engine
@@ -44,15 +50,30 @@ class _FailsAfterOneWrite:
         if self._writes > 1:
             raise self._error
 
-    def upsert(self, *args, **kwargs):
+    def upsert(self, *args, **kwargs):  # qdrant-client
         self._fail_after_one()
         return self._engine.upsert(*args, **kwargs)
 
+    def update(self, operation):  # Edge shard
+        self._fail_after_one()
+        return self._engine.update(operation)
+
 
 def break_writes_after_one_batch(store: VectorStore) -> None:
-    assert isinstance(store, QdrantClientStore)
-    refused = ResponseHandlingException(httpx.ConnectError("[Errno 111] Connection refused"))
-    store._client = _FailsAfterOneWrite(store._client, refused)
+    if isinstance(store, QdrantClientStore):
+        refused = ResponseHandlingException(httpx.ConnectError("[Errno 111] Connection refused"))
+        store._client = _FailsAfterOneWrite(store._client, refused)
+        return
+    # What qdrant_edge raises when a write hits a full disk.
+    full = Exception("Service runtime error: No space left on device (os error 28)")
+    real_shard = store._shard
+    broken: dict[int, _FailsAfterOneWrite] = {}
+
+    def shard(collection: str) -> _FailsAfterOneWrite:
+        real = real_shard(collection)
+        return broken.setdefault(id(real), _FailsAfterOneWrite(real, full))
+
+    store._shard = shard
 
 
 class DropsMidWrite(VectorIndex):
@@ -125,11 +146,11 @@ def failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
 
 
 def test_a_write_interrupted_on_the_first_attempt_is_finished_by_the_retry_policy(
-    landing, resources, instance, monkeypatch
+    landing, resources, instance, monkeypatch, embedded_engine
 ):
     ingest(landing, resources, instance)
     monkeypatch.setattr(DropsMidWrite, "failing_runs", 1)
-    index = DropsMidWrite(path=resources["vector_index"].path)
+    index = DropsMidWrite(path=resources["vector_index"].path, embedded_engine=embedded_engine)
 
     result = dg.materialize(
         [persona_vectors, persona_index],
@@ -141,7 +162,7 @@ def test_a_write_interrupted_on_the_first_attempt_is_finished_by_the_retry_polic
     assert result.success
     (message,) = failure_messages(result)  # one attempt failed, the retry succeeded
     assert f"vector index at {index.location}" in message
-    assert "after 2 of 5 points" in message and "Connection refused" in message
+    assert "after 2 of 5 points" in message and FAILURES[embedded_engine] in message
     collection = alias_target(index)
     assert collection is not None
     assert_complete(index, resources["persona_store"], collection, weights_version=1)
@@ -150,7 +171,7 @@ def test_a_write_interrupted_on_the_first_attempt_is_finished_by_the_retry_polic
 
 
 def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun_finishes_it(
-    landing, resources, instance, monkeypatch
+    landing, resources, instance, monkeypatch, embedded_engine
 ):
     ingest(landing, resources, instance)
     index = resources["vector_index"]
@@ -162,7 +183,7 @@ def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun
     insert_weights(store, 2, learned, "feedback")
 
     monkeypatch.setattr(DropsMidWrite, "failing_runs", 99)  # every attempt of the run
-    faulty = DropsMidWrite(path=index.path)
+    faulty = DropsMidWrite(path=index.path, embedded_engine=embedded_engine)
     failed = dg.materialize(
         [persona_vectors, persona_index],
         resources={**resources, "vector_index": faulty},
@@ -175,7 +196,7 @@ def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun
     messages = failure_messages(failed)
     assert len(messages) == 3  # the first attempt and the retry policy's two retries
     assert all(f"vector index at {index.location}" in m and "after 2 of 5 points" in m for m in messages)
-    assert all("Connection refused" in m for m in messages)
+    assert all(FAILURES[embedded_engine] in m for m in messages)
     second = f"personas_{storage.read_vector_summaries(store)['space'].iloc[0]}"
     assert second != first and second.endswith("-w2")
     assert alias_target(index) == first  # still the complete collection of weights v1

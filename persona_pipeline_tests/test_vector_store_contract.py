@@ -1,5 +1,5 @@
-"""The VectorStore interface, on the embedded index (qdrant-client's local mode, the client code
-that also talks to a Qdrant server)."""
+"""The VectorStore interface, the same tests on every embedded engine: Qdrant Edge (the default)
+and qdrant-client's local mode (the client code that also talks to a Qdrant server)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from persona_pipeline.resources.vector_index import VectorIndex, VectorIndexError, point_id
+from persona_pipeline_tests.conftest import ENGINES
 
-pytestmark = pytest.mark.store_agnostic
+pytestmark = [pytest.mark.store_agnostic, pytest.mark.parametrize("embedded_engine", ENGINES)]
 
 COLLECTION = "personas_space-w1"
 DEVICES = [f"d{i}" for i in range(40)]
@@ -24,8 +25,8 @@ def payload(i: int, **extra) -> dict:
 
 
 @pytest.fixture
-def index(tmp_path: Path) -> VectorIndex:
-    return VectorIndex(path=str(tmp_path / "index"))
+def index(tmp_path: Path, embedded_engine: str) -> VectorIndex:
+    return VectorIndex(path=str(tmp_path / "index"), embedded_engine=embedded_engine)
 
 
 @pytest.fixture
@@ -185,3 +186,10 @@ def test_a_second_session_is_refused_while_the_first_is_open(filled):
         assert store.count(COLLECTION) == len(IDS)
     with filled.open() as store:  # closing released the folder
         assert store.count(COLLECTION) == len(IDS)
+
+
+def test_a_folder_written_by_the_other_engine_is_refused_with_what_to_do(filled, embedded_engine):
+    other = next(e for e in ENGINES if e != embedded_engine)
+    refused = pytest.raises(VectorIndexError, match=f"PERSONA_QDRANT_ENGINE={embedded_engine}")
+    with refused, VectorIndex(path=filled.path, embedded_engine=other).open():
+        pass

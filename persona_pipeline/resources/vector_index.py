@@ -1,6 +1,8 @@
 """The vector index: a Qdrant server or cluster (`QDRANT_URL`), or embedded at a local path.
 
-The pipeline sees one `VectorStore` (resources/vector_stores/base.py), never a raw client.
+Embedded, it runs on Qdrant Edge by default (`embedded_engine="edge"`); `"local"` keeps
+qdrant-client's local mode, much slower to write (benchmarks/vector_index_write.py). Either way
+the pipeline sees one `VectorStore` (resources/vector_stores/base.py), never a raw client.
 """
 
 from __future__ import annotations
@@ -8,16 +10,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from persona_pipeline import settings
 from persona_pipeline.resources.vector_stores.base import Hit, StoredPoint, VectorIndexError, VectorStore
-from persona_pipeline.resources.vector_stores.qdrant_client_store import QdrantClientStore
+from persona_pipeline.resources.vector_stores.qdrant_edge_store import QdrantEdgeStore
 
 __all__ = [
     "COLLECTION_PREFIX",
+    "EMBEDDED_ENGINES",
     "Hit",
     "StoredPoint",
     "VectorIndex",
@@ -29,6 +33,7 @@ __all__ = [
 
 POINT_NAMESPACE = uuid.UUID("6f1d3c0e-5b7a-4c1e-9a43-2f0d8e6b7c51")
 COLLECTION_PREFIX = "personas_"
+EMBEDDED_ENGINES = ("edge", "local")
 
 
 def point_id(device_id: str) -> str:
@@ -40,6 +45,15 @@ def persona_collections(store: VectorStore) -> list[str]:
     return [name for name in store.collections() if name.startswith(COLLECTION_PREFIX)]
 
 
+def embedded_layout(path: Path) -> str | None:
+    """Which embedded engine wrote the folder: "edge", "local" (qdrant-client) or None (empty)."""
+    if (path / "meta.json").is_file() or (path / "collection").is_dir():
+        return "local"
+    if (path / "aliases.json").is_file() or (path / "collections").is_dir():
+        return "edge"
+    return None
+
+
 class VectorIndex(dg.ConfigurableResource):
     """Persona vectors in Qdrant: one collection per feature space, behind the alias `personas`."""
 
@@ -47,10 +61,22 @@ class VectorIndex(dg.ConfigurableResource):
     api_key: str | None = Field(default=None, description="Qdrant API key (QDRANT_API_KEY). Never logged.")
     path: str | None = Field(
         default=None,
-        description="Local Qdrant folder for the embedded mode. Default: $PERSONA_HOME/qdrant.",
+        description="Folder of the embedded index. Default: $PERSONA_HOME/qdrant.",
+    )
+    embedded_engine: str = Field(
+        default="edge",
+        description="Engine of the embedded index (PERSONA_QDRANT_ENGINE): `edge`, Qdrant Edge in "
+        "process (default), or `local`, qdrant-client's local mode. Not used with a url.",
     )
     alias: str = Field(default="personas", description="Alias that always names the current collection.")
     timeout_seconds: int = Field(default=30, description="Timeout of each request to a Qdrant server.")
+
+    @field_validator("embedded_engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in EMBEDDED_ENGINES:
+            raise ValueError(f"embedded_engine {value!r}: expected one of {', '.join(EMBEDDED_ENGINES)}")
+        return value
 
     @property
     def location(self) -> str:
@@ -73,7 +99,24 @@ class VectorIndex(dg.ConfigurableResource):
 
     def _connect(self) -> VectorStore:
         if self.url:
-            return QdrantClientStore(
+            return _client_store(
                 self.location, url=self.url, api_key=self.api_key, timeout=self.timeout_seconds
             )
-        return QdrantClientStore(self.location, path=self.resolved_path)
+        path = Path(self.resolved_path)
+        found = embedded_layout(path)
+        if found is not None and found != self.embedded_engine:
+            raise VectorIndexError(
+                f"the vector index at {self.location} was written by the embedded engine `{found}`, "
+                f"not `{self.embedded_engine}`: set PERSONA_QDRANT_ENGINE={found}, or move the folder "
+                "away and materialize persona_index to fill a new one from the persona store"
+            )
+        if self.embedded_engine == "local":
+            return _client_store(self.location, path=str(path))
+        return QdrantEdgeStore(path, self.location)
+
+
+def _client_store(location: str, **connection) -> VectorStore:
+    # Imported on use: qdrant-client takes most of a second to import, and Edge does without it.
+    from persona_pipeline.resources.vector_stores.qdrant_client_store import QdrantClientStore
+
+    return QdrantClientStore(location, **connection)
