@@ -37,7 +37,11 @@ def build_resources(resolved: bool = False) -> dict[str, dg.ConfigurableResource
 
     return {
         "persona_store": PersonaStore(url=from_env("PERSONA_DB_URL")),
-        "vector_index": VectorIndex(url=from_env("QDRANT_URL"), api_key=from_env("QDRANT_API_KEY")),
+        "vector_index": VectorIndex(
+            url=from_env("QDRANT_URL"),
+            api_key=from_env("QDRANT_API_KEY"),
+            embedded_engine=os.environ.get("PERSONA_QDRANT_ENGINE") or "edge",
+        ),
         "landing_zone": LandingZone(
             path=from_env("PERSONA_LANDING_DIR"), source_db_url=from_env("PERSONA_SOURCE_DB_URL")
         ),

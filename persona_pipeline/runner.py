@@ -227,9 +227,9 @@ def summary(result: ChainResult) -> str:
         ).all()
     acceptance = acceptance_by_weights_version(store)
     rejected = sum(count for _, count in reasons)
-    with index.client() as client:
-        collection = index.alias_target(client)
-        points = client.count(index.alias, exact=True).count if collection else 0
+    with index.open() as vectors:
+        collection = vectors.alias_target(index.alias)
+        points = vectors.count(collection) if collection else 0
     top_reasons = ", ".join(f"{code} {count}" for code, count in reasons[:4]) or "none"
     return "\n".join(
         [

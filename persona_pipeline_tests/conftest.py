@@ -30,6 +30,7 @@ ENV_VARIABLES = (
     "PERSONA_SOURCE_DB_URL",
     "QDRANT_URL",
     "QDRANT_API_KEY",
+    "PERSONA_QDRANT_ENGINE",
     "DAGSTER_HOME",
     "PERSONA_EXECUTOR",
 )
@@ -141,19 +142,30 @@ def landing(persona_home: Path) -> Path:
     return persona_home / "landing"
 
 
-def resources_for(home: Path) -> dict[str, dg.ConfigurableResource]:
+# Engines of the embedded vector index. Tests about the index run on both by parametrizing
+# `embedded_engine` (e.g. `pytestmark = pytest.mark.parametrize("embedded_engine", ENGINES)`).
+ENGINES = ("edge", "local")
+
+
+def resources_for(home: Path, engine: str = "edge") -> dict[str, dg.ConfigurableResource]:
     """The real embedded stores under `home`."""
     return {
         "persona_store": PersonaStore(url=store_url(home)),
-        "vector_index": VectorIndex(path=str(home / "qdrant")),
+        "vector_index": VectorIndex(path=str(home / "qdrant"), embedded_engine=engine),
         "landing_zone": LandingZone(path=str(home / "landing")),
         "persona_config": PersonaConfig(),
     }
 
 
 @pytest.fixture
-def resources(persona_home: Path) -> dict[str, dg.ConfigurableResource]:
-    return resources_for(persona_home)
+def embedded_engine() -> str:
+    """The embedded vector index's engine: the default, unless a test parametrizes it."""
+    return "edge"
+
+
+@pytest.fixture
+def resources(persona_home: Path, embedded_engine: str) -> dict[str, dg.ConfigurableResource]:
+    return resources_for(persona_home, embedded_engine)
 
 
 def evaluated_fleet(home: Path, devices: int, days: int, seed: int) -> Iterator[DemoEvaluation]:

@@ -15,8 +15,8 @@ from persona_pipeline.personas.assets import (
     persona_index,
     persona_vectors,
 )
-from persona_pipeline.resources.vector_index import point_id
-from persona_pipeline_tests.conftest import store_url, table, update, write_jsonl
+from persona_pipeline.resources.vector_index import StoredPoint, point_id
+from persona_pipeline_tests.conftest import ENGINES, store_url, table, update, write_jsonl
 
 INGEST = [index_updates, device_profiles]
 DAYS = ["2026-03-01", "2026-03-02", "2026-03-03"]
@@ -164,14 +164,15 @@ def test_reject_check_passes_under_the_threshold_and_threshold_is_configurable(l
     assert not result.get_asset_check_evaluations()[0].passed
 
 
-def index_points(resources) -> tuple[str, dict[str, dict]]:
+def index_points(resources) -> tuple[str, dict[str, StoredPoint]]:
     vector_index = resources["vector_index"]
-    with vector_index.client() as client:
-        collection = vector_index.alias_target(client)
-        points, _ = client.scroll(vector_index.alias, limit=10_000, with_payload=True, with_vectors=True)
+    with vector_index.open() as index:
+        collection = index.alias_target(vector_index.alias)
+        points = list(index.scroll(vector_index.alias, with_vectors=True))
     return collection, {p.payload["device_id"]: p for p in points}
 
 
+@pytest.mark.parametrize("embedded_engine", ENGINES)
 def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(landing, resources, instance):
     for day in DAYS:
         write_jsonl(landing, day, day_rows(day, n=5))
@@ -207,10 +208,19 @@ def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(land
     assert changed.asset_materializations_for_node("persona_index")[0].metadata["points_written"].value == 1
     _, points = index_points(resources)
     assert len(points) == 5
+    # A device whose profiles name no customer (d4, after its late update) carries null, not NaN.
+    assert {d: p.payload["customer_id"] for d, p in points.items()} == {
+        "d0": "c0",
+        "d1": "c1",
+        "d2": "c2",
+        "d3": "c3",
+        "d4": None,
+    }
     names = resources["persona_config"].feature_schema().dimension_names
     assert points["d4"].vector[names.index("device.location.city=Zurich")] == pytest.approx(0.3)
 
 
+@pytest.mark.parametrize("embedded_engine", ENGINES)
 def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing, resources, instance):
     from persona_pipeline.personas.weights import current_weights, insert_weights
 
@@ -234,7 +244,7 @@ def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing
     metadata = result.asset_materializations_for_node("persona_index")[0].metadata
     assert metadata["previous_collection"].value == first
     assert metadata["points_written"].value == 4
-    with resources["vector_index"].client() as client:
-        assert client.count(first).count == 4  # kept for a rollback
+    with resources["vector_index"].open() as index:
+        assert index.count(first) == 4  # kept for a rollback
     weights = table(store, "key_weights")
     assert sorted(weights["source"].unique()) == ["config", "feedback"]

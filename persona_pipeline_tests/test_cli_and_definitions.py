@@ -8,10 +8,10 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
-from qdrant_client import QdrantClient
 
 from persona_pipeline.definitions import defs
 from persona_pipeline.demo.generator import generate_fleet
+from persona_pipeline.resources import VectorIndex
 from persona_pipeline_tests.conftest import store_url
 
 REPO = Path(__file__).parents[1]
@@ -61,12 +61,8 @@ def test_generate_then_run_with_only_persona_home_set(tmp_path):
     assert devices == 300
     assert rejects == len(truth)  # every planted malformed row, and nothing else
 
-    client = QdrantClient(path=str(home / "qdrant"))
-    try:
-        aliases = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
-        assert client.count(aliases["personas"], exact=True).count == devices
-    finally:
-        client.close()
+    with VectorIndex(path=str(home / "qdrant")).open() as index:
+        assert index.count(index.aliases()["personas"]) == devices
 
     # The runs are in the Dagster instance the UI opens (DAGSTER_HOME under PERSONA_HOME).
     assert (home / "dagster" / "dagster.yaml").is_file()

@@ -17,9 +17,9 @@ import dagster as dg
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from qdrant_client import QdrantClient
 
 from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
+from persona_pipeline.resources import VectorIndex
 from persona_pipeline.resources.vector_index import point_id
 from persona_pipeline_tests.conftest import ENV_VARIABLES, update, write_jsonl
 
@@ -171,9 +171,6 @@ def test_landing_files_and_a_feedback_batch_flow_through_without_a_click(daemon_
     assert profiled + indexed < 300
 
     instance.dispose()
-    client = QdrantClient(path=str(home / "qdrant"))
-    try:
-        point = client.retrieve("personas", [point_id("dev-newcomer")], with_payload=True)
-        assert point and point[0].payload["weights_version"] == learned
-    finally:
-        client.close()
+    with VectorIndex(path=str(home / "qdrant")).open() as index:
+        point = index.retrieve("personas", [point_id("dev-newcomer")])
+    assert point and point[0].payload["weights_version"] == learned

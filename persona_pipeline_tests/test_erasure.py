@@ -6,12 +6,11 @@ import dagster as dg
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from qdrant_client import models
 
 from persona_pipeline.erasure.jobs import erase_devices_job
 from persona_pipeline.erasure.storage import DEVICE_TABLES
 from persona_pipeline.erasure.subjects import Suppression, hash_texts, unique_ids
-from persona_pipeline.resources.vector_index import point_id
+from persona_pipeline.resources.vector_index import persona_collections, point_id
 from persona_pipeline_tests.conftest import resources_for, table
 
 DAYS = ("2026-03-01", "2026-03-04")
@@ -40,16 +39,13 @@ def stored_rows_of(resources, devices: set[str], offer_ids: set[str]) -> dict[st
 
 
 def points_of(resources, devices: set[str]) -> int:
-    index = resources["vector_index"]
-    with index.client() as client:
-        collections = index.persona_collections(client)
+    """Points of `devices` in every persona collection, by point id and by payload."""
+    with resources["vector_index"].open() as index:
+        collections = persona_collections(index)
         assert len(collections) >= 2  # the config weights' space and the learned one
-        by_payload = models.Filter(
-            must=[models.FieldCondition(key="device_id", match=models.MatchAny(any=sorted(devices)))]
-        )
         return sum(
-            len(client.retrieve(c, [point_id(d) for d in devices]))
-            + client.count(c, count_filter=by_payload, exact=True).count
+            len(index.retrieve(c, [point_id(d) for d in devices]))
+            + sum(p.payload.get("device_id") in devices for p in index.scroll(c))
             for c in collections
         )
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
+from persona_pipeline_tests.conftest import ENGINES
 
 KEYS = ["signal", "battery", "city", "city"]  # city has two one-hot dimensions
 
@@ -70,7 +71,8 @@ def test_unweighted_divides_out_the_dimension_weights():
     assert unweighted(matrix, np.array([0.5, 0.0, 0.6])).tolist() == [[1.0, 0.0, 0.5]]
 
 
-def test_learned_weights_make_lookalike_offers_accepted_more_often(tmp_path):
+@pytest.mark.parametrize("embedded_engine", ENGINES)
+def test_learned_weights_make_lookalike_offers_accepted_more_often(tmp_path, embedded_engine):
     """The loop, measured: acceptance depends on one key (`a`) and not on six others. After
     learning from the responses to a first, random round of offers, the lookalikes Qdrant finds
     in the re-weighted space accept more often than those it finds with the initial weights."""
@@ -82,25 +84,24 @@ def test_learned_weights_make_lookalike_offers_accepted_more_often(tmp_path):
     keys = ["a", "b", "c", "d", "e", "f", "g"]
     values = rng.random((len(devices), len(keys)))
     needs = 1 / (1 + np.exp(-12 * (values[:, 0] - 0.65)))  # only `a` predicts acceptance
-    index = VectorIndex(path=str(tmp_path / "qdrant"))
+    index = VectorIndex(path=str(tmp_path / "qdrant"), embedded_engine=embedded_engine)
 
     def lookalike_acceptance(weights: dict[str, float], offered: np.ndarray, accepted: np.ndarray) -> float:
         matrix = values * np.array([weights[key] for key in keys])
         name = f"personas_test-{len(weights)}-{weights['a']:.4f}"
-        with index.client() as client:
-            index.ensure_collection(client, name, len(keys))
-            index.upsert(
-                client, name, [point_id(d) for d in devices], matrix, [{"device_id": d} for d in devices], 500
+        with index.open() as store:
+            store.ensure_collection(name, len(keys))
+            store.upsert(
+                name, [point_id(d) for d in devices], matrix, [{"device_id": d} for d in devices], 500
             )
-            found = index.recommend_devices(
-                client,
+            found = store.recommend(
                 name,
                 [point_id(d) for d in devices[offered][accepted]],
                 [point_id(d) for d in devices[offered][~accepted]],
-                devices[offered].tolist(),
                 limit=100,
+                exclude={"device_id": devices[offered].tolist()},
             )
-        chosen = np.isin(devices, [device for device, _ in found])
+        chosen = np.isin(devices, [hit.payload["device_id"] for hit in found])
         return float(needs[chosen].mean())
 
     initial = dict.fromkeys(keys, 0.5)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
-from qdrant_client import QdrantClient
 
 from persona_pipeline.anomalies.assets import RATE_CHECK, anomaly_scores
 from persona_pipeline.evaluate import DEMO_TARGETS
 from persona_pipeline.resources import PersonaConfig, VectorIndex
-from persona_pipeline.resources.vector_index import VectorIndexError
+from persona_pipeline.resources.vector_index import VectorIndexError, VectorStore
 from persona_pipeline.segments.assets import device_clusters
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
 
@@ -24,16 +25,8 @@ def demo(tmp_path_factory):
 
 
 def cluster_payloads(home: Path) -> dict[str, int | None]:
-    client = QdrantClient(path=str(home / "qdrant"))
-    try:
-        points, payloads = None, {}
-        while True:
-            batch, points = client.scroll("personas", limit=1000, offset=points, with_payload=True)
-            payloads.update({p.payload["device_id"]: p.payload["cluster_id"] for p in batch})
-            if points is None:
-                return payloads
-    finally:
-        client.close()
+    with resources_for(home)["vector_index"].open() as index:
+        return {p.payload["device_id"]: p.payload["cluster_id"] for p in index.scroll("personas")}
 
 
 def test_demo_fleet_failing_devices_are_found_through_the_assets(demo):
@@ -144,9 +137,15 @@ def test_invalid_clustering_config_is_refused_before_the_run(small_fleet):
 class UnreachablePayloads(VectorIndex):
     """The real embedded index, except that payload writes fail as if the server went away."""
 
-    @staticmethod
-    def set_payload_values(client, collection, field, ids_by_value) -> int:
-        raise VectorIndexError("vector index at embedded: failed: connection reset")
+    @contextmanager
+    def open(self) -> Iterator[VectorStore]:
+        with super().open() as index:
+
+            def unreachable(*_args, **_kwargs) -> None:
+                raise VectorIndexError(f"vector index at {self.location} failed: connection reset")
+
+            index.set_payload = unreachable
+            yield index
 
 
 def test_payloads_catch_up_after_a_run_that_failed_half_way(small_fleet):

@@ -1,8 +1,10 @@
-"""Qdrant going away in the middle of persona_index's writes: the run fails saying where, and a
-retry completes the collection with one point per device, nothing duplicated or lost.
+"""The vector index failing in the middle of persona_index's writes, on every embedded engine: the
+run fails saying where, and a retry completes the collection with one point per device, nothing
+duplicated or lost.
 
-No Qdrant server runs here, so the fault is injected: the real embedded index, whose client
-loses its connection after the first upsert batch (the only fake in these tests).
+No Qdrant server runs here, so the fault is injected into the real embedded index: through
+qdrant-client, the connection drops after the first upsert batch (what a server going away looks
+like); on Qdrant Edge, the disk fills up after the first batch. These are the only fakes here.
 """
 
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from typing import ClassVar
 import dagster as dg
 import httpx
 import numpy as np
-from qdrant_client import QdrantClient
+import pytest
 from qdrant_client.http.exceptions import ResponseHandlingException
 
 from persona_pipeline.ingest.assets import index_updates
@@ -20,44 +22,72 @@ from persona_pipeline.personas import storage
 from persona_pipeline.personas.assets import ONE_POINT_CHECK, device_profiles, persona_index, persona_vectors
 from persona_pipeline.personas.weights import current_weights, insert_weights
 from persona_pipeline.resources import VectorIndex
-from persona_pipeline.resources.vector_index import point_id
-from persona_pipeline_tests.conftest import update, write_jsonl
+from persona_pipeline.resources.vector_index import StoredPoint, VectorStore, point_id
+from persona_pipeline.resources.vector_stores.qdrant_client_store import QdrantClientStore
+from persona_pipeline_tests.conftest import ENGINES, update, write_jsonl
+
+pytestmark = pytest.mark.parametrize("embedded_engine", ENGINES)
 
 DAY = "2026-03-01"
 DEVICES = [f"d{i}" for i in range(5)]
 BATCH = {"ops": {"persona_index": {"config": {"batch_size": 2}}}}
+FAILURES = {"local": "Connection refused", "edge": "No space left on device"}
 
 
-class _ConnectionDropsAfterOneUpsert:
-    """A Qdrant client whose connection is refused from the second upsert request on."""
+class _FailsAfterOneWrite:
+    """Stands in for a qdrant-client or an Edge shard; its writes fail with `error` from the second on."""
 
-    def __init__(self, client: QdrantClient) -> None:
-        self._client = client
-        self._upserts = 0
+    def __init__(self, engine: object, error: Exception) -> None:
+        self._engine = engine
+        self._error = error
+        self._writes = 0
 
     def __getattr__(self, name: str):
-        return getattr(self._client, name)
+        return getattr(self._engine, name)
 
-    def upsert(self, *args, **kwargs):
-        self._upserts += 1
-        if self._upserts > 1:
-            raise ResponseHandlingException(httpx.ConnectError("[Errno 111] Connection refused"))
-        return self._client.upsert(*args, **kwargs)
+    def _fail_after_one(self) -> None:
+        self._writes += 1
+        if self._writes > 1:
+            raise self._error
+
+    def upsert(self, *args, **kwargs):  # qdrant-client
+        self._fail_after_one()
+        return self._engine.upsert(*args, **kwargs)
+
+    def update(self, operation):  # Edge shard
+        self._fail_after_one()
+        return self._engine.update(operation)
+
+
+def break_writes_after_one_batch(store: VectorStore) -> None:
+    if isinstance(store, QdrantClientStore):
+        refused = ResponseHandlingException(httpx.ConnectError("[Errno 111] Connection refused"))
+        store._client = _FailsAfterOneWrite(store._client, refused)
+        return
+    # What qdrant_edge raises when a write hits a full disk.
+    full = Exception("Service runtime error: No space left on device (os error 28)")
+    real_shard = store._shard
+    broken: dict[int, _FailsAfterOneWrite] = {}
+
+    def shard(collection: str) -> _FailsAfterOneWrite:
+        real = real_shard(collection)
+        return broken.setdefault(id(real), _FailsAfterOneWrite(real, full))
+
+    store._shard = shard
 
 
 class DropsMidWrite(VectorIndex):
-    """The real embedded index; its next `failing_runs` clients drop the connection mid-write."""
+    """The real embedded index; its next `failing_runs` sessions fail after the first write."""
 
     failing_runs: ClassVar[int] = 0
 
     @contextmanager
-    def client(self) -> Iterator[QdrantClient]:
-        with super().client() as client:
+    def open(self) -> Iterator[VectorStore]:
+        with super().open() as store:
             if DropsMidWrite.failing_runs > 0:
                 DropsMidWrite.failing_runs -= 1
-                yield _ConnectionDropsAfterOneUpsert(client)
-            else:
-                yield client
+                break_writes_after_one_batch(store)
+            yield store
 
 
 def ingest(landing, resources, instance) -> None:
@@ -74,15 +104,14 @@ def ingest(landing, resources, instance) -> None:
     ).success
 
 
-def points_of(index: VectorIndex, collection: str) -> dict[str, object]:
-    with index.client() as client:
-        points, _ = client.scroll(collection, limit=1_000, with_payload=True, with_vectors=True)
-    return {str(p.id): p for p in points}
+def points_of(index: VectorIndex, collection: str) -> dict[str, StoredPoint]:
+    with index.open() as store:
+        return {p.id: p for p in store.scroll(collection, with_vectors=True)}
 
 
 def alias_target(index: VectorIndex) -> str | None:
-    with index.client() as client:
-        return index.alias_target(client)
+    with index.open() as store:
+        return store.alias_target(index.alias)
 
 
 def assert_complete(index: VectorIndex, store, collection: str, weights_version: int) -> None:
@@ -100,8 +129,8 @@ def assert_complete(index: VectorIndex, store, collection: str, weights_version:
             "cluster_id": None,
         }
         np.testing.assert_allclose(point.vector, vector, rtol=1e-6)
-    with index.client() as client:
-        assert client.count(index.alias, exact=True).count == len(DEVICES)
+    with index.open() as store:
+        assert store.count(index.alias) == len(DEVICES)
 
 
 def failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
@@ -117,11 +146,11 @@ def failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
 
 
 def test_a_write_interrupted_on_the_first_attempt_is_finished_by_the_retry_policy(
-    landing, resources, instance, monkeypatch
+    landing, resources, instance, monkeypatch, embedded_engine
 ):
     ingest(landing, resources, instance)
     monkeypatch.setattr(DropsMidWrite, "failing_runs", 1)
-    index = DropsMidWrite(path=resources["vector_index"].path)
+    index = DropsMidWrite(path=resources["vector_index"].path, embedded_engine=embedded_engine)
 
     result = dg.materialize(
         [persona_vectors, persona_index],
@@ -133,7 +162,7 @@ def test_a_write_interrupted_on_the_first_attempt_is_finished_by_the_retry_polic
     assert result.success
     (message,) = failure_messages(result)  # one attempt failed, the retry succeeded
     assert f"vector index at {index.location}" in message
-    assert "after 2 of 5 points" in message and "Connection refused" in message
+    assert "after 2 of 5 points" in message and FAILURES[embedded_engine] in message
     collection = alias_target(index)
     assert collection is not None
     assert_complete(index, resources["persona_store"], collection, weights_version=1)
@@ -142,7 +171,7 @@ def test_a_write_interrupted_on_the_first_attempt_is_finished_by_the_retry_polic
 
 
 def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun_finishes_it(
-    landing, resources, instance, monkeypatch
+    landing, resources, instance, monkeypatch, embedded_engine
 ):
     ingest(landing, resources, instance)
     index = resources["vector_index"]
@@ -154,7 +183,7 @@ def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun
     insert_weights(store, 2, learned, "feedback")
 
     monkeypatch.setattr(DropsMidWrite, "failing_runs", 99)  # every attempt of the run
-    faulty = DropsMidWrite(path=index.path)
+    faulty = DropsMidWrite(path=index.path, embedded_engine=embedded_engine)
     failed = dg.materialize(
         [persona_vectors, persona_index],
         resources={**resources, "vector_index": faulty},
@@ -167,6 +196,7 @@ def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun
     messages = failure_messages(failed)
     assert len(messages) == 3  # the first attempt and the retry policy's two retries
     assert all(f"vector index at {index.location}" in m and "after 2 of 5 points" in m for m in messages)
+    assert all(FAILURES[embedded_engine] in m for m in messages)
     second = f"personas_{storage.read_vector_summaries(store)['space'].iloc[0]}"
     assert second != first and second.endswith("-w2")
     assert alias_target(index) == first  # still the complete collection of weights v1

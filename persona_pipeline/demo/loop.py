@@ -111,7 +111,7 @@ def compare_weights(instance: dg.DagsterInstance | None = None) -> WeightsCompar
     arms = {}
     with tempfile.TemporaryDirectory(prefix="persona-compare-") as scratch:
         for arm, weights in (("initial", initial), ("learned", None)):
-            store, index = _copy_stores(Path(scratch) / arm)
+            store, index = _copy_stores(Path(scratch) / arm, resources["vector_index"].embedded_engine)
             _forget_day(store, day)
             if weights is not None:
                 version = int(versions["version"].max()) + 1
@@ -144,13 +144,15 @@ def compare_weights(instance: dg.DagsterInstance | None = None) -> WeightsCompar
     )
 
 
-def _copy_stores(folder: Path) -> tuple[PersonaStore, VectorIndex]:
+def _copy_stores(folder: Path, engine: str) -> tuple[PersonaStore, VectorIndex]:
     folder.mkdir(parents=True)
     database = settings.persona_home() / "persona.db"
     with sqlite3.connect(database) as original, sqlite3.connect(folder / "persona.db") as copy:
         original.backup(copy)  # consistent, write-ahead log included
     shutil.copytree(settings.qdrant_path(), folder / "qdrant")
-    return PersonaStore(url=f"sqlite:///{folder / 'persona.db'}"), VectorIndex(path=str(folder / "qdrant"))
+    return PersonaStore(url=f"sqlite:///{folder / 'persona.db'}"), VectorIndex(
+        path=str(folder / "qdrant"), embedded_engine=engine
+    )
 
 
 def _forget_day(store: PersonaStore, day: str) -> None:

@@ -32,8 +32,8 @@ def _lookalike_hits(
     if eligible.empty:
         return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
     frames = []
-    with vector_index.client() as client:
-        collection = vector_index.alias_target(client)
+    with vector_index.open() as index:
+        collection = index.alias_target(vector_index.alias)
         if collection is None:
             return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
         for service_id in eligible:
@@ -41,19 +41,18 @@ def _lookalike_hits(
             positive = answered.loc[answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
             negative = answered.loc[~answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
             offered = history.loc[history["service_id"] == service_id, "device_id"].unique().tolist()
-            found = vector_index.recommend_devices(
-                client,
+            found = index.recommend(
                 collection,
                 [point_id(d) for d in positive],
                 [point_id(d) for d in negative],
-                offered,
-                catalog.rules.lookalike_per_service,
+                limit=catalog.rules.lookalike_per_service,
+                exclude={"device_id": offered},
             )
             frames.append(
                 pd.DataFrame(
                     {
                         "service_id": service_id,
-                        "device_id": [device for device, _ in found],
+                        "device_id": [hit.payload["device_id"] for hit in found],
                         "rank": range(len(found)),
                         "accepters": len(positive),
                     }

@@ -18,7 +18,12 @@ from persona_pipeline.personas.vectors import build_persona_vectors
 from persona_pipeline.personas.weights import current_weights
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.resources.persona_store import int64_fingerprint
-from persona_pipeline.resources.vector_index import COLLECTION_PREFIX, point_id
+from persona_pipeline.resources.vector_index import (
+    COLLECTION_PREFIX,
+    VectorStore,
+    persona_collections,
+    point_id,
+)
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments.storage import read_assignments
 
@@ -181,8 +186,8 @@ def persona_index(
     to_write = vectors[stale]
     gone = sorted(set(indexed.index) - set(vectors["device_id"]))
 
-    with vector_index.client() as client:
-        created = vector_index.ensure_collection(client, collection, dimensions)
+    with vector_index.open() as index:
+        created = index.ensure_collection(collection, dimensions)
         if created:
             to_write = vectors
         # The segment as device_clusters last assigned it (None until the first clustering).
@@ -191,7 +196,7 @@ def persona_index(
         payloads = [
             {
                 "device_id": d,
-                "customer_id": c,
+                "customer_id": None if pd.isna(c) else c,
                 "weights_version": int(w),
                 "feature_space": space,
                 "cluster_id": None if pd.isna(k) else int(k),
@@ -205,28 +210,23 @@ def persona_index(
             )
         ]
         blobs = storage.read_vector_blobs(persona_store, to_write["device_id"].tolist())
-        written = vector_index.upsert(
-            client,
+        written = index.upsert(
             collection,
             [point_id(d) for d in to_write["device_id"]],
             storage.decode_vectors(blobs, dimensions),
             payloads,
             config.batch_size,
         )
-        deleted = vector_index.delete(client, collection, [point_id(d) for d in gone])
+        deleted = index.delete(collection, [point_id(d) for d in gone])
         storage.write_index_state(
             persona_store, collection, to_write[["device_id", "fingerprint", "cluster_id"]], gone
         )
-        previous = vector_index.swap_alias(client, collection)
+        previous = index.swap_alias(vector_index.alias, collection)
         dropped = _drop_old_collections(
-            client,
-            vector_index,
-            keep=config.keep_collections,
-            current=collection,
-            previous=previous,
+            index, keep=config.keep_collections, current=collection, previous=previous
         )
         storage.forget_collections(persona_store, dropped)
-        points = client.count(vector_index.alias, exact=True).count
+        points = index.count(vector_index.alias)
     if previous != collection:
         context.log.info(f"alias {vector_index.alias}: {previous} -> {collection}")
 
@@ -255,13 +255,10 @@ def persona_index(
     )
 
 
-def _drop_old_collections(
-    client, vector_index: VectorIndex, keep: int, current: str, previous: str | None
-) -> list[str]:
+def _drop_old_collections(index: VectorStore, keep: int, current: str, previous: str | None) -> list[str]:
     """Drop persona collections beyond the newest `keep`, never the current or previous one."""
-    collections = vector_index.persona_collections(client)
     protected = {current, previous}
-    candidates = [c for c in collections if c not in protected]
+    candidates = [c for c in persona_collections(index) if c not in protected]
     room = max(keep - len({c for c in protected if c}), 0)
     # Collection names end in the weights version: keep the newest of the rest.
     candidates.sort(
@@ -269,5 +266,5 @@ def _drop_old_collections(
     )
     dropped = candidates[: max(len(candidates) - room, 0)]
     for name in dropped:
-        client.delete_collection(name)
+        index.drop_collection(name)
     return dropped

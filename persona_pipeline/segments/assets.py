@@ -208,8 +208,8 @@ def _sync_payloads(store: PersonaStore, vector_index: VectorIndex, assignments: 
     """Bring the `cluster_id` payload of the current collection's points in line with the table:
     only points whose recorded payload differs are written, one request per segment. Points not in
     the collection yet get their segment when persona_index writes them."""
-    with vector_index.client() as client:
-        collection = vector_index.alias_target(client)
+    with vector_index.open() as index:
+        collection = index.alias_target(vector_index.alias)
         if collection is None:
             return 0
         held = persona_storage.read_payload_clusters(store, collection)
@@ -221,8 +221,8 @@ def _sync_payloads(store: PersonaStore, vector_index: VectorIndex, assignments: 
         if stale.empty:
             return 0
         by_cluster = stale["device_id"].map(point_id).groupby(stale["cluster_id"].to_numpy()).agg(list)
-        written = vector_index.set_payload_values(
-            client, collection, "cluster_id", {int(k): v for k, v in by_cluster.items()}
+        written = index.set_payload_values(
+            collection, "cluster_id", {int(k): v for k, v in by_cluster.items()}
         )
     persona_storage.record_payload_clusters(store, collection, stale[["device_id", "cluster_id"]])
     return written

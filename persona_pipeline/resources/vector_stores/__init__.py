@@ -1,0 +1,1 @@
+"""Engines behind the VectorIndex resource: one interface (base.VectorStore), two implementations."""
