@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from itertools import repeat
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import sqlalchemy as sa
 from pydantic import Field
 from sqlalchemy.dialects import postgresql, sqlite
@@ -48,12 +50,42 @@ def connect(url: str) -> sa.Engine:
     return engine
 
 
-def _records(frame: pd.DataFrame) -> list[dict]:
-    """Rows as dicts with None for missing values (what DB drivers expect)."""
-    if frame.empty:
-        return []
-    cleaned = frame.astype(object).where(frame.notna(), None)
-    return cleaned.to_dict("records")
+def _driver_values(series: pd.Series, processor: Callable | None, dialect: sa.Dialect) -> list:
+    """A column as the values the database driver takes: None for missing, Python scalars,
+    through the column type's bind processor; column by column, not row by row."""
+    if dialect.name == "sqlite" and pd.api.types.is_datetime64_any_dtype(series.dtype):
+        # What SQLAlchemy's SQLite DATETIME writes ('2026-03-01 10:00:00.000000', the wall-clock
+        # fields), formatted by Arrow for the whole column instead of once per row.
+        wall = series.dt.tz_localize(None) if series.dt.tz is not None else series
+        return pa.array(wall.dt.floor("us").astype("datetime64[us]")).cast(pa.string()).to_pylist()
+    values = series.astype(object).where(series.notna(), None).tolist()
+    return values if processor is None else list(map(processor, values))
+
+
+def _execute_many(
+    connection: sa.Connection, statement: sa.Executable, frame: pd.DataFrame, columns: list[str]
+) -> None:
+    """Execute `statement` once per row of `frame` through the driver's executemany, with the
+    parameters prepared column by column (SQLAlchemy's own executemany prepares each row in
+    Python, which costs more than the database's work)."""
+    dialect = connection.dialect
+    compiled = statement.compile(dialect=dialect, column_keys=columns)
+    processors = compiled._bind_processors
+    values = {name: _driver_values(frame[name], processors.get(name), dialect) for name in columns}
+    constants = {
+        name: processors[name](value) if name in processors else value
+        for name, value in compiled.params.items()
+        if name not in values
+    }
+    if compiled.positional:
+        rows = len(frame)
+        sources = [values[n] if n in values else repeat(constants[n], rows) for n in compiled.positiontup]
+        parameters = list(zip(*sources, strict=True))
+    else:
+        names = list(values)
+        rows = zip(*values.values(), strict=True)
+        parameters = [{**constants, **dict(zip(names, row, strict=True))} for row in rows]
+    connection.exec_driver_sql(str(compiled), parameters)
 
 
 class PersonaStore(dg.ConfigurableResource):
@@ -87,7 +119,9 @@ class PersonaStore(dg.ConfigurableResource):
             with self.engine.connect() as own:
                 return self.read_frame(query, own)
         result = connection.execute(query)
-        return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+        # Plain tuples: pandas probes each SQLAlchemy Row for attributes, which costs more than
+        # reading the rows.
+        return pd.DataFrame([tuple(row) for row in result], columns=list(result.keys()))
 
     def scalar(self, query: sa.Executable):
         with self.engine.connect() as connection:
@@ -97,8 +131,7 @@ class PersonaStore(dg.ConfigurableResource):
     def insert_frame(connection: sa.Connection, table: sa.Table, frame: pd.DataFrame) -> int:
         columns = [c.name for c in table.columns if c.name in frame.columns]
         for start in range(0, len(frame), WRITE_CHUNK_ROWS):
-            chunk = frame.iloc[start : start + WRITE_CHUNK_ROWS][columns]
-            connection.execute(table.insert(), _records(chunk))
+            _execute_many(connection, table.insert(), frame.iloc[start : start + WRITE_CHUNK_ROWS], columns)
         return len(frame)
 
     def replace_rows(self, table: sa.Table, where: sa.ColumnElement[bool], frame: pd.DataFrame) -> int:
@@ -138,7 +171,7 @@ class PersonaStore(dg.ConfigurableResource):
         )
         columns = [c.name for c in table.columns if c.name in frame.columns]
         for start in range(0, len(frame), WRITE_CHUNK_ROWS):
-            connection.execute(statement, _records(frame.iloc[start : start + WRITE_CHUNK_ROWS][columns]))
+            _execute_many(connection, statement, frame.iloc[start : start + WRITE_CHUNK_ROWS], columns)
 
 
 def as_utc(values: pd.Series) -> pd.Series:
