@@ -20,6 +20,7 @@ from persona_pipeline import settings
 from persona_pipeline.store.schema import upgrade_to_head
 
 WRITE_CHUNK_ROWS = 50_000
+SQLITE_CACHE_KIB = 256 * 1024
 
 NewerPredicate = Callable[[sa.ColumnCollection, sa.ColumnCollection], sa.ColumnElement[bool]]
 
@@ -44,6 +45,9 @@ def connect(url: str) -> sa.Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            # Up to 256 MiB of pages per connection (default 2 MiB): writing a day's updates
+            # touches an index too large for the default, and thrashed it.
+            cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
             cursor.close()
     else:
         engine = sa.create_engine(url, pool_pre_ping=True)
@@ -121,7 +125,7 @@ class PersonaStore(dg.ConfigurableResource):
         result = connection.execute(query)
         # Plain tuples: pandas probes each SQLAlchemy Row for attributes, which costs more than
         # reading the rows.
-        return pd.DataFrame([tuple(row) for row in result], columns=list(result.keys()))
+        return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=list(result.keys()))
 
     def scalar(self, query: sa.Executable):
         with self.engine.connect() as connection:
