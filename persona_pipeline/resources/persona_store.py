@@ -92,6 +92,46 @@ def _execute_many(
     connection.exec_driver_sql(str(compiled), parameters)
 
 
+def _sqlite_frame(result: sa.CursorResult) -> pd.DataFrame:
+    """The rows as SQLAlchemy would return them, with its per-value conversions done per column:
+    SQLite hands back timestamps as text, which SQLAlchemy parses one value at a time."""
+    keys = list(result.keys())
+    processors = getattr(result._metadata, "_processors", None)
+    if processors is None or len(processors) != len(keys):
+        return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=keys)
+    rows = result.cursor.fetchall()
+    result.close()
+    frame = pd.DataFrame(rows, columns=keys)
+    for position, (key, processor) in enumerate(zip(keys, processors, strict=True)):
+        if processor is None or frame.empty or frame[key].isna().all():
+            continue
+        column = frame[key]
+        if processor is _SQLITE_DATETIME:
+            parsed = _parse_sqlite_datetimes(column)
+            if parsed is not None:
+                frame[key] = parsed
+                continue
+        values = [processor(row[position]) for row in rows]
+        frame[key] = pd.DataFrame([(value,) for value in values], columns=[key])[key]
+    return frame
+
+
+_SQLITE_DATETIME = sa.DateTime()._cached_result_processor(sqlite.dialect(), None)
+
+
+def _parse_sqlite_datetimes(column: pd.Series) -> pd.Series | None:
+    """SQLite's timestamp text ('2026-03-01 10:00:00.000000') as the naive datetime64[us] values
+    SQLAlchemy's datetimes make; None when some text is not in that form."""
+    if not isinstance(column.dtype, pd.StringDtype):  # not text throughout
+        return None
+    if not column.dropna().str.fullmatch(_SQLITE_DATETIME_TEXT).all():
+        return None
+    return pd.to_datetime(column, format="ISO8601").astype("datetime64[us]")
+
+
+_SQLITE_DATETIME_TEXT = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}"
+
+
 class PersonaStore(dg.ConfigurableResource):
     """Tables of DESIGN.md's persona store, behind small read and write helpers."""
 
@@ -123,6 +163,8 @@ class PersonaStore(dg.ConfigurableResource):
             with self.engine.connect() as own:
                 return self.read_frame(query, own)
         result = connection.execute(query)
+        if connection.dialect.name == "sqlite":
+            return _sqlite_frame(result)
         # Plain tuples: pandas probes each SQLAlchemy Row for attributes, which costs more than
         # reading the rows.
         return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=list(result.keys()))
