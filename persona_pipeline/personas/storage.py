@@ -49,10 +49,21 @@ def merge_into_profiles(store: PersonaStore, latest: pd.DataFrame) -> None:
     store.upsert_newer(device_profiles, latest, ["device_id", "key"], newer)
 
 
-def read_profiles(store: PersonaStore) -> pd.DataFrame:
-    frame = store.read_frame(sa.select(device_profiles))
+def read_profiles(store: PersonaStore, key_prefix: str | None = None) -> pd.DataFrame:
+    """Every profile row, or those whose key starts with `key_prefix`, and maybe a few more (LIKE
+    reads `_` as any character, and SQLite ignores case): the caller selects exactly."""
+    query = sa.select(device_profiles)
+    if key_prefix is not None:
+        query = query.where(device_profiles.c.key.like(key_prefix + "%"))
+    frame = store.read_frame(query)
     frame["observed_at"] = as_utc(frame["observed_at"])
     return frame
+
+
+def read_latest_observed_at(store: PersonaStore) -> pd.Timestamp | None:
+    """The event time of the newest profile value (None when there are no profiles)."""
+    latest = store.scalar(sa.select(sa.func.max(device_profiles.c.observed_at)))
+    return None if latest is None else as_utc(pd.Series([latest])).iloc[0]
 
 
 def profile_counts(store: PersonaStore) -> tuple[int, int]:
