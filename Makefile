@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 # Test files spread over two processes; a file's tests (and its module fixtures) stay together.
 PYTEST_PARALLEL ?= -n 2 --dist loadfile
 
-.PHONY: install demo test lint format dev validate migrate clean
+.PHONY: install demo test lint format dev validate migrate clean bench bench-curve
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,21 @@ dev: $(INSTALLED)  ## Dagster UI + daemon on 127.0.0.1:$(DEV_PORT), same instanc
 
 migrate: $(INSTALLED)  ## create or upgrade the persona store's schema (PERSONA_DB_URL, default SQLite)
 	$(BIN)/persona-pipeline migrate
+
+# Benchmark sizes and options: `make bench DEVICES=100000 REPEATS=3`, see benchmarks/README.md.
+DEVICES ?= 10000
+CURVE_DEVICES ?= 10000 100000 1000000
+REPEATS ?= 1
+INDEX_SAMPLE ?= 20000
+BENCH_WORK ?= .bench
+BENCH_ARGS ?=
+BENCH := $(BIN)/python -m benchmarks --repeats $(REPEATS) --index-sample $(INDEX_SAMPLE) --work $(BENCH_WORK) $(BENCH_ARGS)
+
+bench: $(INSTALLED)  ## one fleet size through every stage, the naive baseline and Dagster: one table
+	$(BENCH) --devices $(DEVICES)
+
+bench-curve: $(INSTALLED)  ## the same table at 10k, 100k and 1M devices, and how each stage's cost grows
+	$(BENCH) --devices $(CURVE_DEVICES)
 
 clean:  ## remove the demo home (landing zone, stores, Dagster runs); keeps the virtualenv
 	rm -rf $(PERSONA_HOME)

@@ -17,7 +17,7 @@ def format_values(values: pd.Series | np.ndarray, unit: str | None) -> pd.Series
         text = _seconds(numbers)
     else:
         suffix = "" if not unit else (unit if unit.startswith("%") else f" {unit}")
-        text = numbers.map(_significant) + suffix
+        text = _significant_text(numbers) + suffix
     return text.where(numbers.notna(), "not reported")
 
 
@@ -49,10 +49,17 @@ def _significant(number: float) -> str:
     return f"{number:.3g}"
 
 
+def _significant_text(numbers: pd.Series) -> pd.Series:
+    """`_significant` of each number, written once per distinct number."""
+    codes, distinct = pd.factorize(numbers.to_numpy(dtype="float64"))  # NaN: code -1
+    text = np.array([*map(_significant, distinct.tolist()), _significant(np.nan)], dtype=object)
+    return pd.Series(text[codes], index=numbers.index)
+
+
 def _seconds(seconds: pd.Series) -> pd.Series:
-    hours = (seconds / 3600).round(1).map(_significant) + " h"
-    minutes = (seconds / 60).round().map(_significant) + " min"
-    plain = seconds.round().map(_significant) + " s"
+    hours = _significant_text((seconds / 3600).round(1)) + " h"
+    minutes = _significant_text((seconds / 60).round()) + " min"
+    plain = _significant_text(seconds.round()) + " s"
     return plain.where(seconds < 60, minutes.where(seconds < 3600, hours))
 
 

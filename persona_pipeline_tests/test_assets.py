@@ -3,6 +3,7 @@
 import dagster as dg
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -248,3 +249,50 @@ def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing
         assert index.count(first) == 4  # kept for a rollback
     weights = table(store, "key_weights")
     assert sorted(weights["source"].unique()) == ["config", "feedback"]
+
+
+def test_vectors_of_a_day_follow_the_devices_that_changed_and_equal_a_full_recompute(
+    landing, resources, instance
+):
+    store = resources["persona_store"]
+    moved_long_ago = update("d3", "device.location.city", "Madrid", "2026-03-01T21:00:00Z")
+    first = [
+        *[update(f"d{d}", "device.location.city", "Berlin", "2026-02-20T10:00:00Z") for d in range(20)],
+        moved_long_ago,  # within 7 days of 2026-03-08T20:00, not of 2026-03-09T20:00
+        *[update(f"d{d}", "device.battery.level", 50 + d, "2026-03-08T20:00:00Z") for d in range(20)],
+    ]
+    write_jsonl(landing, "2026-03-08", first)
+    assert materialize(INGEST, resources, instance, partition_key="2026-03-08").success
+    full = materialize([persona_vectors], resources, instance).asset_materializations_for_node(
+        "persona_vectors"
+    )[0]
+    assert full.metadata["computed"].value == "every device"
+    assert full.metadata["moved_recently"].value == 1  # d3
+
+    write_jsonl(
+        landing,
+        "2026-03-09",
+        [
+            update("d1", "device.location.city", "Paris", "2026-03-09T09:00:00Z"),
+            update("d2", "device.battery.level", 90, "2026-03-09T20:00:00Z"),
+        ],
+    )
+    assert materialize(INGEST, resources, instance, partition_key="2026-03-09").success
+    day = materialize([persona_vectors], resources, instance).asset_materializations_for_node(
+        "persona_vectors"
+    )[0]
+    # d1 and d2 sent updates; d3 sent nothing, but its move is now more than 7 days old.
+    assert day.metadata["computed"].value == "the devices whose vector may have changed"
+    assert day.metadata["devices_computed"].value == 3
+    assert day.metadata["devices_rewritten"].value == 3
+    assert day.metadata["devices"].value == 20
+    assert day.metadata["moved_recently"].value == 1  # d1
+    assert table(store, "profile_changes").empty
+
+    with store.begin() as connection:  # ask for every device: a full recompute changes nothing
+        connection.execute(sa.text("insert into profile_changes (device_id) values (null)"))
+    again = materialize([persona_vectors], resources, instance).asset_materializations_for_node(
+        "persona_vectors"
+    )[0]
+    assert again.metadata["computed"].value == "every device"
+    assert again.metadata["devices_rewritten"].value == 0

@@ -20,6 +20,7 @@ DEVICE_TABLES: tuple[sa.Table, ...] = (
     tables.index_updates,
     tables.index_update_rejects,
     tables.device_profiles,
+    tables.profile_changes,
     tables.persona_vectors,
     tables.vector_index_state,
     tables.vector_index_clusters,

@@ -64,7 +64,10 @@ def index_updates(
     if suppressed_rows:
         context.log.info(f"{suppressed_rows} rows of erased devices or customers dropped (suppression list)")
     rejects = rejects.assign(rejected_at=pd.Timestamp.now(tz="UTC"))
-    persona_store.replace_rows(updates_table, updates_table.c.partition_date.in_(days), accepted)
+    # Written in the order of the (key, device_id, observed_at) index: SQLite inserts a day in
+    # about half the time when the index grows in its own order.
+    in_index_order = accepted.sort_values(["key", "device_id", "observed_at"], kind="stable")
+    persona_store.replace_rows(updates_table, updates_table.c.partition_date.in_(days), in_index_order)
     persona_store.replace_rows(index_update_rejects, index_update_rejects.c.partition_date.in_(days), rejects)
 
     share = outcome.reject_share

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 FIELDS = ("device_id", "customer_id", "key", "value", "observed_at")
@@ -124,7 +125,9 @@ def read_landing_file(
     if not data.strip():
         return ReadResult.empty([f"{label}: empty file"])
     if kind == "parquet":
-        result = _reject_nul_characters(_read_parquet(data, label, fields), label, fields)
+        result, may_hold_nul = _read_parquet(data, label, fields)
+        if may_hold_nul:
+            result = _reject_nul_characters(result, label, fields)
     else:
         data = data.removeprefix(codecs.BOM_UTF8)
         wide = next((name for mark, name in WIDE_ENCODINGS if data.startswith(mark)), None)
@@ -327,12 +330,15 @@ def _parse_csv_whole(lines: list[bytes]) -> tuple[pd.DataFrame, np.ndarray] | No
     return frame.replace({"": None}).astype(object), numbers
 
 
-def _read_parquet(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResult:
+def _read_parquet(data: bytes, label: str, fields: tuple[str, ...]) -> tuple[ReadResult, bool]:
+    """The rows, and whether any text in them may hold a NUL character (looked for by Arrow on
+    whole columns, so the row-by-row search runs only when one does)."""
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as exc:
-        return ReadResult(empty_rows(), file_reject(label, f"not a readable Parquet file: {exc}"))
+        return ReadResult(empty_rows(), file_reject(label, f"not a readable Parquet file: {exc}")), False
     table = table.select([name for name in table.column_names if name in fields])
+    may_hold_nul = any(_may_hold_nul(column) for column in table.columns)
     frame = table.to_pandas(types_mapper=None)
     unusable = pd.Series("", index=frame.index, dtype=object)
     for column in frame.columns:
@@ -357,7 +363,7 @@ def _read_parquet(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResul
     rows = _with_source(frame, label, np.arange(1, len(frame) + 1))
     bad = (unusable != "").to_numpy()
     if not bad.any():
-        return ReadResult(rows, empty_rejects())
+        return ReadResult(rows, empty_rejects()), may_hold_nul
     rejects = pd.DataFrame(
         {
             "source_file": label,
@@ -366,7 +372,30 @@ def _read_parquet(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResul
             "reason": unusable[bad].to_numpy(),
         }
     )
-    return ReadResult(rows[~bad], rejects)
+    return ReadResult(rows[~bad], rejects), may_hold_nul
+
+
+def _may_hold_nul(column: pa.ChunkedArray) -> bool:
+    """Whether a Parquet column may read as text holding a NUL character."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = column.cast(kind.value_type), kind.value_type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_binary(kind):
+        return bool(pc.any(pc.match_substring(column, "\x00")).as_py())
+    never_text = (
+        pa.types.is_integer,
+        pa.types.is_floating,
+        pa.types.is_decimal,
+        pa.types.is_boolean,
+        pa.types.is_temporal,
+        pa.types.is_null,
+        pa.types.is_nested,
+    )
+    return not any(test(kind) for test in never_text)
+
+
+def _is_binary(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
 
 def _utf8_or_none(value: object) -> str | None:

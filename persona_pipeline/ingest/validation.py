@@ -2,11 +2,14 @@
 
 Every row ends up either accepted (normalized: UTC time, canonical value text,
 parsed number) or rejected with the first reason that applies. Vectorized: the
-checks run on whole columns; only keys are looked up one by one (few distinct).
+checks run on whole columns, and what depends only on a key or a value (the key's
+shape and type, the value's number) on its distinct values; a reason's text is
+written only for the rows it rejects.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,12 +67,20 @@ def _shown(text: pd.Series) -> pd.Series:
 
 
 def _canonical_numbers(numbers: pd.Series) -> pd.Series:
-    """Numbers as text: integral values without a trailing '.0'."""
-    values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
-    integral = np.isfinite(values) & (values == np.round(values)) & (np.abs(values) < 1e15)
-    as_int = np.where(integral, values, 0).astype(np.int64).astype(str)
-    as_float = values.astype(str)
-    return pd.Series(np.where(integral, as_int, as_float), index=numbers.index, dtype="string")
+    """Numbers as text: integral values without a trailing '.0' (each distinct number written once)."""
+    codes, distinct = pd.factorize(numbers.to_numpy(dtype=np.float64, na_value=np.nan))
+    integral = np.isfinite(distinct) & (distinct == np.round(distinct)) & (np.abs(distinct) < 1e15)
+    as_int = np.where(integral, distinct, 0).astype(np.int64).astype(str)
+    text = np.append(np.where(integral, as_int, distinct.astype(str)), "nan")  # code -1: NaN
+    return pd.Series(text[codes], index=numbers.index, dtype="string")
+
+
+def _per_distinct(values: pd.Series, function) -> pd.Series:
+    """`function` of each distinct value of `values`, spread back over the rows (<NA> stays <NA>):
+    keys and values repeat, so this is far less work than calling it on every row."""
+    codes, distinct = pd.factorize(values)
+    result = function(pd.Series(distinct, dtype=values.dtype))
+    return pd.Series(result.to_numpy()[codes], index=values.index).where(codes >= 0)
 
 
 class _Reasons:
@@ -79,14 +90,20 @@ class _Reasons:
         self.reason = pd.Series(pd.NA, index=index, dtype="string")
         self.code = pd.Series(pd.NA, index=index, dtype="string")
 
-    def add(self, code: str, failed: pd.Series | np.ndarray, message: str | pd.Series) -> None:
+    def add(
+        self,
+        code: str,
+        failed: pd.Series | np.ndarray,
+        message: str | Callable[[pd.Series], pd.Series],
+    ) -> None:
+        """`message`: the reason, or a function writing it for the rows selected by a mask."""
         failed = pd.Series(failed, index=self.reason.index).fillna(False).astype(bool)
         target = failed & self.reason.isna()
         if not target.any():
             return
         self.code[target] = code
-        if isinstance(message, pd.Series):
-            self.reason[target] = message[target].astype("string")
+        if callable(message):
+            self.reason[target] = message(target).astype("string")
         else:
             self.reason[target] = message
 
@@ -117,42 +134,52 @@ def validate_updates(
     reasons.add(
         "too_long",
         device_id.str.len() > limits.max_device_id_length,
-        "device_id is "
-        + device_id.str.len().astype("string")
-        + f" characters long (limit {limits.max_device_id_length})",
+        lambda rows: (
+            "device_id is "
+            + device_id[rows].str.len().astype("string")
+            + f" characters long (limit {limits.max_device_id_length})"
+        ),
     )
     reasons.add(
         "too_long",
         customer_id.str.len() > limits.max_device_id_length,
-        "customer_id is "
-        + customer_id.str.len().astype("string")
-        + f" characters long (limit {limits.max_device_id_length})",
+        lambda rows: (
+            "customer_id is "
+            + customer_id[rows].str.len().astype("string")
+            + f" characters long (limit {limits.max_device_id_length})"
+        ),
     )
     reasons.add("missing_key", key.isna(), "key is missing or empty")
     reasons.add(
         "too_long",
         key.str.len() > limits.max_key_length,
-        "key is " + key.str.len().astype("string") + f" characters long (limit {limits.max_key_length})",
+        lambda rows: (
+            "key is "
+            + key[rows].str.len().astype("string")
+            + f" characters long (limit {limits.max_key_length})"
+        ),
     )
     reasons.add(
         "bad_key",
-        ~key.str.match(DOTTED_KEY).fillna(False),
-        "key " + _shown(key) + " is not a dotted key like device.location.city",
+        ~_per_distinct(key, lambda keys: keys.str.match(DOTTED_KEY)).fillna(False).astype(bool),
+        lambda rows: "key " + _shown(key[rows]) + " is not a dotted key like device.location.city",
     )
     reasons.add("missing_value", value.isna(), "value is missing")
     reasons.add(
         "too_long",
         value.str.len() > limits.max_value_length,
-        "value is "
-        + value.str.len().astype("string")
-        + f" characters long (limit {limits.max_value_length})",
+        lambda rows: (
+            "value is "
+            + value[rows].str.len().astype("string")
+            + f" characters long (limit {limits.max_value_length})"
+        ),
     )
 
-    number = pd.to_numeric(value, errors="coerce").astype("Float64")
+    number = _per_distinct(value, lambda values: pd.to_numeric(values, errors="coerce")).astype("Float64")
     reasons.add(
         "not_finite",
         value.notna() & number.notna() & ~np.isfinite(number.fillna(0).to_numpy(dtype=float)),
-        "value " + _shown(value) + " is not a finite number",
+        lambda rows: "value " + _shown(value[rows]) + " is not a finite number",
     )
 
     reasons.add("missing_observed_at", observed_text.isna(), "observed_at is missing")
@@ -161,21 +188,25 @@ def validate_updates(
     reasons.add(
         "bad_timestamp",
         observed_at.isna(),
-        "observed_at " + _shown(observed_text) + " is not an ISO-8601 timestamp",
+        lambda rows: "observed_at " + _shown(observed_text[rows]) + " is not an ISO-8601 timestamp",
     )
     has_offset = observed_text.str.contains(UTC_OFFSET, regex=True).fillna(False)
     reasons.add(
         "no_utc_offset",
         ~has_offset,
-        "observed_at " + _shown(observed_text) + " has no UTC offset (ISO-8601 with offset required)",
+        lambda rows: (
+            "observed_at "
+            + _shown(observed_text[rows])
+            + " has no UTC offset (ISO-8601 with offset required)"
+        ),
     )
     latest_allowed = day_end + pd.Timedelta(hours=limits.max_future_skew_hours)
+    skew = limits.max_future_skew_hours
+    too_late = f" is later than partition {partition_date} allows (day end + {skew:g} h)"
     reasons.add(
         "future_timestamp",
         observed_at > latest_allowed,
-        "observed_at "
-        + _shown(observed_text)
-        + f" is later than partition {partition_date} allows (day end + {limits.max_future_skew_hours:g} h)",
+        lambda rows: "observed_at " + _shown(observed_text[rows]) + too_late,
     )
 
     unique_keys = key.dropna().unique().tolist()
@@ -185,7 +216,9 @@ def validate_updates(
     reasons.add(
         "not_a_number",
         is_numeric & number.isna(),
-        "value " + _shown(value) + " is not a number (" + key.fillna("") + " is numeric)",
+        lambda rows: (
+            "value " + _shown(value[rows]) + " is not a number (" + key[rows].fillna("") + " is numeric)"
+        ),
     )
     lowered = value.str.lower()
     boolean_true = lowered.isin(TRUE_WORDS)
@@ -193,7 +226,13 @@ def validate_updates(
     reasons.add(
         "not_a_boolean",
         is_boolean & ~(boolean_true | boolean_false),
-        "value " + _shown(value) + " is not a boolean (" + key.fillna("") + " is boolean: true/false)",
+        lambda rows: (
+            "value "
+            + _shown(value[rows])
+            + " is not a boolean ("
+            + key[rows].fillna("")
+            + " is boolean: true/false)"
+        ),
     )
 
     ok = reasons.ok

@@ -9,7 +9,13 @@ from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.metadata import counts_table, markdown_table
 from persona_pipeline.offers import storage
 from persona_pipeline.offers.catalog import ServiceCatalog
-from persona_pipeline.offers.recommend import OfferInputs, app_usage, recommend, support_tickets
+from persona_pipeline.offers.recommend import (
+    APP_KEY_PREFIX,
+    OfferInputs,
+    app_usage,
+    recommend,
+    support_tickets,
+)
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import VECTOR_INDEX_POOL
 from persona_pipeline.personas.profiles import value_changes
@@ -83,10 +89,9 @@ def service_recommendations(
     recommendation query (accepting devices positive, rejecting ones negative) finds the nearest
     devices not offered it yet. Re-running the same day adds nothing."""
     catalog = persona_config.service_catalog()
-    profiles = persona_storage.read_profiles(persona_store)
-    if profiles.empty:
+    as_of = persona_storage.read_latest_observed_at(persona_store)
+    if as_of is None:
         return dg.MaterializeResult(metadata={"offers_new": dg.MetadataValue.int(0)})
-    as_of = profiles["observed_at"].max()
     day = as_of.strftime("%Y-%m-%d")
     since = pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1 - catalog.rules.location_window_days)
     history = persona_storage.read_key_history(persona_store, CITY_KEY, since.to_pydatetime())
@@ -94,7 +99,7 @@ def service_recommendations(
     inputs = OfferInputs(
         day=day,
         moves=value_changes(history, since),
-        app_usage=app_usage(profiles),
+        app_usage=app_usage(persona_storage.read_profiles(persona_store, key_prefix=APP_KEY_PREFIX)),
         segments=read_assignments(persona_store),
         anomalies=anomalies,
         acceptance=storage.read_acceptance(persona_store),

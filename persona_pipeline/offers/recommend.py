@@ -20,6 +20,7 @@ from persona_pipeline.formatting import format_values
 from persona_pipeline.offers.catalog import ServiceCatalog
 
 APP_KEY = re.compile(r"^device\.usage\.app_(?P<app>[A-Za-z0-9_-]+)_duration$")
+APP_KEY_PREFIX = "device.usage.app_"  # every APP_KEY starts so
 POSITIVE_RESPONSES = ("accepted", "used")
 # Under the daily cap, support comes first, then a recent move, then usage, then lookalikes.
 TRIGGER_PRECEDENCE = {"support": 0, "location": 1, "usage": 2, "lookalike": 3}
@@ -44,7 +45,8 @@ def app_key(app: str) -> str:
 
 def app_usage(profiles: pd.DataFrame) -> pd.DataFrame:
     """Seconds a day per device and app, from every `device.usage.app_<name>_duration` key."""
-    apps = profiles["key"].str.extract(APP_KEY)["app"]
+    keys = profiles["key"].drop_duplicates()
+    apps = profiles["key"].map(dict(zip(keys, keys.str.extract(APP_KEY)["app"], strict=True)))
     usage = profiles.assign(app=apps).dropna(subset=["app"])
     if usage.empty:
         return pd.DataFrame(index=pd.Index([], name="device_id"))

@@ -58,6 +58,10 @@ def device_profiles(context: dg.AssetExecutionContext, persona_store: PersonaSto
     )
 
 
+# Above this share of the fleet, reading every profile costs less than looking devices up.
+INCREMENTAL_MAX_SHARE = 0.25
+
+
 @dg.asset(
     deps=[device_profiles],
     automation_condition=AFTER_UPSTREAM,
@@ -67,25 +71,37 @@ def device_profiles(context: dg.AssetExecutionContext, persona_store: PersonaSto
 )
 def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) -> dg.MaterializeResult:
     """One weighted vector per profiled device, in the feature space of the current schema and
-    the newest `key_weights` version. Only devices whose vector changed are rewritten."""
+    the newest `key_weights` version. Only the devices whose vector may have changed are computed:
+    those whose profile changed since the last run, and those a time-relative dimension (moved
+    city within N days) may flip for; every device when the feature space changes. Only devices
+    whose vector did change are rewritten."""
     schema = persona_config.feature_schema()
     weights = current_weights(persona_store, schema.initial_weights())
-    profiles = storage.read_profiles(persona_store)
-    as_of = profiles["observed_at"].max() if not profiles.empty else pd.Timestamp.now(tz="UTC")
+    space = f"{schema.version}-w{weights.version}"
+    changes = storage.read_profile_changes(persona_store)
+    as_of = storage.read_latest_observed_at(persona_store) or pd.Timestamp.now(tz="UTC")
+    state = storage.read_vector_state(persona_store, space)
 
-    changed: dict[str, set[str]] = {}
-    for derived in schema.derived:
-        if derived.kind == "changed_within_days":
-            since = as_of - pd.Timedelta(days=derived.days)
-            history = storage.read_key_history(persona_store, derived.key, since.to_pydatetime())
-            changed[derived.name] = set(value_changes(history, since)["device_id"])
+    incremental = not (
+        changes.every_device or state.spaces != [space] or state.as_of is None or as_of < state.as_of
+    )
+    changed, flipped = _changed_within_days(
+        persona_store, schema, as_of, state.as_of if incremental else None
+    )
+    candidates = sorted(set(changes.devices) | flipped) if incremental else None
+    if candidates is not None and len(candidates) > INCREMENTAL_MAX_SHARE * state.devices:
+        candidates = None
+    if candidates is None:
+        profiles = storage.read_profiles(persona_store)
+        previous = storage.read_vector_fingerprints(persona_store)
+    else:
+        profiles = storage.read_profiles_of(persona_store, candidates)
+        previous = storage.read_vector_fingerprints(persona_store, candidates)
 
     vectors = build_persona_vectors(profiles, device_customers(profiles), schema, weights.weights, changed)
-    space = f"{schema.version}-w{weights.version}"
     fingerprints = int64_fingerprint(
         pd.DataFrame(vectors.matrix).assign(customer_id=vectors.customer_ids, space=space)
     )
-    previous = storage.read_vector_fingerprints(persona_store)
     stale = previous.reindex(vectors.device_ids).to_numpy() != fingerprints
     removed = sorted(set(previous.index) - set(vectors.device_ids))
     rows = pd.DataFrame(
@@ -110,11 +126,21 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
         }
     )
     storage.write_dimensions(persona_store, space, dimensions)
+    storage.record_vector_run(persona_store, space, as_of, len(vectors.device_ids))
+    storage.clear_profile_changes(persona_store, changes)
 
-    active = (vectors.matrix != 0).mean(axis=0)
+    devices = len(vectors.device_ids)
+    if candidates is not None:
+        devices = (
+            state.devices + int((~pd.Index(vectors.device_ids).isin(previous.index)).sum()) - len(removed)
+        )
+    computed = "every device" if candidates is None else "the devices whose vector may have changed"
+    active = (vectors.matrix != 0).mean(axis=0) if len(vectors.device_ids) else np.zeros(len(dimensions))
     return dg.MaterializeResult(
         metadata={
-            "devices": dg.MetadataValue.int(len(vectors.device_ids)),
+            "devices": dg.MetadataValue.int(devices),
+            "devices_computed": dg.MetadataValue.int(len(vectors.device_ids)),
+            "computed": dg.MetadataValue.text(computed),
             "devices_rewritten": dg.MetadataValue.int(int(stale.sum())),
             "devices_removed": dg.MetadataValue.int(len(removed)),
             "dimensions": dg.MetadataValue.int(len(schema.dimensions)),
@@ -124,12 +150,35 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
             "weights_source": dg.MetadataValue.text(weights.source),
             "as_of": dg.MetadataValue.text(as_of.isoformat()),
             "moved_recently": dg.MetadataValue.int(sum(len(v) for v in changed.values())),
+            # Over the devices computed in this run.
             "dimension_weights": markdown_table(
                 dimensions.assign(share_nonzero=np.round(active, 3))[["name", "weight", "share_nonzero"]],
                 max_rows=len(dimensions),
             ),
         }
     )
+
+
+def _changed_within_days(
+    store: PersonaStore, schema, as_of: pd.Timestamp, previous_as_of: pd.Timestamp | None
+) -> tuple[dict[str, set[str]], set[str]]:
+    """Per `changed_within_days` metric, the devices whose key changed within its window; and
+    the devices whose flag may differ from the one computed at `previous_as_of` (a change inside
+    that run's window: the flag of a device that sent nothing since turns off as time passes)."""
+    changed: dict[str, set[str]] = {}
+    flipped: set[str] = set()
+    for derived in schema.derived:
+        if derived.kind != "changed_within_days":
+            continue
+        window = pd.Timedelta(days=derived.days)
+        start = as_of - window if previous_as_of is None else min(as_of, previous_as_of) - window
+        history = storage.read_key_history(store, derived.key, start.to_pydatetime())
+        changed[derived.name] = set(value_changes(history, as_of - window)["device_id"])
+        if previous_as_of is not None:
+            flipped |= changed[derived.name] | set(
+                value_changes(history, previous_as_of - window)["device_id"]
+            )
+    return changed, flipped
 
 
 class PersonaIndexConfig(dg.Config):

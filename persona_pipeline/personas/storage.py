@@ -13,10 +13,15 @@ from persona_pipeline.store.tables import (
     device_profiles,
     index_updates,
     persona_dimensions,
+    persona_vector_runs,
     persona_vectors,
+    profile_changes,
     vector_index_clusters,
     vector_index_state,
 )
+
+# Devices looked up per statement (SQLite allows 32,766 bound parameters).
+ID_CHUNK = 10_000
 
 
 def read_updates_for_days(store: PersonaStore, days: list[str]) -> pd.DataFrame:
@@ -46,13 +51,74 @@ def merge_into_profiles(store: PersonaStore, latest: pd.DataFrame) -> None:
             | (same_time & (incoming.value == stored.value) & (incoming_customer >= stored_customer))
         )
 
-    store.upsert_newer(device_profiles, latest, ["device_id", "key"], newer)
+    with store.begin() as connection:
+        store.upsert_newer(device_profiles, latest, ["device_id", "key"], newer, connection)
+        devices = pd.DataFrame({"device_id": latest["device_id"].unique()})
+        store.insert_frame(connection, profile_changes, devices)
 
 
-def read_profiles(store: PersonaStore) -> pd.DataFrame:
-    frame = store.read_frame(sa.select(device_profiles))
+@dataclass
+class ProfileChanges:
+    """The profile_changes rows read: their ids (to delete once handled) and devices."""
+
+    change_ids: list[int]
+    devices: list[str]
+    every_device: bool
+
+
+def read_profile_changes(store: PersonaStore) -> ProfileChanges:
+    frame = store.read_frame(sa.select(profile_changes.c.change_id, profile_changes.c.device_id))
+    devices = frame["device_id"]
+    return ProfileChanges(
+        change_ids=frame["change_id"].astype("int64").tolist(),
+        devices=sorted(devices.dropna().unique().tolist()),
+        every_device=bool(devices.isna().any()),
+    )
+
+
+def clear_profile_changes(store: PersonaStore, changes: ProfileChanges) -> None:
+    """Delete the rows read (rows added since stay for the next run)."""
+    ids = changes.change_ids
+    with store.begin() as connection:
+        for start in range(0, len(ids), ID_CHUNK):
+            chunk = ids[start : start + ID_CHUNK]
+            connection.execute(profile_changes.delete().where(profile_changes.c.change_id.in_(chunk)))
+
+
+def read_profiles_of(store: PersonaStore, device_ids: list[str]) -> pd.DataFrame:
+    """The profile rows of `device_ids`."""
+    frames = [
+        store.read_frame(
+            sa.select(device_profiles).where(
+                device_profiles.c.device_id.in_(device_ids[start : start + ID_CHUNK])
+            )
+        )
+        for start in range(0, len(device_ids), ID_CHUNK)
+    ]
+    frame = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else store.read_frame(sa.select(device_profiles).limit(0))
+    )
     frame["observed_at"] = as_utc(frame["observed_at"])
     return frame
+
+
+def read_profiles(store: PersonaStore, key_prefix: str | None = None) -> pd.DataFrame:
+    """Every profile row, or those whose key starts with `key_prefix`, and maybe a few more (LIKE
+    reads `_` as any character, and SQLite ignores case): the caller selects exactly."""
+    query = sa.select(device_profiles)
+    if key_prefix is not None:
+        query = query.where(device_profiles.c.key.like(key_prefix + "%"))
+    frame = store.read_frame(query)
+    frame["observed_at"] = as_utc(frame["observed_at"])
+    return frame
+
+
+def read_latest_observed_at(store: PersonaStore) -> pd.Timestamp | None:
+    """The event time of the newest profile value (None when there are no profiles)."""
+    latest = store.scalar(sa.select(sa.func.max(device_profiles.c.observed_at)))
+    return None if latest is None else as_utc(pd.Series([latest])).iloc[0]
 
 
 def profile_counts(store: PersonaStore) -> tuple[int, int]:
@@ -65,12 +131,16 @@ def profile_counts(store: PersonaStore) -> tuple[int, int]:
 
 
 def read_key_history(store: PersonaStore, key: str, since: pd.Timestamp) -> pd.DataFrame:
-    """Updates of `key` after `since`, plus each device's last update at or before it."""
+    """Updates of `key` after `since`, plus the last update at or before it of each device that
+    has one after (the value it changed from; other devices' history says nothing of a change)."""
     u = index_updates.c
-    after = sa.select(u.device_id, u.value, u.observed_at).where((u.key == key) & (u.observed_at > since))
+    recent = (u.key == key) & (u.observed_at > since)
+    after = sa.select(u.device_id, u.value, u.observed_at).where(recent)
     last_before = (
         sa.select(u.device_id, sa.func.max(u.observed_at).label("observed_at"))
-        .where((u.key == key) & (u.observed_at <= since))
+        .where(
+            (u.key == key) & (u.observed_at <= since) & u.device_id.in_(sa.select(u.device_id).where(recent))
+        )
         .group_by(u.device_id)
         .subquery()
     )
@@ -99,9 +169,55 @@ def decode_vectors(blobs: pd.Series, dimensions: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs.tolist()), dtype="<f4").reshape(len(blobs), dimensions)
 
 
-def read_vector_fingerprints(store: PersonaStore) -> pd.Series:
-    frame = store.read_frame(sa.select(persona_vectors.c.device_id, persona_vectors.c.fingerprint))
+def read_vector_fingerprints(store: PersonaStore, device_ids: list[str] | None = None) -> pd.Series:
+    """Fingerprint per device with a vector (of `device_ids` only, when given)."""
+    v = persona_vectors.c
+    query = sa.select(v.device_id, v.fingerprint)
+    if device_ids is None:
+        frame = store.read_frame(query)
+    else:
+        frames = [
+            store.read_frame(query.where(v.device_id.in_(device_ids[start : start + ID_CHUNK])))
+            for start in range(0, len(device_ids), ID_CHUNK)
+        ]
+        frame = pd.concat(frames, ignore_index=True) if frames else store.read_frame(query.limit(0))
     return frame.set_index("device_id")["fingerprint"]
+
+
+@dataclass
+class VectorState:
+    """What the stored vectors are: their feature spaces, how many, and the event time the
+    current space was last computed at (None: never, or before runs were recorded)."""
+
+    spaces: list[str]
+    devices: int
+    as_of: pd.Timestamp | None
+
+
+def read_vector_state(store: PersonaStore, space: str) -> VectorState:
+    v = persona_vectors.c
+    spaces = store.read_frame(sa.select(v.space).distinct())["space"].tolist()
+    devices = int(store.scalar(sa.select(sa.func.count()).select_from(persona_vectors)) or 0)
+    as_of = store.scalar(sa.select(persona_vector_runs.c.as_of).where(persona_vector_runs.c.space == space))
+    return VectorState(
+        spaces=sorted(spaces),
+        devices=devices,
+        as_of=None if as_of is None else as_utc(pd.Series([as_of])).iloc[0],
+    )
+
+
+def record_vector_run(store: PersonaStore, space: str, as_of: pd.Timestamp, devices_computed: int) -> None:
+    run = pd.DataFrame(
+        {
+            "space": [space],
+            "as_of": [as_of],
+            "computed_at": [pd.Timestamp.now(tz="UTC")],
+            "devices_computed": [devices_computed],
+        }
+    )
+    with store.begin() as connection:
+        connection.execute(persona_vector_runs.delete().where(persona_vector_runs.c.space == space))
+        store.insert_frame(connection, persona_vector_runs, run)
 
 
 def _delete_devices(

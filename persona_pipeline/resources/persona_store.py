@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from itertools import repeat
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import sqlalchemy as sa
 from pydantic import Field
 from sqlalchemy.dialects import postgresql, sqlite
@@ -18,6 +20,7 @@ from persona_pipeline import settings
 from persona_pipeline.store.schema import upgrade_to_head
 
 WRITE_CHUNK_ROWS = 50_000
+SQLITE_CACHE_KIB = 256 * 1024
 
 NewerPredicate = Callable[[sa.ColumnCollection, sa.ColumnCollection], sa.ColumnElement[bool]]
 
@@ -42,18 +45,91 @@ def connect(url: str) -> sa.Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            # Up to 256 MiB of pages per connection (default 2 MiB): writing a day's updates
+            # touches an index too large for the default, and thrashed it.
+            cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
             cursor.close()
     else:
         engine = sa.create_engine(url, pool_pre_ping=True)
     return engine
 
 
-def _records(frame: pd.DataFrame) -> list[dict]:
-    """Rows as dicts with None for missing values (what DB drivers expect)."""
-    if frame.empty:
-        return []
-    cleaned = frame.astype(object).where(frame.notna(), None)
-    return cleaned.to_dict("records")
+def _driver_values(series: pd.Series, processor: Callable | None, dialect: sa.Dialect) -> list:
+    """A column as the values the database driver takes: None for missing, Python scalars,
+    through the column type's bind processor; column by column, not row by row."""
+    if dialect.name == "sqlite" and pd.api.types.is_datetime64_any_dtype(series.dtype):
+        # What SQLAlchemy's SQLite DATETIME writes ('2026-03-01 10:00:00.000000', the wall-clock
+        # fields), formatted by Arrow for the whole column instead of once per row.
+        wall = series.dt.tz_localize(None) if series.dt.tz is not None else series
+        return pa.array(wall.dt.floor("us").astype("datetime64[us]")).cast(pa.string()).to_pylist()
+    values = series.astype(object).where(series.notna(), None).tolist()
+    return values if processor is None else list(map(processor, values))
+
+
+def _execute_many(
+    connection: sa.Connection, statement: sa.Executable, frame: pd.DataFrame, columns: list[str]
+) -> None:
+    """Execute `statement` once per row of `frame` through the driver's executemany, with the
+    parameters prepared column by column (SQLAlchemy's own executemany prepares each row in
+    Python, which costs more than the database's work)."""
+    dialect = connection.dialect
+    compiled = statement.compile(dialect=dialect, column_keys=columns)
+    processors = compiled._bind_processors
+    values = {name: _driver_values(frame[name], processors.get(name), dialect) for name in columns}
+    constants = {
+        name: processors[name](value) if name in processors else value
+        for name, value in compiled.params.items()
+        if name not in values
+    }
+    if compiled.positional:
+        rows = len(frame)
+        sources = [values[n] if n in values else repeat(constants[n], rows) for n in compiled.positiontup]
+        parameters = list(zip(*sources, strict=True))
+    else:
+        names = list(values)
+        rows = zip(*values.values(), strict=True)
+        parameters = [{**constants, **dict(zip(names, row, strict=True))} for row in rows]
+    connection.exec_driver_sql(str(compiled), parameters)
+
+
+def _sqlite_frame(result: sa.CursorResult) -> pd.DataFrame:
+    """The rows as SQLAlchemy would return them, with its per-value conversions done per column:
+    SQLite hands back timestamps as text, which SQLAlchemy parses one value at a time."""
+    keys = list(result.keys())
+    processors = getattr(result._metadata, "_processors", None)
+    if processors is None or len(processors) != len(keys):
+        return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=keys)
+    rows = result.cursor.fetchall()
+    result.close()
+    frame = pd.DataFrame(rows, columns=keys)
+    for position, (key, processor) in enumerate(zip(keys, processors, strict=True)):
+        if processor is None or frame.empty or frame[key].isna().all():
+            continue
+        column = frame[key]
+        if processor is _SQLITE_DATETIME:
+            parsed = _parse_sqlite_datetimes(column)
+            if parsed is not None:
+                frame[key] = parsed
+                continue
+        values = [processor(row[position]) for row in rows]
+        frame[key] = pd.DataFrame([(value,) for value in values], columns=[key])[key]
+    return frame
+
+
+_SQLITE_DATETIME = sa.DateTime()._cached_result_processor(sqlite.dialect(), None)
+
+
+def _parse_sqlite_datetimes(column: pd.Series) -> pd.Series | None:
+    """SQLite's timestamp text ('2026-03-01 10:00:00.000000') as the naive datetime64[us] values
+    SQLAlchemy's datetimes make; None when some text is not in that form."""
+    if not isinstance(column.dtype, pd.StringDtype):  # not text throughout
+        return None
+    if not column.dropna().str.fullmatch(_SQLITE_DATETIME_TEXT).all():
+        return None
+    return pd.to_datetime(column, format="ISO8601").astype("datetime64[us]")
+
+
+_SQLITE_DATETIME_TEXT = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}"
 
 
 class PersonaStore(dg.ConfigurableResource):
@@ -87,7 +163,11 @@ class PersonaStore(dg.ConfigurableResource):
             with self.engine.connect() as own:
                 return self.read_frame(query, own)
         result = connection.execute(query)
-        return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+        if connection.dialect.name == "sqlite":
+            return _sqlite_frame(result)
+        # Plain tuples: pandas probes each SQLAlchemy Row for attributes, which costs more than
+        # reading the rows.
+        return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=list(result.keys()))
 
     def scalar(self, query: sa.Executable):
         with self.engine.connect() as connection:
@@ -97,8 +177,7 @@ class PersonaStore(dg.ConfigurableResource):
     def insert_frame(connection: sa.Connection, table: sa.Table, frame: pd.DataFrame) -> int:
         columns = [c.name for c in table.columns if c.name in frame.columns]
         for start in range(0, len(frame), WRITE_CHUNK_ROWS):
-            chunk = frame.iloc[start : start + WRITE_CHUNK_ROWS][columns]
-            connection.execute(table.insert(), _records(chunk))
+            _execute_many(connection, table.insert(), frame.iloc[start : start + WRITE_CHUNK_ROWS], columns)
         return len(frame)
 
     def replace_rows(self, table: sa.Table, where: sa.ColumnElement[bool], frame: pd.DataFrame) -> int:
@@ -138,7 +217,7 @@ class PersonaStore(dg.ConfigurableResource):
         )
         columns = [c.name for c in table.columns if c.name in frame.columns]
         for start in range(0, len(frame), WRITE_CHUNK_ROWS):
-            connection.execute(statement, _records(frame.iloc[start : start + WRITE_CHUNK_ROWS][columns]))
+            _execute_many(connection, statement, frame.iloc[start : start + WRITE_CHUNK_ROWS], columns)
 
 
 def as_utc(values: pd.Series) -> pd.Series:

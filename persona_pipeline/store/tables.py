@@ -74,6 +74,30 @@ persona_vectors = sa.Table(
     sa.Column("computed_at", UtcDateTime, nullable=False),
 )
 
+# Devices whose profile changed since persona_vectors last read them: device_profiles adds a
+# row per device it merges, in the same transaction; a NULL device_id stands for every device.
+# persona_vectors recomputes those devices and deletes the rows it read, so a day's vectors
+# cost follows the devices that changed, not the fleet.
+profile_changes = sa.Table(
+    "profile_changes",
+    metadata,
+    # SQLite numbers only an INTEGER PRIMARY KEY itself.
+    sa.Column("change_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("device_id", sa.Text),
+)
+
+# The newest event time each feature space's vectors were last computed at: time-relative
+# dimensions (moved city within N days) change for devices that sent nothing, and the next
+# run finds them from here.
+persona_vector_runs = sa.Table(
+    "persona_vector_runs",
+    metadata,
+    sa.Column("space", sa.String(64), primary_key=True),
+    sa.Column("as_of", UtcDateTime, nullable=False),
+    sa.Column("computed_at", UtcDateTime, nullable=False),
+    sa.Column("devices_computed", sa.Integer, nullable=False),
+)
+
 persona_dimensions = sa.Table(
     "persona_dimensions",
     metadata,

@@ -1,0 +1,61 @@
+"""The benchmark harness on a tiny fleet, so it cannot rot. Nothing here asserts a timing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmarks import fleet
+from benchmarks.report import size_table
+from benchmarks.run import Options, benchmark, fresh_home, generate, run_stage
+from persona_pipeline.feature_schema import load_feature_schema
+from persona_pipeline.ingest.reading import read_landing_file
+from persona_pipeline.ingest.validation import validate_updates
+
+pytestmark = pytest.mark.store_agnostic
+DAY = "2026-03-02"
+
+
+def test_generated_updates_follow_the_landing_contract(tmp_path: Path):
+    devices = fleet.make_devices(300, seed=3)
+    updates = fleet.day_updates(devices, DAY, 10, seed=3, bad_share=0.01)
+    [path] = fleet.write_day(updates, tmp_path, DAY)
+    assert path.parent == tmp_path / "index_updates" / f"date={DAY}"
+
+    read = read_landing_file(path, "part")
+    start = pd.Timestamp(DAY, tz="UTC")
+    result = validate_updates(read.rows, load_feature_schema(), DAY, start, start + pd.Timedelta(days=1))
+    assert len(read.rows) == 3_000 and read.rejects.empty
+    assert result.unknown_key_rows == 0
+    assert 0 < len(result.rejects) < 100  # the planted bad rows, nothing else
+    assert result.accepted["device_id"].nunique() == 300
+    assert result.accepted["observed_at"].between(start, start + pd.Timedelta(hours=25)).all()
+
+
+def test_harness_runs_every_stage_the_baseline_and_prints_the_table(tmp_path: Path):
+    options = Options(
+        devices=200, work=tmp_path, day=DAY, index_sample=50, dagster=False, upsert_sample=20, isolate=False
+    )
+    results = benchmark(options, say=lambda _: None)
+
+    assert results.full["read_validate"][0].result["rows_in"] == 2_000
+    assert results.incremental["read_validate"][0].result["rows_in"] == 20  # 1% of the devices changed
+    assert results.full["index"][0].result["rows_in"] == 50  # the sample, time extrapolated
+    assert results.full["index"][0].result["extrapolated_seconds"] > 0
+    assert results.full["weights"][0].result["rows_in"] > 0  # offers were made and answered
+    assert results.naive[0].result["devices"] == 200
+    table = size_table(results)
+    for label in ("read+validate", "profiles merge", "index write*", "weights refresh", "naive baseline"):
+        assert label in table
+    assert "speed-up, ingest -> vectors" in table
+
+
+def test_a_stage_in_its_own_process_reports_its_time_and_peak_memory(tmp_path: Path):
+    options = Options(devices=100, work=tmp_path, day=DAY)
+    generate(options)
+    measured = run_stage(options, fresh_home(options, "run"), "read_validate", DAY)
+    assert measured.result["rows_in"] == 1_000
+    assert measured.peak_rss > 50 * 2**20
+    assert measured.seconds > 0
