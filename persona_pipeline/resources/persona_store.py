@@ -111,12 +111,16 @@ def _sqlite_frame(result: sa.CursorResult) -> pd.DataFrame:
             if parsed is not None:
                 frame[key] = parsed
                 continue
+        if processor is _SQLITE_BOOLEAN and column.dtype == np.int64:  # 0 and 1, no NULL
+            frame[key] = column.astype(bool)
+            continue
         values = [processor(row[position]) for row in rows]
         frame[key] = pd.DataFrame([(value,) for value in values], columns=[key])[key]
     return frame
 
 
 _SQLITE_DATETIME = sa.DateTime()._cached_result_processor(sqlite.dialect(), None)
+_SQLITE_BOOLEAN = sa.Boolean()._cached_result_processor(sqlite.dialect(), None)
 
 
 def _parse_sqlite_datetimes(column: pd.Series) -> pd.Series | None:
