@@ -46,6 +46,7 @@ class Options:
     dagster: bool = True
     baseline: bool = True
     upsert_sample: int = 2_000
+    response_share: float = 0.25  # of the offers made, answered in the feedback batch
     keep: bool = False
     isolate: bool = True  # each stage in a process of its own; False runs them here (tests)
 
@@ -65,6 +66,7 @@ class Results:
     full: dict[str, list[Measured]] = field(default_factory=dict)
     incremental: dict[str, list[Measured]] = field(default_factory=dict)
     naive: list[Measured] = field(default_factory=list)
+    in_memory: list[Measured] = field(default_factory=list)
 
 
 def benchmark(options: Options, say=print) -> Results:
@@ -86,6 +88,8 @@ def benchmark(options: Options, say=print) -> Results:
         if options.baseline:
             results.naive.append(run_naive(options, home))
             say(f"  naive baseline: {results.naive[-1].seconds:.1f} s")
+            results.in_memory.append(run_stage(options, home, "in_memory", options.day))
+            say(f"  in memory, vectorized: {results.in_memory[-1].seconds:.1f} s")
         _cleanup(options, home)
     return results
 
@@ -189,8 +193,8 @@ def run_naive(options: Options, home: Path) -> Measured:
 
 
 def write_feedback_batch(home: Path, options: Options) -> int:
-    """Responses to every offer made, as one complete batch: owners of two models accept far
-    more often, so the weights refresh has something to learn."""
+    """Responses to a share of the offers made, as one complete batch: owners of two models
+    accept far more often, so the weights refresh has something to learn."""
     engine = sa.create_engine(f"sqlite:///{home / 'persona.db'}")
     with engine.connect() as connection:
         offers = pd.DataFrame(
@@ -200,10 +204,11 @@ def write_feedback_batch(home: Path, options: Options) -> int:
             columns=["offer_id", "device_id"],
         )
     engine.dispose()
+    rng = np.random.default_rng(options.seed)
+    offers = offers[rng.random(len(offers)) < options.response_share].reset_index(drop=True)
     devices = fleet.make_devices(options.devices, options.seed)
     number = offers["device_id"].str.slice(4).astype(np.int64).to_numpy()
     receptive = np.isin(devices.model[number], [0, 2])
-    rng = np.random.default_rng(options.seed)
     accepted = rng.random(len(offers)) < np.where(receptive, 0.5, 0.1)
     yes, no = RESPONSES[rng.integers(0, 2, len(offers))], RESPONSES[rng.integers(2, 4, len(offers))]
     response = np.where(accepted, yes, no)

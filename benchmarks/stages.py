@@ -11,39 +11,42 @@ thousand points a second, too slow to fill at a million devices every time.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-warnings.filterwarnings("ignore", module=r"dagster\..*")
-
-import dagster as dg  # noqa: E402
-
-from persona_pipeline.anomalies.assets import AnomalyScoresConfig, anomaly_scores  # noqa: E402
-from persona_pipeline.feedback.assets import (  # noqa: E402
+from persona_pipeline.anomalies.assets import AnomalyScoresConfig, anomaly_scores
+from persona_pipeline.feedback.assets import (
     KeyWeightsConfig,
     OfferFeedbackConfig,
     key_weights,
     offer_feedback,
     offer_feedback_batches,
 )
-from persona_pipeline.ingest.assets import IndexUpdatesConfig, index_updates  # noqa: E402
-from persona_pipeline.offers.assets import service_recommendations  # noqa: E402
-from persona_pipeline.personas import storage  # noqa: E402
-from persona_pipeline.personas.assets import (  # noqa: E402
+from persona_pipeline.ingest.assets import IndexUpdatesConfig, index_updates
+from persona_pipeline.ingest.ingest import ingest_days
+from persona_pipeline.offers.assets import service_recommendations
+from persona_pipeline.personas import storage
+from persona_pipeline.personas.assets import (
     PersonaIndexConfig,
     device_profiles,
     persona_index,
     persona_vectors,
 )
-from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex  # noqa: E402
-from persona_pipeline.segments.assets import DeviceClustersConfig, device_clusters  # noqa: E402
-from persona_pipeline.store import tables  # noqa: E402
+from persona_pipeline.personas.profiles import (
+    device_customers,
+    latest_per_device_key,
+    value_changes,
+)
+from persona_pipeline.personas.vectors import build_persona_vectors
+from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
+from persona_pipeline.segments.assets import DeviceClustersConfig, device_clusters
+from persona_pipeline.store import tables
 
 FEEDBACK_BATCH = "bench-1"
 
@@ -197,6 +200,24 @@ def weights_refresh(r: dict, **_) -> Outcome:
     return Outcome(_value(result, "responded_offers"), "offers")
 
 
+def in_memory(r: dict, day: str, **_) -> Outcome:
+    """Read, validate, merge and vectorize one day with the project's pure functions, nothing
+    stored: the work the naive loop does, done the vectorized way."""
+    schema = r["persona_config"].feature_schema()
+    accepted = ingest_days([day], r["landing_zone"].read_day, schema).accepted
+    profiles = latest_per_device_key(accepted)
+    as_of = profiles["observed_at"].max()
+    changed = {}
+    for derived in schema.derived:
+        if derived.kind == "changed_within_days":
+            history = accepted.loc[accepted["key"] == derived.key, ["device_id", "value", "observed_at"]]
+            changed[derived.name] = set(
+                value_changes(history, as_of - pd.Timedelta(days=derived.days))["device_id"]
+            )
+    build_persona_vectors(profiles, device_customers(profiles), schema, schema.initial_weights(), changed)
+    return Outcome(len(accepted), "updates")
+
+
 def _pick(resources: dict, asset: dg.AssetsDefinition) -> dict:
     return {name: resources[name] for name in asset.required_resource_keys if name in resources}
 
@@ -211,6 +232,7 @@ STAGES: dict[str, tuple[str, Callable[..., Outcome]]] = {
     "recommendations": ("recommendations", recommendations),
     "feedback": ("feedback load", feedback_load),
     "weights": ("weights refresh", weights_refresh),
+    "in_memory": ("in memory", in_memory),
 }
 DAY_STAGES = ("read_validate", "profiles", "vectors", "index", "clustering", "anomalies", "recommendations")
 LEARNING_STAGES = ("feedback", "weights")

@@ -46,10 +46,12 @@ def test_harness_runs_every_stage_the_baseline_and_prints_the_table(tmp_path: Pa
     assert results.full["index"][0].result["extrapolated_seconds"] > 0
     assert results.full["weights"][0].result["rows_in"] > 0  # offers were made and answered
     assert results.naive[0].result["devices"] == 200
+    assert results.in_memory[0].result["rows_in"] == results.full["profiles"][0].result["rows_in"]
     table = size_table(results)
     for label in ("read+validate", "profiles merge", "index write*", "weights refresh", "naive baseline"):
         assert label in table
-    assert "speed-up, ingest -> vectors" in table
+    assert "speed-up, ingest -> vectors in memory" in table
+    assert "speed-up, ingest -> vectors through the store" in table
 
 
 def test_a_stage_in_its_own_process_reports_its_time_and_peak_memory(tmp_path: Path):

@@ -18,7 +18,12 @@ from persona_pipeline.resources import PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage as segment_storage
 from persona_pipeline.segments.assets import device_clusters, require_current_space
-from persona_pipeline.segments.key_stats import dimension_groups, readable_values, segment_stats
+from persona_pipeline.segments.key_stats import (
+    READABLE_COLUMNS,
+    dimension_groups,
+    readable_values,
+    segment_stats,
+)
 from persona_pipeline.segments.stable_ids import UNKNOWN
 
 RATE_CHECK = "anomaly_rate_within_band"
@@ -129,7 +134,10 @@ def anomaly_scores(
     settings = config.settings()
     result = score_anomalies(vectors.matrix, segments, settings)
     values = readable_values(
-        persona_storage.read_profiles(persona_store), schema, vectors.device_ids, vectors.frame()
+        persona_storage.read_profiles(persona_store, columns=READABLE_COLUMNS),
+        schema,
+        vectors.device_ids,
+        vectors.frame(),
     )
     stats = segment_stats(values, segments)
     top = np.argsort(-result.combined_z, kind="stable")[: config.explained_top]

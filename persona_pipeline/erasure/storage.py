@@ -82,6 +82,8 @@ def delete_device_rows(connection: sa.Connection, devices: list[str]) -> dict[st
             )
         ).rowcount
     deleted["index_update_rejects"] = deleted.get("index_update_rejects", 0) + unparsed
+    # The newest event time may have gone with them: the next persona_vectors computes every device.
+    connection.execute(tables.profile_changes.insert().values(device_id=None))
     return deleted
 
 

@@ -5,6 +5,7 @@ import pandas as pd
 from pydantic import Field
 
 from persona_pipeline.erasure.storage import read_suppression
+from persona_pipeline.erasure.subjects import Suppression
 from persona_pipeline.ingest.ingest import ingest_days
 from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
 from persona_pipeline.partitions import daily_partitions, partition_days
@@ -23,6 +24,13 @@ class IndexUpdatesConfig(dg.Config):
         le=1,
         description="The reject-share check fails when more than this share of rows read is rejected.",
     )
+
+
+def _unsuppressed(frame: pd.DataFrame, suppression: Suppression) -> pd.DataFrame:
+    """The rows of devices and customers not erased (the frame itself when none is: a day of
+    updates is not copied for nothing)."""
+    suppressed = suppression.matches(frame)
+    return frame[~suppressed] if suppressed.any() else frame
 
 
 @dg.asset(
@@ -51,15 +59,14 @@ def index_updates(
     exact duplicates are dropped. Re-running a day replaces that day's rows."""
     days = partition_days(context.partition_time_window)
     schema = persona_config.feature_schema()
-    outcome = ingest_days(days, landing_zone.read_day, schema)
+    outcome = ingest_days(days, landing_zone.read_day_files, schema)
     for folder in landing_zone.misnamed_folders():
         context.log.warning(f"landing folder index_updates/{folder} is not date=YYYY-MM-DD: never read")
     for problem in outcome.problems:
         context.log.info(problem)
 
     suppression = read_suppression(persona_store)
-    accepted = outcome.accepted[~suppression.matches(outcome.accepted)]
-    rejects = outcome.rejects[~suppression.matches(outcome.rejects)]
+    accepted, rejects = (_unsuppressed(frame, suppression) for frame in (outcome.accepted, outcome.rejects))
     suppressed_rows = len(outcome.accepted) - len(accepted) + len(outcome.rejects) - len(rejects)
     if suppressed_rows:
         context.log.info(f"{suppressed_rows} rows of erased devices or customers dropped (suppression list)")

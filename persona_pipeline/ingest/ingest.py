@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.ingest.reading import ReadResult
-from persona_pipeline.ingest.validation import ACCEPTED_COLUMNS, validate_updates
+from persona_pipeline.ingest.validation import ACCEPTED_COLUMNS, check_updates, finish_validation
 
 UNREADABLE = "unreadable"
 
@@ -31,24 +31,35 @@ class IngestOutcome:
 
 
 def ingest_days(
-    days: list[str], read_day: Callable[[str], ReadResult], schema: FeatureSchema
+    days: list[str],
+    read_day: Callable[[str], ReadResult | Iterable[ReadResult]],
+    schema: FeatureSchema,
 ) -> IngestOutcome:
+    """Read and validate each day. `read_day` returns the day's rows, or its files' rows one file
+    at a time (then only one file's rows are held besides what was accepted)."""
     accepted, rejects = [], []
     outcome = IngestOutcome(pd.DataFrame(), pd.DataFrame())
     for day in days:
-        read = read_day(day)
         start = pd.Timestamp(day, tz="UTC")
-        result = validate_updates(read.rows, schema, day, start, start + pd.Timedelta(days=1))
-        unreadable = read.rejects.assign(reason_code=UNREADABLE)
-        day_rejects = pd.concat([unreadable, result.rejects], ignore_index=True)
+        parts = read_day(day)
+        checked, unreadable = [], []
+        for read in [parts] if isinstance(parts, ReadResult) else parts:
+            checked.append(check_updates(read.rows, schema, day, start, start + pd.Timedelta(days=1)))
+            unreadable.append(read.rejects.assign(reason_code=UNREADABLE))
+            outcome.rows_read += len(read.rows) + len(read.rejects)
+            outcome.problems.extend(read.problems)
+        if not checked:
+            empty = ReadResult.empty()
+            checked.append(check_updates(empty.rows, schema, day, start, start + pd.Timedelta(days=1)))
+            unreadable.append(empty.rejects.assign(reason_code=UNREADABLE))
+        result = finish_validation(checked, start)
+        day_rejects = pd.concat([*unreadable, result.rejects], ignore_index=True)
         rejects.append(day_rejects.assign(partition_date=day))
         accepted.append(result.accepted)
-        outcome.rows_read += len(read.rows) + len(read.rejects)
         outcome.duplicates_dropped += result.duplicates_dropped
         outcome.unknown_key_rows += result.unknown_key_rows
         outcome.unknown_keys.update(result.unknown_keys)
         outcome.late_rows += result.late_rows
-        outcome.problems.extend(read.problems)
     outcome.accepted = (
         pd.concat(accepted, ignore_index=True) if accepted else pd.DataFrame(columns=list(ACCEPTED_COLUMNS))
     )

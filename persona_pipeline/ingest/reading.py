@@ -358,7 +358,8 @@ def _read_parquet(data: bytes, label: str, fields: tuple[str, ...]) -> tuple[Rea
             reason = f"{column} is a Parquet {kind}, expected text, a number or a boolean"
             unusable = unusable.where(~series.notna() | (unusable != ""), reason)
             frame[column] = series.astype(object)
-        else:
+        elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            # Text stays in Arrow's columns: as Python objects it took three times the memory.
             frame[column] = series.astype(object)
     rows = _with_source(frame, label, np.arange(1, len(frame) + 1))
     bad = (unusable != "").to_numpy()

@@ -79,8 +79,10 @@ def _per_distinct(values: pd.Series, function) -> pd.Series:
     """`function` of each distinct value of `values`, spread back over the rows (<NA> stays <NA>):
     keys and values repeat, so this is far less work than calling it on every row."""
     codes, distinct = pd.factorize(values)
-    result = function(pd.Series(distinct, dtype=values.dtype))
-    return pd.Series(result.to_numpy()[codes], index=values.index).where(codes >= 0)
+    if len(distinct) == 0:
+        return pd.Series(np.nan, index=values.index, dtype=object)
+    result = function(pd.Series(distinct, dtype=values.dtype)).to_numpy()
+    return pd.Series(result[np.maximum(codes, 0)], index=values.index).where(codes >= 0)
 
 
 class _Reasons:
@@ -120,7 +122,67 @@ def validate_updates(
     day_end: pd.Timestamp,
 ) -> ValidationResult:
     """Split raw rows of one partition day into accepted and rejected rows."""
+    return finish_validation([check_updates(raw, schema, partition_date, day_start, day_end)], day_start)
+
+
+@dataclass
+class CheckedRows:
+    accepted: pd.DataFrame  # ACCEPTED_COLUMNS and KNOWN_KEY, duplicates not dropped yet
+    rejects: pd.DataFrame
+
+
+KNOWN_KEY = "_known_key"  # whether the feature schema knows the row's key
+# Rows checked at a time: the checks' intermediate columns take several times the rows' memory.
+CHECK_CHUNK_ROWS = 1_000_000
+
+
+def check_updates(
+    raw: pd.DataFrame,
+    schema: FeatureSchema,
+    partition_date: str,
+    day_start: pd.Timestamp,
+    day_end: pd.Timestamp,
+) -> CheckedRows:
+    """Every check of `validate_updates` but the day-wide one (duplicates), chunk by chunk of rows.
+    A day read file by file is checked file by file; `finish_validation` puts the files together."""
     raw = raw.reset_index(drop=True)
+    chunks = [
+        _check_chunk(raw.iloc[start : start + CHECK_CHUNK_ROWS], schema, partition_date, day_end)
+        for start in range(0, max(len(raw), 1), CHECK_CHUNK_ROWS)
+    ]
+    if len(chunks) == 1:
+        return chunks[0]
+    return CheckedRows(pd.concat([c.accepted for c in chunks]), _concat_rejects([c.rejects for c in chunks]))
+
+
+def finish_validation(parts: list[CheckedRows], day_start: pd.Timestamp) -> ValidationResult:
+    """The checked rows of one day (in the order read) with exact duplicates dropped."""
+    accepted = pd.concat([p.accepted for p in parts]) if len(parts) > 1 else parts[0].accepted
+    accepted = accepted.reset_index(drop=True)
+    identity = ["device_id", "customer_id", "key", "value", "observed_at"]
+    duplicated = accepted.duplicated(subset=identity, keep="first")
+    accepted = accepted[~duplicated]
+    unknown = accepted["key"][~accepted[KNOWN_KEY]]
+    return ValidationResult(
+        accepted=accepted[list(ACCEPTED_COLUMNS)].reset_index(drop=True),
+        rejects=_concat_rejects([p.rejects for p in parts]),
+        duplicates_dropped=int(duplicated.sum()),
+        unknown_key_rows=len(unknown),
+        unknown_keys=sorted(unknown.unique().tolist()),
+        late_rows=int((accepted["observed_at"] < day_start).sum()),
+    )
+
+
+def _concat_rejects(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    found = [frame for frame in frames if not frame.empty]
+    if not found:
+        return frames[0]
+    return pd.concat(found, ignore_index=True) if len(found) > 1 else found[0]
+
+
+def _check_chunk(
+    raw: pd.DataFrame, schema: FeatureSchema, partition_date: str, day_end: pd.Timestamp
+) -> CheckedRows:
     limits = schema.limits
     reasons = _Reasons(raw.index)
 
@@ -250,21 +312,10 @@ def validate_updates(
             "observed_at": observed_at,
             "source_file": raw["source_file"],
             "source_row": raw["source_row"],
+            KNOWN_KEY: key_type.notna().to_numpy(dtype=bool),
         }
     )[ok]
-    identity = ["device_id", "customer_id", "key", "value", "observed_at"]
-    duplicated = accepted.duplicated(subset=identity, keep="first")
-    accepted = accepted[~duplicated]
-    unknown = accepted["key"][key_type[accepted.index].isna()]
-    rejected = raw[~ok]
-    return ValidationResult(
-        accepted=accepted[list(ACCEPTED_COLUMNS)].reset_index(drop=True),
-        rejects=_reject_rows(rejected, reasons.reason[~ok], reasons.code[~ok]),
-        duplicates_dropped=int(duplicated.sum()),
-        unknown_key_rows=len(unknown),
-        unknown_keys=sorted(unknown.unique().tolist()),
-        late_rows=int((accepted["observed_at"] < day_start).sum()),
-    )
+    return CheckedRows(accepted, _reject_rows(raw[~ok], reasons.reason[~ok], reasons.code[~ok]))
 
 
 def _reject_rows(rejected: pd.DataFrame, reason: pd.Series, code: pd.Series) -> pd.DataFrame:

@@ -79,23 +79,17 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
     weights = current_weights(persona_store, schema.initial_weights())
     space = f"{schema.version}-w{weights.version}"
     changes = storage.read_profile_changes(persona_store)
-    as_of = storage.read_latest_observed_at(persona_store) or pd.Timestamp.now(tz="UTC")
-    state = storage.read_vector_state(persona_store, space)
-
-    incremental = not (
-        changes.every_device or state.spaces != [space] or state.as_of is None or as_of < state.as_of
-    )
-    changed, flipped = _changed_within_days(
-        persona_store, schema, as_of, state.as_of if incremental else None
-    )
-    candidates = sorted(set(changes.devices) | flipped) if incremental else None
-    if candidates is not None and len(candidates) > INCREMENTAL_MAX_SHARE * state.devices:
-        candidates = None
-    if candidates is None:
+    last = storage.read_last_vector_run(persona_store)
+    selection = None
+    if not changes.every_device and last is not None and last.space == space:
+        selection = _changed_devices(persona_store, schema, changes, last)
+    if selection is None:
+        as_of = storage.read_latest_observed_at(persona_store) or pd.Timestamp.now(tz="UTC")
+        changed, _ = _changed_within_days(persona_store, schema, as_of, None)
         profiles = storage.read_profiles(persona_store)
         previous = storage.read_vector_fingerprints(persona_store)
     else:
-        profiles = storage.read_profiles_of(persona_store, candidates)
+        as_of, changed, candidates, profiles = selection
         previous = storage.read_vector_fingerprints(persona_store, candidates)
 
     vectors = build_persona_vectors(profiles, device_customers(profiles), schema, weights.weights, changed)
@@ -126,15 +120,15 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
         }
     )
     storage.write_dimensions(persona_store, space, dimensions)
-    storage.record_vector_run(persona_store, space, as_of, len(vectors.device_ids))
+    devices = len(vectors.device_ids)
+    if selection is not None:
+        devices = (
+            last.devices + int((~pd.Index(vectors.device_ids).isin(previous.index)).sum()) - len(removed)
+        )
+    storage.record_vector_run(persona_store, storage.VectorRun(space, as_of, devices))
     storage.clear_profile_changes(persona_store, changes)
 
-    devices = len(vectors.device_ids)
-    if candidates is not None:
-        devices = (
-            state.devices + int((~pd.Index(vectors.device_ids).isin(previous.index)).sum()) - len(removed)
-        )
-    computed = "every device" if candidates is None else "the devices whose vector may have changed"
+    computed = "every device" if selection is None else "the devices whose vector may have changed"
     active = (vectors.matrix != 0).mean(axis=0) if len(vectors.device_ids) else np.zeros(len(dimensions))
     return dg.MaterializeResult(
         metadata={
@@ -157,6 +151,27 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
             ),
         }
     )
+
+
+def _changed_devices(
+    store: PersonaStore, schema, changes: storage.ProfileChanges, last: storage.VectorRun
+) -> tuple[pd.Timestamp, dict[str, set[str]], list[str], pd.DataFrame] | None:
+    """Since the last run in the same feature space: the newest event time, the devices that
+    changed within each `changed_within_days` window, the devices whose vector may differ (a
+    profile change, or a flag that differs between the two event times) and their profile rows.
+    None when they are too many for looking them up to pay off.
+
+    Only profile_changes' devices have rows that changed, so the newest event time is the last
+    run's or one of theirs (an erasure asks for every device)."""
+    profiles = storage.read_profiles_of(store, changes.devices)
+    as_of = max(last.as_of, profiles["observed_at"].max()) if not profiles.empty else last.as_of
+    changed, flipped = _changed_within_days(store, schema, as_of, last.as_of)
+    others = sorted(flipped - set(changes.devices))
+    if len(changes.devices) + len(others) > INCREMENTAL_MAX_SHARE * last.devices:
+        return None
+    if others:
+        profiles = pd.concat([profiles, storage.read_profiles_of(store, others)], ignore_index=True)
+    return as_of, changed, sorted([*changes.devices, *others]), profiles
 
 
 def _changed_within_days(

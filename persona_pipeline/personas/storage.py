@@ -104,14 +104,18 @@ def read_profiles_of(store: PersonaStore, device_ids: list[str]) -> pd.DataFrame
     return frame
 
 
-def read_profiles(store: PersonaStore, key_prefix: str | None = None) -> pd.DataFrame:
-    """Every profile row, or those whose key starts with `key_prefix`, and maybe a few more (LIKE
-    reads `_` as any character, and SQLite ignores case): the caller selects exactly."""
-    query = sa.select(device_profiles)
+def read_profiles(
+    store: PersonaStore, key_prefix: str | None = None, columns: tuple[str, ...] | None = None
+) -> pd.DataFrame:
+    """Every profile row (only `columns`, when given), or those whose key starts with
+    `key_prefix`, and maybe a few more (LIKE reads `_` as any character, and SQLite ignores
+    case): the caller selects exactly."""
+    query = sa.select(*[device_profiles.c[c] for c in columns]) if columns else sa.select(device_profiles)
     if key_prefix is not None:
         query = query.where(device_profiles.c.key.like(key_prefix + "%"))
     frame = store.read_frame(query)
-    frame["observed_at"] = as_utc(frame["observed_at"])
+    if "observed_at" in frame.columns:
+        frame["observed_at"] = as_utc(frame["observed_at"])
     return frame
 
 
@@ -185,39 +189,36 @@ def read_vector_fingerprints(store: PersonaStore, device_ids: list[str] | None =
 
 
 @dataclass
-class VectorState:
-    """What the stored vectors are: their feature spaces, how many, and the event time the
-    current space was last computed at (None: never, or before runs were recorded)."""
+class VectorRun:
+    """The last persona_vectors run: its feature space, the newest event time it computed at,
+    and how many devices had a vector after it."""
 
-    spaces: list[str]
+    space: str
+    as_of: pd.Timestamp
     devices: int
-    as_of: pd.Timestamp | None
 
 
-def read_vector_state(store: PersonaStore, space: str) -> VectorState:
-    v = persona_vectors.c
-    spaces = store.read_frame(sa.select(v.space).distinct())["space"].tolist()
-    devices = int(store.scalar(sa.select(sa.func.count()).select_from(persona_vectors)) or 0)
-    as_of = store.scalar(sa.select(persona_vector_runs.c.as_of).where(persona_vector_runs.c.space == space))
-    return VectorState(
-        spaces=sorted(spaces),
-        devices=devices,
-        as_of=None if as_of is None else as_utc(pd.Series([as_of])).iloc[0],
-    )
+def read_last_vector_run(store: PersonaStore) -> VectorRun | None:
+    r = persona_vector_runs.c
+    frame = store.read_frame(sa.select(r.space, r.as_of, r.devices).order_by(r.computed_at.desc()).limit(1))
+    if frame.empty:
+        return None
+    row = frame.iloc[0]
+    return VectorRun(row["space"], as_utc(frame["as_of"]).iloc[0], int(row["devices"]))
 
 
-def record_vector_run(store: PersonaStore, space: str, as_of: pd.Timestamp, devices_computed: int) -> None:
-    run = pd.DataFrame(
+def record_vector_run(store: PersonaStore, run: VectorRun) -> None:
+    row = pd.DataFrame(
         {
-            "space": [space],
-            "as_of": [as_of],
+            "space": [run.space],
+            "as_of": [run.as_of],
             "computed_at": [pd.Timestamp.now(tz="UTC")],
-            "devices_computed": [devices_computed],
+            "devices": [run.devices],
         }
     )
     with store.begin() as connection:
-        connection.execute(persona_vector_runs.delete().where(persona_vector_runs.c.space == space))
-        store.insert_frame(connection, persona_vector_runs, run)
+        connection.execute(persona_vector_runs.delete().where(persona_vector_runs.c.space == run.space))
+        store.insert_frame(connection, persona_vector_runs, row)
 
 
 def _delete_devices(

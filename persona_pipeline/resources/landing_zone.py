@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -113,15 +114,22 @@ class LandingZone(dg.ConfigurableResource):
 
     def read_day(self, day: str) -> ReadResult:
         """All rows that landed for one partition day, as written (validation comes next)."""
+        return ReadResult.concat(list(self.read_day_files(day)))
+
+    def read_day_files(self, day: str) -> Iterator[ReadResult]:
+        """The rows of one partition day, a file at a time (the SQL source in one go)."""
         if self.source_db_url:
-            return self._read_day_from_sql(day)
+            yield self._read_day_from_sql(day)
+            return
         folder = self.day_folder(day)
         if not folder.is_dir():
-            return ReadResult.empty([f"no landing folder {folder.relative_to(self.root)}"])
+            yield ReadResult.empty([f"no landing folder {folder.relative_to(self.root)}"])
+            return
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(("_", ".")))
         if not files:
-            return ReadResult.empty([f"{folder.relative_to(self.root)}: no files"])
-        return ReadResult.concat([read_landing_file(f, str(f.relative_to(self.root))) for f in files])
+            yield ReadResult.empty([f"{folder.relative_to(self.root)}: no files"])
+        for f in files:
+            yield read_landing_file(f, str(f.relative_to(self.root)))
 
     def _read_day_from_sql(self, day: str) -> ReadResult:
         engine = sa.create_engine(self.source_db_url)

@@ -20,7 +20,8 @@ from persona_pipeline import settings
 from persona_pipeline.store.schema import upgrade_to_head
 
 WRITE_CHUNK_ROWS = 50_000
-SQLITE_CACHE_KIB = 256 * 1024
+READ_CHUNK_ROWS = 100_000
+SQLITE_CACHE_KIB = 64 * 1024
 
 NewerPredicate = Callable[[sa.ColumnCollection, sa.ColumnCollection], sa.ColumnElement[bool]]
 
@@ -45,7 +46,7 @@ def connect(url: str) -> sa.Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            # Up to 256 MiB of pages per connection (default 2 MiB): writing a day's updates
+            # Up to 64 MiB of pages per connection (default 2 MiB): writing a day's updates
             # touches an index too large for the default, and thrashed it.
             cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
             cursor.close()
@@ -93,16 +94,24 @@ def _execute_many(
 
 
 def _sqlite_frame(result: sa.CursorResult) -> pd.DataFrame:
-    """The rows as SQLAlchemy would return them, with its per-value conversions done per column:
-    SQLite hands back timestamps as text, which SQLAlchemy parses one value at a time."""
+    """The rows as SQLAlchemy would return them, with its per-value conversions done per column
+    (SQLite hands back timestamps as text, which SQLAlchemy parses one value at a time), fetched
+    READ_CHUNK_ROWS at a time: a row as Python objects takes several times its size in a frame."""
     keys = list(result.keys())
     processors = getattr(result._metadata, "_processors", None)
     if processors is None or len(processors) != len(keys):
         return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=keys)
-    rows = result.cursor.fetchall()
+    chunks = []
+    while rows := result.cursor.fetchmany(READ_CHUNK_ROWS):
+        chunks.append(_converted(pd.DataFrame(rows, columns=keys), rows, processors))
     result.close()
-    frame = pd.DataFrame(rows, columns=keys)
-    for position, (key, processor) in enumerate(zip(keys, processors, strict=True)):
+    if len(chunks) <= 1:
+        return chunks[0] if chunks else pd.DataFrame([], columns=keys)
+    return _concat_as_one(chunks)
+
+
+def _converted(frame: pd.DataFrame, rows: list[tuple], processors: list) -> pd.DataFrame:
+    for position, (key, processor) in enumerate(zip(frame.columns, processors, strict=True)):
         if processor is None or frame.empty or frame[key].isna().all():
             continue
         column = frame[key]
@@ -111,12 +120,35 @@ def _sqlite_frame(result: sa.CursorResult) -> pd.DataFrame:
             if parsed is not None:
                 frame[key] = parsed
                 continue
+        if processor is _SQLITE_BOOLEAN and column.dtype == np.int64:  # 0 and 1, no NULL
+            frame[key] = column.astype(bool)
+            continue
         values = [processor(row[position]) for row in rows]
         frame[key] = pd.DataFrame([(value,) for value in values], columns=[key])[key]
     return frame
 
 
+def _concat_as_one(chunks: list[pd.DataFrame]) -> pd.DataFrame:
+    """Chunks put together with the dtypes pandas gives the rows read in one go: a chunk whose
+    column is all NULL reads as objects, and NULLs make integers floats and booleans objects."""
+    columns = {}
+    for key in chunks[0].columns:
+        parts = [chunk[key] for chunk in chunks]
+        empty = [part.isna().all() for part in parts]
+        if all(empty) or not any(empty):
+            columns[key] = pd.concat(parts, ignore_index=True)
+            continue
+        kind = pd.concat([p for p, e in zip(parts, empty, strict=True) if not e], ignore_index=True).dtype
+        if kind == np.int64:
+            kind = np.dtype(np.float64)
+        elif kind == np.dtype(bool):
+            kind = np.dtype(object)
+        columns[key] = pd.concat([p.astype(kind) for p in parts], ignore_index=True)
+    return pd.DataFrame(columns)
+
+
 _SQLITE_DATETIME = sa.DateTime()._cached_result_processor(sqlite.dialect(), None)
+_SQLITE_BOOLEAN = sa.Boolean()._cached_result_processor(sqlite.dialect(), None)
 
 
 def _parse_sqlite_datetimes(column: pd.Series) -> pd.Series | None:

@@ -17,7 +17,7 @@ from persona_pipeline.resources.vector_index import point_id
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage
 from persona_pipeline.segments.clustering import NOISE, ClusteringSettings, fit_segments
-from persona_pipeline.segments.key_stats import readable_values, segment_stats
+from persona_pipeline.segments.key_stats import READABLE_COLUMNS, readable_values, segment_stats
 from persona_pipeline.segments.profile import describe_segments, segment_traits
 from persona_pipeline.segments.stable_ids import (
     UNKNOWN,
@@ -131,7 +131,7 @@ def device_clusters(
     )
     cluster_ids = stable_labels(fit.labels, matching.ids)
 
-    profiles = persona_storage.read_profiles(persona_store)
+    profiles = persona_storage.read_profiles(persona_store, columns=READABLE_COLUMNS)
     values = readable_values(profiles, schema, vectors.device_ids, vectors.frame())
     stats = segment_stats(values, cluster_ids)
     described = describe_segments(stats, segment_traits(values, stats, top=config.profile_traits))

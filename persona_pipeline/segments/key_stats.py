@@ -17,6 +17,7 @@ from persona_pipeline.feature_schema import OTHER, FeatureSchema
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
+READABLE_COLUMNS = ("device_id", "key", "value", "value_number")  # the profile columns read here
 
 
 @dataclass

@@ -86,16 +86,16 @@ profile_changes = sa.Table(
     sa.Column("device_id", sa.Text),
 )
 
-# The newest event time each feature space's vectors were last computed at: time-relative
-# dimensions (moved city within N days) change for devices that sent nothing, and the next
-# run finds them from here.
+# Each feature space's last persona_vectors run: the newest event time it computed at (time-
+# relative dimensions, moved city within N days, change for devices that sent nothing, and the
+# next run finds them from here) and the devices with a vector after it.
 persona_vector_runs = sa.Table(
     "persona_vector_runs",
     metadata,
     sa.Column("space", sa.String(64), primary_key=True),
     sa.Column("as_of", UtcDateTime, nullable=False),
     sa.Column("computed_at", UtcDateTime, nullable=False),
-    sa.Column("devices_computed", sa.Integer, nullable=False),
+    sa.Column("devices", sa.Integer, nullable=False),
 )
 
 persona_dimensions = sa.Table(

@@ -1,5 +1,5 @@
 """Incremental persona vectors: the devices whose profile changed since the vectors were last
-computed, and the event time each feature space was last computed at.
+computed, and each feature space's last run (its event time and device count).
 
 Revision ID: 0003_incremental_vectors
 Revises: 0002_erasure
@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column("space", sa.String(length=64), nullable=False),
         sa.Column("as_of", sa.DateTime(timezone=True), nullable=False),
         sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("devices_computed", sa.Integer(), nullable=False),
+        sa.Column("devices", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("space"),
     )
     # Profiles merged before this revision left no trace: the next vectors recompute every device.
