@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/vector_index_write.py [--points 100000] [--dimensions 80]
 
-Each run writes `points` persona-like points (float32 vectors, the pipeline's five payload
+Each run writes `points` persona-like points (float32 vectors, the pipeline's four payload
 fields) into a new collection in a fresh folder, in persona_index's batches, and closes the index
 (which flushes it); then writes them all again over the same ids. Point ids are computed before
 the clock starts, as persona_index has them. Prints the median of the runs per engine.
@@ -32,7 +32,6 @@ def fleet(points: int, dimensions: int, seed: int = 7) -> tuple[list[str], np.nd
             "device_id": device,
             "customer_id": f"cust-{i // 2:07d}",
             "weights_version": 3,
-            "feature_space": "1c8ab542cc-w3",
             "cluster_id": int(i % 12),
         }
         for i, device in enumerate(devices)
@@ -81,7 +80,7 @@ def main() -> None:
         overwrite = statistics.median(r[1] for r in runs)
         rows.append((engine, points, fill, points / fill, points / overwrite))
 
-    setup = f"{args.dimensions} dimensions, 5 payload fields, batches of {args.batch}"
+    setup = f"{args.dimensions} dimensions, 4 payload fields, batches of {args.batch}"
     print(f"\n{setup}, median of {args.runs} runs")
     print(f"{'engine':<10}{'points':>10}{'seconds':>10}{'new points/s':>15}{'overwrites/s':>15}")
     for engine, points, seconds, fill_rate, overwrite_rate in rows:

@@ -125,7 +125,6 @@ def assert_complete(index: VectorIndex, store, collection: str, weights_version:
             "device_id": device,
             "customer_id": customer,
             "weights_version": weights_version,
-            "feature_space": stored.space,
             "cluster_id": None,
         }
         np.testing.assert_allclose(point.vector, vector, rtol=1e-6)

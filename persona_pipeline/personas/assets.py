@@ -262,7 +262,6 @@ def persona_index(
                 "device_id": d,
                 "customer_id": None if pd.isna(c) else c,
                 "weights_version": int(w),
-                "feature_space": space,
                 "cluster_id": None if pd.isna(k) else int(k),
             }
             for d, c, w, k in zip(
