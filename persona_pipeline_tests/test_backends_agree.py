@@ -22,6 +22,7 @@ WALL_CLOCK = {
     "rejected_at",
     "computed_at",
     "clustered_at",
+    "fitted_at",
     "scored_at",
     "first_seen_at",
     "last_seen_at",

@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from persona_pipeline.anomalies.assets import RATE_CHECK, anomaly_scores
 from persona_pipeline.evaluate import DEMO_TARGETS
@@ -22,6 +23,10 @@ from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, tabl
 def demo(tmp_path_factory):
     """The demo fleet of `make demo` (3,000 devices, 7 days, seed 7)."""
     yield from evaluated_fleet(tmp_path_factory.mktemp("demo"), devices=3000, days=7, seed=7)
+
+
+# A full fit, not the assignment of changed devices between fits.
+REFIT = {"ops": {"device_clusters": {"config": {"refit": True}}}}
 
 
 def cluster_payloads(home: Path) -> dict[str, int | None]:
@@ -44,7 +49,7 @@ def test_reclustering_an_unchanged_fleet_keeps_every_cluster_id(demo):
     before = table(store, "device_clusters", order_by=["device_id"])
     registry_before = table(store, "segments", order_by=["cluster_id"])
     with dg.instance_for_test() as instance:
-        result = dg.materialize([device_clusters], resources=resources, instance=instance)
+        result = dg.materialize([device_clusters], resources=resources, instance=instance, run_config=REFIT)
     after = table(store, "device_clusters", order_by=["device_id"])
     assert len(after) == 3000
     assert after["cluster_id"].tolist() == before["cluster_id"].tolist()
@@ -60,10 +65,44 @@ def test_reclustering_an_unchanged_fleet_keeps_every_cluster_id(demo):
     assert payloads == dict(zip(after["device_id"], after["cluster_id"].astype(int), strict=True))
 
 
+def test_between_fits_only_devices_without_a_current_segment_are_assigned(demo):
+    resources = resources_for(demo.home)
+    store = resources["persona_store"]
+    before = table(store, "device_clusters", order_by=["device_id"]).set_index("device_id")
+    registry_before = table(store, "segments", order_by=["cluster_id"])
+    moved = before.index[::300].tolist()  # 10 devices, as if their vectors had just changed
+    with store.begin() as connection:
+        connection.execute(
+            sa.text("DELETE FROM device_clusters WHERE device_id IN :ids").bindparams(
+                sa.bindparam("ids", expanding=True)
+            ),
+            {"ids": moved},
+        )
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([device_clusters], resources=resources, instance=instance)
+    metadata = result.asset_materializations_for_node("device_clusters")[0].metadata
+    assert metadata["mode"].value == "assign"
+    assert metadata["devices_assigned"].value == 10 and metadata["devices"].value == 3000
+    after = table(store, "device_clusters", order_by=["device_id"]).set_index("device_id")
+    untouched = before.drop(index=moved)
+    assert after.drop(index=moved)["clustered_at"].equals(untouched["clustered_at"])
+    # K-means' segments are the nearest centre's: the moved devices land where they were.
+    assert (after.loc[moved, "cluster_id"] == before.loc[moved, "cluster_id"]).sum() >= 9
+    assert (after.loc[moved, "clustered_at"] > untouched["clustered_at"].max()).all()
+    registry = table(store, "segments", order_by=["cluster_id"])
+    assert registry["cluster_id"].tolist() == registry_before["cluster_id"].tolist()
+    assert registry["devices"].sum() == 3000
+    assert registry["traits"].tolist() == registry_before["traits"].tolist()
+    payloads = cluster_payloads(demo.home)
+    assert payloads == dict(zip(after.index, after["cluster_id"].astype(int), strict=True))
+
+
 def test_segment_profiles_and_top_anomalies_are_readable_in_the_ui_metadata(demo):
     resources = resources_for(demo.home)
     with dg.instance_for_test() as instance:
-        result = dg.materialize([device_clusters, anomaly_scores], resources=resources, instance=instance)
+        result = dg.materialize(
+            [device_clusters, anomaly_scores], resources=resources, instance=instance, run_config=REFIT
+        )
     clusters = result.asset_materializations_for_node("device_clusters")[0].metadata
     segments = clusters["segments"].value
     assert 4 <= segments <= 12

@@ -8,7 +8,7 @@ import pytest
 
 from persona_pipeline.feature_schema import load_feature_schema
 from persona_pipeline.formatting import format_range, format_share, format_values
-from persona_pipeline.segments.clustering import NOISE, ClusteringSettings, fit_segments
+from persona_pipeline.segments.clustering import NOISE, ClusteringSettings, fit_segments, refit_reason
 from persona_pipeline.segments.key_stats import dimension_groups, readable_values, segment_stats
 from persona_pipeline.segments.profile import describe_segments, segment_traits
 from persona_pipeline.segments.stable_ids import (
@@ -196,3 +196,28 @@ def test_values_are_formatted_with_units_and_ranges():
     ]
     assert format_range(pd.Series([3.0]), pd.Series([3.0]), None).tolist() == ["3"]
     assert format_share([0.923, 0.05]).tolist() == ["92%", "5%"]
+
+
+def test_segments_are_fitted_anew_on_schedule_on_a_large_change_or_when_asked():
+    now = np.datetime64("2026-11-26T00:30:00")
+    usual = dict(
+        algorithm="kmeans",
+        forced=False,
+        refit_every_days=7,
+        refit_changed_share=0.2,
+        fitted_at=now - np.timedelta64(2, "D"),
+        now=now,
+        changed=1_000,
+        devices=100_000,
+    )
+    assert refit_reason(**usual) is None
+    assert refit_reason(**{**usual, "fitted_at": now - np.timedelta64(7, "D")}).startswith(
+        "last fit 7.0 days"
+    )
+    assert "over refit_changed_share=0.2" in refit_reason(**{**usual, "changed": 20_001})
+    assert refit_reason(**{**usual, "changed": 20_000}) is None
+    assert refit_reason(**{**usual, "forced": True}) == "refit requested"
+    assert refit_reason(**{**usual, "refit_every_days": 0}).startswith("refit_every_days is 0")
+    assert refit_reason(**{**usual, "algorithm": "hdbscan"}) == "hdbscan refits every run"
+    assert refit_reason(**{**usual, "fitted_at": None}) == "no fit of this feature space yet"
+    assert refit_reason(**{**usual, "devices": 0, "changed": 0}) is not None

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
 from persona_pipeline.store.tables import (
+    device_clusters,
     device_profiles,
     index_updates,
     persona_dimensions,
@@ -293,6 +294,22 @@ def read_payload_clusters(store: PersonaStore, collection: str) -> pd.Series:
     c = vector_index_clusters.c
     frame = store.read_frame(sa.select(c.device_id, c.cluster_id).where(c.collection == collection))
     return frame.set_index("device_id")["cluster_id"].astype("float64")
+
+
+def read_stale_payloads(store: PersonaStore, collection: str) -> pd.DataFrame:
+    """Devices of `collection` whose point's recorded cluster_id differs from device_clusters
+    (device_id, cluster_id as the table has it): one join in the database."""
+    p, d = vector_index_clusters.c, device_clusters.c
+    return store.read_frame(
+        sa.select(d.device_id, d.cluster_id)
+        .select_from(
+            device_clusters.join(
+                vector_index_clusters, sa.and_(p.device_id == d.device_id, p.collection == collection)
+            )
+        )
+        .where(sa.or_(p.cluster_id.is_(None), p.cluster_id != d.cluster_id))
+        .order_by(d.device_id)
+    )
 
 
 def record_payload_clusters(store: PersonaStore, collection: str, written: pd.DataFrame) -> None:

@@ -1,5 +1,7 @@
 """Segments: devices clustered by persona vector, with stable ids and readable profiles."""
 
+import json
+from dataclasses import dataclass
 from typing import Literal
 
 import dagster as dg
@@ -16,7 +18,13 @@ from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.resources.vector_index import point_id
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage
-from persona_pipeline.segments.clustering import NOISE, ClusteringSettings, fit_segments
+from persona_pipeline.segments.clustering import (
+    NOISE,
+    ClusteringSettings,
+    fit_segments,
+    nearest_centre,
+    refit_reason,
+)
 from persona_pipeline.segments.key_stats import READABLE_COLUMNS, readable_values, segment_stats
 from persona_pipeline.segments.profile import describe_segments, segment_traits
 from persona_pipeline.segments.stable_ids import (
@@ -74,6 +82,21 @@ class DeviceClustersConfig(dg.Config):
     hdbscan_min_cluster_size: int = Field(default=25, ge=2, description="HDBSCAN: smallest segment.")
     profile_traits: int = Field(default=3, ge=1, le=10, description="Keys shown per segment in its profile.")
     random_seed: int = Field(default=0, description="Seed of sampling and K-means initialisation.")
+    refit_every_days: int = Field(
+        default=7,
+        ge=0,
+        description="Days between full fits. In between, a run assigns only the devices whose vector "
+        "changed to the nearest segment of the last fit, so a day's cost follows the change, not the "
+        "fleet. 0: fit every run. Density algorithms always fit.",
+    )
+    refit_changed_share: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description="Fit anew, whatever the date, when more than this share of devices changed since "
+        "their last assignment.",
+    )
+    refit: bool = Field(default=False, description="Fit anew on this run.")
 
     def settings(self) -> ClusteringSettings:
         return ClusteringSettings(
@@ -109,9 +132,18 @@ def device_clusters(
     """A segment per device from its persona vector. Segment ids are stable: a re-clustering
     matches today's segments to yesterday's (minimum-cost assignment on their centres), so an
     unchanged fleet keeps every id and a new segment gets a new one. Writes `device_clusters`,
-    the `segments` registry and the `cluster_id` payload of the current Qdrant collection."""
-    vectors = persona_storage.read_stored_vectors(persona_store)
+    the `segments` registry and the `cluster_id` payload of the current Qdrant collection.
+
+    A full fit runs every `refit_every_days` (weekly by default), when many devices changed, or
+    when asked; the runs in between assign only the devices whose vector changed to the nearest
+    segment of the last fit."""
     schema = persona_config.feature_schema()
+    now = pd.Timestamp.now(tz="UTC")
+    reason, plan = _refit_reason(config, persona_store, schema, now)
+    if reason is None:
+        return _assign_changed(context, persona_store, vector_index, plan, now)
+    context.log.info(f"fitting segments anew: {reason}")
+    vectors = persona_storage.read_stored_vectors(persona_store)
     if len(vectors.device_ids) == 0:
         return dg.MaterializeResult(metadata={"devices": dg.MetadataValue.int(0)})
     require_current_space(vectors, schema)
@@ -137,7 +169,6 @@ def device_clusters(
     described = describe_segments(stats, segment_traits(values, stats, top=config.profile_traits))
     described = described[described["segment"] != NOISE]
 
-    now = pd.Timestamp.now(tz="UTC")
     assignments = pd.DataFrame(
         {
             "device_id": vectors.device_ids,
@@ -147,8 +178,11 @@ def device_clusters(
             "clustered_at": now,
         }
     )
-    storage.write_clustering(persona_store, assignments, storage.updated_registry(registry, described, now))
-    payloads_written = _sync_payloads(persona_store, vector_index, assignments)
+    centres = storage.centre_rows(vectors.space, matching.ids, fit.centres, now, _fit_settings(config))
+    storage.write_clustering(
+        persona_store, assignments, storage.updated_registry(registry, described, now), centres
+    )
+    payloads_written = _sync_payloads(persona_store, vector_index)
     context.log.info(
         f"{fit.n_segments} segments ({fit.algorithm}, {fit.note}); {matching.matched} kept their id, "
         f"{matching.new} new, retired {matching.retired or 'none'}"
@@ -190,6 +224,96 @@ def device_clusters(
             "warm_started": dg.MetadataValue.bool(fit.warm_started),
             "payloads_written": dg.MetadataValue.int(payloads_written),
             "feature_space": dg.MetadataValue.text(vectors.space or ""),
+            "mode": dg.MetadataValue.text("fit"),
+            "fit_reason": dg.MetadataValue.text(reason),
+            "devices_assigned": dg.MetadataValue.int(len(cluster_ids)),
+        }
+    )
+
+
+@dataclass
+class _Assignment:
+    """What a run between fits works on."""
+
+    space: str
+    fit: storage.StoredFit | None
+    changed: list[str]
+    gone: list[str]
+
+
+def _fit_settings(config: DeviceClustersConfig) -> str:
+    """The settings that shape a fit; a fit made with others is not assigned to."""
+    shaping = config.model_dump(
+        exclude={"refit", "refit_every_days", "refit_changed_share", "profile_traits"}
+    )
+    return json.dumps(shaping, sort_keys=True)
+
+
+def _refit_reason(
+    config: DeviceClustersConfig, store: PersonaStore, schema: FeatureSchema, now: pd.Timestamp
+) -> tuple[str | None, _Assignment | None]:
+    """Why this run fits anew (see `refit_reason`), or None and the devices to assign."""
+    spaces = storage.read_vector_space(store)
+    if len(spaces) != 1 or persona_storage.read_dimension_names(store, spaces[0]) != schema.dimension_names:
+        return "no fit of this feature space yet", None
+    stored = storage.read_fit(store, spaces[0], len(schema.dimension_names))
+    changed, gone = storage.read_unassigned(store)
+    if stored is not None and stored.settings != _fit_settings(config):
+        return "the clustering settings changed", None
+    reason = refit_reason(
+        algorithm=config.algorithm,
+        forced=config.refit,
+        refit_every_days=config.refit_every_days,
+        refit_changed_share=config.refit_changed_share,
+        fitted_at=None if stored is None else stored.fitted_at.to_datetime64(),
+        now=now.to_datetime64(),
+        changed=len(changed),
+        devices=storage.count_devices(store),
+    )
+    return reason, _Assignment(spaces[0], stored, changed, gone)
+
+
+def _assign_changed(
+    context: dg.AssetExecutionContext,
+    store: PersonaStore,
+    vector_index: VectorIndex,
+    plan: _Assignment,
+    now: pd.Timestamp,
+) -> dg.MaterializeResult:
+    """Between fits: the devices whose vector changed join the nearest segment of the last fit;
+    devices without a vector any more leave. Nothing else is read or written."""
+    space, stored, changed, gone = plan.space, plan.fit, plan.changed, plan.gone
+    blobs = persona_storage.read_vector_blobs(store, changed)
+    matrix = persona_storage.decode_vectors(blobs, stored.centres.shape[1]).astype(np.float64)
+    nearest, distances = nearest_centre(matrix, stored.centres) if len(changed) else ([], [])
+    assigned = pd.DataFrame(
+        {
+            "device_id": pd.Series(changed, dtype=object),
+            "cluster_id": stored.cluster_ids[np.asarray(nearest, dtype=np.int64)],
+            "distance": np.asarray(distances, dtype=np.float64),
+            "space": space,
+            "clustered_at": now,
+        }
+    )
+    counts = storage.write_assigned(store, assigned, gone)
+    payloads_written = _sync_payloads(store, vector_index)
+    context.log.info(
+        f"assigned {len(changed):,} changed devices to the {len(stored.cluster_ids)} segments fitted at "
+        f"{stored.fitted_at:%Y-%m-%d %H:%M} UTC; {len(gone):,} devices left"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "devices": dg.MetadataValue.int(int(counts.sum())),
+            "segments": dg.MetadataValue.int(int((counts > 0).sum())),
+            "mode": dg.MetadataValue.text("assign"),
+            "devices_assigned": dg.MetadataValue.int(len(changed)),
+            "devices_removed": dg.MetadataValue.int(len(gone)),
+            "fitted_at": dg.MetadataValue.timestamp(stored.fitted_at.timestamp()),
+            "size_distribution": dg.MetadataValue.md(
+                _size_distribution(counts[counts > 0], int(counts.sum()))
+            ),
+            "payloads_written": dg.MetadataValue.int(payloads_written),
+            "feature_space": dg.MetadataValue.text(space),
         }
     )
 
@@ -204,20 +328,16 @@ def require_current_space(vectors: persona_storage.StoredVectors, schema: Featur
         )
 
 
-def _sync_payloads(store: PersonaStore, vector_index: VectorIndex, assignments: pd.DataFrame) -> int:
+def _sync_payloads(store: PersonaStore, vector_index: VectorIndex) -> int:
     """Bring the `cluster_id` payload of the current collection's points in line with the table:
-    only points whose recorded payload differs are written, one request per segment. Points not in
-    the collection yet get their segment when persona_index writes them."""
+    only points whose recorded payload differs are written (found by a join in the store, so a
+    run that failed half-way is caught up), one request per segment. Points not in the
+    collection yet get their segment when persona_index writes them."""
     with vector_index.open() as index:
         collection = index.alias_target(vector_index.alias)
         if collection is None:
             return 0
-        held = persona_storage.read_payload_clusters(store, collection)
-        indexed = assignments[
-            assignments["device_id"].isin(persona_storage.read_index_state(store, collection).index)
-        ]
-        carried = held.reindex(indexed["device_id"]).to_numpy()
-        stale = indexed[carried != indexed["cluster_id"].to_numpy()]
+        stale = persona_storage.read_stale_payloads(store, collection)
         if stale.empty:
             return 0
         by_cluster = stale["device_id"].map(point_id).groupby(stale["cluster_id"].to_numpy()).agg(list)

@@ -219,3 +219,36 @@ def _sample_rows(rows: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
     if len(rows) <= size:
         return rows
     return rows[np.sort(rng.choice(len(rows), size=size, replace=False))]
+
+
+def refit_reason(
+    *,
+    algorithm: Algorithm,
+    forced: bool,
+    refit_every_days: int,
+    refit_changed_share: float,
+    fitted_at: np.datetime64 | None,
+    now: np.datetime64,
+    changed: int,
+    devices: int,
+) -> str | None:
+    """Why this run must fit the segments anew, or None: assign the changed devices to the last
+    fit's centres. A fit is due after `refit_every_days`, when more than `refit_changed_share` of
+    the fleet changed, for density algorithms (their segments have no centres to assign to), and
+    when there is no fit of the current feature space."""
+    if forced:
+        return "refit requested"
+    if refit_every_days == 0:
+        return "refit_every_days is 0: every run refits"
+    if algorithm in ("dbscan", "hdbscan"):
+        return f"{algorithm} refits every run"
+    if fitted_at is None:
+        return "no fit of this feature space yet"
+    age = (now - fitted_at) / np.timedelta64(1, "D")
+    if age >= refit_every_days:
+        return f"last fit {age:.1f} days ago (refit_every_days={refit_every_days})"
+    if devices == 0 or changed > refit_changed_share * devices:
+        return (
+            f"{changed:,} of {devices:,} devices changed (over refit_changed_share={refit_changed_share:g})"
+        )
+    return None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
-from persona_pipeline.store.tables import device_clusters, segments
+from persona_pipeline.store.tables import device_clusters, persona_vectors, segment_centres, segments
 
 
 def read_assignments(store: PersonaStore) -> pd.Series:
@@ -30,14 +33,113 @@ def next_segment_id(registry: pd.DataFrame, assignments: pd.Series) -> int:
     return max([0, *used]) + 1
 
 
-def write_clustering(store: PersonaStore, assignments: pd.DataFrame, registry: pd.DataFrame) -> None:
-    """Replace `device_clusters` (every device is re-clustered each run) and the `segments`
-    registry together, in one transaction."""
+def write_clustering(
+    store: PersonaStore,
+    assignments: pd.DataFrame,
+    registry: pd.DataFrame,
+    centres: pd.DataFrame,
+) -> None:
+    """After a full fit: replace `device_clusters` (every device), the `segments` registry and
+    the fit's `segment_centres` (space, cluster_id, centre, fitted_at) in one transaction."""
     with store.begin() as connection:
         connection.execute(device_clusters.delete())
         store.insert_frame(connection, device_clusters, assignments)
         connection.execute(segments.delete())
         store.insert_frame(connection, segments, registry)
+        connection.execute(segment_centres.delete())
+        store.insert_frame(connection, segment_centres, centres)
+
+
+@dataclass
+class StoredFit:
+    """The last full fit of a feature space: segment ids and their centres (rows align)."""
+
+    cluster_ids: np.ndarray
+    centres: np.ndarray
+    fitted_at: pd.Timestamp
+    settings: str
+
+
+def centre_rows(
+    space: str, cluster_ids: np.ndarray, centres: np.ndarray, fitted_at: pd.Timestamp, settings: str
+) -> pd.DataFrame:
+    contiguous = np.ascontiguousarray(centres, dtype="<f8")
+    return pd.DataFrame(
+        {
+            "space": space,
+            "cluster_id": np.asarray(cluster_ids, dtype=np.int64),
+            "centre": [row.tobytes() for row in contiguous],
+            "fitted_at": fitted_at,
+            "settings": settings,
+        }
+    )
+
+
+def read_fit(store: PersonaStore, space: str, dimensions: int) -> StoredFit | None:
+    c = segment_centres.c
+    frame = store.read_frame(
+        sa.select(c.cluster_id, c.centre, c.fitted_at, c.settings)
+        .where(c.space == space)
+        .order_by(c.cluster_id)
+    )
+    if frame.empty:
+        return None
+    centres = np.frombuffer(b"".join(frame["centre"].tolist()), dtype="<f8").reshape(len(frame), dimensions)
+    return StoredFit(
+        cluster_ids=frame["cluster_id"].to_numpy(dtype=np.int64),
+        centres=centres,
+        fitted_at=as_utc(frame["fitted_at"]).min(),
+        settings=str(frame["settings"].iloc[0]),
+    )
+
+
+def read_vector_space(store: PersonaStore) -> list[str]:
+    """The feature spaces persona_vectors holds (one, normally)."""
+    return sorted(store.read_frame(sa.select(persona_vectors.c.space).distinct())["space"].tolist())
+
+
+def read_unassigned(store: PersonaStore) -> tuple[list[str], list[str]]:
+    """Devices whose vector is newer than their segment (or that have none), and devices with a
+    segment but no vector any more. Two joins on primary keys, in the database."""
+    v, c = persona_vectors.c, device_clusters.c
+    changed = store.read_frame(
+        sa.select(v.device_id)
+        .select_from(persona_vectors.outerjoin(device_clusters, v.device_id == c.device_id))
+        .where(sa.or_(c.device_id.is_(None), v.computed_at > c.clustered_at, v.space != c.space))
+        .order_by(v.device_id)
+    )
+    gone = store.read_frame(
+        sa.select(c.device_id)
+        .select_from(device_clusters.outerjoin(persona_vectors, v.device_id == c.device_id))
+        .where(v.device_id.is_(None))
+    )
+    return changed["device_id"].tolist(), gone["device_id"].tolist()
+
+
+def count_devices(store: PersonaStore) -> int:
+    return int(store.scalar(sa.select(sa.func.count()).select_from(device_clusters)) or 0)
+
+
+def write_assigned(store: PersonaStore, assigned: pd.DataFrame, gone: list[str]) -> pd.Series:
+    """Between refits: replace the rows of the assigned and the gone devices, and bring each
+    segment's device count in the registry up to date; returns the counts (cluster_id index)."""
+    ids = [*assigned["device_id"].tolist(), *gone]
+    c = device_clusters.c
+    with store.begin() as connection:
+        for start in range(0, len(ids), 10_000):
+            connection.execute(device_clusters.delete().where(c.device_id.in_(ids[start : start + 10_000])))
+        store.insert_frame(connection, device_clusters, assigned)
+        counts = store.read_frame(
+            sa.select(c.cluster_id, sa.func.count().label("devices")).group_by(c.cluster_id), connection
+        ).set_index("cluster_id")["devices"]
+        for cluster_id, devices in counts.items():
+            connection.execute(
+                segments.update().where(segments.c.cluster_id == int(cluster_id)).values(devices=int(devices))
+            )
+        connection.execute(
+            segments.update().where(segments.c.cluster_id.not_in(counts.index.tolist())).values(devices=0)
+        )
+    return counts
 
 
 def updated_registry(registry: pd.DataFrame, described: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:

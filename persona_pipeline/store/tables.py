@@ -151,6 +151,18 @@ segments = sa.Table(
     sa.Column("last_seen_at", UtcDateTime, nullable=False),
 )
 
+# The centres of the last full clustering fit per feature space (float64 bytes): between refits,
+# device_clusters assigns the devices whose vector changed to the nearest one.
+segment_centres = sa.Table(
+    "segment_centres",
+    metadata,
+    sa.Column("space", sa.String(64), primary_key=True),
+    sa.Column("cluster_id", sa.Integer, primary_key=True),
+    sa.Column("centre", sa.LargeBinary, nullable=False),
+    sa.Column("fitted_at", UtcDateTime, nullable=False),
+    sa.Column("settings", sa.Text, nullable=False),  # the fit's clustering settings, as JSON
+)
+
 anomaly_scores = sa.Table(
     "anomaly_scores",
     metadata,
