@@ -52,7 +52,7 @@ migrate: $(INSTALLED)  ## create or upgrade the persona store's schema (PERSONA_
 DEVICES ?= 10000
 CURVE_DEVICES ?= 10000 100000 1000000
 REPEATS ?= 1
-INDEX_SAMPLE ?= 20000
+INDEX_SAMPLE ?= 0
 BENCH_WORK ?= .bench
 BENCH_ARGS ?=
 BENCH := $(BIN)/python -m benchmarks --repeats $(REPEATS) --index-sample $(INDEX_SAMPLE) --work $(BENCH_WORK) $(BENCH_ARGS)

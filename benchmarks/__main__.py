@@ -20,8 +20,9 @@ def main() -> None:
     parser.add_argument(
         "--index-sample",
         type=int,
-        default=20_000,
-        help="devices written to Qdrant by the index stage, the rest extrapolated (0: every device)",
+        default=0,
+        help="devices written to the vector index by the index stage, the rest extrapolated "
+        "(default 0: every device)",
     )
     parser.add_argument("--changed-share", type=float, default=0.01, help="devices changing on day 2")
     parser.add_argument("--seed", type=int, default=7)

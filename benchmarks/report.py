@@ -69,6 +69,12 @@ def size_table(results: Results) -> str:
                 f"{measured_seconds(incremental):>9.2f} {share:>10.1%}"
             )
         lines.append(line)
+    assigned = results.incremental.get("clustering")
+    if assigned and assigned[0].result.get("note") == "assigned to the last fit":
+        notes.append(
+            "clustering, incremental day: the changed devices assigned to the nearest segment of the "
+            "last fit (device_clusters refits weekly, refit_every_days=7, or when >20% changed)"
+        )
     lines += notes
     lines += baseline_lines(results)
     return "\n".join(lines)

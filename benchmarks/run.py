@@ -38,7 +38,7 @@ class Options:
     devices: int
     updates_per_device: int = 10
     repeats: int = 1
-    index_sample: int | None = 20_000
+    index_sample: int | None = None  # None: the index stage writes every device
     changed_share: float = 0.01
     seed: int = 7
     day: str = field(default_factory=lambda: (date.today() - timedelta(days=3)).isoformat())
