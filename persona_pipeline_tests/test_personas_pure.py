@@ -1,5 +1,7 @@
 """Profile merge, change detection and vector building, without Dagster."""
 
+import uuid
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ from persona_pipeline.personas.profiles import (
     value_changes,
 )
 from persona_pipeline.personas.vectors import build_persona_vectors
+from persona_pipeline.resources.vector_index import POINT_NAMESPACE, point_id, point_ids
 
 pytestmark = pytest.mark.store_agnostic
 
@@ -132,3 +135,11 @@ def test_same_time_and_value_with_another_customer_is_decided_by_data_not_order(
     forward = latest_per_device_key(rows)
     backward = latest_per_device_key(rows.iloc[::-1])
     assert forward["customer_id"].tolist() == backward["customer_id"].tolist() == ["c-b"]
+
+
+def test_point_ids_of_many_devices_are_their_uuid5():
+    devices = ["dev-0000001", "", "Gerät-ü", "a" * 500, "dev-0000001", "x\ty"]
+    expected = [str(uuid.uuid5(POINT_NAMESPACE, d)) for d in devices]
+    assert point_ids(devices) == expected == [point_id(d) for d in devices]
+    assert all(uuid.UUID(p).version == 5 for p in point_ids(devices))
+    assert point_ids([]) == []

@@ -10,7 +10,7 @@ from persona_pipeline.erasure.storage import delete_device_rows, devices_of, sup
 from persona_pipeline.erasure.subjects import unique_ids
 from persona_pipeline.personas.assets import VECTOR_INDEX_POOL
 from persona_pipeline.resources import PersonaStore, VectorIndex
-from persona_pipeline.resources.vector_index import persona_collections, point_id
+from persona_pipeline.resources.vector_index import persona_collections, point_ids
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.store import tables
 
@@ -49,7 +49,7 @@ def erase_devices(
     # Qdrant first: a failure there leaves the store's rows, so a retry still finds the devices.
     points = 0
     with vector_index.open() as index:
-        ids = [point_id(device) for device in devices]
+        ids = point_ids(devices)
         for collection in persona_collections(index):
             points += len(index.retrieve(collection, ids))
             index.delete(collection, ids)

@@ -20,7 +20,7 @@ from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import VECTOR_INDEX_POOL
 from persona_pipeline.personas.profiles import value_changes
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
-from persona_pipeline.resources.vector_index import point_id
+from persona_pipeline.resources.vector_index import point_ids
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments.storage import read_assignments
 
@@ -49,8 +49,8 @@ def _lookalike_hits(
             offered = history.loc[history["service_id"] == service_id, "device_id"].unique().tolist()
             found = index.recommend(
                 collection,
-                [point_id(d) for d in positive],
-                [point_id(d) for d in negative],
+                point_ids(positive),
+                point_ids(negative),
                 limit=catalog.rules.lookalike_per_service,
                 exclude={"device_id": offered},
             )

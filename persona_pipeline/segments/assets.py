@@ -15,7 +15,7 @@ from persona_pipeline.metadata import markdown_table
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import VECTOR_INDEX_POOL, persona_index, persona_vectors
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
-from persona_pipeline.resources.vector_index import point_id
+from persona_pipeline.resources.vector_index import point_ids
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage
 from persona_pipeline.segments.clustering import (
@@ -340,7 +340,8 @@ def _sync_payloads(store: PersonaStore, vector_index: VectorIndex) -> int:
         stale = persona_storage.read_stale_payloads(store, collection)
         if stale.empty:
             return 0
-        by_cluster = stale["device_id"].map(point_id).groupby(stale["cluster_id"].to_numpy()).agg(list)
+        ids = pd.Series(point_ids(stale["device_id"]), index=stale.index)
+        by_cluster = ids.groupby(stale["cluster_id"].to_numpy()).agg(list)
         written = index.set_payload_values(
             collection, "cluster_id", {int(k): v for k, v in by_cluster.items()}
         )
