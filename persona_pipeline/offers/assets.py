@@ -67,6 +67,14 @@ def _lookalike_hits(
     return pd.concat(frames, ignore_index=True)
 
 
+def _history_start(day: str, catalog: ServiceCatalog) -> str:
+    """The first day whose offers still matter: the longest cooldown back. Older offers neither
+    cool a service down nor keep a lookalike from being offered it again, so the history read
+    each day stays the size of that window, not of every day since the start."""
+    longest = max((s.cooldown_days for s in catalog.spec.services), default=0)
+    return (pd.Timestamp(day) - pd.Timedelta(days=longest)).strftime("%Y-%m-%d")
+
+
 @dg.asset(
     deps=[anomaly_scores],
     automation_condition=AFTER_UPSTREAM,
@@ -103,7 +111,7 @@ def service_recommendations(
         segments=read_assignments(persona_store),
         anomalies=anomalies,
         acceptance=storage.read_acceptance(persona_store),
-        history=storage.read_offer_history(persona_store),
+        history=storage.read_offer_history(persona_store, since_day=_history_start(day, catalog)),
     )
     lookalikes = _lookalike_hits(persona_store, vector_index, inputs.history, catalog)
     offers = recommend(inputs, catalog, lookalikes)
@@ -118,6 +126,7 @@ def service_recommendations(
             space=summaries["space"].reindex(offers["device_id"]).to_numpy(),
             persona_vector=blobs.reindex(offers["device_id"]).to_numpy(),
         ),
+        day,
     )
     tickets = support_tickets(anomalies, catalog, day).assign(created_at=now, status="open")
     opened = storage.write_tickets(persona_store, tickets)

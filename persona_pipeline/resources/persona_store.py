@@ -75,7 +75,14 @@ def _execute_many(
     Python, which costs more than the database's work)."""
     dialect = connection.dialect
     compiled = statement.compile(dialect=dialect, column_keys=columns)
-    processors = compiled._bind_processors
+    processors = dict(compiled._bind_processors)
+    table = getattr(statement, "table", None)
+    if dialect.name == "sqlite" and table is not None:
+        # sqlite3 takes bytes as BLOBs as they are; the binary types' processor only wraps each
+        # value in sqlite3.Binary (SQLAlchemy says as much), 3 us a value.
+        for column in table.columns:
+            if isinstance(column.type, sa.LargeBinary):
+                processors.pop(column.key, None)
     values = {name: _driver_values(frame[name], processors.get(name), dialect) for name in columns}
     constants = {
         name: processors[name](value) if name in processors else value
