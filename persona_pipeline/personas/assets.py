@@ -231,8 +231,7 @@ def persona_index(
     point id uuid5(device_id). Writes only the devices whose vector changed since the
     collection last saw them; a new feature space fills a new collection, then the alias
     `personas` is swapped to it atomically."""
-    vectors = storage.read_vector_summaries(persona_store)
-    spaces = vectors["space"].unique().tolist()
+    spaces = storage.read_vector_spaces(persona_store)
     if len(spaces) > 1:
         raise dg.Failure(f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors")
     space = spaces[0] if spaces else None
@@ -245,17 +244,18 @@ def persona_index(
         )
     collection = f"{COLLECTION_PREFIX}{space}"
     dimensions = storage.read_dimension_count(persona_store, space)
-    indexed = storage.read_index_state(persona_store, collection)
-    stale = indexed.reindex(vectors["device_id"]).to_numpy() != vectors["fingerprint"].to_numpy()
-    to_write = vectors[stale]
-    gone = sorted(set(indexed.index) - set(vectors["device_id"]))
+    devices, weights_version = storage.read_vector_overview(persona_store)
 
     with vector_index.open() as index:
         created = index.ensure_collection(collection, dimensions)
-        if created:
-            to_write = vectors
+        if created:  # a new collection holds nothing, whatever state an old one left
+            to_write, gone = storage.read_vector_summaries(persona_store), []
+        else:
+            to_write, gone = storage.read_unindexed_vectors(persona_store, collection)
         # The segment as device_clusters last assigned it (None until the first clustering).
-        clusters = read_assignments(persona_store).reindex(to_write["device_id"])
+        clusters = read_assignments(
+            persona_store, None if created else to_write["device_id"].tolist()
+        ).reindex(to_write["device_id"])
         to_write = to_write.assign(cluster_id=clusters.astype("Int64").to_numpy())
         payloads = [
             {
@@ -297,7 +297,7 @@ def persona_index(
     if previous != collection:
         context.log.info(f"alias {vector_index.alias}: {previous} -> {collection}")
 
-    passed = points == len(vectors)
+    passed = points == devices
     return dg.MaterializeResult(
         metadata={
             "collection": dg.MetadataValue.text(collection),
@@ -308,15 +308,15 @@ def persona_index(
             "points_deleted": dg.MetadataValue.int(deleted),
             "points": dg.MetadataValue.int(points),
             "dimensions": dg.MetadataValue.int(dimensions),
-            "weights_version": dg.MetadataValue.int(int(vectors["weights_version"].iloc[0])),
+            "weights_version": dg.MetadataValue.int(int(weights_version or 0)),
             "collections_dropped": dg.MetadataValue.text(", ".join(dropped) or "none"),
         },
         check_results=[
             dg.AssetCheckResult(
                 check_name=ONE_POINT_CHECK,
                 passed=passed,
-                metadata={"points": points, "devices": len(vectors)},
-                description=None if passed else f"{points} points for {len(vectors)} devices",
+                metadata={"points": points, "devices": devices},
+                description=None if passed else f"{points} points for {devices} devices",
             )
         ],
     )

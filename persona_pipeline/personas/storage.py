@@ -270,6 +270,40 @@ def read_vector_blobs(store: PersonaStore, device_ids: list[str]) -> pd.Series:
     return pd.concat(chunks).set_index("device_id")["vector"].reindex(device_ids)
 
 
+def read_vector_spaces(store: PersonaStore) -> list[str]:
+    """The feature spaces persona_vectors holds (one, normally)."""
+    return sorted(store.read_frame(sa.select(persona_vectors.c.space).distinct())["space"].tolist())
+
+
+def read_vector_overview(store: PersonaStore) -> tuple[int, int | None]:
+    """How many devices have a vector, and the weights version of one of them."""
+    v = persona_vectors.c
+    devices = int(store.scalar(sa.select(sa.func.count()).select_from(persona_vectors)) or 0)
+    version = store.scalar(sa.select(v.weights_version).limit(1))
+    return devices, None if version is None else int(version)
+
+
+def read_unindexed_vectors(store: PersonaStore, collection: str) -> tuple[pd.DataFrame, list[str]]:
+    """What `collection` lacks: the vector summaries of devices it does not hold at their
+    current fingerprint, and the devices it holds that have no vector any more. Two joins on
+    primary keys in the database, so a day's index write reads what changed, not the fleet."""
+    v, s = persona_vectors.c, vector_index_state.c
+    held = sa.and_(s.device_id == v.device_id, s.collection == collection)
+    stale = store.read_frame(
+        sa.select(v.device_id, v.customer_id, v.space, v.weights_version, v.fingerprint)
+        .select_from(persona_vectors.outerjoin(vector_index_state, held))
+        .where(sa.or_(s.device_id.is_(None), s.fingerprint != v.fingerprint))
+        .order_by(v.device_id)
+    )
+    gone = store.read_frame(
+        sa.select(s.device_id)
+        .select_from(vector_index_state.outerjoin(persona_vectors, held))
+        .where(s.collection == collection, v.device_id.is_(None))
+        .order_by(s.device_id)
+    )
+    return stale, gone["device_id"].tolist()
+
+
 def read_index_state(store: PersonaStore, collection: str) -> pd.Series:
     s = vector_index_state.c
     frame = store.read_frame(sa.select(s.device_id, s.fingerprint).where(s.collection == collection))

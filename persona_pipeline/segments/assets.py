@@ -253,7 +253,7 @@ def _refit_reason(
     config: DeviceClustersConfig, store: PersonaStore, schema: FeatureSchema, now: pd.Timestamp
 ) -> tuple[str | None, _Assignment | None]:
     """Why this run fits anew (see `refit_reason`), or None and the devices to assign."""
-    spaces = storage.read_vector_space(store)
+    spaces = persona_storage.read_vector_spaces(store)
     if len(spaces) != 1 or persona_storage.read_dimension_names(store, spaces[0]) != schema.dimension_names:
         return "no fit of this feature space yet", None
     stored = storage.read_fit(store, spaces[0], len(schema.dimension_names))

@@ -12,10 +12,18 @@ from persona_pipeline.resources.persona_store import PersonaStore, as_utc
 from persona_pipeline.store.tables import device_clusters, persona_vectors, segment_centres, segments
 
 
-def read_assignments(store: PersonaStore) -> pd.Series:
-    """The current cluster_id of each device (device_id index)."""
+def read_assignments(store: PersonaStore, device_ids: list[str] | None = None) -> pd.Series:
+    """The current cluster_id of each device (device_id index); of `device_ids` only when given."""
     c = device_clusters.c
-    frame = store.read_frame(sa.select(c.device_id, c.cluster_id))
+    query = sa.select(c.device_id, c.cluster_id)
+    if device_ids is None:
+        frame = store.read_frame(query)
+    else:
+        chunks = [
+            store.read_frame(query.where(c.device_id.in_(device_ids[i : i + 10_000])))
+            for i in range(0, len(device_ids), 10_000)
+        ]
+        frame = pd.concat(chunks) if chunks else store.read_frame(query.where(sa.false()))
     return frame.set_index("device_id")["cluster_id"].astype("int64")
 
 
@@ -91,11 +99,6 @@ def read_fit(store: PersonaStore, space: str, dimensions: int) -> StoredFit | No
         fitted_at=as_utc(frame["fitted_at"]).min(),
         settings=str(frame["settings"].iloc[0]),
     )
-
-
-def read_vector_space(store: PersonaStore) -> list[str]:
-    """The feature spaces persona_vectors holds (one, normally)."""
-    return sorted(store.read_frame(sa.select(persona_vectors.c.space).distinct())["space"].tolist())
 
 
 def read_unassigned(store: PersonaStore) -> tuple[list[str], list[str]]:
