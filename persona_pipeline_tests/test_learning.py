@@ -33,6 +33,24 @@ def test_the_key_that_predicts_acceptance_gains_weight_over_rounds():
     assert set(learned.table.columns) == {"key", "old", "new", "importance"}
 
 
+def test_a_large_batch_is_learned_from_a_sample_with_the_same_answer_share():
+    rng = np.random.default_rng(5)
+    values, accepted = responses(rng, n=6_000)
+    weights = {"signal": 0.2, "battery": 0.2, "city": 0.3}
+    triggers = np.array(["usage"] * len(values))
+    whole = learn_weights(values, accepted, triggers, KEYS, weights, LearningSettings())
+    sampled = learn_weights(
+        values, accepted, triggers, KEYS, weights, LearningSettings(max_fit_responses=1_500)
+    )
+    again = learn_weights(
+        values, accepted, triggers, KEYS, weights, LearningSettings(max_fit_responses=1_500)
+    )
+    assert sampled.weights == again.weights  # the sample is fixed
+    assert sampled.weights != whole.weights  # and it is a sample
+    assert sampled.weights["signal"] > 0.2 > sampled.weights["battery"]  # the same lesson
+    assert sampled.responses_by_trigger == {"usage": 6_000}
+
+
 def test_a_few_responses_or_one_sided_answers_change_nothing():
     rng = np.random.default_rng(0)
     values, accepted = responses(rng, n=20)

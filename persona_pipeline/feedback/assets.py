@@ -148,10 +148,19 @@ class KeyWeightsConfig(dg.Config):
         default=1.0, gt=0, description="No weight rises above this (default: the largest initial weight)."
     )
     regularization: float = Field(
-        default=1.0, gt=0, description="Inverse L2 strength of the logistic regressions (scikit-learn's C)."
+        default=1.0,
+        gt=0,
+        description="Inverse L1 strength of the logistic regression (scikit-learn's C) when there are "
+        "too few answers to choose it by cross-validation.",
     )
     min_responses: int = Field(
         default=30, ge=2, description="Responses a trigger needs before it contributes to the weights."
+    )
+    max_fit_responses: int = Field(
+        default=50_000,
+        ge=100,
+        description="Responses per trigger the regression is fitted on; above this, a fixed random "
+        "sample with the same share accepted (the fit's cost stays flat as the fleet grows).",
     )
 
     def settings(self) -> LearningSettings:
@@ -161,6 +170,7 @@ class KeyWeightsConfig(dg.Config):
             ceiling=self.ceiling,
             regularization=self.regularization,
             min_responses=self.min_responses,
+            max_fit_responses=self.max_fit_responses,
         )
 
 

@@ -34,6 +34,9 @@ class LearningSettings:
         1.0  # inverse L1 strength (scikit-learn's C) when too few answers to cross-validate
     )
     min_responses: int = 30
+    # Responses per trigger the regression is fitted on (a fixed random sample above this): the
+    # standardised coefficients settle long before, and the cross-validated fit grows with them.
+    max_fit_responses: int = 50_000
 
     def __post_init__(self) -> None:
         if not 0 < self.learning_rate <= 1:
@@ -76,8 +79,11 @@ def learn_weights(
         if rows.sum() < settings.min_responses or y.all() or not y.any():
             continue
         offered = offered_dimension[rows]
-        about = offered >= 0
         x = values[rows]
+        if len(y) > settings.max_fit_responses:
+            sample = _fit_sample(y, settings.max_fit_responses)
+            x, y, offered = x[sample], y[sample], offered[sample]
+        about = offered >= 0
         if about.any():
             x = np.column_stack([x, np.where(about, x[np.arange(len(x)), np.maximum(offered, 0)], 0.0)])
         coefficients = _standardised_coefficients(x, y, settings.regularization)
@@ -111,6 +117,17 @@ def learn_weights(
         }
     )
     return LearnedWeights(weights=weights, table=table, responses_by_trigger=counts)
+
+
+def _fit_sample(accepted: np.ndarray, size: int) -> np.ndarray:
+    """Row positions of a fixed random sample of `size`, keeping the share accepted."""
+    rng = np.random.default_rng(LIBLINEAR_SEED)
+    chosen = []
+    for label in (True, False):
+        rows = np.flatnonzero(accepted == label)
+        take = max(1, round(size * len(rows) / len(accepted)))
+        chosen.append(rng.choice(rows, size=min(take, len(rows)), replace=False))
+    return np.sort(np.concatenate(chosen))
 
 
 # liblinear visits the samples in a random order: unseeded, two runs on the same responses
