@@ -105,11 +105,20 @@ def baseline_lines(results: Results) -> list[str]:
         f"row written and read back): {loop:.2f} s / {ours:.2f} s = {loop / max(ours, 1e-9):.2f}x"
     )
     if "index" in results.full:
-        ours_indexed = ours + seconds(results.full["index"])
+        index_write = seconds(results.full["index"])
         naive_indexed = loop + upserts
+        if results.in_memory:
+            same_work = statistics.median(r.seconds for r in results.in_memory) + index_write
+            lines.append(
+                "speed-up, ingest -> vectors in the index, the naive design's work (in memory + index "
+                f"write, against the loop + one upsert per device): {naive_indexed:,.1f} s / "
+                f"{same_work:,.1f} s = {naive_indexed / max(same_work, 1e-9):.1f}x"
+            )
+        ours_indexed = ours + index_write
         lines.append(
-            "speed-up, ingest -> vectors in the index (+ index write, against + one upsert per device): "
-            f"{naive_indexed:,.1f} s / {ours_indexed:,.1f} s = {naive_indexed / max(ours_indexed, 1e-9):.2f}x"
+            "speed-up, ingest -> vectors in the index through the store (+ index write, against the loop "
+            f"+ one upsert per device): {naive_indexed:,.1f} s / {ours_indexed:,.1f} s = "
+            f"{naive_indexed / max(ours_indexed, 1e-9):.2f}x"
         )
     return lines
 
