@@ -48,7 +48,8 @@ dev: $(INSTALLED)  ## Dagster UI + daemon on 127.0.0.1:$(DEV_PORT), same instanc
 migrate: $(INSTALLED)  ## create or upgrade the persona store's schema (PERSONA_DB_URL, default SQLite)
 	$(BIN)/persona-pipeline migrate
 
-# Benchmark sizes and options: `make bench DEVICES=100000 REPEATS=3`, see benchmarks/README.md.
+# Benchmark sizes and options: `make bench DEVICES=100000 REPEATS=3`,
+# `make bench-curve REPEATS=3 LARGE_REPEATS=1`; see benchmarks/README.md.
 DEVICES ?= 10000
 CURVE_DEVICES ?= 10000 100000 1000000
 REPEATS ?= 1
@@ -61,7 +62,7 @@ bench: $(INSTALLED)  ## one fleet size through every stage, the naive baseline a
 	$(BENCH) --devices $(DEVICES)
 
 bench-curve: $(INSTALLED)  ## the same table at 10k, 100k and 1M devices, and how each stage's cost grows
-	$(BENCH) --devices $(CURVE_DEVICES)
+	$(BENCH) --devices $(CURVE_DEVICES) $(if $(LARGE_REPEATS),--large-repeats $(LARGE_REPEATS))
 
 clean:  ## remove the demo home (landing zone, stores, Dagster runs); keeps the virtualenv
 	rm -rf $(PERSONA_HOME)

@@ -11,12 +11,20 @@ from benchmarks.measure import machine_line
 from benchmarks.report import growth_table, size_table
 from benchmarks.run import Options, benchmark
 
+LARGE = 1_000_000
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--devices", type=int, nargs="+", default=[10_000], help="fleet sizes")
     parser.add_argument("--updates-per-device", type=int, default=10, help="updates per device on day 1")
     parser.add_argument("--repeats", type=int, default=1, help="runs per size; tables show medians")
+    parser.add_argument(
+        "--large-repeats",
+        type=int,
+        help="runs per size from 1,000,000 devices on (default: --repeats); a million-device run "
+        "takes about half an hour here",
+    )
     parser.add_argument(
         "--index-sample",
         type=int,
@@ -42,7 +50,7 @@ def main() -> None:
         options = Options(
             devices=devices,
             updates_per_device=args.updates_per_device,
-            repeats=args.repeats,
+            repeats=args.large_repeats if devices >= LARGE and args.large_repeats else args.repeats,
             index_sample=args.index_sample or None,
             changed_share=args.changed_share,
             seed=args.seed,
