@@ -44,6 +44,9 @@ from persona_pipeline.store.tables import key_weights, service_recommendations
 
 TRIGGER_ORDER = ["location", "usage", "support", "lookalike"]
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Both arms fit their segments anew: with the newest weights the vectors are unchanged, and
+# device_clusters would otherwise only assign them to the last fit while the other arm fits.
+SAME_DAY_AGAIN = {**QUIET, "ops": {"device_clusters": {"config": {"refit": True}}}}
 
 
 @dataclass
@@ -190,7 +193,7 @@ def _offers_again(
     assets = [persona_vectors, persona_index, device_clusters, anomaly_scores, recommendations_asset]
     with dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance) as runs:
         result = dg.materialize(
-            assets, resources=resources, instance=runs, run_config=QUIET, raise_on_error=False
+            assets, resources=resources, instance=runs, run_config=SAME_DAY_AGAIN, raise_on_error=False
         )
     if not result.success:
         raise CommandError(
