@@ -257,7 +257,11 @@ def _check_chunk(
         ),
     )
 
-    number = _per_distinct(value, lambda values: pd.to_numeric(values, errors="coerce")).astype("Float64")
+    # What depends only on the value (its number, its lowercase), worked out per distinct value.
+    value_codes, distinct_values = pd.factorize(value)
+    distinct_text = pd.Series(distinct_values, dtype="string")
+    distinct_numbers = pd.to_numeric(distinct_text, errors="coerce").astype("Float64")
+    number = pd.Series(distinct_numbers.array.take(value_codes, allow_fill=True), index=value.index)
     reasons.add(
         "not_finite",
         value.notna() & number.notna() & ~np.isfinite(number.fillna(0).to_numpy(dtype=float)),
@@ -303,8 +307,7 @@ def _check_chunk(
             "value " + _shown(value[rows]) + " is not a number (" + key[rows].fillna("") + " is numeric)"
         ),
     )
-    value_codes, distinct_values = pd.factorize(value)
-    lowered = pd.Series(distinct_values, dtype="string").str.lower()
+    lowered = distinct_text.str.lower()
     boolean_true = _spread(value_codes, lowered.isin(TRUE_WORDS).to_numpy(dtype=bool), False)
     boolean_false = _spread(value_codes, lowered.isin(FALSE_WORDS).to_numpy(dtype=bool), False)
     reasons.add(
@@ -320,7 +323,9 @@ def _check_chunk(
     )
 
     ok = reasons.ok
-    canonical = _canonical_values(value, value_codes, distinct_values, is_numeric, is_boolean)
+    canonical = _canonical_values(
+        value, value_codes, distinct_text, distinct_numbers, lowered.isin(TRUE_WORDS), is_numeric, is_boolean
+    )
     accepted = pd.DataFrame(
         {
             "partition_date": partition_date,
@@ -348,21 +353,21 @@ def _spread(codes: np.ndarray, per_distinct: np.ndarray, missing) -> np.ndarray:
 def _canonical_values(
     value: pd.Series,
     codes: np.ndarray,
-    distinct: np.ndarray,
+    text: pd.Series,
+    numbers: pd.Series,
+    true_word: pd.Series,
     is_numeric: np.ndarray,
     is_boolean: np.ndarray,
 ) -> pd.Series:
     """Each value as stored: numbers of numeric keys without a trailing '.0', booleans of boolean
-    keys as true/false, the rest as given. Written once per distinct value and kind, then taken."""
-    if len(distinct) == 0:
+    keys as true/false, the rest as given. `text`, `numbers` and `true_word` are per distinct
+    value (factorize's `codes`); each kind is written once per distinct value, then taken."""
+    if len(text) == 0:
         return value
-    text = pd.Series(distinct, dtype="string")
-    lowered = text.str.lower()
-    numbers = _canonical_numbers(pd.to_numeric(text, errors="coerce").astype("Float64"))
-    booleans = pd.Series(np.where(lowered.isin(TRUE_WORDS), "true", "false"), dtype="string")
-    choices = pd.concat([text, numbers, booleans], ignore_index=True).array
+    booleans = pd.Series(np.where(true_word, "true", "false"), dtype="string")
+    choices = pd.concat([text, _canonical_numbers(numbers), booleans], ignore_index=True).array
     kind = np.where(is_numeric, 1, np.where(is_boolean, 2, 0))
-    rows = np.where(codes >= 0, kind * len(distinct) + codes, -1)
+    rows = np.where(codes >= 0, kind * len(text) + codes, -1)
     return pd.Series(choices.take(rows, allow_fill=True), index=value.index, dtype="string")
 
 

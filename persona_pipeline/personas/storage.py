@@ -21,9 +21,6 @@ from persona_pipeline.store.tables import (
     vector_index_state,
 )
 
-# Devices looked up per statement (SQLite allows 32,766 bound parameters).
-ID_CHUNK = 10_000
-
 
 def read_updates_for_days(store: PersonaStore, days: list[str]) -> pd.DataFrame:
     columns = [
@@ -81,26 +78,12 @@ def clear_profile_changes(store: PersonaStore, changes: ProfileChanges) -> None:
     """Delete the rows read (rows added since stay for the next run)."""
     ids = changes.change_ids
     with store.begin() as connection:
-        for start in range(0, len(ids), ID_CHUNK):
-            chunk = ids[start : start + ID_CHUNK]
-            connection.execute(profile_changes.delete().where(profile_changes.c.change_id.in_(chunk)))
+        store.delete_in(connection, profile_changes, profile_changes.c.change_id, ids)
 
 
 def read_profiles_of(store: PersonaStore, device_ids: list[str]) -> pd.DataFrame:
     """The profile rows of `device_ids`."""
-    frames = [
-        store.read_frame(
-            sa.select(device_profiles).where(
-                device_profiles.c.device_id.in_(device_ids[start : start + ID_CHUNK])
-            )
-        )
-        for start in range(0, len(device_ids), ID_CHUNK)
-    ]
-    frame = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else store.read_frame(sa.select(device_profiles).limit(0))
-    )
+    frame = store.read_frame_in(sa.select(device_profiles), device_profiles.c.device_id, device_ids)
     frame["observed_at"] = as_utc(frame["observed_at"])
     return frame
 
@@ -181,11 +164,7 @@ def read_vector_fingerprints(store: PersonaStore, device_ids: list[str] | None =
     if device_ids is None:
         frame = store.read_frame(query)
     else:
-        frames = [
-            store.read_frame(query.where(v.device_id.in_(device_ids[start : start + ID_CHUNK])))
-            for start in range(0, len(device_ids), ID_CHUNK)
-        ]
-        frame = pd.concat(frames, ignore_index=True) if frames else store.read_frame(query.limit(0))
+        frame = store.read_frame_in(query, v.device_id, device_ids)
     return frame.set_index("device_id")["fingerprint"]
 
 
@@ -229,9 +208,7 @@ def _delete_devices(
     where: sa.ColumnElement[bool] | None = None,
 ) -> None:
     """Delete the rows of `device_ids` (in chunks that fit any backend's parameter limit)."""
-    for start in range(0, len(device_ids), 10_000):
-        condition = table.c.device_id.in_(device_ids[start : start + 10_000])
-        connection.execute(table.delete().where(condition if where is None else where & condition))
+    PersonaStore.delete_in(connection, table, table.c.device_id, device_ids, where)
 
 
 def write_vectors(store: PersonaStore, rows: pd.DataFrame, removed: list[str]) -> None:
@@ -261,13 +238,8 @@ def read_vector_summaries(store: PersonaStore) -> pd.DataFrame:
 def read_vector_blobs(store: PersonaStore, device_ids: list[str]) -> pd.Series:
     """The encoded vectors of `device_ids`, in that order."""
     v = persona_vectors.c
-    chunks = [
-        store.read_frame(sa.select(v.device_id, v.vector).where(v.device_id.in_(device_ids[i : i + 10_000])))
-        for i in range(0, len(device_ids), 10_000)
-    ]
-    if not chunks:
-        return pd.Series([], dtype=object)
-    return pd.concat(chunks).set_index("device_id")["vector"].reindex(device_ids)
+    frame = store.read_frame_in(sa.select(v.device_id, v.vector), v.device_id, device_ids)
+    return frame.set_index("device_id")["vector"].reindex(device_ids)
 
 
 def read_vector_spaces(store: PersonaStore) -> list[str]:

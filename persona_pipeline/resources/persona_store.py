@@ -20,6 +20,8 @@ from persona_pipeline import settings
 from persona_pipeline.store.schema import upgrade_to_head
 
 WRITE_CHUNK_ROWS = 50_000
+# Values per IN (...) list: SQLite allows 32,766 bound parameters a statement.
+IN_CHUNK = 10_000
 READ_CHUNK_ROWS = 100_000
 SQLITE_CACHE_KIB = 64 * 1024
 
@@ -207,6 +209,28 @@ class PersonaStore(dg.ConfigurableResource):
         # Plain tuples: pandas probes each SQLAlchemy Row for attributes, which costs more than
         # reading the rows.
         return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=list(result.keys()))
+
+    def read_frame_in(self, query: sa.Select, column: sa.ColumnElement, values: Sequence) -> pd.DataFrame:
+        """`query`'s rows whose `column` is one of `values`, read in chunks that fit every
+        backend's limit on bound parameters."""
+        chunks = [
+            self.read_frame(query.where(column.in_(values[start : start + IN_CHUNK])))
+            for start in range(0, len(values), IN_CHUNK)
+        ]
+        return pd.concat(chunks, ignore_index=True) if chunks else self.read_frame(query.where(sa.false()))
+
+    @staticmethod
+    def delete_in(
+        connection: sa.Connection,
+        table: sa.Table,
+        column: sa.ColumnElement,
+        values: Sequence,
+        where: sa.ColumnElement[bool] | None = None,
+    ) -> None:
+        """Delete the rows whose `column` is one of `values` (and that match `where`), in chunks."""
+        for start in range(0, len(values), IN_CHUNK):
+            condition = column.in_(values[start : start + IN_CHUNK])
+            connection.execute(table.delete().where(condition if where is None else where & condition))
 
     def scalar(self, query: sa.Executable):
         with self.engine.connect() as connection:

@@ -19,11 +19,7 @@ def read_assignments(store: PersonaStore, device_ids: list[str] | None = None) -
     if device_ids is None:
         frame = store.read_frame(query)
     else:
-        chunks = [
-            store.read_frame(query.where(c.device_id.in_(device_ids[i : i + 10_000])))
-            for i in range(0, len(device_ids), 10_000)
-        ]
-        frame = pd.concat(chunks) if chunks else store.read_frame(query.where(sa.false()))
+        frame = store.read_frame_in(query, c.device_id, device_ids)
     return frame.set_index("device_id")["cluster_id"].astype("int64")
 
 
@@ -129,8 +125,7 @@ def write_assigned(store: PersonaStore, assigned: pd.DataFrame, gone: list[str])
     ids = [*assigned["device_id"].tolist(), *gone]
     c = device_clusters.c
     with store.begin() as connection:
-        for start in range(0, len(ids), 10_000):
-            connection.execute(device_clusters.delete().where(c.device_id.in_(ids[start : start + 10_000])))
+        store.delete_in(connection, device_clusters, c.device_id, ids)
         store.insert_frame(connection, device_clusters, assigned)
         counts = store.read_frame(
             sa.select(c.cluster_id, sa.func.count().label("devices")).group_by(c.cluster_id), connection
