@@ -19,6 +19,37 @@ from persona_pipeline.ingest.reading import FIELDS, ReadResult, read_landing_fil
 UPDATES_FOLDER = "index_updates"
 FEEDBACK_FOLDER = "offer_feedback"
 DATE_FOLDER = re.compile(r"^date=(.*)$")
+BATCH_PREFIX = "batch="
+# Safe as a folder name, a Dagster partition key and a run key: no path separators, no `..`.
+BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_batch_id(batch_id: str) -> str:
+    """`batch_id` itself when it is a safe feedback batch id; otherwise a one-line ValueError."""
+    if batch_id == "":
+        raise ValueError("batch id '' is empty")
+    if not BATCH_ID.fullmatch(batch_id) or ".." in batch_id:
+        raise ValueError(
+            f"batch id {batch_id!r} is not 1-100 characters of letters, digits, '.', '_' or '-' "
+            "starting with a letter or digit (and without '..')"
+        )
+    return batch_id
+
+
+def is_valid_batch_id(batch_id: str) -> bool:
+    try:
+        check_batch_id(batch_id)
+    except ValueError:
+        return False
+    return True
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether `path`, its symlinks resolved, stays inside `root` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # unreadable, or a symlink loop
+        return False
 
 
 class LandingZone(dg.ConfigurableResource):
@@ -89,19 +120,54 @@ class LandingZone(dg.ConfigurableResource):
         return self.root / FEEDBACK_FOLDER
 
     def complete_feedback_batches(self) -> list[str]:
-        """Batch ids of `offer_feedback/batch=<id>/` folders that hold `_SUCCESS` (complete)."""
-        if not self.feedback_root.is_dir():
-            return []
+        """Batch ids of `offer_feedback/batch=<id>/` folders that hold `_SUCCESS` (complete) and
+        are safe to read: a valid id, inside the landing zone. The others are in
+        `feedback_folder_problems()`."""
         return sorted(
-            folder.name.removeprefix("batch=")
-            for folder in self.feedback_root.iterdir()
-            if folder.is_dir() and folder.name.startswith("batch=") and (folder / "_SUCCESS").is_file()
+            batch_id for batch_id, problem in self._feedback_folders() if batch_id is not None and not problem
         )
+
+    def feedback_folder_problems(self) -> list[str]:
+        """One line per folder under offer_feedback/ that is never read, naming it and why."""
+        return [problem for _, problem in self._feedback_folders() if problem]
+
+    def _feedback_folders(self) -> list[tuple[str | None, str]]:
+        """(batch id or None, problem or "") per entry of offer_feedback/; an incomplete batch
+        (no _SUCCESS yet) has neither a problem nor a batch id: it may still be being written."""
+        try:
+            entries = sorted(self.feedback_root.iterdir()) if self.feedback_root.is_dir() else []
+        except OSError as exc:
+            return [(None, f"{FEEDBACK_FOLDER}: cannot be listed: {exc.strerror}")]
+        found = []
+        for entry in entries:
+            if entry.name.startswith(("_", ".")):
+                continue
+            label = f"{FEEDBACK_FOLDER}/{entry.name}"
+            if not entry.name.startswith(BATCH_PREFIX):
+                found.append((None, f"{label}: not named batch=<id>: never read"))
+                continue
+            batch_id = entry.name.removeprefix(BATCH_PREFIX)
+            try:
+                check_batch_id(batch_id)
+            except ValueError as exc:
+                found.append((None, f"{label}: {exc}: never read"))
+                continue
+            if not is_inside(entry, self.root):
+                found.append((None, f"{label}: resolves outside the landing zone (a symlink?): never read"))
+            elif not entry.is_dir():
+                found.append((None, f"{label}: not a folder: never read"))
+            elif (entry / "_SUCCESS").is_file():
+                found.append((batch_id, ""))
+        return found
 
     def read_feedback_batch(self, batch_id: str) -> ReadResult:
         from persona_pipeline.feedback.validation import FEEDBACK_FIELDS
 
-        folder = self.feedback_root / f"batch={batch_id}"
+        folder = self.feedback_root / f"{BATCH_PREFIX}{check_batch_id(batch_id)}"
+        if not is_inside(folder, self.root):
+            raise ValueError(
+                f"{folder.relative_to(self.root)} resolves outside the landing zone (a symlink?): not read"
+            )
         if not (folder / "_SUCCESS").is_file():
             raise FileNotFoundError(f"feedback batch {batch_id} is not complete: no {folder / '_SUCCESS'}")
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(("_", ".")))
