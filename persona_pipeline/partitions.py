@@ -17,3 +17,14 @@ def partition_days(window: dg.TimeWindow) -> list[str]:
     """The days (YYYY-MM-DD) of a partition time window: one for a run, many for a backfill."""
     days = pd.date_range(window.start, window.end, freq="D", inclusive="left")
     return [day.strftime("%Y-%m-%d") for day in days]
+
+
+def outside_partitions(day: str) -> str | None:
+    """Why a day (YYYY-MM-DD) is not one of the daily partitions, or None when it is."""
+    first = daily_partitions.get_first_partition_key()
+    last = daily_partitions.get_last_partition_key()
+    if day > last:
+        return f"is after the last partition {last}: that day has not begun yet"
+    if day < first:
+        return f"is before the first partition {first} (set PERSONA_PARTITION_START={day} to read it)"
+    return None

@@ -18,7 +18,7 @@ from persona_pipeline.cli import CommandError
 from persona_pipeline.executors import distributed
 from persona_pipeline.feedback.assets import offer_feedback_batches
 from persona_pipeline.feedback.storage import acceptance_by_weights_version
-from persona_pipeline.partitions import daily_partitions
+from persona_pipeline.partitions import outside_partitions
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.store.tables import (
     anomaly_scores,
@@ -37,27 +37,44 @@ class ChainResult:
     end: str
     run_ids: dict[str, str]
     feedback_batches: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
-def resolve_days(landing: LandingZone, start: str | None, end: str | None) -> tuple[str, str]:
+@dataclass
+class DayRange:
+    """The days a run covers, and one line per landing folder it leaves out and why."""
+
+    start: str
+    end: str
+    skipped: list[str] = field(default_factory=list)
+
+
+def resolve_days(landing: LandingZone, start: str | None, end: str | None) -> DayRange:
+    """The range to run: the given days, or every landed day inside the partitions. Landed
+    folders outside the partitions are left out of a default run and named in `skipped`."""
+    for label, day in (("--start", start), ("--end", end)):
+        problem = day and outside_partitions(day)
+        if problem:
+            raise CommandError(f"{label} {day} {problem}")
     landed = landing.landed_days()
-    if (start is None or end is None) and not landed:
+    skipped = [
+        f"landing folder date={day} {problem}: skipped"
+        for day in landed
+        if (problem := outside_partitions(day))
+    ]
+    usable = [day for day in landed if outside_partitions(day) is None]
+    if (start is None or end is None) and not usable:
+        if skipped:
+            raise CommandError("no landed day inside the partitions: " + "; ".join(skipped))
         raise CommandError(
             f"no landed days under {landing.updates_root} and no --start/--end given "
             "(run `persona-pipeline generate` or drop files into index_updates/date=YYYY-MM-DD/)"
         )
-    start = start or landed[0]
-    end = end or landed[-1]
+    start = start or usable[0]
+    end = end or usable[-1]
     if start > end:
         raise CommandError(f"--start {start} is after --end {end}")
-    first = daily_partitions.get_first_partition_key()
-    last = daily_partitions.get_last_partition_key()
-    if start < first or end > last:
-        raise CommandError(
-            f"days {start} … {end} are outside the partitions {first} … {last} "
-            "(set PERSONA_PARTITION_START for older data)"
-        )
-    return start, end
+    return DayRange(start, end, skipped)
 
 
 def _execute_out_of_process(
@@ -104,7 +121,8 @@ def run_chain(
     from persona_pipeline.definitions import build_resources, defs
 
     landing: LandingZone = build_resources(resolved=True)["landing_zone"]
-    start, end = resolve_days(landing, start, end)
+    days = resolve_days(landing, start, end)
+    start, end = days.start, days.end
     instance = instance or dg.DagsterInstance.get()
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO" if verbose else "WARNING"}}}}
     range_tags = {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
@@ -134,7 +152,7 @@ def run_chain(
         run("weights_job", {})  # the day's vectors use the refreshed weights
     run("personas_job", {})
     run("segments_job", {})
-    return ChainResult(start, end, run_ids, batches)
+    return ChainResult(start, end, run_ids, batches, days.skipped)
 
 
 def new_feedback_batches(landing: LandingZone, instance: dg.DagsterInstance) -> list[str]:
@@ -234,6 +252,7 @@ def summary(result: ChainResult) -> str:
     return "\n".join(
         [
             f"persona_pipeline: days {result.start} … {result.end}",
+            *[f"  ! {line}" for line in result.skipped],
             f"  updates accepted   {accepted:>10,}",
             f"  updates rejected   {rejected:>10,}   ({top_reasons})",
             f"  devices profiled   {devices:>10,}",

@@ -80,7 +80,7 @@ def test_run_fails_with_one_line_reason(tmp_path):
     result = run_cli(
         "run", "--start", "2020-01-01", "--end", "2020-01-02", cwd=tmp_path, home=tmp_path / "empty"
     )
-    assert result.returncode != 0 and "outside the partitions" in result.stderr
+    assert result.returncode != 0 and "before the first partition" in result.stderr
 
 
 def test_invalid_configuration_fails_the_run_naming_the_file(tmp_path):

@@ -6,7 +6,7 @@ import dagster as dg
 
 from persona_pipeline.automation import SCHEDULE_STATUS, SENSOR_STATUS
 from persona_pipeline.ingest.assets import index_updates
-from persona_pipeline.partitions import daily_partitions
+from persona_pipeline.partitions import daily_partitions, outside_partitions
 from persona_pipeline.personas.assets import device_profiles
 from persona_pipeline.resources import LandingZone
 from persona_pipeline.settings import sensor_interval_seconds
@@ -57,10 +57,7 @@ def index_updates_sensor(context: dg.SensorEvaluationContext, landing_zone: Land
     changed = sorted(day for day, print_ in current.items() if seen.get(day) != print_)
     outside = [day for day in changed if day not in known_days]
     for day in outside:
-        context.log.warning(
-            f"landing folder date={day} is outside the partitions "
-            f"({daily_partitions.start:%Y-%m-%d} onwards): set PERSONA_PARTITION_START to read it"
-        )
+        context.log.warning(f"landing folder date={day} {outside_partitions(day)}: skipped")
     requests = [
         dg.RunRequest(partition_key=day, run_key=f"{day}:{current[day]}")
         for day in changed
