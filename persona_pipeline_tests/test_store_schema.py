@@ -114,3 +114,38 @@ def test_the_baseline_makes_exactly_the_tables_that_recognise_an_old_store():
     with engine.begin() as connection:
         command.upgrade(alembic_config(connection), BASELINE)
         assert set(sa.inspect(connection).get_table_names()) - {"alembic_version"} == BASELINE_TABLES
+
+
+def test_the_refreshes_of_an_older_store_are_kept_and_a_version_can_be_refreshed_again(engine):
+    """0005: the weights refreshes get their own key, so a refresh that keeps the version in use
+    is recorded as often as it happens; the rows of before keep their order and their content."""
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0004_segment_centres")
+        for version, batch in ((2, "b1"), (3, "b2")):
+            connection.execute(
+                sa.text(
+                    "insert into key_weight_refreshes values "
+                    f"({version}, '[\"{batch}\"]', 40, '2026-03-0{version} 10:00:00+00:00')"
+                )
+            )
+    upgrade_to_head(engine)
+    with engine.begin() as connection:
+        for _ in range(2):
+            connection.execute(
+                tables.key_weight_refreshes.insert().values(
+                    version=3,
+                    batches='["b3"]',
+                    loads='["x"]',
+                    responses=5,
+                    created_at=pd.Timestamp.now(tz="UTC"),
+                )
+            )
+        rows = connection.execute(
+            sa.select(tables.key_weight_refreshes).order_by(tables.key_weight_refreshes.c.refresh_id)
+        ).all()
+    assert [(row.refresh_id, row.version, row.batches, row.loads) for row in rows] == [
+        (1, 2, '["b1"]', None),
+        (2, 3, '["b2"]', None),
+        (3, 3, '["b3"]', '["x"]'),
+        (4, 3, '["b3"]', '["x"]'),
+    ]

@@ -18,7 +18,7 @@ from persona_pipeline.offers.catalog import ServiceCatalog
 from persona_pipeline.offers.recommend import app_key
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import persona_vectors
-from persona_pipeline.personas.weights import current_weights, insert_weights
+from persona_pipeline.personas.weights import current_weights
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.settings import sensor_interval_seconds
@@ -204,9 +204,9 @@ def key_weights(
     floor and a ceiling. The next persona_vectors uses it (new collection, alias swap)."""
     schema = persona_config.feature_schema()
     current = current_weights(persona_store, schema.initial_weights())
+    unlearned = storage.read_unlearned_feedback(persona_store)
+    batches = unlearned.batches
     offers = storage.read_responded_offers(persona_store)
-    learned_before = storage.read_learned_batches(persona_store)
-    batches = sorted(storage.read_feedback_batch_ids(persona_store) - learned_before)
     history = storage.acceptance_by_weights_version(persona_store)
     common = {
         "acceptance_by_weights_version": markdown_table(history, max_rows=50),
@@ -242,11 +242,9 @@ def key_weights(
         ),
     )
     changed = learned.table[(learned.table["new"] - learned.table["old"]).abs() > 1e-9]
-    version = current.version
-    if not changed.empty:
-        version = current.version + 1
-        insert_weights(persona_store, version, learned.weights, "feedback")
-    storage.record_refresh(persona_store, version, batches, len(ordered))
+    version = current.version if changed.empty else current.version + 1
+    new_weights = None if changed.empty else learned.weights
+    storage.record_refresh(persona_store, version, new_weights, unlearned, len(ordered))
     context.log.info(f"weights version {version} from {len(ordered)} responded offers ({', '.join(batches)})")
     table = learned.table.assign(change=(learned.table["new"] - learned.table["old"]).round(4))
     return dg.MaterializeResult(

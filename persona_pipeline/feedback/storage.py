@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import uuid
+from dataclasses import dataclass
 
 import pandas as pd
 import sqlalchemy as sa
 
 from persona_pipeline.offers.storage import answered_offers
+from persona_pipeline.personas.weights import insert_weights
 from persona_pipeline.resources.persona_store import PersonaStore
 from persona_pipeline.store.tables import (
     key_weight_refreshes,
@@ -29,11 +32,12 @@ def known_offer_ids(store: PersonaStore, offer_ids: list[str]) -> pd.Index:
 
 
 def write_batch(store: PersonaStore, batch_id: str, responses: pd.DataFrame, rejects: pd.DataFrame) -> None:
-    """Replace the batch's responses and rejects (re-processing a batch changes nothing)."""
+    """Replace the batch's responses and rejects (re-processing a batch changes nothing), under a
+    new load id: the next weights refresh learns from them again."""
     with store.begin() as connection:
         for table in (offer_feedback, offer_feedback_rejects):
             connection.execute(table.delete().where(table.c.batch_id == batch_id))
-        store.insert_frame(connection, offer_feedback, responses)
+        store.insert_frame(connection, offer_feedback, responses.assign(load_id=uuid.uuid4().hex))
         store.insert_frame(connection, offer_feedback_rejects, rejects)
 
 
@@ -58,22 +62,50 @@ def read_responded_offers(store: PersonaStore) -> pd.DataFrame:
     return frame.assign(accepted=frame["accepted"].astype(bool))
 
 
-def read_feedback_batch_ids(store: PersonaStore) -> set[str]:
-    """Every batch that has delivered responses."""
-    return set(store.read_frame(sa.select(offer_feedback.c.batch_id).distinct())["batch_id"])
+@dataclass(frozen=True)
+class UnlearnedFeedback:
+    """The feedback a weights refresh has not learned from: batches, and the writes of their rows."""
+
+    batches: list[str]
+    loads: list[str]
 
 
-def read_learned_batches(store: PersonaStore) -> set[str]:
-    frame = store.read_frame(sa.select(key_weight_refreshes.c.batches))
-    return {batch for text in frame["batches"] for batch in json.loads(text)}
+def read_unlearned_feedback(store: PersonaStore) -> UnlearnedFeedback:
+    """Batches whose rows were written since a refresh last learned from them: a new batch, a batch
+    re-processed, or held rows that became responses of their batch later. Rows written before
+    load ids existed (revision 0005) count as learned when their batch was."""
+    f = offer_feedback.c
+    loaded = store.read_frame(sa.select(f.batch_id, f.load_id).distinct())
+    refreshes = store.read_frame(sa.select(key_weight_refreshes.c.batches, key_weight_refreshes.c.loads))
+    learned_batches = {batch for text in refreshes["batches"] for batch in json.loads(text)}
+    learned_loads = {load for text in refreshes["loads"].dropna() for load in json.loads(text)}
+    without_load = loaded["load_id"].isna()
+    new = loaded[
+        (without_load & ~loaded["batch_id"].isin(learned_batches))
+        | (~without_load & ~loaded["load_id"].isin(learned_loads))
+    ]
+    return UnlearnedFeedback(
+        batches=sorted(new["batch_id"].unique()), loads=sorted(new["load_id"].dropna().unique())
+    )
 
 
-def record_refresh(store: PersonaStore, version: int, batches: list[str], responses: int) -> None:
+def record_refresh(
+    store: PersonaStore,
+    version: int,
+    new_weights: dict[str, float] | None,
+    learned: UnlearnedFeedback,
+    responses: int,
+) -> None:
+    """Record a refresh that leaves `version` in use, with the weights of that version when the
+    refresh made it, in one transaction: a retry after a failure learns the same feedback once."""
     with store.begin() as connection:
+        if new_weights is not None:
+            insert_weights(store, version, new_weights, "feedback", connection=connection)
         connection.execute(
             key_weight_refreshes.insert().values(
                 version=version,
-                batches=json.dumps(sorted(batches)),
+                batches=json.dumps(learned.batches),
+                loads=json.dumps(learned.loads),
                 responses=responses,
                 created_at=pd.Timestamp.now(tz="UTC").to_pydatetime(),
             )

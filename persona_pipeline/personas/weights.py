@@ -47,7 +47,15 @@ def current_weights(store: PersonaStore, configured: dict[str, float]) -> Weight
     return WeightsVersion(newest, rows.set_index("key")["weight"].to_dict(), rows["source"].iloc[0])
 
 
-def insert_weights(store: PersonaStore, version: int, weights: dict[str, float], source: str) -> None:
+def insert_weights(
+    store: PersonaStore,
+    version: int,
+    weights: dict[str, float],
+    source: str,
+    connection: sa.Connection | None = None,
+) -> None:
+    """Write weights `version`; in `connection`'s transaction when given (so what records the
+    version goes in with it), else in a transaction of its own."""
     frame = pd.DataFrame(
         {
             "version": version,
@@ -57,5 +65,8 @@ def insert_weights(store: PersonaStore, version: int, weights: dict[str, float],
             "source": source,
         }
     )
-    with store.begin() as connection:
+    if connection is not None:
         store.insert_frame(connection, key_weights, frame)
+        return
+    with store.begin() as own:
+        store.insert_frame(own, key_weights, frame)

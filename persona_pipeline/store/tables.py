@@ -221,6 +221,9 @@ offer_feedback = sa.Table(
     sa.Column("responded_at", UtcDateTime, nullable=False),
     sa.Column("source_file", sa.Text, nullable=False),
     sa.Column("source_row", sa.Integer),
+    # One id per write of the batch's rows (NULL: written before revision 0005); key_weights
+    # learns again from a batch whose rows were written again since it last learned.
+    sa.Column("load_id", sa.String(32)),
 )
 
 offer_feedback_rejects = sa.Table(
@@ -236,12 +239,33 @@ offer_feedback_rejects = sa.Table(
     sa.Index("ix_offer_feedback_rejects_batch", "batch_id"),
 )
 
-# Which feedback batches each learned weights version was learned from.
+# Responses to offers not made yet (or not yet in the store): retried by every offer_feedback
+# run until the offer exists (they become responses of their batch) or `hold_until` passes
+# (they become rejects of their batch, reason code unknown_offer). The fields are the text read.
+offer_feedback_held = sa.Table(
+    "offer_feedback_held",
+    metadata,
+    sa.Column("batch_id", sa.Text, nullable=False),
+    sa.Column("source_file", sa.Text, nullable=False),
+    sa.Column("source_row", sa.Integer),
+    sa.Column("offer_id", sa.Text),
+    sa.Column("response", sa.Text),
+    sa.Column("responded_at", sa.Text),
+    sa.Column("raw", sa.Text, nullable=False),
+    sa.Column("first_seen_at", UtcDateTime, nullable=False),
+    sa.Column("hold_until", UtcDateTime, nullable=False),
+    sa.Index("ix_offer_feedback_held_batch", "batch_id"),
+)
+
+# One row per key_weights refresh that had feedback to learn from, whether or not it changed
+# the weights: the version in use after it, the batches and the writes of their rows it learned.
 key_weight_refreshes = sa.Table(
     "key_weight_refreshes",
     metadata,
-    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("refresh_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
     sa.Column("batches", sa.Text, nullable=False),  # JSON list of batch ids
+    sa.Column("loads", sa.Text),  # JSON list of offer_feedback.load_id (NULL before revision 0005)
     sa.Column("responses", sa.Integer, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
 )
