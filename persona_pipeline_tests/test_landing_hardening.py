@@ -1,12 +1,19 @@
 """The landing zone's edges: folders and files that must be reported, never followed or read
 blindly, and never stop the rest of the landing zone."""
 
+import gzip
+import json
+import os
 from pathlib import Path
 
 import pytest
 
+from persona_pipeline.feature_schema import load_feature_schema
+from persona_pipeline.ingest import reading
+from persona_pipeline.ingest.ingest import ingest_days
 from persona_pipeline.resources import LandingZone
 from persona_pipeline.resources.landing_zone import check_batch_id, is_valid_batch_id
+from persona_pipeline_tests.conftest import update, write_file
 
 pytestmark = pytest.mark.store_agnostic
 
@@ -68,3 +75,129 @@ def test_reading_an_unsafe_batch_id_is_refused(landing):
     zone = LandingZone(path=str(landing))
     with pytest.raises(ValueError, match=r"batch id '\.\./x'"):
         zone.read_feedback_batch("../x")
+
+
+DAY = "2026-03-02"
+AT = f"{DAY}T10:00:00Z"
+FOLDER = f"index_updates/date={DAY}"
+
+
+def ingest(landing: Path, day: str = DAY):
+    return ingest_days([day], LandingZone(path=str(landing)).read_day_files, load_feature_schema())
+
+
+def rejects_by_file(outcome) -> dict[str, str]:
+    return dict(zip(outcome.rejects["source_file"], outcome.rejects["reason"], strict=True))
+
+
+def jsonl(*devices: str) -> str:
+    return "".join(json.dumps(update(d, "device.location.city", "Berlin", AT)) + "\n" for d in devices)
+
+
+def test_symlinks_out_of_the_landing_zone_are_refused_without_reading_them(landing, tmp_path):
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n" * 31, encoding="utf-8")
+    write_file(landing, DAY, "good.jsonl", jsonl("d1"))
+    (landing / FOLDER / "evil.jsonl").symlink_to(secret)
+    inside = write_file(landing, "2026-03-01", "other.jsonl", jsonl("d2"))
+    (landing / FOLDER / "linked.jsonl").symlink_to(inside)  # a link within the zone is read
+    outside_day = tmp_path / "outside_day"
+    outside_day.mkdir()
+    (outside_day / "part-0.jsonl").write_text(jsonl("d3"), encoding="utf-8")
+    (landing / "index_updates" / "date=2026-03-03").symlink_to(outside_day, target_is_directory=True)
+
+    outcome = ingest(landing)
+    elsewhere = ingest(landing, "2026-03-03")
+
+    assert sorted(outcome.accepted["device_id"]) == ["d1", "d2"]
+    found = rejects_by_file(outcome)
+    assert list(found) == [f"{FOLDER}/evil.jsonl"]
+    assert "outside the landing zone" in found[f"{FOLDER}/evil.jsonl"]
+    assert (outcome.rejects["raw"].fillna("") == "").all()
+    assert "root:" not in outcome.rejects.to_csv()
+    assert elsewhere.accepted.empty
+    assert list(rejects_by_file(elsewhere)) == ["index_updates/date=2026-03-03"]
+    assert "outside the landing zone" in elsewhere.rejects["reason"].iloc[0]
+    assert str(tmp_path) not in " ".join(elsewhere.rejects["reason"])
+
+
+def test_feedback_files_that_link_out_of_the_zone_are_rejected_not_read(landing, tmp_path):
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n", encoding="utf-8")
+    folder = feedback_batch(landing, "batch=b1")
+    (folder / "evil.csv").symlink_to(secret)
+
+    read = LandingZone(path=str(landing)).read_feedback_batch("b1")
+
+    assert read.rows.empty
+    assert list(read.rejects["source_file"]) == ["offer_feedback/batch=b1/evil.csv"]
+    assert "outside the landing zone" in read.rejects["reason"].iloc[0]
+    assert (read.rejects["raw"] == "").all()
+
+
+def test_files_never_read_are_each_a_file_reject_with_the_reason(landing):
+    write_file(landing, DAY, "good.jsonl", jsonl("d1"))
+    write_file(landing, DAY, "notes.txt", "hello")
+    write_file(landing, DAY, "export.jsonl.zip", b"PK")
+    (landing / FOLDER / "sub" / "deeper").mkdir(parents=True)
+    (landing / FOLDER / "sub" / "part-1.jsonl").write_text(jsonl("d2"), encoding="utf-8")
+    (landing / FOLDER / "sub" / "deeper" / "part-2.csv").write_text("device_id\n", encoding="utf-8")
+    write_file(landing, DAY, "_SUCCESS", "")
+    write_file(landing, DAY, ".part-3.jsonl.tmp", jsonl("d3"))  # hidden: a writer's temporary file
+    os.mkfifo(landing / FOLDER / "pipe.jsonl")
+
+    outcome = ingest(landing)
+
+    assert sorted(outcome.accepted["device_id"]) == ["d1"]
+    found = rejects_by_file(outcome)
+    never_read = ("notes.txt", "export.jsonl.zip", "sub/part-1.jsonl", "sub/deeper/part-2.csv", "pipe.jsonl")
+    assert sorted(found) == sorted(f"{FOLDER}/{name}" for name in never_read)
+    assert "file type '.txt' is not read" in found[f"{FOLDER}/notes.txt"]
+    assert "in a subfolder" in found[f"{FOLDER}/sub/part-1.jsonl"]
+    assert "not a regular file" in found[f"{FOLDER}/pipe.jsonl"]
+    assert outcome.rows_read == 1 + len(found)
+
+
+def test_a_date_folder_that_is_a_file_or_cannot_be_listed_is_a_reject_naming_it(landing, monkeypatch):
+    (landing / "index_updates").mkdir(parents=True)
+    (landing / "index_updates" / f"date={DAY}").write_text(jsonl("d1"), encoding="utf-8")
+    write_file(landing, "2026-03-03", "good.jsonl", jsonl("d2"))
+    zone = LandingZone(path=str(landing))
+
+    assert any(f"index_updates/date={DAY}" in line for line in zone.updates_folder_problems())
+    outcome = ingest(landing)
+    assert list(rejects_by_file(outcome)) == [FOLDER]
+    assert "not a folder" in outcome.rejects["reason"].iloc[0]
+
+    listed = Path.iterdir
+
+    def unreadable(path: Path):
+        if path.name == "date=2026-03-03":
+            raise PermissionError(13, "Permission denied", str(path))
+        return listed(path)
+
+    monkeypatch.setattr(Path, "iterdir", unreadable)
+    outcome = ingest(landing, "2026-03-03")
+    assert outcome.accepted.empty
+    assert outcome.rejects["reason"].tolist() == ["folder cannot be listed: Permission denied"]
+    assert "2026-03-03" in LandingZone(path=str(landing)).settled_day_fingerprints(0)
+
+
+def test_gzipped_json_lines_and_csv_are_read_and_a_broken_or_bombing_gzip_is_a_reject(landing, monkeypatch):
+    write_file(landing, DAY, "a.jsonl.gz", gzip.compress(jsonl("d1", "d2").encode()))
+    csv_text = f"device_id,key,value,observed_at\nd3,device.location.city,Berlin,{AT}\n"
+    write_file(landing, DAY, "b.CSV.GZ", gzip.compress(csv_text.encode()))
+    write_file(landing, DAY, "broken.jsonl.gz", gzip.compress(jsonl("d4").encode())[:-12])
+    write_file(landing, DAY, "not_gzip.csv.gz", csv_text)
+    write_file(landing, DAY, "bomb.jsonl.gz", gzip.compress(b" " * 5_000_000 + jsonl("d5").encode()))
+    monkeypatch.setattr(reading, "MAX_DECOMPRESSED_BYTES", 1_000_000)
+
+    outcome = ingest(landing)
+
+    assert sorted(outcome.accepted["device_id"]) == ["d1", "d2", "d3"]
+    assert outcome.accepted.set_index("device_id").loc["d3", "source_row"] == 1
+    found = rejects_by_file(outcome)
+    assert sorted(found) == [f"{FOLDER}/{n}" for n in ("bomb.jsonl.gz", "broken.jsonl.gz", "not_gzip.csv.gz")]
+    assert "more than 1,000,000 bytes" in found[f"{FOLDER}/bomb.jsonl.gz"]
+    assert "not a readable gzip file" in found[f"{FOLDER}/broken.jsonl.gz"]
+    assert "not a readable gzip file" in found[f"{FOLDER}/not_gzip.csv.gz"]

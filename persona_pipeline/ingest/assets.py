@@ -60,8 +60,9 @@ def index_updates(
     days = partition_days(context.partition_time_window)
     schema = persona_config.feature_schema()
     outcome = ingest_days(days, landing_zone.read_day_files, schema)
-    for folder in landing_zone.misnamed_folders():
-        context.log.warning(f"landing folder index_updates/{folder} is not date=YYYY-MM-DD: never read")
+    folder_problems = landing_zone.updates_folder_problems()
+    for problem in folder_problems:
+        context.log.warning(problem)
     for problem in outcome.problems:
         context.log.info(problem)
 
@@ -102,6 +103,7 @@ def index_updates(
                 else rejects
             ),
             "file_notes": dg.MetadataValue.text("\n".join(outcome.problems) or "none"),
+            "folder_problems": dg.MetadataValue.text("\n".join(folder_problems) or "none"),
             "preview": markdown_table(accepted.head(5).drop(columns=["source_file", "source_row"])),
         },
         check_results=[

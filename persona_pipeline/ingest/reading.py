@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gzip
 import io
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,12 @@ SUFFIXES = {
     ".csv": "csv",
     ".parquet": "parquet",
 }
+# JSON Lines and CSV may come gzipped (`.jsonl.gz`, `.csv.gz`); Parquet compresses itself.
+GZIP_SUFFIX = ".gz"
+READ_TYPES = ".jsonl, .json, .ndjson, .csv, .parquet, .jsonl.gz or .csv.gz"
+# A gzipped file is decompressed up to this size and rejected beyond it: a few kilobytes of
+# gzip can expand to gigabytes (a "gzip bomb").
+MAX_DECOMPRESSED_BYTES = 1024**3
 RAW_PREVIEW_CHARS = 2_000
 # A valid update is well under 1 KiB; a line far longer is not an update.
 MAX_LINE_BYTES = 64 * 1024
@@ -115,13 +123,15 @@ def read_landing_file(
 ) -> ReadResult:
     """Read one landing file into `fields` (+ source_file, source_row, raw); `label` is how the
     file is named in rejects and metadata."""
-    kind = SUFFIXES.get(path.suffix.lower())
+    kind, gzipped, suffix = _file_type(path.name)
     if kind is None:
-        return ReadResult.empty([f"{label}: skipped, not .jsonl, .csv or .parquet"])
+        return ReadResult(empty_rows(), file_reject(label, _not_a_read_type(suffix)))
     try:
-        data = path.read_bytes()
+        data = _gunzip(path) if gzipped else path.read_bytes()
     except OSError as exc:
         return ReadResult(empty_rows(), file_reject(label, f"file cannot be read: {exc.strerror}"))
+    except _Unreadable as exc:
+        return ReadResult(empty_rows(), file_reject(label, str(exc)))
     if not data.strip():
         return ReadResult.empty([f"{label}: empty file"])
     if kind == "parquet":
@@ -148,6 +158,38 @@ def read_landing_file(
             result.rows[column] = None
     result.rows = result.rows[list(columns)]
     return result
+
+
+class _Unreadable(Exception):
+    """A file that cannot be read, with the reason as its message."""
+
+
+def _file_type(name: str) -> tuple[str | None, bool, str]:
+    """The kind of a landing file (jsonl, csv, parquet; None when not read), whether it is
+    gzipped, and its type suffix as written (".csv.gz", ".txt", "" for none)."""
+    gzipped = name.lower().endswith(GZIP_SUFFIX)
+    inner = Path(name[: -len(GZIP_SUFFIX)] if gzipped else name).suffix
+    kind = SUFFIXES.get(inner.lower())
+    if gzipped and kind == "parquet":
+        kind = None
+    return kind, gzipped, inner + (name[-len(GZIP_SUFFIX) :] if gzipped else "")
+
+
+def _not_a_read_type(suffix: str) -> str:
+    found = f"file type {suffix!r}" if suffix.strip(".") else "a file without a type suffix"
+    return f"{found} is not read (expected {READ_TYPES})"
+
+
+def _gunzip(path: Path) -> bytes:
+    """A gzipped file's content, decompressed no further than MAX_DECOMPRESSED_BYTES."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            data = stream.read(MAX_DECOMPRESSED_BYTES + 1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise _Unreadable(f"not a readable gzip file (truncated or not gzip): {exc}") from exc
+    if len(data) > MAX_DECOMPRESSED_BYTES:
+        raise _Unreadable(f"decompresses to more than {MAX_DECOMPRESSED_BYTES:,} bytes: not read")
+    return data
 
 
 def _with_source(frame: pd.DataFrame, label: str, rows: np.ndarray) -> pd.DataFrame:

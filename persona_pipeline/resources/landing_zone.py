@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 from pydantic import Field
 
 from persona_pipeline import settings
-from persona_pipeline.ingest.reading import FIELDS, ReadResult, read_landing_file
+from persona_pipeline.ingest.reading import FIELDS, ReadResult, empty_rows, file_reject, read_landing_file
 
 UPDATES_FOLDER = "index_updates"
 FEEDBACK_FOLDER = "offer_feedback"
@@ -92,6 +93,20 @@ class LandingZone(dg.ConfigurableResource):
             if f.is_dir() and not (DATE_FOLDER.match(f.name) and _is_date(f.name[5:]))
         )
 
+    def updates_folder_problems(self) -> list[str]:
+        """One line per entry under index_updates/ that is never read, naming it and why: misnamed
+        folders, and files or other entries where day folders belong."""
+        problems = [
+            f"landing folder {UPDATES_FOLDER}/{name} is not date=YYYY-MM-DD: never read"
+            for name in self.misnamed_folders()
+        ]
+        if not self.updates_root.is_dir():
+            return problems
+        for entry in sorted(self.updates_root.iterdir()):
+            if not entry.is_dir() and not entry.name.startswith(("_", ".")):
+                problems.append(f"{UPDATES_FOLDER}/{entry.name} is not a folder: never read")
+        return problems
+
     def settled_day_fingerprints(self, settle_seconds: float) -> dict[str, str]:
         """Per well-named day folder, a fingerprint of its files (names, sizes, modification
         times). A day whose newest file changed less than `settle_seconds` ago is left out: it
@@ -99,11 +114,16 @@ class LandingZone(dg.ConfigurableResource):
         newest_allowed = time.time() - settle_seconds
         fingerprints = {}
         for day in self.landed_days():
-            files = sorted(
-                (p.name, p.stat())
-                for p in self.day_folder(day).iterdir()
-                if p.is_file() and not p.name.startswith(("_", "."))
-            )
+            try:
+                files = sorted(
+                    (p.name, p.stat())
+                    for p in self.day_folder(day).iterdir()
+                    if p.is_file() and not p.name.startswith(("_", "."))
+                )
+            except OSError as exc:
+                # A run reports the folder as a reject; a new error is a new fingerprint.
+                fingerprints[day] = hashlib.sha1(f"unlistable {exc.strerror}".encode()).hexdigest()[:16]
+                continue
             if not files or max(stat.st_mtime for _, stat in files) > newest_allowed:
                 continue
             listing = "\n".join(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}" for name, stat in files)
@@ -170,11 +190,11 @@ class LandingZone(dg.ConfigurableResource):
             )
         if not (folder / "_SUCCESS").is_file():
             raise FileNotFoundError(f"feedback batch {batch_id} is not complete: no {folder / '_SUCCESS'}")
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(("_", ".")))
+        files, not_read = self._folder_files(folder)
         return ReadResult.concat(
             [
-                read_landing_file(f, str(f.relative_to(self.root)), FEEDBACK_FIELDS, FEEDBACK_FIELDS)
-                for f in files
+                not_read,
+                *(read_landing_file(f, self._label(f), FEEDBACK_FIELDS, FEEDBACK_FIELDS) for f in files),
             ]
         )
 
@@ -188,14 +208,65 @@ class LandingZone(dg.ConfigurableResource):
             yield self._read_day_from_sql(day)
             return
         folder = self.day_folder(day)
-        if not folder.is_dir():
-            yield ReadResult.empty([f"no landing folder {folder.relative_to(self.root)}"])
+        label = self._label(folder)
+        if not folder.exists() and not folder.is_symlink():
+            yield ReadResult.empty([f"no landing folder {label}"])
             return
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(("_", ".")))
-        if not files:
-            yield ReadResult.empty([f"{folder.relative_to(self.root)}: no files"])
+        if not is_inside(folder, self.root):
+            yield _not_read(label, "resolves outside the landing zone (a symlink?): not read")
+            return
+        if not folder.is_dir():
+            yield _not_read(label, "not a folder: not read")
+            return
+        files, not_read = self._folder_files(folder)
+        yield not_read
+        if not files and not_read.rejects.empty:
+            yield ReadResult.empty([f"{label}: no files"])
         for f in files:
-            yield read_landing_file(f, str(f.relative_to(self.root)))
+            yield read_landing_file(f, self._label(f))
+
+    def _label(self, path: Path) -> str:
+        """How a landing path is named in rejects and notes: relative to the landing root."""
+        return str(path.relative_to(self.root))
+
+    def _folder_files(self, folder: Path) -> tuple[list[Path], ReadResult]:
+        """The regular files directly in `folder` that stay inside the landing zone, sorted, and a
+        file reject for every other entry (its content never read): a link out of the zone, a
+        file in a subfolder, a pipe or device. Markers and hidden files (`_*`, `.*`) are skipped."""
+        try:
+            entries = sorted(p for p in folder.iterdir() if not p.name.startswith(("_", ".")))
+        except OSError as exc:
+            return [], _not_read(self._label(folder), f"folder cannot be listed: {exc.strerror}")
+        files, rejects = [], []
+        for entry in entries:
+            label = self._label(entry)
+            if not is_inside(entry, self.root):
+                rejects.append((label, "resolves outside the landing zone (a symlink?): not read"))
+            elif entry.is_dir():
+                rejects += self._subfolder_files(entry, folder.name)
+            elif not entry.is_file():
+                rejects.append((label, "not a regular file (a pipe, socket or device): not read"))
+            else:
+                files.append(entry)
+        return files, _not_read_all(rejects)
+
+    def _subfolder_files(self, subfolder: Path, parent: str) -> list[tuple[str, str]]:
+        """A reject per file anywhere under `subfolder` (links not followed): only the files
+        directly in a day or batch folder are read."""
+        reason = f"in a subfolder of {parent}: not read (files go directly in {parent}/)"
+        found: list[tuple[str, str]] = []
+
+        def unlistable(error: OSError) -> None:
+            found.append((self._label(Path(error.filename)), f"folder cannot be listed: {error.strerror}"))
+
+        for below, folders, names in os.walk(subfolder, onerror=unlistable):
+            folders[:] = sorted(f for f in folders if not f.startswith(("_", ".")))
+            found += [
+                (self._label(Path(below) / name), reason)
+                for name in sorted(names)
+                if not name.startswith(("_", "."))
+            ]
+        return found
 
     def _read_day_from_sql(self, day: str) -> ReadResult:
         engine = sa.create_engine(self.source_db_url)
@@ -236,6 +307,16 @@ class LandingZone(dg.ConfigurableResource):
         frame["source_row"] = None
         frame["raw"] = None
         return ReadResult(frame, ReadResult.empty().rejects)
+
+
+def _not_read(label: str, reason: str) -> ReadResult:
+    return ReadResult(empty_rows(), file_reject(label, reason))
+
+
+def _not_read_all(rejects: list[tuple[str, str]]) -> ReadResult:
+    if not rejects:
+        return ReadResult.empty()
+    return ReadResult.concat([_not_read(label, reason) for label, reason in rejects])
 
 
 def _is_date(text: str) -> bool:
