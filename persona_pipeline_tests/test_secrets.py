@@ -11,11 +11,16 @@ import sqlalchemy as sa
 from persona_pipeline.definitions import build_resources
 from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
+from persona_pipeline.resources import PersonaStore, VectorIndex
+from persona_pipeline.resources.vector_index import VectorIndexError
 from persona_pipeline_tests.conftest import update, write_jsonl
 
 PLANTED_KEY = "planted-secret-4c9a7e21"
 PLANTED_PASSWORD = "s3cret-planted"
 PLANTED_SOURCE_PASSWORD = "src-s3cret-planted"
+PLANTED_URL_PASSWORD = "url-s3cret-planted"
+PLANTED_URL_TOKEN = "url-token-planted"
+PLANTED_QUERY_PASSWORD = "query-s3cret-planted"
 DAY = "2026-03-01"
 
 
@@ -59,17 +64,21 @@ def fill_source(url: str) -> None:
 def test_planted_secrets_never_reach_what_a_run_leaves_behind(
     store, request, landing, instance, monkeypatch, capfd, caplog
 ):
-    secrets = [PLANTED_KEY]
-    monkeypatch.setenv("QDRANT_URL", "http://127.0.0.1:9")
+    secrets = [PLANTED_KEY, PLANTED_URL_PASSWORD, PLANTED_URL_TOKEN]
+    # Credentials can also ride in the URL itself: its userinfo and its query.
+    monkeypatch.setenv(
+        "QDRANT_URL", f"http://qdrant:{PLANTED_URL_PASSWORD}@127.0.0.1:9/?api_key={PLANTED_URL_TOKEN}"
+    )
     monkeypatch.setenv("QDRANT_API_KEY", PLANTED_KEY)
     if store == "postgresql":
         create_database = request.getfixturevalue("postgres_database")
-        store_url = create_database(PLANTED_PASSWORD)
+        # libpq's sslpassword (used only for an encrypted client key): a secret in the URL's query.
+        store_url = f"{create_database(PLANTED_PASSWORD)}?sslpassword={PLANTED_QUERY_PASSWORD}"
         source_url = create_database(PLANTED_SOURCE_PASSWORD)
         fill_source(source_url)
         monkeypatch.setenv("PERSONA_DB_URL", store_url)
         monkeypatch.setenv("PERSONA_SOURCE_DB_URL", source_url)
-        secrets += [PLANTED_PASSWORD, PLANTED_SOURCE_PASSWORD]
+        secrets += [PLANTED_PASSWORD, PLANTED_SOURCE_PASSWORD, PLANTED_QUERY_PASSWORD]
     else:
         write_jsonl(
             landing,
@@ -90,7 +99,7 @@ def test_planted_secrets_never_reach_what_a_run_leaves_behind(
     failures = [e for e in failed.all_events if e.is_step_failure]
     assert failures and failures[0].step_key == "persona_index"
     failed_records = run_records(instance, failed.run_id)
-    assert "vector index at http://127.0.0.1:9" in failed_records  # the failure says where
+    assert "vector index at http://qdrant:***@127.0.0.1:9/?api_key=***" in failed_records  # it says where
 
     console = capfd.readouterr()
     left_behind = "\n".join(
@@ -109,3 +118,19 @@ def test_planted_secrets_never_reach_what_a_run_leaves_behind(
         with sa.create_engine(store_url).connect() as connection:
             profiled = connection.execute(sa.text("SELECT count(DISTINCT device_id) FROM device_profiles"))
             assert profiled.scalar() == 2
+
+
+@pytest.mark.store_agnostic
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql+psycopg://app:{PLANTED_PASSWORD}@db:5432/persona?sslpassword={PLANTED_QUERY_PASSWORD}",
+        f"http://qdrant:{PLANTED_URL_PASSWORD}@qdrant.example:6333/?api_key={PLANTED_URL_TOKEN}",
+    ],
+)
+def test_where_a_store_or_index_is_shown_its_url_has_no_credentials(url):
+    shown = [PersonaStore(url=url).display_url, VectorIndex(url=url).location]
+    shown.append(str(VectorIndexError(f"vector index at {url} failed", detail=f"refused by {url}")))
+    planted = [PLANTED_PASSWORD, PLANTED_QUERY_PASSWORD, PLANTED_URL_PASSWORD, PLANTED_URL_TOKEN]
+    for text in shown:
+        assert "***" in text and not [secret for secret in planted if secret in text]

@@ -17,6 +17,7 @@ from pydantic import Field
 from sqlalchemy.dialects import postgresql, sqlite
 
 from persona_pipeline import settings
+from persona_pipeline.secrets import mask_url
 from persona_pipeline.store.schema import upgrade_to_head
 
 WRITE_CHUNK_ROWS = 50_000
@@ -191,8 +192,9 @@ class PersonaStore(dg.ConfigurableResource):
 
     @property
     def display_url(self) -> str:
-        """The URL with any password masked: the only form that may be logged."""
-        return sa.make_url(self.resolved_url).render_as_string(hide_password=True)
+        """The URL with its credentials masked (password, secret query parameters): the only form
+        that may be logged."""
+        return mask_url(self.resolved_url)
 
     @contextmanager
     def begin(self) -> Iterator[sa.Connection]:

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from persona_pipeline import settings
 from persona_pipeline.resources.vector_stores.base import Hit, StoredPoint, VectorIndexError, VectorStore
 from persona_pipeline.resources.vector_stores.qdrant_edge_store import QdrantEdgeStore
+from persona_pipeline.secrets import mask_url
 
 __all__ = [
     "COLLECTION_PREFIX",
@@ -103,8 +104,8 @@ class VectorIndex(dg.ConfigurableResource):
 
     @property
     def location(self) -> str:
-        """Where the index lives, for logs and metadata (never includes the API key)."""
-        return self.url or f"embedded:{self.resolved_path}"
+        """Where the index lives, for logs and metadata: never the API key, nor the URL's credentials."""
+        return mask_url(self.url) if self.url else f"embedded:{self.resolved_path}"
 
     @property
     def resolved_path(self) -> str:

@@ -15,6 +15,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from persona_pipeline.secrets import mask_url
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 BASELINE = "0001_baseline"
 # The tables of the baseline revision: how a store made before migrations is recognised.
@@ -88,8 +90,9 @@ def _upgrade(engine: sa.Engine) -> tuple[str | None, str]:
             before = BASELINE
         known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
         if before is not None and before not in known:
+            where = mask_url(engine.url.render_as_string(hide_password=False))
             raise SchemaError(
-                f"the persona store at {engine.url.render_as_string(hide_password=True)} is at schema "
+                f"the persona store at {where} is at schema "
                 f"revision {before}, which this version of persona_pipeline does not know (newer code "
                 "wrote it?): upgrade persona_pipeline, or point PERSONA_DB_URL at another database"
             )

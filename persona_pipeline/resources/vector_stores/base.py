@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from persona_pipeline.secrets import mask_url
+
 # Collection and alias names become folder names in the embedded engine.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 
@@ -17,11 +19,12 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 class VectorIndexError(RuntimeError):
     """The vector index could not be reached or refused an operation.
 
-    `detail` is the engine's own message, without the index's location."""
+    `detail` is the engine's own message, without the index's location. Both have any credentials
+    of a URL masked: an engine's message may quote the URL it was given."""
 
     def __init__(self, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.detail = detail if detail is not None else message
+        super().__init__(mask_url(message))
+        self.detail = mask_url(detail if detail is not None else message)
 
 
 @dataclass(frozen=True)
