@@ -29,9 +29,12 @@ MAX_EXAMPLES = 200  # positive and negative examples per recommendation query, e
 
 
 def _lookalike_hits(
-    store: PersonaStore, vector_index: VectorIndex, history: pd.DataFrame, catalog: ServiceCatalog
+    store: PersonaStore, vector_index: VectorIndex, history: pd.DataFrame, day: str, catalog: ServiceCatalog
 ) -> pd.DataFrame:
-    """Per service with enough responses and an accepting device: the nearest devices not offered it."""
+    """Per service with enough responses and an accepting device: the nearest devices not offered
+    it before `day`. The devices offered it on `day` itself stay in the query, so a re-run of the
+    day finds the same devices again (their offers exist, nothing is added) instead of the next
+    nearest ones; `recommend` adds new ones only within the day's lookalike limit."""
     responses = storage.read_service_responses(store)
     counts = responses.groupby("service_id")["accepted"].agg(["size", "sum"])
     eligible = counts[(counts["size"] >= catalog.rules.lookalike_min_responses) & (counts["sum"] > 0)].index
@@ -46,13 +49,15 @@ def _lookalike_hits(
             answered = responses[responses["service_id"] == service_id]
             positive = answered.loc[answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
             negative = answered.loc[~answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
-            offered = history.loc[history["service_id"] == service_id, "device_id"].unique().tolist()
+            offered = history.loc[
+                (history["service_id"] == service_id) & (history["offer_day"] < day), "device_id"
+            ].unique()
             found = index.recommend(
                 collection,
                 point_ids(positive),
                 point_ids(negative),
                 limit=catalog.rules.lookalike_per_service,
-                exclude={"device_id": offered},
+                exclude={"device_id": offered.tolist()},
             )
             frames.append(
                 pd.DataFrame(
@@ -113,12 +118,12 @@ def service_recommendations(
         acceptance=storage.read_acceptance(persona_store),
         history=storage.read_offer_history(persona_store, since_day=_history_start(day, catalog)),
     )
-    lookalikes = _lookalike_hits(persona_store, vector_index, inputs.history, catalog)
+    lookalikes = _lookalike_hits(persona_store, vector_index, inputs.history, day, catalog)
     offers = recommend(inputs, catalog, lookalikes)
     summaries = persona_storage.read_vector_summaries(persona_store).set_index("device_id")
     blobs = persona_storage.read_vector_blobs(persona_store, offers["device_id"].unique().tolist())
     now = pd.Timestamp.now(tz="UTC")
-    written = storage.write_offers(
+    offers = storage.write_offers(
         persona_store,
         offers.assign(
             created_at=now,
@@ -127,7 +132,9 @@ def service_recommendations(
             persona_vector=blobs.reindex(offers["device_id"]).to_numpy(),
         ),
         day,
+        catalog.rules.daily_cap,
     )
+    written = len(offers)
     tickets = support_tickets(anomalies, catalog, day).assign(created_at=now, status="open")
     opened = storage.write_tickets(persona_store, tickets)
     context.log.info(f"{written} new offers for {day}, {opened} new support tickets")

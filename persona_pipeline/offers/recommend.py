@@ -6,6 +6,11 @@ fleet-wide rate (itself smoothed toward the prior a / (a + b)), so feedback chan
 ranking. Offers are idempotent: the
 offer id is a hash of (device, service, day), so a re-run of the same day yields the
 same offers. Cooldowns and a per-device daily cap are honoured.
+
+A day's offers are decided once per (device, service, day) and never taken back; a later run
+of the same day (new feedback, new weights, new segments) only adds within what is left: the
+offers already stored for a device that day take their slots under the daily cap first, and a
+service's lookalike offers that day, over all runs, are at most `lookalike_per_service`.
 """
 
 from __future__ import annotations
@@ -229,10 +234,13 @@ def smoothed_acceptance(
 
 def lookalike_candidates(hits: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFrame:
     """Offers for the devices Qdrant found nearest to those that accepted a service.
-    `hits`: service_id, device_id, rank (0 = nearest), accepters (how many examples)."""
+    `hits`: service_id, device_id, rank (0 = nearest), accepters (how many examples). Only the
+    nearest devices not offered the service today are taken, as many as the service has left of
+    its lookalikes for the day."""
     if hits.empty:
         return _empty()
     limit = max(catalog.rules.lookalike_per_service, 1)
+    hits = _lookalikes_left_today(hits, inputs, limit)
     frame = pd.DataFrame(
         {
             "device_id": hits["device_id"].to_numpy(),
@@ -249,6 +257,18 @@ def lookalike_candidates(hits: pd.DataFrame, inputs: OfferInputs, catalog: Servi
         }
     )
     return _with_segments(frame, inputs)
+
+
+def _lookalikes_left_today(hits: pd.DataFrame, inputs: OfferInputs, limit: int) -> pd.DataFrame:
+    """The hits that are new today, nearest first, at most `limit` less the lookalike offers
+    each service already has for the day (from earlier runs)."""
+    today = inputs.history[inputs.history["offer_day"] == inputs.day]
+    offered_today = pd.MultiIndex.from_frame(today[["device_id", "service_id"]].astype(str))
+    found = pd.MultiIndex.from_frame(hits[["device_id", "service_id"]].astype(str))
+    fresh = hits[~found.isin(offered_today)].sort_values(["service_id", "rank"], kind="stable")
+    made = today.loc[today["trigger"] == "lookalike", "service_id"].value_counts()
+    left = limit - made.reindex(fresh["service_id"]).fillna(0).to_numpy()
+    return fresh[fresh.groupby("service_id").cumcount().to_numpy() < left]
 
 
 def recommend(
@@ -290,17 +310,27 @@ def finalize(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCata
     candidates = candidates[~cooling]
 
     today = history[history["offer_day"] == inputs.day]
-    pool = pd.concat(
-        [today.assign(existing=True), candidates.assign(existing=False)], ignore_index=True
-    ).drop_duplicates("offer_id", keep="first")
-    pool["precedence"] = pool["trigger"].map(TRIGGER_PRECEDENCE)
-    pool["rank_key"] = pool["score"] * pool["priority"]
-    pool = pool.sort_values(
-        ["device_id", "precedence", "rank_key", "offer_id"], ascending=[True, True, False, True]
-    )
-    kept = pool[pool.groupby("device_id").cumcount() < catalog.rules.daily_cap]
-    new = kept[~kept["existing"].astype(bool)]
-    return new.drop(columns=["existing", "rank_key", "precedence", "strength"]).reset_index(drop=True)
+    kept = under_daily_cap(candidates, today, catalog.rules.daily_cap)
+    return kept.drop(columns=["strength"]).reset_index(drop=True)
+
+
+def under_daily_cap(offers: pd.DataFrame, stored_today: pd.DataFrame, daily_cap: int) -> pd.DataFrame:
+    """The offers not stored yet that fit under each device's daily cap, the cap counting the
+    offers `stored_today` holds for the device (whatever their rank: an offer made is not taken
+    back). The slots left go by trigger precedence, then score x priority, then offer id."""
+    new = offers[~offers["offer_id"].isin(stored_today["offer_id"])]
+    left = daily_cap - stored_today["device_id"].value_counts().reindex(new["device_id"]).fillna(0).to_numpy()
+    order = pd.DataFrame(
+        {
+            "device_id": new["device_id"].to_numpy(),
+            "precedence": new["trigger"].map(TRIGGER_PRECEDENCE).to_numpy(),
+            "rank_key": (new["score"] * new["priority"]).to_numpy(),
+            "offer_id": new["offer_id"].to_numpy(),
+            "left": left,
+        }
+    ).sort_values(["device_id", "precedence", "rank_key", "offer_id"], ascending=[True, True, False, True])
+    fitting = order.index[order.groupby("device_id").cumcount().to_numpy() < order["left"].to_numpy()]
+    return new.iloc[fitting.to_numpy()]
 
 
 def _titled(title: str, placeholder: str, values: pd.Series) -> pd.Series:

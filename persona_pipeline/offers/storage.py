@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import sqlalchemy as sa
 
-from persona_pipeline.offers.recommend import POSITIVE_RESPONSES
+from persona_pipeline.offers.recommend import POSITIVE_RESPONSES, under_daily_cap
 from persona_pipeline.resources.persona_store import PersonaStore
 from persona_pipeline.store.tables import offer_feedback, service_recommendations, support_tickets
 
@@ -60,17 +60,24 @@ def insert_new(store: PersonaStore, table: sa.Table, frame: pd.DataFrame, key: s
     return len(fresh)
 
 
-def write_offers(store: PersonaStore, offers: pd.DataFrame, day: str) -> int:
-    """Insert the offers of `day` not stored yet. An offer id hashes (device, service, day), so
-    only that day's offers can hold it: one query on the day instead of one per 10,000 ids."""
+def write_offers(store: PersonaStore, offers: pd.DataFrame, day: str, daily_cap: int) -> pd.DataFrame:
+    """Insert the offers of `day` not stored yet that fit under each device's daily cap, counting
+    what is stored for the day when the rows go in (a run that wrote since this one read its
+    history takes its slots first); returns the offers inserted. An offer id hashes (device,
+    service, day), so only that day's offers can hold it: one query on the day instead of one
+    per 10,000 ids. On PostgreSQL the table is locked against other writers until the commit."""
     if offers.empty:
-        return 0
+        return offers
     r = service_recommendations.c
     with store.begin() as connection:
-        existing = store.read_frame(sa.select(r.offer_id).where(r.offer_day == day), connection)
-        fresh = offers[~offers["offer_id"].isin(existing["offer_id"])]
+        if connection.dialect.name == "postgresql":
+            connection.execute(
+                sa.text(f"LOCK TABLE {service_recommendations.name} IN SHARE ROW EXCLUSIVE MODE")
+            )
+        stored = store.read_frame(sa.select(r.offer_id, r.device_id).where(r.offer_day == day), connection)
+        fresh = under_daily_cap(offers, stored, daily_cap)
         store.insert_frame(connection, service_recommendations, fresh)
-    return len(fresh)
+    return fresh
 
 
 def write_tickets(store: PersonaStore, tickets: pd.DataFrame) -> int:

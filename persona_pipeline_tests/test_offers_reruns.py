@@ -1,0 +1,192 @@
+"""Offers and tickets under re-runs: a day re-run any number of times, in any order, after new
+feedback or re-clustering, adds no offer or ticket twice, keeps the daily cap per device and
+adds lookalikes only within what is left of the day's lookalike limit per service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from persona_pipeline.anomalies.assets import anomaly_scores
+from persona_pipeline.offers.assets import service_recommendations
+from persona_pipeline.offers.catalog import load_service_catalog
+from persona_pipeline.offers.recommend import recommend
+from persona_pipeline.resources import PersonaStore
+from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.store.tables import offer_feedback
+from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
+from persona_pipeline_tests.test_offers import DAY, inputs
+
+CATALOG = load_service_catalog()
+CAP = CATALOG.rules.daily_cap
+PER_SERVICE = CATALOG.rules.lookalike_per_service
+REFIT = {"ops": {"device_clusters": {"config": {"refit": True}}}}
+
+
+def stored(offers: pd.DataFrame) -> pd.DataFrame:
+    """Offers as `read_offer_history` returns them once written."""
+    return offers[["offer_id", "device_id", "service_id", "trigger", "offer_day", "score", "priority"]]
+
+
+def lookalike_hits(service_id: str, devices: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"service_id": service_id, "device_id": devices, "rank": range(len(devices)), "accepters": 9}
+    )
+
+
+@pytest.mark.store_agnostic
+def test_offers_already_made_today_count_toward_the_daily_cap_whatever_their_rank():
+    """Three lookalikes were stored for `sick` by an earlier run; the anomaly found since ranks
+    higher, but the device has had its three offers for the day."""
+    earlier_run = pd.DataFrame(
+        {
+            "offer_id": ["offer-1", "offer-2", "offer-3"],
+            "device_id": "sick",
+            "service_id": ["car_mount", "headphones", "smartwatch"],
+            "trigger": "lookalike",
+            "offer_day": DAY,
+            "score": 0.2,
+            "priority": 0.4,
+        }
+    )
+    offers = recommend(inputs(history=earlier_run), CATALOG)
+    assert "sick" not in set(offers["device_id"])
+    assert not offers.empty  # the other devices still get theirs
+
+
+@pytest.mark.store_agnostic
+def test_a_device_with_room_left_today_gets_only_the_best_offers_that_fit():
+    earlier_run = pd.DataFrame(
+        {
+            "offer_id": ["offer-1", "offer-2"],
+            "device_id": "sick",
+            "service_id": ["car_mount", "headphones"],
+            "trigger": "lookalike",
+            "offer_day": DAY,
+            "score": 0.2,
+            "priority": 0.4,
+        }
+    )
+    offers = recommend(inputs(history=earlier_run), CATALOG)
+    sick = offers[offers["device_id"] == "sick"]
+    assert sick["trigger"].tolist() == ["support"]  # one slot left, the best support offer
+
+
+@pytest.mark.store_agnostic
+def test_lookalikes_of_a_service_stay_within_the_days_limit_across_runs():
+    """A second run whose query finds other devices (new examples, or the devices offered today
+    left out of the query) adds none once the service had its lookalikes for the day."""
+    first_devices = [f"near-{i}" for i in range(PER_SERVICE)]
+    first = recommend(inputs(), CATALOG, lookalike_hits("car_mount", first_devices))
+    assert (first["trigger"] == "lookalike").sum() == PER_SERVICE
+    other_devices = [f"other-{i}" for i in range(PER_SERVICE)]
+    second = recommend(inputs(history=stored(first)), CATALOG, lookalike_hits("car_mount", other_devices))
+    assert second.empty
+    again = recommend(inputs(history=stored(first)), CATALOG, lookalike_hits("car_mount", first_devices))
+    assert again.empty
+
+
+@pytest.mark.store_agnostic
+def test_lookalikes_left_out_by_an_earlier_run_are_topped_up_nearest_first():
+    """The earlier run made 15 lookalike offers of the service; a later one adds the 5 nearest
+    new devices and no more."""
+    first_devices = [f"near-{i}" for i in range(15)]
+    first = recommend(inputs(), CATALOG, lookalike_hits("car_mount", first_devices))
+    newer = [f"other-{i}" for i in range(PER_SERVICE)]
+    second = recommend(
+        inputs(history=stored(first)), CATALOG, lookalike_hits("car_mount", first_devices[:3] + newer)
+    )
+    assert set(second["device_id"]) == set(newer[: PER_SERVICE - 15])
+
+
+# -- Through Dagster, on a generated fleet in real stores ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """A small demo fleet run through the whole chain: the last day has its offers."""
+    yield from evaluated_fleet(tmp_path_factory.mktemp("reruns"), devices=400, days=4, seed=11)
+
+
+def respond(store: PersonaStore, batch: str, accept_share: float, seed: int) -> int:
+    """A feedback batch answering every offer not answered yet: `accept_share` accepted, the
+    rest rejected (as the feedback asset would store it)."""
+    offers = table(store, "service_recommendations", order_by=["offer_id"])
+    answered = table(store, "offer_feedback")["offer_id"]
+    open_offers = offers[~offers["offer_id"].isin(answered)]
+    accepted = np.random.default_rng(seed).random(len(open_offers)) < accept_share
+    rows = pd.DataFrame(
+        {
+            "batch_id": batch,
+            "offer_id": open_offers["offer_id"].to_numpy(),
+            "response": np.where(accepted, "accepted", "rejected"),
+            "responded_at": pd.Timestamp.now(tz="UTC"),
+            "source_file": f"{batch}/part-0.jsonl",
+            "source_row": np.arange(1, len(open_offers) + 1),
+        }
+    )
+    with store.begin() as connection:
+        store.insert_frame(connection, offer_feedback, rows)
+    return len(rows)
+
+
+def offers_new(home: Path, *assets) -> int:
+    with dg.instance_for_test() as instance:
+        run_config = REFIT if device_clusters in assets else None
+        result = dg.materialize(
+            [*assets, service_recommendations],
+            resources=resources_for(home),
+            instance=instance,
+            run_config=run_config,
+        )
+    return result.asset_materializations_for_node("service_recommendations")[0].metadata["offers_new"].value
+
+
+def assert_within_the_days_limits(store: PersonaStore) -> pd.DataFrame:
+    offers = table(store, "service_recommendations")
+    assert not offers.duplicated(["device_id", "service_id", "offer_day"]).any()
+    per_device_day = offers.groupby(["device_id", "offer_day"]).size()
+    assert per_device_day.max() <= CAP, per_device_day[per_device_day > CAP].head()
+    lookalikes = offers[offers["trigger"] == "lookalike"].groupby(["service_id", "offer_day"]).size()
+    assert lookalikes.empty or lookalikes.max() <= PER_SERVICE, lookalikes[lookalikes > PER_SERVICE]
+    tickets = table(store, "support_tickets")
+    assert not tickets.duplicated(["device_id", "cause"]).any()
+    return offers
+
+
+def test_re_running_the_offers_of_a_day_after_feedback_and_re_clustering_keeps_every_limit(fleet):
+    store = resources_for(fleet.home)["persona_store"]
+    before = assert_within_the_days_limits(store)
+    day = before["offer_day"].max()
+    tickets_before = table(store, "support_tickets", order_by=["ticket_id"])
+    assert offers_new(fleet.home) == 0  # the same day, the same inputs
+
+    assert respond(store, "a", accept_share=0.5, seed=1) > 0
+    first = offers_new(fleet.home)
+    after_feedback = assert_within_the_days_limits(store)
+    assert first > 0 and (after_feedback["trigger"] == "lookalike").any()
+    assert offers_new(fleet.home) == 0  # the same inputs again: no further lookalikes
+    assert len(table(store, "service_recommendations")) == len(after_feedback)
+
+    # More accepting devices, so other examples for the query; then segments re-formed first.
+    respond(store, "b", accept_share=0.8, seed=2)
+    offers_new(fleet.home)
+    assert_within_the_days_limits(store)
+    offers_new(fleet.home, device_clusters, anomaly_scores)
+    offers_new(fleet.home, device_clusters, anomaly_scores)
+    offers = assert_within_the_days_limits(store)
+    assert offers_new(fleet.home) == 0
+
+    # Earlier days' offers are never touched by a re-run of the last one.
+    earlier = before[before["offer_day"] < day].set_index("offer_id")
+    assert offers.set_index("offer_id").loc[earlier.index, "score"].equals(earlier["score"])
+    tickets = table(store, "support_tickets", order_by=["ticket_id"])
+    assert (
+        tickets.set_index("ticket_id")
+        .loc[tickets_before["ticket_id"], "created_at"]
+        .equals(tickets_before.set_index("ticket_id")["created_at"])
+    )
