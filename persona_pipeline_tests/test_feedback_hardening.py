@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import pytest
 
 from persona_pipeline.feedback.assets import key_weights, offer_feedback, offer_feedback_batches
 from persona_pipeline.resources import PersonaStore
@@ -85,3 +86,59 @@ def test_any_number_of_refreshes_that_change_nothing_are_recorded(persona_home, 
     assert refreshes["version"].tolist() == [1, 1]
     assert [json.loads(batches) for batches in refreshes["batches"]] == [["b1"], ["b2"]]
     assert table(store, "key_weights")["version"].unique().tolist() == [1]
+
+
+@pytest.mark.store_agnostic
+@pytest.mark.parametrize("batch_id", ["../../x", "", "a/b", ".hidden", "..", "ok/../../x"])
+def test_a_simulated_batch_with_an_unsafe_id_is_refused_and_nothing_is_written(tmp_path, batch_id):
+    from persona_pipeline.demo.responses import write_feedback_batch
+
+    landing = tmp_path / "home" / "landing"
+    responses = pd.DataFrame([answer("o1", "accepted")])
+    with pytest.raises(ValueError, match=r"^batch id .*") as raised:
+        write_feedback_batch(responses, landing, batch_id)
+    assert "\n" not in str(raised.value)
+    assert not any(path.is_file() for path in tmp_path.rglob("*"))
+
+    folder = write_feedback_batch(responses, landing, "sim-2026-03-07-1")
+    assert folder == landing / "offer_feedback" / "batch=sim-2026-03-07-1"
+    assert (folder / "_SUCCESS").is_file()
+
+
+@pytest.mark.store_agnostic
+def test_the_sensor_names_a_bad_batch_folder_once_and_requests_the_good_ones(tmp_path, capsys):
+    """`offer_feedback/batch=` with `_SUCCESS` became a partition with an empty key, and every run
+    failed with "Cannot access partition_key for a non-partitioned run", naming no folder."""
+    from persona_pipeline.feedback.assets import offer_feedback_sensor
+    from persona_pipeline.resources import LandingZone
+
+    home = tmp_path / "home"
+    write_batch(home, "", [answer("o1", "accepted")])
+    write_batch(home, "good-1", [answer("o1", "accepted")])
+    landing = {"landing_zone": LandingZone(path=str(home / "landing"))}
+
+    def warnings() -> list[str]:  # the sensor context logs to stderr
+        return [
+            line for line in capsys.readouterr().err.splitlines() if "WARNING" in line and "batch=" in line
+        ]
+
+    with dg.instance_for_test() as instance:
+        first = offer_feedback_sensor(dg.build_sensor_context(instance=instance, resources=landing))
+        assert [(r.partition_key, r.run_key) for r in first.run_requests] == [("good-1", "good-1")]
+        (added,) = first.dynamic_partitions_requests
+        assert added.partition_keys == ["good-1"]
+        (warning,) = warnings()
+        assert "offer_feedback/batch=: batch id '' is empty" in warning
+
+        write_batch(home, "good-2", [answer("o2", "rejected")])
+        second = offer_feedback_sensor(
+            dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=landing)
+        )
+        assert [r.run_key for r in second.run_requests] == ["good-2"]
+        assert warnings() == []  # reported once
+
+        # A cursor written before (the list of batches seen) still reads.
+        old = offer_feedback_sensor(
+            dg.build_sensor_context(instance=instance, cursor=json.dumps(["good-1"]), resources=landing)
+        )
+        assert [r.run_key for r in old.run_requests] == ["good-2"]

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from persona_pipeline.offers.catalog import ServiceCatalog
+from persona_pipeline.resources.landing_zone import BATCH_PREFIX, FEEDBACK_FOLDER, check_batch_id
 
 NEEDED_ACCEPTANCE = 0.75
 # Owners of these models take offers they did not strictly need far more often than others:
@@ -88,8 +89,10 @@ def simulate_responses(
 
 
 def write_feedback_batch(responses: pd.DataFrame, landing: Path, batch_id: str) -> Path:
-    """`offer_feedback/batch=<id>/part-0.jsonl`, then `_SUCCESS` (the batch is complete)."""
-    folder = landing / "offer_feedback" / f"batch={batch_id}"
+    """`offer_feedback/batch=<id>/part-0.jsonl`, then `_SUCCESS` (the batch is complete). An id
+    that is not a valid batch id (such as `../../x`, which would write outside the landing zone)
+    is refused with a ValueError before anything is written."""
+    folder = landing / FEEDBACK_FOLDER / f"{BATCH_PREFIX}{check_batch_id(batch_id)}"
     folder.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(record) for record in responses.to_dict("records")]
     (folder / "part-0.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")

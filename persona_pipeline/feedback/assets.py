@@ -1,6 +1,7 @@
 """Feedback: responses to offers, one dynamic partition per batch, picked up by a sensor."""
 
 import json
+from dataclasses import dataclass
 
 import dagster as dg
 import numpy as np
@@ -114,25 +115,52 @@ feedback_job = dg.define_asset_job(
 )
 
 
+@dataclass(frozen=True)
+class _FeedbackCursor:
+    """offer_feedback_sensor's cursor: the batches seen and the folder problems already reported.
+    A cursor of before (a JSON list of the batches seen) still reads."""
+
+    seen: set[str]
+    reported: set[str]
+
+    @classmethod
+    def read(cls, text: str | None) -> "_FeedbackCursor":
+        stored = json.loads(text) if text else []
+        if isinstance(stored, list):
+            return cls(seen=set(stored), reported=set())
+        return cls(seen=set(stored["seen"]), reported=set(stored["reported"]))
+
+    def text(self) -> str:
+        return json.dumps({"seen": sorted(self.seen), "reported": sorted(self.reported)})
+
+
 @dg.sensor(
     job=feedback_job,
     minimum_interval_seconds=sensor_interval_seconds(60),
     default_status=SENSOR_STATUS,
     description="A complete feedback batch (offer_feedback/batch=<id>/ with _SUCCESS) becomes a "
-    "partition of offer_feedback and gets one run; each batch once, even after a restart.",
+    "partition of offer_feedback and gets one run; each batch once, even after a restart. A folder "
+    "that is not a valid batch is named in a warning and skipped.",
 )
 def offer_feedback_sensor(context: dg.SensorEvaluationContext, landing_zone: LandingZone) -> dg.SensorResult:
     """Each tick: complete feedback batches (`_SUCCESS` present) not seen before become partitions
     of offer_feedback, with one run each. The run key is the batch id and the cursor remembers the
-    batches seen, so a batch is never processed twice, even after a restart."""
-    seen = set(json.loads(context.cursor)) if context.cursor else set()
-    new = [batch for batch in landing_zone.complete_feedback_batches() if batch not in seen]
+    batches seen, so a batch is never processed twice, even after a restart. A folder that cannot
+    be a batch (an empty or unsafe id, a file, a symlink out of the landing zone) is named in a
+    warning once, and the others go on."""
+    cursor = _FeedbackCursor.read(context.cursor)
+    problems = landing_zone.feedback_folder_problems()
+    for problem in problems:
+        if problem not in cursor.reported:
+            context.log.warning(f"feedback folder {problem}")
+    new = [batch for batch in landing_zone.complete_feedback_batches() if batch not in cursor.seen]
+    next_cursor = _FeedbackCursor(seen=cursor.seen | set(new), reported=set(problems)).text()
     if not new:
-        return dg.SensorResult(skip_reason="no new complete feedback batch")
+        return dg.SensorResult(skip_reason="no new complete feedback batch", cursor=next_cursor)
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=batch, run_key=batch) for batch in new],
         dynamic_partitions_requests=[offer_feedback_batches.build_add_request(new)],
-        cursor=json.dumps(sorted(seen | set(new))),
+        cursor=next_cursor,
     )
 
 
