@@ -57,7 +57,7 @@ FILES: dict[str, bytes | str] = {
 # (file, row) -> the start of the reason
 REJECTED = {
     ("truncated.jsonl", 2): "line is not valid JSON (truncated or malformed)",
-    ("missing_column.csv", 1): "observed_at is missing",
+    ("missing_column.csv", 0): "header has no observed_at column: found 'device_id', 'key', 'value'",
     ("latin1.csv", 2): "line is not valid UTF-8",
     ("utf16.jsonl", 1): "file is UTF-16 text",
     ("huge.jsonl", 2): f"line is {len(line('d11', HUGE).encode()):,} bytes long (limit 65,536): not read",
@@ -112,7 +112,6 @@ def test_bad_files_lose_no_good_row_and_every_bad_row_has_a_reason(landing, stor
     assert metadata["rows_read"].value == len(ACCEPTED) + len(REJECTED)
     notes = metadata["file_notes"].value
     assert f"{FOLDER}/empty.jsonl: empty file" in notes
-    assert f"{FOLDER}/missing_column.csv: no 'observed_at' column" in notes
     (check,) = result.get_asset_check_evaluations()
     assert check.check_name == REJECT_SHARE_CHECK and not check.passed
 

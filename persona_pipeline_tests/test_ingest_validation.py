@@ -134,12 +134,15 @@ def test_non_utf8_lines_are_rejected_alone(landing):
     assert "not valid UTF-8" in outcome.rejects["reason"].iloc[0]
 
 
-def test_csv_without_a_required_column_rejects_its_rows_and_says_so(landing):
-    write_file(landing, DAY, "m.csv", "device_id,key,value\nd1,device.location.city,Berlin\n")
+def test_csv_without_a_required_column_is_one_file_reject_naming_the_column(landing):
+    rows = "".join(f"d{i},device.location.city,Berlin\n" for i in range(20))
+    write_file(landing, DAY, "m.csv", "device_id,key,value\n" + rows)
     outcome = ingest(landing)
     assert outcome.accepted.empty
-    assert outcome.rejects["reason"].tolist() == ["observed_at is missing"]
-    assert any("no 'observed_at' column" in p for p in outcome.problems)
+    assert outcome.rejects["reason"].tolist() == [
+        "header has no observed_at column: found 'device_id', 'key', 'value': file not read"
+    ]
+    assert outcome.rejects["source_row"].tolist() == [0]
 
 
 def test_empty_file_and_missing_folder_are_notes_not_errors(landing):

@@ -2,10 +2,13 @@
 blindly, and never stop the rest of the landing zone."""
 
 import gzip
+import io
 import json
 import os
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from persona_pipeline.feature_schema import load_feature_schema
@@ -201,3 +204,104 @@ def test_gzipped_json_lines_and_csv_are_read_and_a_broken_or_bombing_gzip_is_a_r
     assert "more than 1,000,000 bytes" in found[f"{FOLDER}/bomb.jsonl.gz"]
     assert "not a readable gzip file" in found[f"{FOLDER}/broken.jsonl.gz"]
     assert "not a readable gzip file" in found[f"{FOLDER}/not_gzip.csv.gz"]
+
+
+CSV_HEADER = "device_id,key,value,observed_at"
+
+
+def test_a_carriage_return_inside_a_csv_field_rejects_that_row_only(landing):
+    rows = [f"d{i},device.model.name,Pixel 8,{AT}" for i in range(1, 6)]
+    rows[2] = f"d3,device.model.name,Pixel\r8,{AT}"
+    write_file(landing, DAY, "stray_cr.csv", "\n".join([CSV_HEADER, *rows]) + "\n")
+    write_file(landing, DAY, "mac.csv", "\r".join([CSV_HEADER, f"d6,device.model.name,Pixel,{AT}"]) + "\r")
+    write_file(landing, DAY, "mac.jsonl", jsonl("d7", "d8").replace("\n", "\r"))
+
+    outcome = ingest(landing)
+
+    assert sorted(outcome.accepted["device_id"]) == ["d1", "d2", "d4", "d5", "d6", "d7", "d8"]
+    assert outcome.rejects["source_file"].tolist() == [f"{FOLDER}/stray_cr.csv"]
+    assert outcome.rejects["source_row"].tolist() == [3]
+    assert "carriage return" in outcome.rejects["reason"].iloc[0]
+    assert outcome.accepted.set_index("device_id").loc["d4", "source_row"] == 4
+
+
+@pytest.mark.parametrize(
+    ("header", "found"),
+    [
+        ("device_id;key;value;observed_at", "found 'device_id;key;value;observed_at'"),
+        ("id,key,value,observed_at", "found 'id', 'key', 'value', 'observed_at'"),
+    ],
+)
+def test_a_csv_header_without_device_id_is_one_file_reject_saying_what_it_found(landing, header, found):
+    separator = ";" if ";" in header else ","
+    body = "".join(f"d{i}{separator}device.model.name{separator}Pixel{separator}{AT}\n" for i in range(50))
+    write_file(landing, DAY, "odd.csv", f"{header}\n{body}")
+
+    outcome = ingest(landing)
+
+    assert outcome.accepted.empty
+    assert len(outcome.rejects) == 1
+    reason = outcome.rejects["reason"].iloc[0]
+    assert reason.startswith("header has no device_id column")
+    assert found in reason
+    assert ("is the delimiter ';'?" in reason) == (separator == ";")
+    assert "\n" not in reason
+
+
+def test_csv_header_names_are_matched_whatever_their_case(landing):
+    header = "Device_ID, KEY ,Value,Observed_At"
+    write_file(landing, DAY, "cased.csv", f"{header}\nd1,device.model.name,Pixel,{AT}\n")
+
+    outcome = ingest(landing)
+
+    assert outcome.accepted["device_id"].tolist() == ["d1"]
+    assert outcome.rejects.empty
+
+
+@pytest.mark.parametrize(
+    ("field", "cell", "reason"),
+    [
+        ("value", {"a": 1}, "value is a JSON object, expected text, a number or a boolean"),
+        ("value", ["Berlin"], "value is a JSON array, expected text, a number or a boolean"),
+        ("device_id", True, "device_id is a JSON boolean, expected text or a number"),
+        ("device_id", {"id": "d9"}, "device_id is a JSON object, expected text or a number"),
+        ("key", ["device.location.city"], "key is a JSON array, expected text or a number"),
+        ("observed_at", False, "observed_at is a JSON boolean, expected text or a number"),
+    ],
+)
+def test_json_objects_arrays_and_misplaced_booleans_are_rejected_with_their_type(
+    landing, field, cell, reason
+):
+    bad = update("d9", "device.location.city", "Berlin", AT)
+    bad[field] = cell
+    good = update("d1", "device.settings.dark_mode", True, AT)
+    write_file(landing, DAY, "typed.jsonl", json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+
+    outcome = ingest(landing)
+
+    assert outcome.accepted["device_id"].tolist() == ["d1"]
+    assert outcome.accepted["value"].tolist() == ["true"]
+    assert outcome.rejects["reason"].tolist() == [reason]
+    assert outcome.rejects["source_row"].tolist() == [2]
+
+
+def test_parquet_booleans_are_values_only_as_in_json_lines(landing):
+    buffer = io.BytesIO()
+    pq.write_table(
+        pa.table(
+            {
+                "device_id": [True, False],
+                "key": ["device.settings.dark_mode"] * 2,
+                "value": [True, False],
+                "observed_at": [AT, AT],
+            }
+        ),
+        buffer,
+    )
+    write_file(landing, DAY, "bools.parquet", buffer.getvalue())
+
+    outcome = ingest(landing)
+
+    assert outcome.accepted.empty
+    reason = "device_id is a Parquet bool, expected text or a number"
+    assert outcome.rejects["reason"].tolist() == [reason] * 2

@@ -28,6 +28,11 @@ import pyarrow.parquet as pq
 FIELDS = ("device_id", "customer_id", "key", "value", "observed_at")
 REQUIRED_FIELDS = ("device_id", "key", "value", "observed_at")
 RAW_COLUMNS = (*FIELDS, "source_file", "source_row", "raw")
+# The only field that may hold a boolean (JSON true/false, a Parquet bool column).
+BOOLEAN_FIELDS = ("value",)
+JSON_TYPE_NAMES = {dict: "object", list: "array", bool: "boolean"}
+# What a one-column CSV header was probably separated by, when not by commas.
+OTHER_DELIMITERS = (";", "\t", "|")
 REJECT_COLUMNS = ("source_file", "source_row", "raw", "reason")
 SUFFIXES = {
     ".jsonl": "jsonl",
@@ -135,18 +140,23 @@ def read_landing_file(
     if not data.strip():
         return ReadResult.empty([f"{label}: empty file"])
     if kind == "parquet":
-        result, may_hold_nul = _read_parquet(data, label, fields)
+        result, may_hold_nul = _read_parquet(data, label, fields, required)
         if may_hold_nul:
             result = _reject_nul_characters(result, label, fields)
     else:
         data = data.removeprefix(codecs.BOM_UTF8)
         wide = next((name for mark, name in WIDE_ENCODINGS if data.startswith(mark)), None)
+        old_mac = not wide and b"\r" in data and b"\n" not in data
+        if old_mac:  # lines ended by CR alone
+            data = data.replace(b"\r", b"\n")
         if wide:
             result = _reject_wide_text(data, label, wide, header=kind == "csv")
         elif kind == "jsonl":
             result = _read_jsonl(data, label, fields)
         else:
-            result = _read_csv(data, label, fields)
+            result = _read_csv(data, label, fields, required)
+        if old_mac:
+            result.problems.append(f"{label}: lines end in CR (\\r) alone: read as line ends")
         if b"\x00" in data or b"\\u0000" in data:
             result = _reject_nul_characters(result, label, fields)
     missing = [c for c in required if c not in result.rows.columns]
@@ -260,7 +270,45 @@ def _read_jsonl(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResult:
     # would otherwise widen the frame of every row.
     present = [f for f in fields if any(f in record for record in records)]
     frame = pd.DataFrame.from_records(records, columns=present, index=pd.RangeIndex(len(records)))
-    return ReadResult(_with_source(frame, label, np.asarray(numbers, dtype=np.int64)), _rejects(rejects))
+    rows = _with_source(frame, label, np.asarray(numbers, dtype=np.int64))
+    may_nest = b"[" in data or data.count(b"{") > len(lines)
+    rows, wrong_types = _reject_json_types(rows, label, fields, may_nest)
+    return ReadResult(rows, pd.concat([_rejects(rejects), wrong_types], ignore_index=True))
+
+
+def _reject_json_types(
+    rows: pd.DataFrame, label: str, fields: tuple[str, ...], may_nest: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows holding a JSON object or array, or a boolean outside BOOLEAN_FIELDS, rejected with the
+    type named (Parquet rejects the same cells). Types are looked at cell by cell only in a column
+    that may hold them: one of text and numbers only is passed whole (`infer_dtype`)."""
+    reason = pd.Series("", index=rows.index, dtype=object)
+    for column in [c for c in fields if c in rows.columns]:
+        series = rows[column]
+        inferred = pd.api.types.infer_dtype(series, skipna=True)
+        if inferred in ("string", "integer", "floating", "mixed-integer-float", "decimal", "empty"):
+            continue
+        if column in BOOLEAN_FIELDS and not may_nest:
+            continue
+        types = series.map(type)
+        wrong = types.isin([dict, list] if column in BOOLEAN_FIELDS else [dict, list, bool])
+        if not wrong.any():
+            continue
+        expected = "text, a number or a boolean" if column in BOOLEAN_FIELDS else "text or a number"
+        named = f"{column} is a JSON " + types[wrong].map(JSON_TYPE_NAMES) + f", expected {expected}"
+        reason[wrong & (reason == "")] = named
+    bad = (reason != "").to_numpy()
+    if not bad.any():
+        return rows, empty_rejects()
+    rejects = pd.DataFrame(
+        {
+            "source_file": label,
+            "source_row": rows["source_row"][bad].to_numpy(),
+            "raw": _rows_as_json(rows[bad], fields),
+            "reason": reason[bad].to_numpy(),
+        }
+    )
+    return rows[~bad], rejects
 
 
 def _parse_jsonl_whole(lines: list[bytes]) -> list[dict] | None:
@@ -299,9 +347,11 @@ def _parse_jsonl_by_line(
     return records, kept, rejects
 
 
-def _read_csv(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResult:
+def _read_csv(data: bytes, label: str, fields: tuple[str, ...], required: tuple[str, ...]) -> ReadResult:
     """CSV, one row per line: a broken line (too long, not UTF-8, an unclosed quote, too many
-    fields) is rejected alone and never shifts the rows after it."""
+    fields, a carriage return in an unquoted field) is rejected alone and never shifts the rows
+    after it. Header names are matched to the fields whatever their case; a header without a
+    required field rejects the file in one line."""
     lines = data.split(b"\n")
     start = next(i for i, line in enumerate(lines) if line.strip())  # the header's line
     header_line = lines[start]
@@ -309,9 +359,19 @@ def _read_csv(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResult:
         problem = "has an unclosed quote" if len(header_line) <= MAX_LINE_BYTES else "is too long"
         reason = f"header row {problem} ({len(header_line):,} bytes): file not read"
         return ReadResult(empty_rows(), file_reject(label, reason, _preview(header_line), row=0))
+    header_text = header_line.decode("utf-8", errors="replace").removesuffix("\r")
+    try:
+        header = _field_names(next(csv.reader([header_text], skipinitialspace=True)), fields)
+    except csv.Error:
+        header = [header_text]
+    missing = [name for name in required if name not in header]
+    if missing:
+        reason = _missing_columns("header", missing, header)
+        return ReadResult(empty_rows(), file_reject(label, reason, clip_raw(header_text), row=0))
     whole = _parse_csv_whole(lines[start:])
     if whole is not None:
         frame, numbers = whole
+        frame.columns = _field_names(list(frame.columns), fields)
         columns = [name for name in dict.fromkeys(frame.columns) if name in fields]
         return ReadResult(_with_source(frame[columns], label, numbers), empty_rejects())
     texts, rejects = [header_line.decode("utf-8", errors="replace").removesuffix("\r")], []
@@ -329,9 +389,13 @@ def _read_csv(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResult:
         if text.count('"') % 2:
             rejects.append((label, number, clip_raw(text), "row has an unclosed quote"))
             continue
+        if "\r" in text and not _parses_as_csv(text):
+            reason = "row has a carriage return (\\r) in a field that is not quoted"
+            rejects.append((label, number, clip_raw(text.replace("\r", "\\r")), reason))
+            continue
         texts[-1] = text
     parsed = csv.reader(texts, skipinitialspace=True)
-    header = [name.strip() for name in next(parsed)]
+    next(parsed)  # the header, read above
     width = len(header)
     records, numbers = [], []
     for number, values in enumerate(parsed, start=1):
@@ -351,6 +415,32 @@ def _read_csv(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResult:
     return ReadResult(_with_source(frame, label, np.asarray(numbers, dtype=np.int64)), _rejects(rejects))
 
 
+def _field_names(names: list[str], fields: tuple[str, ...]) -> list[str]:
+    """Header names stripped, and spelled as the field they name whatever their case."""
+    by_lowercase = {name.lower(): name for name in fields}
+    return [by_lowercase.get(str(name).strip().lower(), str(name).strip()) for name in names]
+
+
+def _missing_columns(where: str, missing: list[str], found: list[str]) -> str:
+    """One line: the first missing column, the others, what was found and, for a header of one
+    column, the delimiter it may have been written with."""
+    others = f" (nor {', '.join(missing[1:])})" if len(missing) > 1 else ""
+    shown = clip_raw(", ".join(repr(name) for name in found))
+    hint = ""
+    if len(found) == 1:
+        delimiter = next((d for d in OTHER_DELIMITERS if d in found[0]), None)
+        hint = f" (one column: is the delimiter {delimiter!r}? expected ',')" if delimiter else ""
+    return f"{where} has no {missing[0]} column{others}: found {shown}{hint}: file not read"
+
+
+def _parses_as_csv(text: str) -> bool:
+    try:
+        next(csv.reader([text]), None)
+    except csv.Error:
+        return False
+    return True
+
+
 def _parse_csv_whole(lines: list[bytes]) -> tuple[pd.DataFrame, np.ndarray] | None:
     """The header and rows parsed in one call when no line needs to be rejected alone (too
     long, not UTF-8, an unclosed quote, too many fields); None otherwise."""
@@ -358,8 +448,11 @@ def _parse_csv_whole(lines: list[bytes]) -> tuple[pd.DataFrame, np.ndarray] | No
         return None
     if any(line.count(b'"') % 2 for line in lines if b'"' in line):
         return None
+    joined = b"\n".join(lines)
+    if b"\r" in joined.replace(b"\r\n", b"\n"):  # a carriage return inside a line: one by one
+        return None
     try:
-        text = b"\n".join(lines).decode("utf-8")
+        text = joined.decode("utf-8")
         frame = pd.read_csv(
             io.StringIO(text), dtype=str, keep_default_na=False, na_values=[], skipinitialspace=True
         )
@@ -372,14 +465,23 @@ def _parse_csv_whole(lines: list[bytes]) -> tuple[pd.DataFrame, np.ndarray] | No
     return frame.replace({"": None}).astype(object), numbers
 
 
-def _read_parquet(data: bytes, label: str, fields: tuple[str, ...]) -> tuple[ReadResult, bool]:
+def _read_parquet(
+    data: bytes, label: str, fields: tuple[str, ...], required: tuple[str, ...]
+) -> tuple[ReadResult, bool]:
     """The rows, and whether any text in them may hold a NUL character (looked for by Arrow on
-    whole columns, so the row-by-row search runs only when one does)."""
+    whole columns, so the row-by-row search runs only when one does). Column names are matched
+    to the fields whatever their case, as CSV headers are."""
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as exc:
         return ReadResult(empty_rows(), file_reject(label, f"not a readable Parquet file: {exc}")), False
-    table = table.select([name for name in table.column_names if name in fields])
+    names = _field_names(table.column_names, fields)
+    missing = [name for name in required if name not in names]
+    if missing:
+        reason = _missing_columns("schema", missing, table.column_names)
+        return ReadResult(empty_rows(), file_reject(label, reason, row=0)), False
+    table = table.rename_columns(names)
+    table = table.select([i for i, name in enumerate(names) if name in fields and names.index(name) == i])
     may_hold_nul = any(_may_hold_nul(column) for column in table.columns)
     frame = table.to_pandas(types_mapper=None)
     unusable = pd.Series("", index=frame.index, dtype=object)
@@ -396,8 +498,9 @@ def _read_parquet(data: bytes, label: str, fields: tuple[str, ...]) -> tuple[Rea
             failed = series.notna() & text.isna()
             unusable = unusable.where(~failed | (unusable != ""), f"{column} is binary data, not UTF-8 text")
             frame[column] = text.astype(object)
-        elif pa.types.is_nested(kind):
-            reason = f"{column} is a Parquet {kind}, expected text, a number or a boolean"
+        elif pa.types.is_nested(kind) or (pa.types.is_boolean(kind) and column not in BOOLEAN_FIELDS):
+            expected = "text, a number or a boolean" if column in BOOLEAN_FIELDS else "text or a number"
+            reason = f"{column} is a Parquet {kind}, expected {expected}"
             unusable = unusable.where(~series.notna() | (unusable != ""), reason)
             frame[column] = series.astype(object)
         elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
