@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 import warnings
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 
@@ -45,6 +45,15 @@ def _create_instance_storage(dagster_home: Path) -> None:
 
     with dg.DagsterInstance.from_config(str(dagster_home)):
         pass
+
+
+def _parse_batch_id(text: str) -> str:
+    from persona_pipeline.resources.landing_zone import check_batch_id
+
+    try:
+        return check_batch_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parse_day(text: str) -> str:
@@ -88,7 +97,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = run_chain(args.start, args.end, verbose=args.verbose)
     print(summary(result))
-    return 0
+    return _report_failed_checks(result.failed_checks)
+
+
+def _report_failed_checks(failed_checks: list[str]) -> int:
+    """Exit status 1, with one line each, when an asset check of ERROR severity failed."""
+    for line in failed_checks:
+        print(f"persona-pipeline: {line}", file=sys.stderr)
+    return 1 if failed_checks else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -102,7 +118,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print("comparing the initial and the learned weights on the same day …", flush=True)
     print(comparison_report(compare_weights()))
-    return 0
+    return _report_failed_checks(result.failed_checks)
 
 
 def cmd_simulate_feedback(args: argparse.Namespace) -> int:
@@ -193,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a feedback batch answering the offers not answered yet, as the demo's people would",
     )
     simulate.add_argument("--seed", type=int, default=11, help="random seed (default 11)")
-    simulate.add_argument("--batch", help="batch id (default: sim-<offer day>-<number>)")
+    simulate.add_argument(
+        "--batch", type=_parse_batch_id, help="batch id (default: sim-<offer day>-<number>)"
+    )
     simulate.set_defaults(handler=cmd_simulate_feedback)
 
     evaluate = commands.add_parser(
@@ -228,16 +246,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except CommandError as exc:
-        print(f"persona-pipeline: {exc}", file=sys.stderr)
+        from persona_pipeline.secrets import mask_url
+
+        print(f"persona-pipeline: {mask_url(str(exc))}", file=sys.stderr)
         return 1
-    except Exception as exc:  # one line for the person at the terminal; details went to the log
+    except Exception as exc:  # one line for the person at the terminal; the traceback goes to a log file
         from persona_pipeline.config_files import ConfigError
+        from persona_pipeline.secrets import mask_url
 
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, ConfigError):
             message = "invalid configuration: " + " / ".join(str(exc).splitlines())
-        print(f"persona-pipeline: {message}", file=sys.stderr)
+        where = _write_traceback(exc)
+        details = f" (details in {where})" if where else ""
+        print(f"persona-pipeline: {mask_url(message)}{details}", file=sys.stderr)
         return 1
+
+
+def _write_traceback(exc: BaseException) -> Path | None:
+    """The traceback, credentials masked, in $PERSONA_HOME/logs; None when that cannot be written."""
+    import traceback
+
+    from persona_pipeline.secrets import mask_url
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    try:
+        folder = settings.persona_home() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"persona-pipeline-{stamp}.log"
+        path.write_text(mask_url("".join(traceback.format_exception(exc))))
+    except OSError:
+        return None
+    return path
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -14,12 +17,14 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG,
 )
 
+from persona_pipeline import settings
 from persona_pipeline.cli import CommandError
 from persona_pipeline.executors import distributed
 from persona_pipeline.feedback.assets import offer_feedback_batches
 from persona_pipeline.feedback.storage import acceptance_by_weights_version
 from persona_pipeline.partitions import outside_partitions
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
+from persona_pipeline.secrets import mask_url
 from persona_pipeline.store.tables import (
     anomaly_scores,
     device_profiles,
@@ -30,6 +35,9 @@ from persona_pipeline.store.tables import (
     service_recommendations,
 )
 
+SIGBUS_EXIT = re.compile(r"exited with code (-7|135)\b|signal 7\b|SIGBUS")
+SIGKILL_EXIT = re.compile(r"exited with code (-9|137)\b|signal 9\b")
+
 
 @dataclass
 class ChainResult:
@@ -38,6 +46,7 @@ class ChainResult:
     run_ids: dict[str, str]
     feedback_batches: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failed_checks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -95,21 +104,70 @@ def _execute_out_of_process(
 
 
 def _raise_if_failed(result: dg.ExecuteInProcessResult | dg.JobExecutionResult, job: str) -> None:
+    """One line naming the failed step and its innermost error; the whole error of every failed
+    step goes to a log file under $PERSONA_HOME/logs that the line names."""
     if result.success:
         return
-    for event in result.all_events:
-        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-            message = _root_message(event.step_failure_data.error)
-            raise CommandError(f"{job} failed in {event.step_key}: {message} (run {result.run_id})")
-    raise CommandError(f"{job} failed (run {result.run_id}); see the run in the Dagster UI")
+    failures = [
+        event
+        for event in result.all_events
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error
+    ]
+    log = write_failure_log(
+        f"{job}-{result.run_id}",
+        "\n\n".join(f"step {e.step_key}:\n{e.step_failure_data.error.to_string()}" for e in failures),
+    )
+    where = f"run {result.run_id}; details in {log}"
+    if failures:
+        message = _root_message(failures[0].step_failure_data.error)
+        raise CommandError(f"{job} failed in {failures[0].step_key}: {message} ({where})")
+    raise CommandError(f"{job} failed ({where})")
 
 
 def _root_message(error) -> str:
-    """The innermost error's first line (a retried step wraps it in 'Exceeded max_retries')."""
+    """The innermost error's first line (a retried step wraps it in 'Exceeded max_retries'),
+    credentials masked, with what a crash of the step's process most likely means."""
     while error.cause is not None:
         error = error.cause
     lines = error.message.strip().splitlines()
-    return lines[0] if lines else error.cls_name or "unknown error"
+    message = mask_url(lines[0] if lines else error.cls_name or "unknown error")
+    return message + _crash_hint(message)
+
+
+def _crash_hint(message: str) -> str:
+    """A step process killed by a signal says only its exit code; name the likely cause."""
+    if SIGBUS_EXIT.search(message):
+        home = settings.persona_home()
+        free = shutil.disk_usage(home).free if home.exists() else None
+        full = f", and the disk holding {home} has {free // 2**20} MiB free" if free is not None else ""
+        return f" (SIGBUS: a memory-mapped file could not be written, usually because its disk is full{full})"
+    if SIGKILL_EXIT.search(message):
+        return " (SIGKILL: killed from outside, often by the kernel when memory ran out)"
+    return ""
+
+
+def write_failure_log(name: str, text: str) -> Path:
+    """Write what went wrong, credentials masked, to $PERSONA_HOME/logs/<name>.log."""
+    folder = settings.persona_home() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.log"
+    path.write_text(mask_url(text) + "\n")
+    return path
+
+
+def failed_error_checks(result: dg.ExecuteInProcessResult | dg.JobExecutionResult) -> list[str]:
+    """One line per asset check of ERROR severity that did not pass in a run."""
+    return [
+        f"check {evaluation.check_name} on {evaluation.asset_key.to_user_string()} failed "
+        f"(run {result.run_id}): {_check_description(evaluation)}"
+        for evaluation in result.get_asset_check_evaluations()
+        if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR
+    ]
+
+
+def _check_description(evaluation: dg.AssetCheckEvaluation) -> str:
+    description = evaluation.description or ""
+    return description.strip().splitlines()[0] if description.strip() else "see the check in the Dagster UI"
 
 
 def run_chain(
@@ -124,9 +182,12 @@ def run_chain(
     days = resolve_days(landing, start, end)
     start, end = days.start, days.end
     instance = instance or dg.DagsterInstance.get()
-    run_config = {"loggers": {"console": {"config": {"log_level": "INFO" if verbose else "WARNING"}}}}
+    # Without --verbose the terminal shows the one-line reasons and the summary; the whole error
+    # of a failed step goes to a log file (see _raise_if_failed) and stays in the run's events.
+    run_config = {"loggers": {"console": {"config": {"log_level": "INFO" if verbose else "CRITICAL"}}}}
     range_tags = {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
     run_ids = {}
+    failed_checks: list[str] = []
 
     def run(job_name: str, tags: dict[str, str], partition_key: str | None = None) -> None:
         tags = {**tags, "persona/launched_by": "cli"}
@@ -141,6 +202,7 @@ def run_chain(
                 raise_on_error=False,
             )
         _raise_if_failed(result, job_name)
+        failed_checks.extend(failed_error_checks(result))
         run_ids[job_name if partition_key is None else f"{job_name}[{partition_key}]"] = result.run_id
 
     run("ingest_job", range_tags)
@@ -152,7 +214,7 @@ def run_chain(
         run("weights_job", {})  # the day's vectors use the refreshed weights
     run("personas_job", {})
     run("segments_job", {})
-    return ChainResult(start, end, run_ids, batches, days.skipped)
+    return ChainResult(start, end, run_ids, batches, days.skipped, failed_checks)
 
 
 def new_feedback_batches(landing: LandingZone, instance: dg.DagsterInstance) -> list[str]:

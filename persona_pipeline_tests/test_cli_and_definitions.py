@@ -18,10 +18,13 @@ REPO = Path(__file__).parents[1]
 SCRIPT = Path(sys.executable).parent / "persona-pipeline"
 
 
-def run_cli(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, home: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
     env["PERSONA_HOME"] = str(home)
     env["PERSONA_DB_URL"] = store_url(home)
+    env.update(extra_env or {})
     return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -177,6 +177,17 @@ def test_readable_values_and_segment_traits_speak_in_the_keys_units():
     assert described.loc[1, "name"].count(" · ") == 1
 
 
+def test_a_fleet_that_reports_one_key_alike_gets_segments_without_traits():
+    schema = load_feature_schema()
+    devices = np.array([f"d{i}" for i in range(6)], dtype=object)
+    profiles = profile_rows([(device, "device.location.city", "Berlin") for device in devices])
+    vectors = pd.DataFrame(0.0, index=devices, columns=schema.dimension_names)
+    values = readable_values(profiles, schema, devices, vectors)
+    stats = segment_stats(values, np.ones(6, dtype=int))
+    described = describe_segments(stats, segment_traits(values, stats)).set_index("segment")
+    assert described.loc[1, "name"] == "like the fleet" and described.loc[1, "devices"] == 6
+
+
 def test_values_are_formatted_with_units_and_ranges():
     assert format_values([14, -108.0, 0.25, 12345.6, np.nan], "dBm").tolist() == [
         "14 dBm",

@@ -14,6 +14,7 @@ from persona_pipeline.formatting import format_share, format_values
 from persona_pipeline.segments.key_stats import ReadableValues, SegmentStats
 
 MIN_EFFECT = 0.5
+TRAIT_COLUMNS = ["segment", "group", "effect", "short", "text"]
 
 
 def segment_traits(values: ReadableValues, stats: SegmentStats, top: int = 3) -> pd.DataFrame:
@@ -36,7 +37,7 @@ def segment_traits(values: ReadableValues, stats: SegmentStats, top: int = 3) ->
 def _numeric_traits(values: ReadableValues, stats: SegmentStats) -> pd.DataFrame:
     frame = stats.quantiles.reset_index()
     if frame.empty:
-        return pd.DataFrame(columns=["segment", "group", "effect", "short", "text"])
+        return pd.DataFrame(columns=TRAIT_COLUMNS)
     fleet = stats.fleet_quantiles.reindex(frame["group"])
     frame["effect"] = (frame["p50"].to_numpy() - fleet["p50"].to_numpy()) / fleet["scale"].to_numpy()
     frame["fleet_p50"] = fleet["p50"].to_numpy()
@@ -58,13 +59,14 @@ def _numeric_traits(values: ReadableValues, stats: SegmentStats) -> pd.DataFrame
                 }
             )
         )
-    return pd.concat(parts, ignore_index=True)
+    # A numeric key the whole fleet reports alike has no spread, so no effect: no trait.
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TRAIT_COLUMNS)
 
 
 def _categorical_traits(values: ReadableValues, stats: SegmentStats) -> pd.DataFrame:
     shares = stats.shares.merge(stats.fleet_shares, on=["group", "value"], suffixes=("", "_fleet"))
     if shares.empty:
-        return pd.DataFrame(columns=["segment", "group", "effect", "short", "text"])
+        return pd.DataFrame(columns=TRAIT_COLUMNS)
     p = shares["share_fleet"].clip(1e-6, 1 - 1e-6)
     shares["effect"] = (shares["share"] - p) / np.sqrt(p * (1 - p))
     best = shares.sort_values("effect", ascending=False).groupby(["segment", "group"]).head(1)
