@@ -16,7 +16,7 @@ from persona_pipeline.ingest import reading
 from persona_pipeline.ingest.ingest import ingest_days
 from persona_pipeline.resources import LandingZone
 from persona_pipeline.resources.landing_zone import check_batch_id, is_valid_batch_id
-from persona_pipeline_tests.conftest import update, write_file
+from persona_pipeline_tests.conftest import update, write_file, write_jsonl
 
 pytestmark = pytest.mark.store_agnostic
 
@@ -305,3 +305,83 @@ def test_parquet_booleans_are_values_only_as_in_json_lines(landing):
     assert outcome.accepted.empty
     reason = "device_id is a Parquet bool, expected text or a number"
     assert outcome.rejects["reason"].tolist() == [reason] * 2
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "character"),
+    [
+        ("device_id", "d1\u202e", "U+202E"),  # right-to-left override
+        ("device_id", "d\u200b1", "U+200B"),  # zero-width space
+        ("device_id", "d\u20281", "U+2028"),  # line separator
+        ("device_id", "d\x071", "U+0007"),  # a control character
+        ("device_id", "d\u00a01", "U+00A0"),  # a no-break space
+        ("customer_id", "c\u200d1", "U+200D"),  # zero-width joiner
+        ("key", "device.location\u200b.city", "U+200B"),
+    ],
+)
+def test_invisible_and_control_characters_in_ids_are_rejected_naming_the_character(
+    landing, field, text, character
+):
+    bad = update("d9", "device.location.city", "Berlin", AT, customer="c9")
+    bad[field] = text
+    write_jsonl(landing, DAY, [update("d1", "device.location.city", "Berlin", AT), bad])
+
+    outcome = ingest(landing)
+
+    assert outcome.accepted["device_id"].tolist() == ["d1"]
+    (reason,) = outcome.rejects["reason"]
+    assert reason.startswith(f"{field} holds {character}")
+    assert outcome.rejects["reason_code"].tolist() == ["invisible_character"]
+    assert text not in reason  # the character itself is shown escaped
+
+
+def test_ids_are_normalized_so_one_visible_id_is_one_device(landing):
+    decomposed, composed = "Rene\u0301-phone", "Ren\u00e9-phone"
+    write_jsonl(
+        landing,
+        DAY,
+        [
+            update(decomposed, "device.location.city", "Berlin", AT, customer="Zoe\u0308"),
+            update(composed, "device.model.name", "Pixel", AT),
+        ],
+    )
+
+    outcome = ingest(landing)
+
+    assert outcome.rejects.empty
+    assert outcome.accepted["device_id"].tolist() == [composed, composed]
+    assert outcome.accepted["customer_id"].tolist()[0] == "Zo\u00eb"
+
+
+def test_an_observed_at_long_before_the_day_is_rejected_beyond_the_late_bound(landing):
+    rows = [
+        update("d1", "device.location.city", "Berlin", "2026-02-26T10:00:00Z"),  # 4 days late
+        update("d2", "device.location.city", "Berlin", "2026-02-01T10:00:00Z"),  # a month
+        update("d3", "device.location.city", "Berlin", "1996-03-02T10:00:00Z"),  # decades
+    ]
+    write_jsonl(landing, DAY, rows)
+    zone = LandingZone(path=str(landing))
+
+    outcome = ingest_days([DAY], zone.read_day_files, load_feature_schema())
+    lenient = ingest_days([DAY], zone.read_day_files, load_feature_schema(), max_late_days=40)
+
+    assert outcome.accepted["device_id"].tolist() == ["d1"]
+    assert outcome.late_rows == 1
+    assert outcome.rejects["reason_code"].tolist() == ["too_late", "too_late"]
+    assert outcome.rejects["reason"].iloc[0] == (
+        "observed_at '2026-02-01T10:00:00Z' is more than 7 days before partition 2026-03-02 (max_late_days)"
+    )
+    assert lenient.accepted["device_id"].tolist() == ["d1", "d2"]
+
+
+def test_the_updates_folder_itself_may_be_a_link_to_a_mount(landing, tmp_path):
+    mounted = tmp_path / "mount" / "index_updates"
+    (mounted / f"date={DAY}").mkdir(parents=True)
+    (mounted / f"date={DAY}" / "part-0.jsonl").write_text(jsonl("d1"), encoding="utf-8")
+    landing.mkdir(parents=True)
+    (landing / "index_updates").symlink_to(mounted, target_is_directory=True)
+
+    outcome = ingest(landing)
+
+    assert outcome.accepted["device_id"].tolist() == ["d1"]
+    assert outcome.rejects.empty

@@ -7,6 +7,7 @@ from pydantic import Field
 from persona_pipeline.erasure.storage import read_suppression
 from persona_pipeline.erasure.subjects import Suppression
 from persona_pipeline.ingest.ingest import ingest_days
+from persona_pipeline.ingest.validation import DEFAULT_MAX_LATE_DAYS
 from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
 from persona_pipeline.partitions import daily_partitions, partition_days
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
@@ -23,6 +24,12 @@ class IndexUpdatesConfig(dg.Config):
         ge=0,
         le=1,
         description="The reject-share check fails when more than this share of rows read is rejected.",
+    )
+    max_late_days: float = Field(
+        default=DEFAULT_MAX_LATE_DAYS,
+        ge=0,
+        description="Rows observed more than this many days before their partition day are rejected "
+        "(too_late); later ones within the bound are accepted and counted as late_rows.",
     )
 
 
@@ -59,7 +66,7 @@ def index_updates(
     exact duplicates are dropped. Re-running a day replaces that day's rows."""
     days = partition_days(context.partition_time_window)
     schema = persona_config.feature_schema()
-    outcome = ingest_days(days, landing_zone.read_day_files, schema)
+    outcome = ingest_days(days, landing_zone.read_day_files, schema, config.max_late_days)
     folder_problems = landing_zone.updates_folder_problems()
     for problem in folder_problems:
         context.log.warning(problem)

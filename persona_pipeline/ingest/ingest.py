@@ -9,7 +9,12 @@ import pandas as pd
 
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.ingest.reading import ReadResult
-from persona_pipeline.ingest.validation import ACCEPTED_COLUMNS, check_updates, finish_validation
+from persona_pipeline.ingest.validation import (
+    ACCEPTED_COLUMNS,
+    DEFAULT_MAX_LATE_DAYS,
+    check_updates,
+    finish_validation,
+)
 
 UNREADABLE = "unreadable"
 
@@ -34,23 +39,26 @@ def ingest_days(
     days: list[str],
     read_day: Callable[[str], ReadResult | Iterable[ReadResult]],
     schema: FeatureSchema,
+    max_late_days: float = DEFAULT_MAX_LATE_DAYS,
 ) -> IngestOutcome:
     """Read and validate each day. `read_day` returns the day's rows, or its files' rows one file
-    at a time (then only one file's rows are held besides what was accepted)."""
+    at a time (then only one file's rows are held besides what was accepted). Rows observed more
+    than `max_late_days` before their day are rejected."""
     accepted, rejects = [], []
     outcome = IngestOutcome(pd.DataFrame(), pd.DataFrame())
     for day in days:
         start = pd.Timestamp(day, tz="UTC")
+        end = start + pd.Timedelta(days=1)
         parts = read_day(day)
         checked, unreadable = [], []
         for read in [parts] if isinstance(parts, ReadResult) else parts:
-            checked.append(check_updates(read.rows, schema, day, start, start + pd.Timedelta(days=1)))
+            checked.append(check_updates(read.rows, schema, day, start, end, max_late_days))
             unreadable.append(read.rejects.assign(reason_code=UNREADABLE))
             outcome.rows_read += len(read.rows) + len(read.rejects)
             outcome.problems.extend(read.problems)
         if not checked:
             empty = ReadResult.empty()
-            checked.append(check_updates(empty.rows, schema, day, start, start + pd.Timedelta(days=1)))
+            checked.append(check_updates(empty.rows, schema, day, start, end, max_late_days))
             unreadable.append(empty.rejects.assign(reason_code=UNREADABLE))
         result = finish_validation(checked, start)
         day_rejects = pd.concat([*unreadable, result.rejects], ignore_index=True)

@@ -9,6 +9,7 @@ written only for the rows it rejects.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,24 @@ UTC_OFFSET = r"\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:[Zz]|[+-]\d{2}(?::?\d{2})
 TRUE_WORDS = {"true", "1", "yes", "y", "t", "1.0", "on"}
 FALSE_WORDS = {"false", "0", "no", "n", "f", "0.0", "off"}
 SHOWN_VALUE_CHARS = 40
+# Characters an id may not hold (RE2 classes): control (Cc), format (Cf: zero-width spaces and
+# joiners, direction overrides), private-use (Co) and unassigned-looking surrogates (Cs), line
+# and paragraph separators (Zl, Zp), and every space but the ASCII one (no-break spaces look
+# like it). An id holding one looks like another id that an erasure of the visible id misses.
+INVISIBLE_IN_IDS = (
+    r"[\p{Cc}\p{Cf}\p{Co}\p{Cs}\p{Zl}\p{Zp}"
+    r"\x{00A0}\x{1680}\x{2000}-\x{200A}\x{202F}\x{205F}\x{3000}]"
+)
+CATEGORY_NAMES = {
+    "Cc": "a control character",
+    "Cf": "a format character",
+    "Co": "a private-use character",
+    "Cs": "a surrogate",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+    "Zs": "a space other than ' '",
+}
+DEFAULT_MAX_LATE_DAYS = 7.0
 
 
 @dataclass
@@ -85,6 +104,51 @@ def _per_distinct(values: pd.Series, function) -> pd.Series:
         return pd.Series(np.nan, index=values.index, dtype=object)
     result = function(pd.Series(distinct, dtype=values.dtype)).to_numpy()
     return pd.Series(result[np.maximum(codes, 0)], index=values.index).where(codes >= 0)
+
+
+def _normalized_ids(ids: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Ids in Unicode NFC (a decomposed é is the composed é), and per row the reason an id holds
+    a character no id may hold (<NA> when it holds none). Worked out per distinct id with Arrow."""
+    codes, distinct = pd.factorize(ids)
+    no_reason = pd.Series(pd.NA, index=ids.index, dtype="string")
+    if len(distinct) == 0:
+        return ids, no_reason
+    try:
+        column = pa.array(np.asarray(distinct, dtype=object), type=pa.large_string())
+    except (pa.ArrowException, UnicodeEncodeError):  # a lone surrogate: not UTF-8 at all
+        column = None
+    if column is None:
+        invisible = np.array([_first_invisible(text) is not None for text in distinct], dtype=bool)
+        normalized = np.asarray(distinct, dtype=object)
+    else:
+        invisible = pc.match_substring_regex(column, INVISIBLE_IN_IDS).to_numpy(zero_copy_only=False)
+        ascii_only = pc.all(pc.string_is_ascii(column)).as_py()
+        normalized = (
+            np.asarray(distinct, dtype=object)
+            if ascii_only
+            else pc.utf8_normalize(column, "NFC").to_numpy(zero_copy_only=False)
+        )
+    spread = pd.Series(normalized[np.maximum(codes, 0)], index=ids.index, dtype="string").where(codes >= 0)
+    if not invisible.any():
+        return spread, no_reason
+    reasons = np.full(len(distinct), None, dtype=object)
+    reasons[invisible] = [_invisible_reason(text) for text in np.asarray(distinct, dtype=object)[invisible]]
+    reason = pd.Series(reasons[np.maximum(codes, 0)], index=ids.index, dtype="string").where(codes >= 0)
+    return spread, reason
+
+
+def _first_invisible(text: str) -> str | None:
+    return next((c for c in text if c != " " and unicodedata.category(c) in CATEGORY_NAMES), None)
+
+
+def _invisible_reason(text: str) -> str:
+    """`holds U+200B (a format character) in 'd\\u200b1'`: the id shown escaped."""
+    character = _first_invisible(text) or "?"
+    category = CATEGORY_NAMES.get(unicodedata.category(character), "an invisible character")
+    shown = text.encode("unicode_escape", errors="backslashreplace").decode("ascii")
+    if len(shown) > SHOWN_VALUE_CHARS:
+        shown = shown[:SHOWN_VALUE_CHARS] + "…"
+    return f"holds U+{ord(character):04X} ({category}) in '{shown}'"
 
 
 def _mask(failed: pd.Series | np.ndarray) -> np.ndarray:
@@ -140,9 +204,11 @@ def validate_updates(
     partition_date: str,
     day_start: pd.Timestamp,
     day_end: pd.Timestamp,
+    max_late_days: float = DEFAULT_MAX_LATE_DAYS,
 ) -> ValidationResult:
     """Split raw rows of one partition day into accepted and rejected rows."""
-    return finish_validation([check_updates(raw, schema, partition_date, day_start, day_end)], day_start)
+    checked = check_updates(raw, schema, partition_date, day_start, day_end, max_late_days)
+    return finish_validation([checked], day_start)
 
 
 @dataclass
@@ -162,12 +228,17 @@ def check_updates(
     partition_date: str,
     day_start: pd.Timestamp,
     day_end: pd.Timestamp,
+    max_late_days: float = DEFAULT_MAX_LATE_DAYS,
 ) -> CheckedRows:
     """Every check of `validate_updates` but the day-wide one (duplicates), chunk by chunk of rows.
-    A day read file by file is checked file by file; `finish_validation` puts the files together."""
+    A day read file by file is checked file by file; `finish_validation` puts the files together.
+    A row observed more than `max_late_days` before the day is rejected (too_late)."""
     raw = raw.reset_index(drop=True)
+    late = max_late_days
     chunks = [
-        _check_chunk(raw.iloc[start : start + CHECK_CHUNK_ROWS], schema, partition_date, day_end)
+        _check_chunk(
+            raw.iloc[start : start + CHECK_CHUNK_ROWS], schema, partition_date, day_start, day_end, late
+        )
         for start in range(0, max(len(raw), 1), CHECK_CHUNK_ROWS)
     ]
     if len(chunks) == 1:
@@ -201,18 +272,33 @@ def _concat_rejects(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def _check_chunk(
-    raw: pd.DataFrame, schema: FeatureSchema, partition_date: str, day_end: pd.Timestamp
+    raw: pd.DataFrame,
+    schema: FeatureSchema,
+    partition_date: str,
+    day_start: pd.Timestamp,
+    day_end: pd.Timestamp,
+    max_late_days: float,
 ) -> CheckedRows:
     limits = schema.limits
     reasons = _Reasons(raw.index)
 
-    device_id = _text(raw["device_id"])
-    customer_id = _text(raw["customer_id"])
-    key = _text(raw["key"])
+    device_id, device_id_invisible = _normalized_ids(_text(raw["device_id"]))
+    customer_id, customer_id_invisible = _normalized_ids(_text(raw["customer_id"]))
+    key, key_invisible = _normalized_ids(_text(raw["key"]))
     value = _text(raw["value"])
     observed_text = _text(raw["observed_at"])
 
     reasons.add("missing_device_id", device_id.isna(), "device_id is missing or empty")
+    for name, invisible in (
+        ("device_id", device_id_invisible),
+        ("customer_id", customer_id_invisible),
+        ("key", key_invisible),
+    ):
+        reasons.add(
+            "invisible_character",
+            invisible.notna(),
+            lambda rows, name=name, invisible=invisible: name + " " + invisible[rows],
+        )
     reasons.add(
         "too_long",
         device_id.str.len() > limits.max_device_id_length,
@@ -293,6 +379,12 @@ def _check_chunk(
         "future_timestamp",
         observed_at > latest_allowed,
         lambda rows: "observed_at " + _shown(observed_text[rows]) + too_late,
+    )
+    too_early = f" is more than {max_late_days:g} days before partition {partition_date} (max_late_days)"
+    reasons.add(
+        "too_late",
+        observed_at < day_start - pd.Timedelta(days=max_late_days),
+        lambda rows: "observed_at " + _shown(observed_text[rows]) + too_early,
     )
 
     key_codes, distinct_keys = pd.factorize(key)

@@ -172,7 +172,7 @@ class LandingZone(dg.ConfigurableResource):
             except ValueError as exc:
                 found.append((None, f"{label}: {exc}: never read"))
                 continue
-            if not is_inside(entry, self.root):
+            if not is_inside(entry, self.feedback_root.resolve()):
                 found.append((None, f"{label}: resolves outside the landing zone (a symlink?): never read"))
             elif not entry.is_dir():
                 found.append((None, f"{label}: not a folder: never read"))
@@ -184,13 +184,13 @@ class LandingZone(dg.ConfigurableResource):
         from persona_pipeline.feedback.validation import FEEDBACK_FIELDS
 
         folder = self.feedback_root / f"{BATCH_PREFIX}{check_batch_id(batch_id)}"
-        if not is_inside(folder, self.root):
+        if not is_inside(folder, self.feedback_root.resolve()):
             raise ValueError(
                 f"{folder.relative_to(self.root)} resolves outside the landing zone (a symlink?): not read"
             )
         if not (folder / "_SUCCESS").is_file():
             raise FileNotFoundError(f"feedback batch {batch_id} is not complete: no {folder / '_SUCCESS'}")
-        files, not_read = self._folder_files(folder)
+        files, not_read = self._folder_files(folder, self.feedback_root.resolve())
         return ReadResult.concat(
             [
                 not_read,
@@ -212,13 +212,13 @@ class LandingZone(dg.ConfigurableResource):
         if not folder.exists() and not folder.is_symlink():
             yield ReadResult.empty([f"no landing folder {label}"])
             return
-        if not is_inside(folder, self.root):
+        if not is_inside(folder, self.updates_root.resolve()):
             yield _not_read(label, "resolves outside the landing zone (a symlink?): not read")
             return
         if not folder.is_dir():
             yield _not_read(label, "not a folder: not read")
             return
-        files, not_read = self._folder_files(folder)
+        files, not_read = self._folder_files(folder, self.updates_root.resolve())
         yield not_read
         if not files and not_read.rejects.empty:
             yield ReadResult.empty([f"{label}: no files"])
@@ -229,10 +229,12 @@ class LandingZone(dg.ConfigurableResource):
         """How a landing path is named in rejects and notes: relative to the landing root."""
         return str(path.relative_to(self.root))
 
-    def _folder_files(self, folder: Path) -> tuple[list[Path], ReadResult]:
-        """The regular files directly in `folder` that stay inside the landing zone, sorted, and a
-        file reject for every other entry (its content never read): a link out of the zone, a
-        file in a subfolder, a pipe or device. Markers and hidden files (`_*`, `.*`) are skipped."""
+    def _folder_files(self, folder: Path, boundary: Path) -> tuple[list[Path], ReadResult]:
+        """The regular files directly in `folder` that stay inside `boundary` (the resolved
+        index_updates/ or offer_feedback/ folder: those two may be links, e.g. to a mount, nothing
+        below them may lead out), sorted, and a file reject for every other entry (its content
+        never read): a link out, a file in a subfolder, a pipe or device. Markers and hidden files
+        (`_*`, `.*`) are skipped."""
         try:
             entries = sorted(p for p in folder.iterdir() if not p.name.startswith(("_", ".")))
         except OSError as exc:
@@ -240,7 +242,7 @@ class LandingZone(dg.ConfigurableResource):
         files, rejects = [], []
         for entry in entries:
             label = self._label(entry)
-            if not is_inside(entry, self.root):
+            if not is_inside(entry, boundary):
                 rejects.append((label, "resolves outside the landing zone (a symlink?): not read"))
             elif entry.is_dir():
                 rejects += self._subfolder_files(entry, folder.name)
