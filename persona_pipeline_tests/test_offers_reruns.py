@@ -12,12 +12,14 @@ import pandas as pd
 import pytest
 
 from persona_pipeline.anomalies.assets import anomaly_scores
+from persona_pipeline.offers import storage as offers_storage
 from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.offers.catalog import load_service_catalog
 from persona_pipeline.offers.recommend import recommend
 from persona_pipeline.resources import PersonaStore
 from persona_pipeline.segments.assets import device_clusters
 from persona_pipeline.store.tables import offer_feedback
+from persona_pipeline.store.tables import service_recommendations as service_recommendations_table
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
 from persona_pipeline_tests.test_offers import DAY, inputs
 
@@ -134,7 +136,9 @@ def respond(store: PersonaStore, batch: str, accept_share: float, seed: int) -> 
     return len(rows)
 
 
-def offers_new(home: Path, *assets) -> int:
+def offers_and_tickets_new(home: Path, *assets) -> tuple[int, int]:
+    """Materialize `assets` (device_clusters refits) and then service_recommendations: the offers
+    and the tickets the run added."""
     with dg.instance_for_test() as instance:
         run_config = REFIT if device_clusters in assets else None
         result = dg.materialize(
@@ -143,7 +147,12 @@ def offers_new(home: Path, *assets) -> int:
             instance=instance,
             run_config=run_config,
         )
-    return result.asset_materializations_for_node("service_recommendations")[0].metadata["offers_new"].value
+    metadata = result.asset_materializations_for_node("service_recommendations")[0].metadata
+    return metadata["offers_new"].value, metadata["tickets_opened"].value
+
+
+def offers_new(home: Path, *assets) -> int:
+    return offers_and_tickets_new(home, *assets)[0]
 
 
 def assert_within_the_days_limits(store: PersonaStore) -> pd.DataFrame:
@@ -163,7 +172,8 @@ def test_re_running_the_offers_of_a_day_after_feedback_and_re_clustering_keeps_e
     before = assert_within_the_days_limits(store)
     day = before["offer_day"].max()
     tickets_before = table(store, "support_tickets", order_by=["ticket_id"])
-    assert offers_new(fleet.home) == 0  # the same day, the same inputs
+    assert len(tickets_before) > 0
+    assert offers_and_tickets_new(fleet.home) == (0, 0)  # the same day, the same inputs
 
     assert respond(store, "a", accept_share=0.5, seed=1) > 0
     first = offers_new(fleet.home)
@@ -179,7 +189,7 @@ def test_re_running_the_offers_of_a_day_after_feedback_and_re_clustering_keeps_e
     offers_new(fleet.home, device_clusters, anomaly_scores)
     offers_new(fleet.home, device_clusters, anomaly_scores)
     offers = assert_within_the_days_limits(store)
-    assert offers_new(fleet.home) == 0
+    assert offers_and_tickets_new(fleet.home) == (0, 0)
 
     # Earlier days' offers are never touched by a re-run of the last one.
     earlier = before[before["offer_day"] < day].set_index("offer_id")
@@ -190,3 +200,38 @@ def test_re_running_the_offers_of_a_day_after_feedback_and_re_clustering_keeps_e
         .loc[tickets_before["ticket_id"], "created_at"]
         .equals(tickets_before.set_index("ticket_id")["created_at"])
     )
+
+
+def test_the_responses_behind_lookalike_examples_come_in_the_order_the_offers_were_made(resources):
+    """The query takes each service's first accepting devices as examples, so the order is
+    the offers' (run, then device), not whatever order the database returns a join in."""
+    store = resources["persona_store"]
+    made = pd.DataFrame(
+        {
+            "offer_id": [f"offer-{i:02d}" for i in range(12)],
+            "device_id": [f"dev-{(7 * i) % 12:02d}" for i in range(12)],
+            "service_id": "car_mount",
+            "trigger": "usage",
+            "score": 0.5,
+            "reason": "test",
+            "created_at": pd.Timestamp("2026-03-07T10:00Z") + pd.to_timedelta(np.arange(12) // 4, unit="h"),
+            "offer_day": DAY,
+            "priority": 0.4,
+        }
+    )
+    answers = pd.DataFrame(
+        {
+            "batch_id": "a",
+            "offer_id": made["offer_id"],
+            "response": np.where(np.arange(12) % 3 == 0, "rejected", "accepted"),
+            "responded_at": pd.Timestamp("2026-03-08T10:00Z"),
+            "source_file": "a/part-0.jsonl",
+            "source_row": np.arange(1, 13),
+        }
+    )
+    with store.begin() as connection:  # stored in neither order
+        store.insert_frame(connection, service_recommendations_table, made.iloc[::-1])
+        store.insert_frame(connection, offer_feedback, answers.sample(frac=1.0, random_state=3))
+    responses = offers_storage.read_service_responses(store)
+    expected = made.sort_values(["created_at", "device_id"])["device_id"].tolist()
+    assert responses["device_id"].tolist() == expected

@@ -85,12 +85,15 @@ def write_tickets(store: PersonaStore, tickets: pd.DataFrame) -> int:
 
 
 def read_service_responses(store: PersonaStore) -> pd.DataFrame:
-    """Per responded offer: service_id, device_id, accepted (accepted or used)."""
+    """Per responded offer: service_id, device_id, accepted (accepted or used), in the order the
+    offers were made (run, then device, as each run inserts them), whatever order the database
+    would return the join in: the lookalike query takes each service's first examples, and a
+    re-run must take the same ones."""
     r = service_recommendations.c
     answered = answered_offers()
     frame = store.read_frame(
-        sa.select(r.service_id, r.device_id, answered.c.accepted).join(
-            answered, answered.c.offer_id == r.offer_id
-        )
+        sa.select(r.service_id, r.device_id, answered.c.accepted)
+        .join(answered, answered.c.offer_id == r.offer_id)
+        .order_by(r.created_at, r.device_id, r.offer_id)
     )
     return frame.assign(accepted=frame["accepted"].astype(bool))
