@@ -100,7 +100,10 @@ def service_recommendations(
     a score (trigger strength x the segment's smoothed acceptance rate) and a reason; cooldowns
     and a per-device daily cap apply. Lookalikes: for each service with enough responses, Qdrant's
     recommendation query (accepting devices positive, rejecting ones negative) finds the nearest
-    devices not offered it yet. Re-running the same day adds nothing."""
+    devices not offered it on an earlier day. Re-running the same day with the same inputs adds
+    nothing; with new inputs it adds only within what is left of the day: the daily cap counts
+    the offers stored for the device that day, and a service's lookalikes that day are at most
+    `lookalike_per_service` over all runs."""
     catalog = persona_config.service_catalog()
     as_of = persona_storage.read_latest_observed_at(persona_store)
     if as_of is None:
