@@ -85,7 +85,7 @@ class OfferRules(_Strict):
     prior_accepted: float = Field(default=1.0, gt=0, description="Pseudo-acceptances of the smoothed rate.")
     prior_rejected: float = Field(default=1.0, gt=0, description="Pseudo-rejections of the smoothed rate.")
     lookalike_min_responses: int = Field(default=5, ge=1, description="Responses before lookalikes.")
-    lookalike_per_service: int = Field(default=20, ge=1, description="Lookalike offers per service per run.")
+    lookalike_per_service: int = Field(default=20, ge=1, description="Lookalike offers per service a day.")
 
 
 class ServiceCatalogFile(_Strict):
