@@ -385,3 +385,16 @@ def test_the_updates_folder_itself_may_be_a_link_to_a_mount(landing, tmp_path):
 
     assert outcome.accepted["device_id"].tolist() == ["d1"]
     assert outcome.rejects.empty
+
+
+def test_a_lone_surrogate_escape_in_json_rejects_its_row_not_the_day(landing):
+    good = json.dumps(update("d1", "device.location.city", "Berlin", AT))
+    lone = good.replace('"d1"', '"d\\ud800"')
+    paired = good.replace('"d1"', '"d\\ud83d\\ude00"')  # an escaped emoji is text
+    write_file(landing, DAY, "s.jsonl", "\n".join([good, lone, paired]) + "\n")
+
+    outcome = ingest(landing)
+
+    assert outcome.accepted["device_id"].tolist() == ["d1", "d\U0001f600"]
+    assert outcome.rejects["source_row"].tolist() == [2]
+    assert outcome.rejects["reason"].iloc[0].startswith("device_id holds a lone UTF-16 surrogate")

@@ -15,6 +15,7 @@ import csv
 import gzip
 import io
 import json
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ RAW_COLUMNS = (*FIELDS, "source_file", "source_row", "raw")
 # The only field that may hold a boolean (JSON true/false, a Parquet bool column).
 BOOLEAN_FIELDS = ("value",)
 JSON_TYPE_NAMES = {dict: "object", list: "array", bool: "boolean"}
+# A JSON escape of half a UTF-16 surrogate pair: valid JSON, but alone it is not text.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 # What a one-column CSV header was probably separated by, when not by commas.
 OTHER_DELIMITERS = (";", "\t", "|")
 REJECT_COLUMNS = ("source_file", "source_row", "raw", "reason")
@@ -266,6 +269,9 @@ def _read_jsonl(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResult:
     if records is None:
         records, numbers, unparsed = _parse_jsonl_by_line(lines, numbers, label)
         rejects += unparsed
+    if SURROGATE_ESCAPE.search(data):
+        records, numbers, unencodable = _reject_lone_surrogates(records, numbers, label, fields)
+        rejects += unencodable
     # Only the contract's fields become columns: a line with thousands of other fields
     # would otherwise widen the frame of every row.
     present = [f for f in fields if any(f in record for record in records)]
@@ -274,6 +280,35 @@ def _read_jsonl(data: bytes, label: str, fields: tuple[str, ...]) -> ReadResult:
     may_nest = b"[" in data or data.count(b"{") > len(lines)
     rows, wrong_types = _reject_json_types(rows, label, fields, may_nest)
     return ReadResult(rows, pd.concat([_rejects(rejects), wrong_types], ignore_index=True))
+
+
+def _reject_lone_surrogates(
+    records: list[dict], numbers: list[int], label: str, fields: tuple[str, ...]
+) -> tuple[list[dict], list[int], list[tuple[str, int, str, str]]]:
+    """Records whose text holds a lone surrogate (`"\\ud800"` without its pair) rejected: no
+    store, nor Arrow, keeps it. Looked at record by record only in a file holding such an escape."""
+    kept, kept_numbers, rejects = [], [], []
+    for record, number in zip(records, numbers, strict=True):
+        field = next(
+            (f for f in fields if isinstance(record.get(f), str) and not _encodable(record[f])), None
+        )
+        if field is None:
+            kept.append(record)
+            kept_numbers.append(number)
+            continue
+        reason = f"{field} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair)"
+        rejects.append((label, number, clip_raw(json.dumps(record, default=str)), reason))
+    return kept, kept_numbers, rejects
+
+
+def _encodable(text: object) -> bool:
+    if not isinstance(text, str):
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_json_types(

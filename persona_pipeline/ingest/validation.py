@@ -117,18 +117,16 @@ def _normalized_ids(ids: pd.Series) -> tuple[pd.Series, pd.Series]:
         column = pa.array(np.asarray(distinct, dtype=object), type=pa.large_string())
     except (pa.ArrowException, UnicodeEncodeError):  # a lone surrogate: not UTF-8 at all
         column = None
+    spread = ids  # unchanged unless NFC changes an id: most fleets' ids are ASCII
     if column is None:
         invisible = np.array([_first_invisible(text) is not None for text in distinct], dtype=bool)
-        normalized = np.asarray(distinct, dtype=object)
     else:
         invisible = pc.match_substring_regex(column, INVISIBLE_IN_IDS).to_numpy(zero_copy_only=False)
-        ascii_only = pc.all(pc.string_is_ascii(column)).as_py()
-        normalized = (
-            np.asarray(distinct, dtype=object)
-            if ascii_only
-            else pc.utf8_normalize(column, "NFC").to_numpy(zero_copy_only=False)
-        )
-    spread = pd.Series(normalized[np.maximum(codes, 0)], index=ids.index, dtype="string").where(codes >= 0)
+        if not pc.all(pc.string_is_ascii(column)).as_py():
+            normalized = pc.utf8_normalize(column, "NFC")
+            if not pc.all(pc.equal(normalized, column)).as_py():
+                per_row = normalized.to_numpy(zero_copy_only=False)[np.maximum(codes, 0)]
+                spread = pd.Series(per_row, index=ids.index, dtype="string").where(codes >= 0)
     if not invisible.any():
         return spread, no_reason
     reasons = np.full(len(distinct), None, dtype=object)
