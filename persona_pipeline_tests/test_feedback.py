@@ -13,6 +13,9 @@ from persona_pipeline.feedback.assets import offer_feedback, offer_feedback_batc
 from persona_pipeline.feedback.validation import validate_feedback
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
 
+# Responses to unknown offers are rejected at once instead of held (see test_feedback_hardening).
+NO_HOLD = {"ops": {"offer_feedback": {"config": {"hold_unknown_offers_days": 0}}}}
+
 
 @pytest.fixture(scope="module")
 def offered(tmp_path_factory):
@@ -29,13 +32,18 @@ def write_batch(home: Path, batch: str, lines: list[str], complete: bool = True)
     return folder
 
 
-def response(offer_id: str, answer: str, at: str = "2026-03-08T10:00:00Z") -> str:
+# After the offers of the evaluated fleet (its days end yesterday), before now.
+JUST_NOW = (pd.Timestamp.now(tz="UTC") - pd.Timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def response(offer_id: str, answer: str, at: str = JUST_NOW) -> str:
     return json.dumps({"offer_id": offer_id, "response": answer, "responded_at": at})
 
 
-def test_validation_rejects_unknown_offers_responses_and_timestamps_with_reasons():
+def test_validation_rejects_unknown_responses_and_timestamps_and_sets_unknown_offers_apart():
     rows = pd.DataFrame(
         {
+            "batch_id": "b1",
             "offer_id": ["o1", "o1", "nope", "o2", "o2", None],
             "response": ["accepted", "accepted", "accepted", "maybe", "used", "used"],
             "responded_at": [
@@ -51,16 +59,19 @@ def test_validation_rejects_unknown_offers_responses_and_timestamps_with_reasons
             "raw": None,
         }
     )
-    responses, rejects = validate_feedback(rows, pd.Index(["o1", "o2"]), "b1")
+    offers = pd.DataFrame(
+        {"created_at": pd.Timestamp("2026-03-08T01:00Z"), "offer_day": "2026-03-07"}, index=["o1", "o2"]
+    )
+    checked = validate_feedback(rows, offers, pd.Timestamp("2026-03-09T00:00Z"), pd.Timedelta(minutes=5))
+    responses, rejects = checked.responses, checked.rejects
     assert responses[["offer_id", "response"]].values.tolist() == [["o1", "accepted"]]  # one, the latest
     assert responses["responded_at"].iloc[0] == pd.Timestamp("2026-03-08T11:00Z")
     assert rejects.set_index("source_row")["reason_code"].to_dict() == {
-        3: "unknown_offer",
         4: "unknown_response",
         5: "bad_timestamp",
         6: "missing_offer_id",
     }
-    assert "'nope' names no offer" in rejects.set_index("source_row").loc[3, "reason"]
+    assert checked.unknown[["source_row", "offer_id"]].values.tolist() == [[3, "nope"]]  # held, not lost
     assert (rejects["batch_id"] == "b1").all()
 
 
@@ -83,7 +94,7 @@ def test_sensor_adds_each_complete_batch_once_and_the_run_loads_it(offered):
     write_batch(home, "2026-03-08-b", [response(offers[3], "dismissed")], complete=False)
 
     with dg.instance_for_test() as instance:
-        landing = {"landing_zone": resources["landing_zone"]}
+        landing = {"landing_zone": resources["landing_zone"], "persona_store": resources["persona_store"]}
         first = offer_feedback_sensor(dg.build_sensor_context(instance=instance, resources=landing))
         assert [r.run_key for r in first.run_requests] == ["2026-03-08-a"]  # b is still being written
         assert first.run_requests[0].partition_key == "2026-03-08-a"
@@ -91,7 +102,11 @@ def test_sensor_adds_each_complete_batch_once_and_the_run_loads_it(offered):
         assert added.partition_keys == ["2026-03-08-a"]
         instance.add_dynamic_partitions(offer_feedback_batches.name, added.partition_keys)
         run = dg.materialize(
-            [offer_feedback], partition_key="2026-03-08-a", resources=resources, instance=instance
+            [offer_feedback],
+            partition_key="2026-03-08-a",
+            resources=resources,
+            instance=instance,
+            run_config=NO_HOLD,
         )
         assert run.success
 
@@ -119,7 +134,13 @@ def test_sensor_adds_each_complete_batch_once_and_the_run_loads_it(offered):
 
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(offer_feedback_batches.name, ["2026-03-08-a"])
-        dg.materialize([offer_feedback], partition_key="2026-03-08-a", resources=resources, instance=instance)
+        dg.materialize(
+            [offer_feedback],
+            partition_key="2026-03-08-a",
+            resources=resources,
+            instance=instance,
+            run_config=NO_HOLD,
+        )
     assert len(table(store, "offer_feedback")) == 3  # re-processing a batch replaces it
     assert len(table(store, "offer_feedback_rejects")) == 2
 
@@ -180,12 +201,16 @@ def test_responses_to_offers_never_made_are_rejected_and_the_rest_kept(offered):
     )
 
     with dg.instance_for_test() as instance:
-        landing = {"landing_zone": resources["landing_zone"]}
+        landing = {"landing_zone": resources["landing_zone"], "persona_store": resources["persona_store"]}
         ticked = offer_feedback_sensor(dg.build_sensor_context(instance=instance, resources=landing))
         (request,) = [r for r in ticked.run_requests if r.run_key == batch]
         instance.add_dynamic_partitions(offer_feedback_batches.name, [request.partition_key])
         run = dg.materialize(
-            [offer_feedback], partition_key=request.partition_key, resources=resources, instance=instance
+            [offer_feedback],
+            partition_key=request.partition_key,
+            resources=resources,
+            instance=instance,
+            run_config=NO_HOLD,
         )
     assert run.success
 

@@ -12,7 +12,7 @@ import pytest
 
 from persona_pipeline.feedback.assets import key_weights, offer_feedback, offer_feedback_batches
 from persona_pipeline.resources import PersonaStore
-from persona_pipeline.store.tables import service_recommendations
+from persona_pipeline.store.tables import offer_feedback_held, service_recommendations
 from persona_pipeline_tests.conftest import resources_for, table
 
 OFFER_DAY = "2026-03-07"
@@ -115,7 +115,10 @@ def test_the_sensor_names_a_bad_batch_folder_once_and_requests_the_good_ones(tmp
     home = tmp_path / "home"
     write_batch(home, "", [answer("o1", "accepted")])
     write_batch(home, "good-1", [answer("o1", "accepted")])
-    landing = {"landing_zone": LandingZone(path=str(home / "landing"))}
+    landing = {
+        "landing_zone": LandingZone(path=str(home / "landing")),
+        "persona_store": PersonaStore(url=f"sqlite:///{tmp_path / 'persona.db'}"),
+    }
 
     def warnings() -> list[str]:  # the sensor context logs to stderr
         return [
@@ -142,3 +145,79 @@ def test_the_sensor_names_a_bad_batch_folder_once_and_requests_the_good_ones(tmp
             dg.build_sensor_context(instance=instance, cursor=json.dumps(["good-1"]), resources=landing)
         )
         assert [r.run_key for r in old.run_requests] == ["good-2"]
+
+
+def feedback_sensor_tick(resources: dict, instance: dg.DagsterInstance, cursor: str | None = None):
+    from persona_pipeline.feedback.assets import offer_feedback_sensor
+
+    wanted = {name: resources[name] for name in ("landing_zone", "persona_store")}
+    return offer_feedback_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=wanted))
+
+
+def test_feedback_that_arrives_before_its_offers_is_held_then_loaded_and_learned(persona_home, instance):
+    """A batch answering offers that are not in the store yet: those rows were rejected for good
+    and the batch never read again. Now they are held; once the offers exist, the next run (the
+    sensor asks for one after new offers) makes them responses of their batch, and the weights
+    refresh learns that batch again. Rows whose offer never comes are rejected when the hold ends."""
+    resources = resources_for(persona_home)
+    store = resources["persona_store"]
+    make_offers(store, ["o1"])
+    write_batch(
+        persona_home, "early", [answer("o1", "accepted"), answer("o2", "used"), answer("never", "accepted")]
+    )
+    metadata = load("early", resources, instance)
+    assert (metadata["responses"].value, metadata["held"].value, metadata["rejected"].value) == (1, 2, 0)
+    held = table(store, "offer_feedback_held", order_by=["source_row"])
+    assert held[["batch_id", "source_row", "offer_id", "response"]].values.tolist() == [
+        ["early", 2, "o2", "used"],
+        ["early", 3, "never", "accepted"],
+    ]
+    first_seen = held["first_seen_at"].iloc[0]
+    assert refresh(resources, instance) == "none: nothing changed"
+
+    # Re-processing the batch keeps when its rows were first seen.
+    load("early", resources, instance)
+    assert table(store, "offer_feedback_held")["first_seen_at"].tolist() == [first_seen, first_seen]
+    assert refresh(resources, instance) == "none: nothing changed"  # learned again: a new load
+
+    # The offers are made; the sensor asks for the held batch once, after the new offers.
+    make_offers(store, ["o2"])
+    instance.report_runless_asset_event(dg.AssetMaterialization("service_recommendations"))
+    seen = json.dumps(["early"])
+    ticked = feedback_sensor_tick(resources, instance, seen)
+    assert [r.partition_key for r in ticked.run_requests] == ["early"]
+
+    # Any feedback run retries the held rows of every batch: here a new batch's.
+    write_batch(persona_home, "later", [answer("o1", "rejected", at=f"{OFFER_DAY}T16:00:00Z")])
+    metadata = load("later", resources, instance)
+    assert metadata["held_rows_now_responses"].value == 1
+    feedback = table(store, "offer_feedback", order_by=["batch_id", "offer_id"])
+    assert feedback[["batch_id", "offer_id", "response"]].values.tolist() == [
+        ["early", "o1", "accepted"],
+        ["early", "o2", "used"],
+        ["later", "o1", "rejected"],
+    ]
+    assert table(store, "offer_feedback_held")["offer_id"].tolist() == ["never"]
+    assert refresh(resources, instance) == "none: nothing changed"
+    learned = json.loads(table(store, "key_weight_refreshes").sort_values("refresh_id")["batches"].iloc[-1])
+    assert learned == ["early", "later"]  # the late rows' batch is learned again
+    assert not feedback_sensor_tick(resources, instance, json.dumps(["early", "later"])).run_requests
+
+    # The hold ends: the last held row becomes a reject of its batch, with the reason.
+    with store.begin() as connection:
+        now = pd.Timestamp.now(tz="UTC")
+        connection.execute(
+            offer_feedback_held.update().values(
+                first_seen_at=(now - pd.Timedelta(days=3)).to_pydatetime(), hold_until=now.to_pydatetime()
+            )
+        )
+    (expired,) = feedback_sensor_tick(resources, instance, json.dumps(["early", "later"])).run_requests
+    assert expired.partition_key == "early" and "hold-ended" in expired.run_key
+    load("early", resources, instance)
+    assert table(store, "offer_feedback_held").empty
+    (reject,) = table(store, "offer_feedback_rejects").itertuples()
+    assert (reject.batch_id, reject.source_row, reject.reason_code) == ("early", 3, "unknown_offer")
+    assert reject.reason == "offer_id 'never' names no offer that was made (held 3 days)"
+    load("early", resources, instance)  # processed again: still rejected, not held anew
+    assert table(store, "offer_feedback_held").empty
+    assert table(store, "offer_feedback_rejects")["reason_code"].tolist() == ["unknown_offer"]

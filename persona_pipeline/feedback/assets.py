@@ -12,11 +12,11 @@ from persona_pipeline.automation import SENSOR_STATUS, after_upstream_updates
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.feedback import storage
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
-from persona_pipeline.feedback.validation import FEEDBACK_FIELDS, offer_ids, validate_feedback
+from persona_pipeline.feedback.validation import load_feedback
 from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
 from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.offers.catalog import ServiceCatalog
-from persona_pipeline.offers.recommend import app_key
+from persona_pipeline.offers.recommend import POSITIVE_RESPONSES, app_key
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import persona_vectors
 from persona_pipeline.personas.weights import current_weights
@@ -34,6 +34,18 @@ class OfferFeedbackConfig(dg.Config):
         ge=0,
         le=1,
         description="The reject-share check fails when more than this share of a batch's rows is rejected.",
+    )
+    hold_unknown_offers_days: float = Field(
+        default=3.0,
+        ge=0,
+        description="A response to an offer that is not in the store (yet) is held this long, from the "
+        "first run that read it, and tried again by every offer_feedback run (offer_feedback_sensor "
+        "asks for one when new offers were made); then it is rejected as unknown_offer. 0: at once.",
+    )
+    max_clock_skew_minutes: float = Field(
+        default=5.0,
+        ge=0,
+        description="A response later than now plus this is rejected as future_response.",
     )
 
 
@@ -61,46 +73,59 @@ def offer_feedback(
     bad timestamps go to `offer_feedback_rejects` with a reason; re-processing replaces the batch."""
     batch_id = context.partition_key
     read = landing_zone.read_feedback_batch(batch_id)
-    rows = read.rows.reindex(columns=[*FEEDBACK_FIELDS, "source_file", "source_row", "raw"])
-    known = storage.known_offer_ids(persona_store, offer_ids(rows).dropna().unique().tolist())
-    responses, rejects = validate_feedback(rows, known, batch_id)
-    unreadable = read.rejects.assign(batch_id=batch_id, reason_code="unreadable")
-    rejects = pd.concat([unreadable, rejects], ignore_index=True).assign(
-        rejected_at=pd.Timestamp.now(tz="UTC")
+    now = pd.Timestamp.now(tz="UTC")
+    loaded = load_feedback(
+        read.rows.assign(batch_id=batch_id),
+        batch_id,
+        storage.read_held(persona_store),
+        storage.read_unknown_offer_rejects(persona_store, batch_id),
+        lambda ids: storage.read_offer_times(persona_store, ids),
+        now,
+        hold=pd.Timedelta(days=config.hold_unknown_offers_days),
+        clock_skew=pd.Timedelta(minutes=config.max_clock_skew_minutes),
     )
-    storage.write_batch(persona_store, batch_id, responses, rejects)
+    unreadable = read.rejects.assign(batch_id=batch_id, reason_code="unreadable")
+    rejects = pd.concat([unreadable, loaded.rejects], ignore_index=True).assign(rejected_at=now)
+    storage.write_batch(
+        persona_store, batch_id, loaded.responses, rejects, loaded.held, loaded.retried_batches
+    )
     for problem in read.problems:
         context.log.warning(problem)
-
+    rows = read.rows
+    own = rejects["batch_id"] == batch_id
+    responses = loaded.responses[loaded.responses["batch_id"] == batch_id]
+    held_here = int((loaded.held["batch_id"] == batch_id).sum())
+    latest = responses.sort_values("responded_at").drop_duplicates("offer_id", keep="last")
     total = len(rows) + len(read.rejects)
-    share = len(rejects) / total if total else 0.0
-    positive = responses["response"].isin(["accepted", "used"])
+    share = int(own.sum()) / total if total else 0.0
+    other_batches = loaded.responses[loaded.responses["batch_id"] != batch_id]
     return dg.MaterializeResult(
         metadata={
             "batch_id": dg.MetadataValue.text(batch_id),
             "rows_read": dg.MetadataValue.int(total),
             "responses": dg.MetadataValue.int(len(responses)),
-            "rejected": dg.MetadataValue.int(len(rejects)),
-            "offers_answered": dg.MetadataValue.int(int(responses["offer_id"].nunique())),
+            "rejected": dg.MetadataValue.int(int(own.sum())),
+            "held": dg.MetadataValue.int(held_here),
+            "held_in_other_batches": dg.MetadataValue.int(len(loaded.held) - held_here),
+            "held_rows_now_responses": dg.MetadataValue.int(len(other_batches)),
+            "held_rows_now_rejected": dg.MetadataValue.int(int((~own).sum())),
+            "offers_answered": dg.MetadataValue.int(len(latest)),
+            # Each offer counted by its latest answer in the batch.
             "acceptance_rate": dg.MetadataValue.float(
-                round(
-                    float(
-                        responses.loc[positive, "offer_id"].nunique()
-                        / max(responses["offer_id"].nunique(), 1)
-                    ),
-                    4,
-                )
+                round(float(latest["response"].isin(POSITIVE_RESPONSES).mean()) if len(latest) else 0.0, 4)
             ),
             "responses_by_kind": counts_table(responses["response"].value_counts(), "response", "rows"),
             "rejects_by_reason": counts_table(rejects["reason_code"].value_counts(), "reason", "rows"),
-            "reject_examples": markdown_table(rejects[["source_file", "source_row", "reason"]], max_rows=5),
+            "reject_examples": markdown_table(
+                rejects[["batch_id", "source_file", "source_row", "reason"]], max_rows=5
+            ),
         },
         check_results=[
             reject_share_check(
                 FEEDBACK_REJECT_CHECK,
                 share,
                 config.max_reject_share,
-                len(rejects),
+                int(own.sum()),
                 total,
                 "offer_feedback_rejects",
             )
@@ -142,26 +167,54 @@ class _FeedbackCursor:
     "partition of offer_feedback and gets one run; each batch once, even after a restart. A folder "
     "that is not a valid batch is named in a warning and skipped.",
 )
-def offer_feedback_sensor(context: dg.SensorEvaluationContext, landing_zone: LandingZone) -> dg.SensorResult:
+def offer_feedback_sensor(
+    context: dg.SensorEvaluationContext, landing_zone: LandingZone, persona_store: PersonaStore
+) -> dg.SensorResult:
     """Each tick: complete feedback batches (`_SUCCESS` present) not seen before become partitions
     of offer_feedback, with one run each. The run key is the batch id and the cursor remembers the
     batches seen, so a batch is never processed twice, even after a restart. A folder that cannot
     be a batch (an empty or unsafe id, a file, a symlink out of the landing zone) is named in a
-    warning once, and the others go on."""
+    warning once, and the others go on. A batch with held rows (responses to offers not made yet)
+    runs again after each new service_recommendations materialization, and once its hold ends."""
     cursor = _FeedbackCursor.read(context.cursor)
     problems = landing_zone.feedback_folder_problems()
     for problem in problems:
         if problem not in cursor.reported:
             context.log.warning(f"feedback folder {problem}")
     new = [batch for batch in landing_zone.complete_feedback_batches() if batch not in cursor.seen]
+    retries = _held_batch_retries(context.instance, storage.read_held_batches(persona_store))
     next_cursor = _FeedbackCursor(seen=cursor.seen | set(new), reported=set(problems)).text()
-    if not new:
+    if not new and not retries:
         return dg.SensorResult(skip_reason="no new complete feedback batch", cursor=next_cursor)
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=batch, run_key=batch) for batch in new],
-        dynamic_partitions_requests=[offer_feedback_batches.build_add_request(new)],
+        run_requests=[dg.RunRequest(partition_key=batch, run_key=batch) for batch in new] + retries,
+        dynamic_partitions_requests=[offer_feedback_batches.build_add_request(new)] if new else [],
         cursor=next_cursor,
     )
+
+
+def _held_batch_retries(instance: dg.DagsterInstance, held: pd.DataFrame) -> list[dg.RunRequest]:
+    """One run of a batch with held rows (`held`: batch_id, hold_until, the earliest of its rows)
+    when no offer_feedback run (of any batch: each retries every held row) came after the newest
+    offers, or after a hold ended. Run keys name the offers' materialization or the end of the
+    hold, so each is asked for once."""
+    if held.empty:
+        return []
+    newest_offers = instance.fetch_materializations(service_recommendations.key, limit=1).records
+    last_feedback = instance.fetch_materializations(offer_feedback.key, limit=1).records
+    last_id = last_feedback[0].storage_id if last_feedback else 0
+    last_at = pd.Timestamp(last_feedback[0].timestamp, unit="s", tz="UTC") if last_feedback else None
+    held = held.sort_values(["hold_until", "batch_id"])
+    if newest_offers and newest_offers[0].storage_id > last_id:
+        batch = held["batch_id"].iloc[0]
+        return [dg.RunRequest(partition_key=batch, run_key=f"{batch}:offers-{newest_offers[0].storage_id}")]
+    ended = held[(held["hold_until"] <= pd.Timestamp.now(tz="UTC"))]
+    if last_at is not None:
+        ended = ended[ended["hold_until"] > last_at]
+    if ended.empty:
+        return []
+    batch, hold_until = ended["batch_id"].iloc[0], ended["hold_until"].iloc[0]
+    return [dg.RunRequest(partition_key=batch, run_key=f"{batch}:hold-ended-{hold_until:%Y%m%dT%H%M%S}")]
 
 
 class KeyWeightsConfig(dg.Config):

@@ -15,30 +15,71 @@ from persona_pipeline.resources.persona_store import PersonaStore
 from persona_pipeline.store.tables import (
     key_weight_refreshes,
     offer_feedback,
+    offer_feedback_held,
     offer_feedback_rejects,
     service_recommendations,
 )
 
 
-def known_offer_ids(store: PersonaStore, offer_ids: list[str]) -> pd.Index:
-    """Those of `offer_ids` that name an offer that was made."""
-    found: list[str] = []
-    with store.engine.connect() as connection:
-        for start in range(0, len(offer_ids), 10_000):
-            chunk = offer_ids[start : start + 10_000]
-            column = service_recommendations.c.offer_id
-            found += connection.execute(sa.select(column).where(column.in_(chunk))).scalars().all()
-    return pd.Index(found)
+def read_offer_times(store: PersonaStore, offer_ids: list[str]) -> pd.DataFrame:
+    """The offers among `offer_ids` that were made: index offer_id; created_at, offer_day."""
+    r = service_recommendations.c
+    frame = store.read_frame_in(sa.select(r.offer_id, r.created_at, r.offer_day), r.offer_id, offer_ids)
+    return frame.set_index("offer_id")
 
 
-def write_batch(store: PersonaStore, batch_id: str, responses: pd.DataFrame, rejects: pd.DataFrame) -> None:
-    """Replace the batch's responses and rejects (re-processing a batch changes nothing), under a
-    new load id: the next weights refresh learns from them again."""
+def read_held(store: PersonaStore) -> pd.DataFrame:
+    """Every held row (responses to offers not made yet), of every batch."""
+    return store.read_frame(sa.select(offer_feedback_held))
+
+
+def read_held_batches(store: PersonaStore) -> pd.DataFrame:
+    """The batches with held rows: batch_id, hold_until (the earliest of the batch's rows)."""
+    h = offer_feedback_held.c
+    return store.read_frame(
+        sa.select(h.batch_id, sa.func.min(h.hold_until).label("hold_until")).group_by(h.batch_id)
+    ).assign(hold_until=lambda frame: pd.to_datetime(frame["hold_until"], utc=True))
+
+
+def read_unknown_offer_rejects(store: PersonaStore, batch_id: str) -> pd.DataFrame:
+    """The batch's rows rejected for naming no offer: batch_id, source_file, source_row, rejected_at."""
+    j = offer_feedback_rejects.c
+    return store.read_frame(
+        sa.select(j.batch_id, j.source_file, j.source_row, j.rejected_at).where(
+            (j.batch_id == batch_id) & (j.reason_code == "unknown_offer")
+        )
+    )
+
+
+def write_batch(
+    store: PersonaStore,
+    batch_id: str,
+    responses: pd.DataFrame,
+    rejects: pd.DataFrame,
+    held: pd.DataFrame,
+    retried_batches: list[str],
+) -> None:
+    """In one transaction: replace the batch's responses, rejects and held rows (re-processing a
+    batch changes nothing); for `retried_batches`, the other batches whose held rows were tried
+    again, add the responses and rejects they became and replace their held rows. Responses go in
+    under a new load id, so the next weights refresh learns from their batches again."""
+    load_id = uuid.uuid4().hex
+    others = responses["batch_id"] != batch_id
     with store.begin() as connection:
-        for table in (offer_feedback, offer_feedback_rejects):
+        for table in (offer_feedback, offer_feedback_rejects, offer_feedback_held):
             connection.execute(table.delete().where(table.c.batch_id == batch_id))
-        store.insert_frame(connection, offer_feedback, responses.assign(load_id=uuid.uuid4().hex))
+        store.delete_in(connection, offer_feedback_held, offer_feedback_held.c.batch_id, retried_batches)
+        for other, promoted in responses[others].groupby("batch_id"):
+            store.delete_in(
+                connection,
+                offer_feedback,
+                offer_feedback.c.offer_id,
+                promoted["offer_id"].unique().tolist(),
+                where=offer_feedback.c.batch_id == other,
+            )
+        store.insert_frame(connection, offer_feedback, responses.assign(load_id=load_id))
         store.insert_frame(connection, offer_feedback_rejects, rejects)
+        store.insert_frame(connection, offer_feedback_held, held)
 
 
 def read_responded_offers(store: PersonaStore) -> pd.DataFrame:
