@@ -257,7 +257,7 @@ def test_vectors_of_a_day_follow_the_devices_that_changed_and_equal_a_full_recom
     store = resources["persona_store"]
     moved_long_ago = update("d3", "device.location.city", "Madrid", "2026-03-01T21:00:00Z")
     first = [
-        *[update(f"d{d}", "device.location.city", "Berlin", "2026-02-20T10:00:00Z") for d in range(20)],
+        *[update(f"d{d}", "device.location.city", "Berlin", "2026-03-01T10:00:00Z") for d in range(20)],
         moved_long_ago,  # within 7 days of 2026-03-08T20:00, not of 2026-03-09T20:00
         *[update(f"d{d}", "device.battery.level", 50 + d, "2026-03-08T20:00:00Z") for d in range(20)],
     ]
