@@ -9,6 +9,7 @@ from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.metadata import markdown_table
 from persona_pipeline.partitions import daily_partitions, partition_days
 from persona_pipeline.personas import storage
+from persona_pipeline.personas.index_verification import SAMPLE_SIZE, collection_problem
 from persona_pipeline.personas.profiles import (
     device_customers,
     latest_per_device_key,
@@ -20,6 +21,7 @@ from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.resources.persona_store import int64_fingerprint
 from persona_pipeline.resources.vector_index import (
     COLLECTION_PREFIX,
+    VectorIndexError,
     VectorStore,
     persona_collections,
     point_ids,
@@ -217,7 +219,8 @@ class PersonaIndexConfig(dg.Config):
         dg.AssetCheckSpec(
             ONE_POINT_CHECK,
             asset="persona_index",
-            description="The alias `personas` resolves to a collection with exactly one point per device.",
+            description="The alias `personas` resolves to a collection with exactly one point per device, "
+            "whose sampled points hold the vectors of persona_vectors (after any repair).",
         )
     ],
 )
@@ -230,7 +233,9 @@ def persona_index(
     """Persona vectors in Qdrant: a collection per feature space (schema + weights version),
     point id uuid5(device_id). Writes only the devices whose vector changed since the
     collection last saw them; a new feature space fills a new collection, then the alias
-    `personas` is swapped to it atomically."""
+    `personas` is swapped to it atomically. The collection is then verified (point count, a
+    sample read back with its vectors); a damaged one is rewritten, or rebuilt when it cannot be
+    read, and the metadata says so."""
     spaces = storage.read_vector_spaces(persona_store)
     if len(spaces) > 1:
         raise dg.Failure(f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors")
@@ -239,55 +244,44 @@ def persona_index(
         return dg.MaterializeResult(
             metadata={"points_written": dg.MetadataValue.int(0)},
             check_results=[
-                dg.AssetCheckResult(check_name=ONE_POINT_CHECK, passed=True, description="no devices")
+                dg.AssetCheckResult(
+                    check_name=ONE_POINT_CHECK,
+                    passed=True,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    description="no devices",
+                )
             ],
         )
     collection = f"{COLLECTION_PREFIX}{space}"
     dimensions = storage.read_dimension_count(persona_store, space)
     devices, weights_version = storage.read_vector_overview(persona_store)
+    sample = storage.read_vector_sample(persona_store, SAMPLE_SIZE)
+    sample_ids = sample["device_id"].tolist()
+    sample_vectors = storage.decode_vectors(sample["vector"], dimensions)
+    # A server keeps its own storage sound, and an error there is most likely the connection:
+    # only an embedded collection that cannot be read is rebuilt.
+    rebuild_unreadable = not vector_index.url
+    repairs: list[str] = []
 
     with vector_index.open() as index:
-        created = index.ensure_collection(collection, dimensions)
-        if created:  # a new collection holds nothing, whatever state an old one left
-            to_write, gone = storage.read_vector_summaries(persona_store), []
-        else:
-            to_write, gone = storage.read_unindexed_vectors(persona_store, collection)
-        # The segment as device_clusters last assigned it (None until the first clustering).
-        clusters = read_assignments(
-            persona_store, None if created else to_write["device_id"].tolist()
-        ).reindex(to_write["device_id"])
-        to_write = to_write.assign(cluster_id=clusters.astype("Int64").to_numpy())
-        payloads = [
-            {
-                "device_id": d,
-                "customer_id": None if pd.isna(c) else c,
-                "weights_version": int(w),
-                "cluster_id": None if pd.isna(k) else int(k),
-            }
-            for d, c, w, k in zip(
-                to_write["device_id"],
-                to_write["customer_id"],
-                to_write["weights_version"],
-                to_write["cluster_id"],
-                strict=True,
-            )
-        ]
-        blobs = storage.read_vector_blobs(persona_store, to_write["device_id"].tolist())
-        written = index.upsert(
-            collection,
-            point_ids(to_write["device_id"]),
-            storage.decode_vectors(blobs, dimensions),
-            payloads,
-            config.batch_size,
+        created = _open_collection(index, collection, dimensions, rebuild_unreadable, repairs)
+        recorded = storage.count_index_state(persona_store, collection) if created and not repairs else 0
+        if recorded:
+            repairs.append(f"{collection} was missing, {recorded} points recorded as written: wrote it anew")
+        written, deleted = _write_points(
+            persona_store, index, collection, dimensions, config.batch_size, created
         )
-        deleted = index.delete(collection, point_ids(gone))
-        storage.write_index_state(
-            persona_store,
-            collection,
-            to_write[["device_id", "fingerprint", "cluster_id"]],
-            gone,
-            whole=created,
-        )
+        problem = collection_problem(index, collection, devices, sample_ids, sample_vectors)
+        if problem is not None and not problem.needs_rebuild:
+            repairs.append(f"{problem.description}: rewrote every point")
+            written += _write_points(persona_store, index, collection, dimensions, config.batch_size, True)[0]
+            problem = collection_problem(index, collection, devices, sample_ids, sample_vectors)
+        if problem is not None and (rebuild_unreadable or problem.kind == "extra"):
+            repairs.append(f"{problem.description}: rebuilt the collection")
+            index.drop_collection(collection)
+            index.create_collection(collection, dimensions)
+            written += _write_points(persona_store, index, collection, dimensions, config.batch_size, True)[0]
+            problem = collection_problem(index, collection, devices, sample_ids, sample_vectors)
         previous = index.swap_alias(vector_index.alias, collection)
         dropped = _drop_old_collections(
             index, keep=config.keep_collections, current=collection, previous=previous
@@ -296,8 +290,10 @@ def persona_index(
         points = index.count(vector_index.alias)
     if previous != collection:
         context.log.info(f"alias {vector_index.alias}: {previous} -> {collection}")
+    for repair in repairs:
+        context.log.warning(f"vector index at {vector_index.location}: {repair}")
 
-    passed = points == devices
+    passed = points == devices and problem is None
     return dg.MaterializeResult(
         metadata={
             "collection": dg.MetadataValue.text(collection),
@@ -310,16 +306,83 @@ def persona_index(
             "dimensions": dg.MetadataValue.int(dimensions),
             "weights_version": dg.MetadataValue.int(int(weights_version or 0)),
             "collections_dropped": dg.MetadataValue.text(", ".join(dropped) or "none"),
+            "points_verified": dg.MetadataValue.int(len(sample_ids)),
+            "repaired": dg.MetadataValue.text("; ".join(repairs) or "no"),
         },
         check_results=[
             dg.AssetCheckResult(
                 check_name=ONE_POINT_CHECK,
                 passed=passed,
-                metadata={"points": points, "devices": devices},
-                description=None if passed else f"{points} points for {devices} devices",
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"points": points, "devices": devices, "repaired": "; ".join(repairs) or "no"},
+                description=None
+                if passed
+                else (problem.description if problem else f"{points} points for {devices} devices"),
             )
         ],
     )
+
+
+def _open_collection(
+    index: VectorStore, collection: str, dimensions: int, rebuild_unreadable: bool, repairs: list[str]
+) -> bool:
+    """Make sure the collection exists and opens; True when it is new (empty). A collection that
+    exists but cannot be opened is dropped and made anew when `rebuild_unreadable`."""
+    try:
+        created = index.ensure_collection(collection, dimensions)
+        index.count(collection)
+        return created
+    except VectorIndexError as exc:
+        if not rebuild_unreadable or collection not in index.collections():
+            raise
+        repairs.append(f"{collection} cannot be opened: {exc.detail}: rebuilt the collection")
+    index.drop_collection(collection)
+    index.create_collection(collection, dimensions)
+    return True
+
+
+def _write_points(
+    store: PersonaStore, index: VectorStore, collection: str, dimensions: int, batch_size: int, whole: bool
+) -> tuple[int, int]:
+    """Write the points `collection` lacks (every device's when `whole`) and delete the points of
+    devices without a vector; record them in vector_index_state. Returns (written, deleted)."""
+    if whole:  # a new or rebuilt collection holds nothing, whatever state an old one left
+        to_write, gone = storage.read_vector_summaries(store), []
+    else:
+        to_write, gone = storage.read_unindexed_vectors(store, collection)
+    # The segment as device_clusters last assigned it (None until the first clustering).
+    clusters = read_assignments(store, None if whole else to_write["device_id"].tolist()).reindex(
+        to_write["device_id"]
+    )
+    to_write = to_write.assign(cluster_id=clusters.astype("Int64").to_numpy())
+    payloads = [
+        {
+            "device_id": d,
+            "customer_id": None if pd.isna(c) else c,
+            "weights_version": int(w),
+            "cluster_id": None if pd.isna(k) else int(k),
+        }
+        for d, c, w, k in zip(
+            to_write["device_id"],
+            to_write["customer_id"],
+            to_write["weights_version"],
+            to_write["cluster_id"],
+            strict=True,
+        )
+    ]
+    blobs = storage.read_vector_blobs(store, to_write["device_id"].tolist())
+    written = index.upsert(
+        collection,
+        point_ids(to_write["device_id"]),
+        storage.decode_vectors(blobs, dimensions),
+        payloads,
+        batch_size,
+    )
+    deleted = index.delete(collection, point_ids(gone))
+    storage.write_index_state(
+        store, collection, to_write[["device_id", "fingerprint", "cluster_id"]], gone, whole=whole
+    )
+    return written, deleted
 
 
 def _drop_old_collections(index: VectorStore, keep: int, current: str, previous: str | None) -> list[str]:

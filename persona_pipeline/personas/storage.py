@@ -382,3 +382,18 @@ def read_dimensions(store: PersonaStore, space: str) -> pd.DataFrame:
 
 def read_dimension_names(store: PersonaStore, space: str) -> list[str]:
     return read_dimensions(store, space)["name"].tolist()
+
+
+def read_vector_sample(store: PersonaStore, size: int, seed: int | None = None) -> pd.DataFrame:
+    """`size` consecutive devices (device_id, vector) from a random place in persona_vectors,
+    read along its primary key: what persona_index reads back from Qdrant to verify it."""
+    v = persona_vectors.c
+    devices = int(store.scalar(sa.select(sa.func.count()).select_from(persona_vectors)) or 0)
+    start = int(np.random.default_rng(seed).integers(0, max(devices - size, 0) + 1))
+    return store.read_frame(sa.select(v.device_id, v.vector).order_by(v.device_id).offset(start).limit(size))
+
+
+def count_index_state(store: PersonaStore, collection: str) -> int:
+    """How many devices vector_index_state records as written to `collection`."""
+    s = vector_index_state.c
+    return int(store.scalar(sa.select(sa.func.count()).where(s.collection == collection)) or 0)

@@ -95,10 +95,18 @@ class QdrantEdgeStore(VectorStore):
         )
 
     def dimensions(self, collection: str) -> int | None:
-        config = self._folder(self._aliases.get(collection, collection)) / EDGE_CONFIG_FILE
-        if not config.is_file():
+        folder = self._folder(self._aliases.get(collection, collection))
+        if not folder.is_dir():
             return None
-        return int(json.loads(config.read_text())["vectors"][""]["size"])
+        config = folder / EDGE_CONFIG_FILE
+        try:
+            return int(json.loads(config.read_text())["vectors"][""]["size"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise VectorIndexError(
+                f"vector index at {self.location}: collection {collection} is damaged, its {config} "
+                f"cannot be read ({exc})",
+                f"its {EDGE_CONFIG_FILE} cannot be read ({exc})",
+            ) from None
 
     def create_collection(self, name: str, dimensions: int) -> None:
         target = self._folder(name)
