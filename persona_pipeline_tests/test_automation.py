@@ -13,6 +13,7 @@ import dagster as dg
 
 from persona_pipeline.definitions import defs
 from persona_pipeline.feedback.assets import key_weights_sensor
+from persona_pipeline.ingest import automation as ingest_automation
 from persona_pipeline.ingest.automation import index_updates_sensor, ingest_schedule
 from persona_pipeline.resources import LandingZone
 from persona_pipeline_tests.conftest import update, write_jsonl
@@ -165,3 +166,25 @@ def test_automation_can_start_stopped_for_a_deployment_that_only_backfills():
         [sys.executable, "-W", "ignore", "-c", probe], env=env, capture_output=True, text=True
     )
     assert refused.returncode != 0 and "PERSONA_AUTOMATION='sometimes': expected on or off" in refused.stderr
+
+
+def test_landing_sensor_skips_days_already_ingested_by_the_command_line(landing, instance, monkeypatch):
+    """A daemon started after `persona-pipeline run` (no cursor yet) does not ingest again the days
+    that run read, only a day whose files changed after it."""
+    for day in ("2026-03-01", "2026-03-02"):
+        settled(write_jsonl(landing, day, [update("d1", "device.model", "X", f"{day}T08:00:00+00:00")]))
+    ingest = defs.resolve_job_def("ingest_job")
+    for day in ("2026-03-01", "2026-03-02"):
+        assert ingest.execute_in_process(instance=instance, partition_key=day).success
+
+    first = tick(index_updates_sensor, instance, landing, None)
+    assert not first.run_requests
+    assert set(json.loads(first.cursor)) == {"2026-03-01", "2026-03-02"}
+
+    # A file that lands after those runs: settled at once here, so its time is after theirs.
+    monkeypatch.setattr(ingest_automation, "SETTLE_SECONDS", 0)
+    write_jsonl(
+        landing, "2026-03-02", [update("d2", "device.model", "Y", "2026-03-02T09:00:00+00:00")], "b.jsonl"
+    )
+    later = tick(index_updates_sensor, instance, landing, None)
+    assert [r.partition_key for r in later.run_requests] == ["2026-03-02"]

@@ -1,6 +1,9 @@
 """When ingest runs: a daily schedule over the partitions, and a sensor for files as they land."""
 
 import json
+import math
+import os
+from pathlib import Path
 
 import dagster as dg
 
@@ -19,6 +22,27 @@ ingest_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(index_updates, device_profiles),
     description="Read, validate and merge the landing data of the selected days into device profiles.",
 )
+
+
+def _newest_change(folder: Path) -> float:
+    """When a day folder or one of its files last changed (a removed file changes the folder)."""
+    try:
+        with os.scandir(folder) as entries:
+            times = [entry.stat().st_mtime for entry in entries if not entry.name.startswith(("_", "."))]
+        return max([folder.stat().st_mtime, *times])
+    except OSError:
+        return math.inf
+
+
+def _read_since_last_change(instance: dg.DagsterInstance, folder: Path, day: str) -> bool:
+    """Whether a run that materialized the day's index_updates started after its files last changed."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=index_updates.key, asset_partitions=[day]), limit=1
+    ).records
+    if not records:
+        return False
+    run = instance.get_run_record_by_id(records[0].run_id)
+    return bool(run and run.start_time and run.start_time > _newest_change(folder))
 
 
 @dg.schedule(
@@ -55,13 +79,18 @@ def index_updates_sensor(context: dg.SensorEvaluationContext, landing_zone: Land
     known_days = set(daily_partitions.get_partition_keys())
     current = landing_zone.settled_day_fingerprints(SETTLE_SECONDS)
     changed = sorted(day for day, print_ in current.items() if seen.get(day) != print_)
+    # Days a run read after their files last changed (the command line's, or before a restart
+    # without a cursor) are not read again.
+    already_read = {
+        day for day in changed if _read_since_last_change(context.instance, landing_zone.day_folder(day), day)
+    }
     outside = [day for day in changed if day not in known_days]
     for day in outside:
         context.log.warning(f"landing folder date={day} {outside_partitions(day)}: skipped")
     requests = [
         dg.RunRequest(partition_key=day, run_key=f"{day}:{current[day]}")
         for day in changed
-        if day in known_days
+        if day in known_days and day not in already_read
     ]
     cursor = json.dumps({**seen, **{day: current[day] for day in changed}}, sort_keys=True)
     if not requests:
