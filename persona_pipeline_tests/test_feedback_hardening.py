@@ -221,3 +221,68 @@ def test_feedback_that_arrives_before_its_offers_is_held_then_loaded_and_learned
     load("early", resources, instance)  # processed again: still rejected, not held anew
     assert table(store, "offer_feedback_held").empty
     assert table(store, "offer_feedback_rejects")["reason_code"].tolist() == ["unknown_offer"]
+
+
+def test_responses_from_the_future_or_from_before_the_offer_are_rejected_with_reasons(persona_home, instance):
+    resources = resources_for(persona_home)
+    store = resources["persona_store"]
+    make_offers(store, ["o1", "o2", "o3"])
+    soon = (pd.Timestamp.now(tz="UTC") + pd.Timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_batch(
+        persona_home,
+        "times",
+        [
+            answer("o1", "accepted", at="2099-01-01T00:00:00Z"),
+            answer("o2", "accepted", at="2026-03-06T23:59:00Z"),  # the day before the offer
+            answer("o3", "accepted", at=soon),  # within the clock skew allowed
+        ],
+    )
+    metadata = load("times", resources, instance)
+    assert (metadata["responses"].value, metadata["rejected"].value) == (1, 2)
+    assert table(store, "offer_feedback")["offer_id"].tolist() == ["o3"]
+    rejects = table(store, "offer_feedback_rejects").set_index("source_row")
+    assert rejects["reason_code"].to_dict() == {1: "future_response", 2: "before_offer"}
+    assert rejects.loc[1, "reason"].startswith(
+        "responded_at '2099-01-01T00:00:00Z' is in the future (later than "
+    )
+    assert rejects.loc[2, "reason"] == (
+        f"responded_at '2026-03-06T23:59:00Z' is before offer 'o2' was made (day {OFFER_DAY})"
+    )
+
+
+def test_an_offer_answered_several_times_counts_by_its_latest_answer(persona_home, instance):
+    """Accepted, then rejected, then dismissed (over two batches): the offer is not accepted, for
+    the learning and for the acceptance figures; answered the other way round, it is."""
+    from persona_pipeline.feedback.storage import acceptance_by_weights_version, read_responded_offers
+    from persona_pipeline.offers.storage import read_acceptance
+
+    resources = resources_for(persona_home)
+    store = resources["persona_store"]
+    make_offers(store, ["o1", "o2"])
+    write_batch(
+        persona_home,
+        "first",
+        [
+            answer("o1", "accepted", at=f"{OFFER_DAY}T10:00:00Z"),
+            answer("o1", "rejected", at=f"{OFFER_DAY}T11:00:00Z"),
+            answer("o2", "rejected", at=f"{OFFER_DAY}T10:00:00Z"),
+        ],
+    )
+    write_batch(
+        persona_home,
+        "second",
+        [
+            answer("o1", "dismissed", at=f"{OFFER_DAY}T12:00:00Z"),
+            answer("o2", "used", at=f"{OFFER_DAY}T12:00:00Z"),
+        ],
+    )
+    first = load("first", resources, instance)
+    assert first["acceptance_rate"].value == 0.0  # in this batch, o1 was last rejected
+    load("second", resources, instance)
+
+    responded = read_responded_offers(store).set_index("offer_id")["accepted"]
+    assert responded.to_dict() == {"o1": False, "o2": True}
+    history = acceptance_by_weights_version(store).iloc[0]
+    assert (history["answered"], history["accepted"]) == (2, 1)
+    acceptance = read_acceptance(store).iloc[0]
+    assert (acceptance["accepted"], acceptance["responses"]) == (1, 2)

@@ -18,11 +18,16 @@ def read_offer_history(store: PersonaStore, since_day: str | None = None) -> pd.
 
 
 def answered_offers() -> sa.Subquery:
-    """One row per offer with a response: offer_id, accepted (1 when any response to it was
-    accepted or used, else 0)."""
+    """One row per offer with a response: offer_id, accepted (1 when its latest response, by
+    responded_at over every batch, was accepted or used, else 0; at the same instant the later
+    batch id, then the later response name in text order, is the latest)."""
     f = offer_feedback.c
-    positive = sa.func.max(sa.case((f.response.in_(POSITIVE_RESPONSES), 1), else_=0))
-    return sa.select(f.offer_id, positive.label("accepted")).group_by(f.offer_id).subquery()
+    newest_first = sa.func.row_number().over(
+        partition_by=f.offer_id, order_by=(f.responded_at.desc(), f.batch_id.desc(), f.response.desc())
+    )
+    ranked = sa.select(f.offer_id, f.response, newest_first.label("rank")).subquery()
+    positive = sa.case((ranked.c.response.in_(POSITIVE_RESPONSES), 1), else_=0)
+    return sa.select(ranked.c.offer_id, positive.label("accepted")).where(ranked.c.rank == 1).subquery()
 
 
 def read_acceptance(store: PersonaStore) -> pd.DataFrame:
