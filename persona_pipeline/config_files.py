@@ -96,7 +96,8 @@ def _entry_label(data: dict[str, Any], loc: list[Any]) -> str:
     items = data.get(section)
     label = f"{section}[{index}]"
     if isinstance(items, list) and index < len(items) and isinstance(items[index], dict):
-        name = items[index].get("key") or items[index].get("name") or items[index].get("id")
+        # A derived metric's `key` is its source: its `name` is what names it.
+        name = items[index].get("name") or items[index].get("key") or items[index].get("id")
         if name:
             label += f" ({name!r})"
     return label

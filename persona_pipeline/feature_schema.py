@@ -10,9 +10,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,16 +23,26 @@ from persona_pipeline.config_files import load_validated
 FEATURE_SCHEMA_FILE = "feature_schema.yaml"
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_*-]+(\.[A-Za-z0-9_*-]+)+$")
 OTHER = "<other>"
+# Bounds of every number in the file: beyond them a weight or clip range overflows float64 on the
+# way to a vector (1e308 - -1e308 is inf), and a window of days overflows a timestamp.
+MAX_WEIGHT = 1_000.0
+MAX_RAW_MAGNITUDE = 1e15
+MAX_DAYS = 3_650
+PATTERN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 KeyType = Literal["numeric", "categorical", "boolean"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf`, `.nan` and numbers that overflow float64 (1e309) are refused.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Transform(_Strict):
-    clip: tuple[float, float] = Field(description="Lower and upper bound in the key's unit.")
+    clip: tuple[
+        Annotated[float, Field(ge=-MAX_RAW_MAGNITUDE, le=MAX_RAW_MAGNITUDE)],
+        Annotated[float, Field(ge=-MAX_RAW_MAGNITUDE, le=MAX_RAW_MAGNITUDE)],
+    ] = Field(description="Lower and upper bound in the key's unit.")
     log1p: bool = False
 
     @field_validator("clip")
@@ -65,11 +76,11 @@ PRESENTATION_FIELDS = ("label", "unit")
 class Feature(_Strict):
     key: str
     type: KeyType
-    weight: float = Field(ge=0)
+    weight: float = Field(ge=0, le=MAX_WEIGHT)
     label: str | None = Field(default=None, description="Short name in reasons; '*' stands for the match.")
     unit: str | None = Field(default=None, description="Unit of the raw value; 'seconds' is shown as min/h.")
     transform: Transform | None = None
-    fill: float | None = None
+    fill: float | None = Field(default=None, ge=-MAX_RAW_MAGNITUDE, le=MAX_RAW_MAGNITUDE)
     vocabulary: tuple[str, ...] | None = None
     expand: tuple[str, ...] | None = None
 
@@ -92,10 +103,19 @@ class Feature(_Strict):
             raise ValueError("a categorical feature needs a non-empty vocabulary")
         if self.type != "categorical" and self.vocabulary:
             raise ValueError("vocabulary applies to categorical features only")
-        if self.vocabulary and len(set(self.vocabulary)) != len(self.vocabulary):
-            raise ValueError("vocabulary has repeated values")
+        if self.vocabulary:
+            _refuse_repeats("vocabulary", self.vocabulary)
+            if OTHER in self.vocabulary or "" in self.vocabulary:
+                raise ValueError(
+                    f"vocabulary may not hold {OTHER!r} (every feature has it) or an empty value"
+                )
         if self.expand is not None and not self.is_pattern:
             raise ValueError("expand applies to key patterns (with '*') only")
+        if self.expand:
+            _refuse_repeats("expand", self.expand)
+            bad = next((name for name in self.expand if not PATTERN_NAME.match(name)), None)
+            if bad is not None:
+                raise ValueError(f"expand name {bad!r} is not what '*' matches (letters, digits, '_', '-')")
         if self.is_pattern and self.type != "numeric":
             raise ValueError("key patterns are supported for numeric features only")
         return self
@@ -116,10 +136,10 @@ class Derived(_Strict):
     name: str
     kind: Literal["changed_within_days", "sum"]
     key: str
-    weight: float = Field(ge=0)
+    weight: float = Field(ge=0, le=MAX_WEIGHT)
     label: str | None = None
     unit: str | None = None
-    days: int | None = Field(default=None, ge=1)
+    days: int | None = Field(default=None, ge=1, le=MAX_DAYS)
     transform: Transform | None = None
 
     @field_validator("name")
@@ -139,10 +159,10 @@ class Derived(_Strict):
 
 
 class Limits(_Strict):
-    max_device_id_length: int = Field(default=128, ge=1)
-    max_key_length: int = Field(default=200, ge=1)
-    max_value_length: int = Field(default=256, ge=1)
-    max_future_skew_hours: float = Field(default=24, ge=0)
+    max_device_id_length: int = Field(default=128, ge=1, le=4_096)
+    max_key_length: int = Field(default=200, ge=1, le=4_096)
+    max_value_length: int = Field(default=256, ge=1, le=1_000_000)
+    max_future_skew_hours: float = Field(default=24, ge=0, le=24 * 365)
 
 
 class FeatureSchemaFile(_Strict):
@@ -165,7 +185,15 @@ class FeatureSchemaFile(_Strict):
                 raise ValueError(f"derived {derived.name!r} refers to {derived.key!r}, not a feature")
             if derived.kind == "sum" and source.type != "numeric":
                 raise ValueError(f"derived {derived.name!r} sums {derived.key!r}, not numeric")
+        names = FeatureSchema(self, origin="").dimension_names
+        _refuse_repeats("dimension names (an expanded key that is also a feature?)", names)
         return self
+
+
+def _refuse_repeats(what: str, values: Sequence[str]) -> None:
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise ValueError(f"{what}: {', '.join(map(repr, repeated))} given more than once")
 
 
 @dataclass(frozen=True)

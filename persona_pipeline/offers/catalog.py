@@ -18,10 +18,15 @@ SERVICE_CATALOG_FILE = "service_catalog.yaml"
 TRIGGERS = ("location", "usage", "support", "lookalike")
 Trigger = Literal["location", "usage", "support", "lookalike"]
 SERVICE_ID = re.compile(r"^[a-z0-9_]+(:\{app\})?$")
+# Bounds of the numbers: a cooldown or window beyond ten years overflows date arithmetic
+# (cooldown_days: 1e12 was an OverflowError at run time).
+MAX_DAYS = 3_650
+MAX_DAY_SECONDS = 24 * 3600
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf`, `.nan` and numbers that overflow float64 are refused.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Eligibility(_Strict):
@@ -33,13 +38,26 @@ class Eligibility(_Strict):
         default=None, ge=0, le=1, description="support: only devices scoring at least this."
     )
 
+    @field_validator("apps", "cities")
+    @classmethod
+    def _listed_once(cls, values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if values is not None:
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"{', '.join(map(repr, repeated))} given more than once")
+            if any(not v.strip() for v in values):
+                raise ValueError("an empty name")
+        return values
+
 
 class Service(_Strict):
     id: str
     trigger: Trigger
     title: str = Field(min_length=1, description="What the person is offered ({app}, {city} filled in).")
     eligibility: Eligibility = Eligibility()
-    cooldown_days: int = Field(ge=0, description="Days before the same service is offered to a device again.")
+    cooldown_days: int = Field(
+        ge=0, le=MAX_DAYS, description="Days before the same service is offered to a device again."
+    )
     priority: float = Field(gt=0, le=1, description="Breaks ties between offers under the daily cap.")
     opens_ticket: bool = Field(default=False, description="support: also open a support ticket.")
 
@@ -74,18 +92,30 @@ class Service(_Strict):
 
 
 class OfferRules(_Strict):
-    location_window_days: int = Field(default=7, ge=1, description="A city change this recent offers.")
-    usage_ratio: float = Field(default=2.25, gt=1, description="Heavy: this times segment median.")
-    usage_min_seconds: float = Field(default=300, ge=0, description="Heavy: at least these seconds.")
+    location_window_days: int = Field(
+        default=7, ge=1, le=MAX_DAYS, description="A city change this recent offers."
+    )
+    usage_ratio: float = Field(default=2.25, gt=1, le=1_000, description="Heavy: this times segment median.")
+    usage_min_seconds: float = Field(
+        default=300, ge=0, le=MAX_DAY_SECONDS, description="Heavy: at least these seconds."
+    )
     min_score: float = Field(
         default=0.1, ge=0, le=1, description="Offers scoring below this are not made (strength x acceptance)."
     )
-    daily_cap: int = Field(default=3, ge=1, description="Offers per device per day at most.")
+    daily_cap: int = Field(default=3, ge=1, le=100, description="Offers per device per day at most.")
     ticket_severity: float = Field(default=0.7, ge=0, le=1, description="Anomaly score that opens a ticket.")
-    prior_accepted: float = Field(default=1.0, gt=0, description="Pseudo-acceptances of the smoothed rate.")
-    prior_rejected: float = Field(default=1.0, gt=0, description="Pseudo-rejections of the smoothed rate.")
-    lookalike_min_responses: int = Field(default=5, ge=1, description="Responses before lookalikes.")
-    lookalike_per_service: int = Field(default=20, ge=1, description="Lookalike offers per service a day.")
+    prior_accepted: float = Field(
+        default=1.0, gt=0, le=1e6, description="Pseudo-acceptances of the smoothed rate."
+    )
+    prior_rejected: float = Field(
+        default=1.0, gt=0, le=1e6, description="Pseudo-rejections of the smoothed rate."
+    )
+    lookalike_min_responses: int = Field(
+        default=5, ge=1, le=1_000_000, description="Responses before lookalikes."
+    )
+    lookalike_per_service: int = Field(
+        default=20, ge=1, le=1_000_000, description="Lookalike offers per service a day."
+    )
 
 
 class ServiceCatalogFile(_Strict):

@@ -199,10 +199,11 @@ def _changed_within_days(
 
 
 class PersonaIndexConfig(dg.Config):
-    batch_size: int = Field(default=512, ge=1, description="Points per upsert request to Qdrant.")
+    batch_size: int = Field(default=512, ge=1, le=65_536, description="Points per upsert request to Qdrant.")
     keep_collections: int = Field(
         default=2,
         ge=2,
+        le=100,
         description="Persona collections kept: the current one, the previous one (for a rollback) "
         "and, above 2, older ones.",
     )

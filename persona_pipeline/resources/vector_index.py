@@ -93,7 +93,9 @@ class VectorIndex(dg.ConfigurableResource):
         "process (default), or `local`, qdrant-client's local mode. Not used with a url.",
     )
     alias: str = Field(default="personas", description="Alias that always names the current collection.")
-    timeout_seconds: int = Field(default=30, description="Timeout of each request to a Qdrant server.")
+    timeout_seconds: int = Field(
+        default=30, ge=1, le=3_600, description="Timeout of each request to a Qdrant server."
+    )
 
     @field_validator("embedded_engine")
     @classmethod
