@@ -26,13 +26,58 @@ IN_CHUNK = 10_000
 READ_CHUNK_ROWS = 100_000
 SQLITE_CACHE_KIB = 64 * 1024
 
+# What a database says when its disk is full, it is read-only or its file cannot be opened:
+# (SQLite message or PostgreSQL SQLSTATE, what a person is told).
+_SQLITE_UNAVAILABLE = {
+    "database or disk is full": "the disk is full",
+    "disk i/o error": "a disk I/O error (the disk may be full or failing)",
+    "attempt to write a readonly database": "it is read-only",
+    "unable to open database file": "its file cannot be opened (missing folder, permissions or a full disk)",
+}
+_POSTGRES_UNAVAILABLE = {
+    "53100": "the database's disk is full",  # disk_full
+    "25006": "it is read-only (a read-only transaction or a standby server)",  # read_only_sql_transaction
+    "53200": "the server is out of memory",  # out_of_memory
+}
+
+
+class StoreUnavailable(RuntimeError):
+    """The persona store cannot be written or read because of where it lives (a full disk, a
+    read-only file or server): one line naming the store, its path and what is wrong."""
+
+
+def _unavailable(url: str, error: BaseException) -> StoreUnavailable | None:
+    """The store's error as StoreUnavailable when it is about the disk or the file, else None."""
+    original = getattr(error, "orig", error)
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        message = str(original).lower()
+        reason = next((why for text, why in _SQLITE_UNAVAILABLE.items() if text in message), None)
+        where = f"the persona store at {parsed.database or url}"
+    else:
+        reason = _POSTGRES_UNAVAILABLE.get(getattr(original, "sqlstate", None) or "")
+        where = f"the persona store at {mask_url(url)}"
+    if reason is None:
+        return None
+    detail = (
+        mask_url(str(original).strip().splitlines()[0]) if str(original).strip() else type(original).__name__
+    )
+    return StoreUnavailable(f"{where} cannot be used: {reason} ({detail})")
+
+
 NewerPredicate = Callable[[sa.ColumnCollection, sa.ColumnCollection], sa.ColumnElement[bool]]
 
 
 @lru_cache(maxsize=16)
 def _engine(url: str) -> sa.Engine:
     engine = connect(url)
-    upgrade_to_head(engine)
+    try:
+        upgrade_to_head(engine)
+    except sa.exc.DBAPIError as exc:
+        unavailable = _unavailable(url, exc)
+        if unavailable is None:
+            raise
+        raise unavailable from None
     return engine
 
 
@@ -55,6 +100,13 @@ def connect(url: str) -> sa.Engine:
             cursor.close()
     else:
         engine = sa.create_engine(url, pool_pre_ping=True)
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _name_the_store(context: sa.engine.ExceptionContext) -> BaseException | None:
+        # Every statement's and connection's error passes here: a full disk or a read-only
+        # store becomes one line naming it, whichever helper was writing or reading.
+        return _unavailable(url, context.original_exception)
+
     return engine
 
 

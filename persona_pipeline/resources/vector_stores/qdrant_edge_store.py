@@ -12,6 +12,7 @@ appears whole (created under a temporary name, then renamed) and an alias change
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -39,6 +40,11 @@ COLLECTIONS_DIR = "collections"
 LOCK_FILE = ".lock"
 EDGE_CONFIG_FILE = "edge_config.json"  # written by Edge into every shard folder
 SCRATCH_PREFIX = "."  # collections being created or dropped
+# Edge writes through memory-mapped files: on a full disk a write is a SIGBUS that kills the
+# process without a word, not an error. So a write first checks the free space: what the batch
+# takes (vector, payload, write-ahead log) and room for the next 32 MiB file Edge may grow.
+RESERVED_FREE_BYTES = 64 * 1024 * 1024
+BYTES_PER_POINT_OVERHEAD = 1024
 
 
 class QdrantEdgeStore(VectorStore):
@@ -75,11 +81,18 @@ class QdrantEdgeStore(VectorStore):
                 self._lock.close()
 
     @contextmanager
-    def _engine(self, what: str) -> Iterator[None]:
+    def _engine(self, what: str, collection: str | None = None) -> Iterator[None]:
         # qdrant_edge raises plain Exception for everything (I/O, bad input, incompatible config).
         try:
             yield
         except Exception as exc:
+            if _disk_full(exc):
+                folder = self.root / COLLECTIONS_DIR / collection if collection else self.root
+                raise VectorIndexError(
+                    f"vector index at {self.location} failed {what}: the disk holding {folder} is full "
+                    f"({exc})",
+                    str(exc),
+                ) from None
             raise VectorIndexError(
                 f"vector index at {self.location} failed {what}: {exc}", str(exc)
             ) from None
@@ -116,10 +129,10 @@ class QdrantEdgeStore(VectorStore):
         config = edge.EdgeConfig(
             vectors=edge.EdgeVectorParams(size=dimensions, distance=edge.Distance.Euclid)
         )
-        with self._engine(f"creating {name}"):
+        with self._engine(f"creating {name}", name):
             edge.EdgeShard.create(str(scratch), config).close()
-        scratch.rename(target)
-        _sync_folder(target.parent)
+            scratch.rename(target)
+            _sync_folder(target.parent)
 
     def drop_collection(self, name: str) -> None:
         target = self._folder(name)
@@ -153,20 +166,34 @@ class QdrantEdgeStore(VectorStore):
         self, collection: str, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[dict]
     ) -> None:
         shard = self._shard(collection)
-        rows = np.asarray(vectors).tolist()
+        vectors = np.asarray(vectors)
+        per_point = 2 * (vectors.shape[1] * 4 if vectors.ndim == 2 else 0) + BYTES_PER_POINT_OVERHEAD
+        self._check_free_space(collection, len(ids) * per_point)
+        rows = vectors.tolist()
         points = [edge.Point(i, v, p) for i, v, p in zip(ids, rows, payloads, strict=True)]
-        with self._engine(f"writing to {collection}"):
+        with self._engine(f"writing to {collection}", self._aliases.get(collection, collection)):
             shard.update(edge.UpdateOperation.upsert_points(points))
+
+    def _check_free_space(self, collection: str, needed: int) -> None:
+        folder = self._folder(self._aliases.get(collection, collection))
+        free = shutil.disk_usage(folder).free
+        if free < needed + RESERVED_FREE_BYTES:
+            raise VectorIndexError(
+                f"vector index at {self.location}: the disk holding {folder} is full ({free // 2**20} MiB "
+                f"free, writing to {collection} needs {(needed + RESERVED_FREE_BYTES) // 2**20} MiB)",
+                f"the disk holding {folder} is full ({free // 2**20} MiB free)",
+            )
 
     def set_payload(self, collection: str, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
         shard = self._shard(collection)
-        with self._engine(f"setting payload in {collection}"):
+        self._check_free_space(collection, len(ids) * BYTES_PER_POINT_OVERHEAD)
+        with self._engine(f"setting payload in {collection}", self._aliases.get(collection, collection)):
             shard.update(edge.UpdateOperation.set_payload(list(ids), dict(payload)))
 
     def delete(self, collection: str, ids: Sequence[str]) -> int:
         if ids:
             shard = self._shard(collection)
-            with self._engine(f"deleting from {collection}"):
+            with self._engine(f"deleting from {collection}", self._aliases.get(collection, collection)):
                 shard.update(edge.UpdateOperation.delete_points(list(ids)))
         return len(ids)
 
@@ -222,10 +249,19 @@ class QdrantEdgeStore(VectorStore):
         """Replace the alias file in one rename, so a reader sees the old or the new mapping."""
         path = self.root / ALIASES_FILE
         scratch = path.with_name(f"{SCRATCH_PREFIX}{ALIASES_FILE}.{uuid.uuid4().hex}")
-        with open(scratch, "w", encoding="utf-8") as file:
-            json.dump(aliases, file, indent=2, sort_keys=True)
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            with open(scratch, "w", encoding="utf-8") as file:
+                json.dump(aliases, file, indent=2, sort_keys=True)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as exc:
+            scratch.unlink(missing_ok=True)
+            if not _disk_full(exc):
+                raise
+            raise VectorIndexError(
+                f"vector index at {self.location} failed writing {path}: the disk holding it is full ({exc})",
+                str(exc),
+            ) from None
         os.replace(scratch, path)
         _sync_folder(self.root)
         self._aliases = dict(aliases)
@@ -282,6 +318,14 @@ class QdrantEdgeStore(VectorStore):
         with self._engine(f"querying {collection}"):
             hits = shard.query(request)
         return [Hit(str(h.id), float(h.score), dict(h.payload or {})) for h in hits]
+
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC, as an OSError or in the text of qdrant_edge's plain Exception ("os error 28")."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    text = str(error)
+    return "No space left on device" in text or "os error 28" in text
 
 
 def _point(record: Any, with_vectors: bool) -> StoredPoint:
