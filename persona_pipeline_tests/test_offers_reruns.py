@@ -10,6 +10,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.offers import storage as offers_storage
@@ -235,3 +236,66 @@ def test_the_responses_behind_lookalike_examples_come_in_the_order_the_offers_we
     responses = offers_storage.read_service_responses(store)
     expected = made.sort_values(["created_at", "device_id"])["device_id"].tolist()
     assert responses["device_id"].tolist() == expected
+
+
+def made_offers(history: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The offers of `inputs()` as the asset writes them (recommended against `history`)."""
+    chosen = inputs() if history is None else inputs(history=history)
+    return recommend(chosen, CATALOG).assign(created_at=pd.Timestamp("2026-03-07T12:00Z"))
+
+
+def test_writing_counts_the_offers_another_run_stored_since_this_one_read_its_history(resources):
+    """Two runs of the day read the same (empty) history; the second to write finds the first's
+    offers in the table and adds only what fits under each device's cap."""
+    store = resources["persona_store"]
+    earlier_run = pd.DataFrame(
+        {
+            "offer_id": ["offer-1", "offer-2", "offer-3"],
+            "device_id": "sick",
+            "service_id": ["car_mount", "headphones", "smartwatch"],
+            "trigger": "lookalike",
+            "score": 0.2,
+            "reason": "close in persona",
+            "created_at": pd.Timestamp("2026-03-07T11:00Z"),
+            "offer_day": DAY,
+            "priority": 0.4,
+        }
+    )
+    assert len(offers_storage.write_offers(store, earlier_run, DAY, CAP)) == 3
+    stale = made_offers()  # made without knowing the three above
+    assert "sick" in set(stale["device_id"])
+    written = offers_storage.write_offers(store, stale, DAY, CAP)
+    assert "sick" not in set(written["device_id"]) and len(written) > 0
+    offers = table(store, "service_recommendations")
+    assert offers.groupby("device_id").size().max() <= CAP
+    assert set(offers["offer_id"]) == set(earlier_run["offer_id"]) | set(written["offer_id"])
+
+
+def test_other_writers_wait_while_a_run_checks_and_writes_its_offers(resources, monkeypatch):
+    """Between reading what is stored for the day and inserting, no other connection can write
+    the table (it would have to wait), so the cap checked is the cap written."""
+    store = resources["persona_store"]
+    attempts: list[Exception] = []
+    checked = offers_storage.under_daily_cap
+
+    def check_while_another_writes(offers, stored_today, daily_cap):
+        other = sa.create_engine(
+            store.resolved_url, connect_args={"timeout": 0} if "sqlite" in store.resolved_url else {}
+        )
+        try:
+            with other.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    connection.execute(
+                        sa.text("LOCK TABLE service_recommendations IN ROW EXCLUSIVE MODE NOWAIT")
+                    )
+                store.insert_frame(connection, service_recommendations_table, made_offers().head(1))
+        except sa.exc.OperationalError as error:
+            attempts.append(error)
+        finally:
+            other.dispose()
+        return checked(offers, stored_today, daily_cap)
+
+    monkeypatch.setattr(offers_storage, "under_daily_cap", check_while_another_writes)
+    written = offers_storage.write_offers(store, made_offers(), DAY, CAP)
+    assert len(attempts) == 1  # the other writer could not write
+    assert len(table(store, "service_recommendations")) == len(written) > 0

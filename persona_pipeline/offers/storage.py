@@ -49,10 +49,12 @@ def read_acceptance(store: PersonaStore) -> pd.DataFrame:
 
 
 def insert_new(store: PersonaStore, table: sa.Table, frame: pd.DataFrame, key: str) -> int:
-    """Insert rows whose key is not stored yet; existing rows are left as they are."""
+    """Insert rows whose key is not stored yet; existing rows are left as they are. Other writers
+    of the table wait until the commit, so two runs never both find a key missing."""
     if frame.empty:
         return 0
     with store.begin() as connection:
+        hold_other_writers(connection, table)
         existing = set()
         keys = frame[key].tolist()
         for start in range(0, len(keys), 10_000):
@@ -65,20 +67,28 @@ def insert_new(store: PersonaStore, table: sa.Table, frame: pd.DataFrame, key: s
     return len(fresh)
 
 
+def hold_other_writers(connection: sa.Connection, table: sa.Table) -> None:
+    """Make other writers of `table` wait until this transaction ends, before it reads what it
+    will check its rows against; readers go on. PostgreSQL: a lock on the table that only
+    writers conflict with. SQLite has one writer at a time: a statement that writes nothing
+    still begins the write transaction now rather than at the first insert."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.text(f"LOCK TABLE {table.name} IN SHARE ROW EXCLUSIVE MODE"))
+    else:
+        connection.execute(table.delete().where(sa.false()))
+
+
 def write_offers(store: PersonaStore, offers: pd.DataFrame, day: str, daily_cap: int) -> pd.DataFrame:
     """Insert the offers of `day` not stored yet that fit under each device's daily cap, counting
     what is stored for the day when the rows go in (a run that wrote since this one read its
     history takes its slots first); returns the offers inserted. An offer id hashes (device,
     service, day), so only that day's offers can hold it: one query on the day instead of one
-    per 10,000 ids. On PostgreSQL the table is locked against other writers until the commit."""
+    per 10,000 ids. Other writers of the table wait until the commit."""
     if offers.empty:
         return offers
     r = service_recommendations.c
     with store.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(
-                sa.text(f"LOCK TABLE {service_recommendations.name} IN SHARE ROW EXCLUSIVE MODE")
-            )
+        hold_other_writers(connection, service_recommendations)
         stored = store.read_frame(sa.select(r.offer_id, r.device_id).where(r.offer_day == day), connection)
         fresh = under_daily_cap(offers, stored, daily_cap)
         store.insert_frame(connection, service_recommendations, fresh)
