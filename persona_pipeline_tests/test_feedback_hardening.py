@@ -286,3 +286,35 @@ def test_an_offer_answered_several_times_counts_by_its_latest_answer(persona_hom
     assert (history["answered"], history["accepted"]) == (2, 1)
     acceptance = read_acceptance(store).iloc[0]
     assert (acceptance["accepted"], acceptance["responses"]) == (1, 2)
+
+
+@pytest.mark.store_agnostic
+def test_the_sensors_leave_alone_what_the_command_line_already_did(tmp_path):
+    """A daemon started after `persona-pipeline run` has no cursor: it loaded every batch again and
+    rebuilt the vectors for weights the command line had already used."""
+    from persona_pipeline.feedback.assets import key_weights_sensor, offer_feedback_sensor
+    from persona_pipeline.resources import LandingZone
+
+    home = tmp_path / "home"
+    write_batch(home, "done-1", [answer("o1", "accepted")])
+    write_batch(home, "new-2", [answer("o2", "accepted")])
+    resources = {
+        "landing_zone": LandingZone(path=str(home / "landing")),
+        "persona_store": PersonaStore(url=f"sqlite:///{tmp_path / 'persona.db'}"),
+    }
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("offer_feedback_batches", ["done-1"])
+        instance.report_runless_asset_event(dg.AssetMaterialization("offer_feedback", partition="done-1"))
+        tick = offer_feedback_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+        assert [r.partition_key for r in tick.run_requests] == ["new-2"]
+
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("key_weights", metadata={"new_version": "2"})
+        )
+        instance.report_runless_asset_event(dg.AssetMaterialization("persona_vectors"))
+        quiet = key_weights_sensor(dg.build_sensor_context(instance=instance))
+        assert not quiet.run_requests and quiet.cursor
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("key_weights", metadata={"new_version": "3"})
+        )
+        assert len(key_weights_sensor(dg.build_sensor_context(instance=instance)).run_requests) == 1

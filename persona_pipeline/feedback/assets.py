@@ -181,7 +181,13 @@ def offer_feedback_sensor(
     for problem in problems:
         if problem not in cursor.reported:
             context.log.warning(f"feedback folder {problem}")
-    new = [batch for batch in landing_zone.complete_feedback_batches() if batch not in cursor.seen]
+    # A batch loaded before (by the command line, or before a restart without a cursor) is not new.
+    loaded = context.instance.get_materialized_partitions(offer_feedback.key)
+    new = [
+        batch
+        for batch in landing_zone.complete_feedback_batches()
+        if batch not in cursor.seen and batch not in loaded
+    ]
     retries = _held_batch_retries(context.instance, storage.read_held_batches(persona_store))
     next_cursor = _FeedbackCursor(seen=cursor.seen | set(new), reported=set(problems)).text()
     if not new and not retries:
@@ -372,6 +378,12 @@ def key_weights_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     seen = int(context.cursor) if context.cursor else 0
     if record.storage_id <= seen:
         return dg.SensorResult(skip_reason="no new key_weights materialization")
+    vectors = context.instance.fetch_materializations(persona_vectors.key, limit=1).records
+    if vectors and vectors[0].storage_id > record.storage_id:
+        return dg.SensorResult(
+            skip_reason="persona_vectors was rebuilt after the newest key_weights",
+            cursor=str(record.storage_id),
+        )
     new_version = record.asset_materialization.metadata.get("new_version")
     if new_version is not None and str(new_version.value).startswith("none"):
         return dg.SensorResult(
