@@ -7,6 +7,7 @@
 
 import dagster as dg
 
+from persona_pipeline.run_health import reap_dead_runs
 from persona_pipeline.settings import automation_on, sensor_interval_seconds
 
 SENSOR_STATUS = dg.DefaultSensorStatus.RUNNING if automation_on() else dg.DefaultSensorStatus.STOPPED
@@ -39,3 +40,17 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     description="Evaluates the assets' automation conditions: after new profiles, the vectors, the "
     "Qdrant index, segments, anomaly scores and offers follow; after a feedback batch, the weights.",
 )
+
+
+@dg.sensor(
+    minimum_interval_seconds=sensor_interval_seconds(60),
+    default_status=SENSOR_STATUS,
+    description="Finds runs on this machine whose processes are gone (killed, out of memory, a full "
+    "disk), marks them failed and frees the pool slots they held, so later runs do not wait forever.",
+)
+def dead_runs_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    """Each tick: runs without a live process are marked failed and their pool slots freed."""
+    lines = reap_dead_runs(context.instance)
+    for line in lines:
+        context.log.warning(line)
+    return dg.SkipReason("; ".join(lines) or "no dead run holds a slot")

@@ -91,7 +91,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    print(f"persona-pipeline: {line}", file=sys.stderr, flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from persona_pipeline.run_health import end_on_sigterm
+
+    end_on_sigterm(_say)
     init_home()
     from persona_pipeline.runner import run_chain, summary
 
@@ -108,6 +115,9 @@ def _report_failed_checks(failed_checks: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from persona_pipeline.run_health import end_on_sigterm
+
+    end_on_sigterm(_say)
     init_home()
     from persona_pipeline.demo.loop import compare_weights, comparison_report, run_demo
     from persona_pipeline.runner import summary
@@ -146,9 +156,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    import sqlalchemy as sa
-
     from persona_pipeline.resources.persona_store import connect
+    from persona_pipeline.secrets import mask_url
     from persona_pipeline.store.schema import upgrade_to_head
 
     url = settings.persona_db_url()
@@ -157,7 +166,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         before, after = upgrade_to_head(engine)
     finally:
         engine.dispose()
-    where = sa.make_url(url).render_as_string(hide_password=True)
+    where = mask_url(url)
     change = "already at" if before == after else f"upgraded from {before or 'an empty database'} to"
     print(f"persona store {where}: {change} schema revision {after}")
     return 0

@@ -5,7 +5,7 @@ import os
 import dagster as dg
 
 from persona_pipeline.anomalies.assets import anomaly_scores
-from persona_pipeline.automation import automation_sensor
+from persona_pipeline.automation import automation_sensor, dead_runs_sensor
 from persona_pipeline.erasure.jobs import erase_devices_job
 from persona_pipeline.executors import executor_from_env
 from persona_pipeline.feature_schema import load_feature_schema
@@ -79,7 +79,13 @@ defs = dg.Definitions(
     ],
     jobs=[ingest_job, personas_job, segments_job, feedback_job, weights_job, erase_devices_job],
     schedules=[ingest_schedule],
-    sensors=[index_updates_sensor, offer_feedback_sensor, key_weights_sensor, automation_sensor],
+    sensors=[
+        index_updates_sensor,
+        offer_feedback_sensor,
+        key_weights_sensor,
+        automation_sensor,
+        dead_runs_sensor,
+    ],
     resources=build_resources(),
     executor=executor_from_env(),
 )

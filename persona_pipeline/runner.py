@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +26,16 @@ from persona_pipeline import settings
 from persona_pipeline.cli import CommandError
 from persona_pipeline.executors import distributed
 from persona_pipeline.feedback.assets import offer_feedback_batches
-from persona_pipeline.feedback.storage import acceptance_by_weights_version
+from persona_pipeline.feedback.storage import acceptance_by_weights_version, read_held_batches
 from persona_pipeline.partitions import outside_partitions
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
+from persona_pipeline.run_health import (
+    HOST_TAG,
+    CurrentRun,
+    describe_wait,
+    reap_dead_runs,
+    this_host,
+)
 from persona_pipeline.secrets import mask_url
 from persona_pipeline.store.tables import (
     anomaly_scores,
@@ -170,15 +182,54 @@ def _check_description(evaluation: dg.AssetCheckEvaluation) -> str:
     return description.strip().splitlines()[0] if description.strip() else "see the check in the Dagster UI"
 
 
+@contextmanager
+def reporting_waits(
+    instance: dg.DagsterInstance, run_id: str, say: Callable[[str], None], every_seconds: float = 10.0
+) -> Iterator[None]:
+    """While a run executes, say when it waits for a pool slot and which runs hold the pool."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        said = ""
+        while not stop.wait(every_seconds):
+            try:
+                waits = [
+                    describe_wait(instance, pool, run_id)
+                    for pool in instance.event_log_storage.get_concurrency_keys()
+                    if run_id in instance.event_log_storage.get_concurrency_info(pool).pending_run_ids
+                ]
+            except Exception:  # a report is not worth failing the run for
+                continue
+            line = "; ".join(waits)
+            if line and line != said:
+                say(line + " (a run whose process is gone is freed by the next `persona-pipeline run`)")
+            said = line
+
+    watcher = threading.Thread(target=watch, name=f"wait-reporter-{run_id}", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(timeout=every_seconds)
+
+
+def _say_on_stderr(line: str) -> None:
+    print(f"persona-pipeline: {line}", file=sys.stderr, flush=True)
+
+
 def run_chain(
     start: str | None,
     end: str | None,
     verbose: bool = False,
     instance: dg.DagsterInstance | None = None,
+    say: Callable[[str], None] = _say_on_stderr,
 ) -> ChainResult:
     from persona_pipeline.definitions import build_resources, defs
 
-    landing: LandingZone = build_resources(resolved=True)["landing_zone"]
+    resources = build_resources(resolved=True)
+    landing: LandingZone = resources["landing_zone"]
+    store: PersonaStore = resources["persona_store"]
     days = resolve_days(landing, start, end)
     start, end = days.start, days.end
     instance = instance or dg.DagsterInstance.get()
@@ -190,17 +241,22 @@ def run_chain(
     failed_checks: list[str] = []
 
     def run(job_name: str, tags: dict[str, str], partition_key: str | None = None) -> None:
-        tags = {**tags, "persona/launched_by": "cli"}
+        for line in reap_dead_runs(instance):
+            say(line)
+        tags = {**tags, "persona/launched_by": "cli", HOST_TAG: this_host()}
         if distributed() and not instance.is_ephemeral:  # workers cannot open an ephemeral instance
             result = _execute_out_of_process(job_name, instance, tags, run_config, partition_key)
         else:
-            result = defs.resolve_job_def(job_name).execute_in_process(
-                instance=instance,
-                tags=tags,
-                run_config=run_config,
-                partition_key=partition_key,
-                raise_on_error=False,
-            )
+            run_id = str(uuid.uuid4())
+            with reporting_waits(instance, run_id, say), CurrentRun.executing(instance, run_id):
+                result = defs.resolve_job_def(job_name).execute_in_process(
+                    instance=instance,
+                    tags=tags,
+                    run_config=run_config,
+                    partition_key=partition_key,
+                    raise_on_error=False,
+                    run_id=run_id,
+                )
         _raise_if_failed(result, job_name)
         failed_checks.extend(failed_error_checks(result))
         run_ids[job_name if partition_key is None else f"{job_name}[{partition_key}]"] = result.run_id
@@ -209,8 +265,13 @@ def run_chain(
     batches = new_feedback_batches(landing, instance)
     if batches:
         instance.add_dynamic_partitions(offer_feedback_batches.name, batches)
-        for batch in batches:
-            run("feedback_job", {}, partition_key=batch)
+    # Without a new batch, a load still retries the rows held for offers not made yet (the last
+    # run's offers may have made them); one batch's run retries every batch's held rows.
+    held = read_held_batches(store)
+    retry = [] if batches or held.empty else [str(held.sort_values("hold_until")["batch_id"].iloc[0])]
+    for batch in batches + retry:
+        run("feedback_job", {}, partition_key=batch)
+    if batches or retry:
         run("weights_job", {})  # the day's vectors use the refreshed weights
     run("personas_job", {})
     run("segments_job", {})
