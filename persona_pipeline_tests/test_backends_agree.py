@@ -29,6 +29,10 @@ WALL_CLOCK = {
     "requested_at",
     "completed_at",
     "suppressed_at",
+    "hold_until",
+    # A random id per write of a feedback batch, and the list of them a refresh learned from.
+    "load_id",
+    "loads",
 }
 
 
