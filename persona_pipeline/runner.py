@@ -47,6 +47,9 @@ from persona_pipeline.store.tables import (
     service_recommendations,
 )
 
+# The UI lists a job's runs by this label (repository @ code location, as workspace.yaml names
+# it); Dagster sets it on the runs it launches, and runs executed here carry it too.
+CODE_LOCATION_TAGS = {".dagster/repository": "__repository__@persona_pipeline"}
 SIGBUS_EXIT = re.compile(r"exited with code (-7|135)\b|signal 7\b|SIGBUS")
 SIGKILL_EXIT = re.compile(r"exited with code (-9|137)\b|signal 9\b")
 
@@ -243,7 +246,7 @@ def run_chain(
     def run(job_name: str, tags: dict[str, str], partition_key: str | None = None) -> None:
         for line in reap_dead_runs(instance):
             say(line)
-        tags = {**tags, "persona/launched_by": "cli", HOST_TAG: this_host()}
+        tags = {**tags, "persona/launched_by": "cli", HOST_TAG: this_host(), **CODE_LOCATION_TAGS}
         if distributed() and not instance.is_ephemeral:  # workers cannot open an ephemeral instance
             result = _execute_out_of_process(job_name, instance, tags, run_config, partition_key)
         else:

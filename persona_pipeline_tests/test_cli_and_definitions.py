@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+import yaml
 
 from persona_pipeline.definitions import defs
 from persona_pipeline.demo.generator import generate_fleet
@@ -71,7 +72,12 @@ def test_generate_then_run_with_only_persona_home_set(tmp_path):
     assert (home / "dagster" / "dagster.yaml").is_file()
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         jobs = {run.job_name for run in instance.get_runs()}
+        # The job pages list a job's runs by the label of the code location workspace.yaml names.
+        location = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"][0]["python_module"]
+        label = {".dagster/repository": f"__repository__@{location['location_name']}"}
+        listed = instance.get_runs(dg.RunsFilter(job_name="segments_job", tags=label))
     assert jobs == {"ingest_job", "personas_job", "segments_job"}  # no feedback yet: no feedback runs
+    assert len(listed) == 1
 
 
 def test_run_fails_with_one_line_reason(tmp_path):
