@@ -11,6 +11,7 @@ from persona_pipeline.erasure.jobs import erase_devices_job
 from persona_pipeline.erasure.storage import DEVICE_TABLES
 from persona_pipeline.erasure.subjects import Suppression, hash_texts, unique_ids
 from persona_pipeline.resources.vector_index import persona_collections, point_id
+from persona_pipeline.store import tables
 from persona_pipeline_tests.conftest import resources_for, table
 
 DAYS = ("2026-03-01", "2026-03-04")
@@ -32,6 +33,7 @@ def stored_rows_of(resources, devices: set[str], offer_ids: set[str]) -> dict[st
     for t in DEVICE_TABLES:
         found[t.name] = int(table(store, t.name)["device_id"].isin(devices).sum())
     found["offer_feedback"] = int(table(store, "offer_feedback")["offer_id"].isin(offer_ids).sum())
+    found["offer_feedback_held"] = int(table(store, "offer_feedback_held")["offer_id"].isin(offer_ids).sum())
     for name in ("index_update_rejects", "offer_feedback_rejects"):
         raw = table(store, name)["raw"]
         found[f"{name}.raw"] = int(sum(raw.str.contains(v, regex=False).sum() for v in devices | offer_ids))
@@ -85,7 +87,27 @@ def test_erased_devices_are_gone_from_every_store_and_reingest_does_not_bring_th
     customer_devices = set(profiles.loc[profiles["customer_id"] == customer, "device_id"])
     erased = {with_everything[0], rejected[0], *customer_devices}
     their_offers = set(offers.loc[offers["device_id"].isin(erased), "offer_id"])
+    # A response held for an offer that did not exist yet when its batch was read.
+    now = pd.Timestamp.now(tz="UTC")
+    with store.engine.begin() as connection:
+        connection.execute(
+            tables.offer_feedback_held.insert(),
+            [
+                {
+                    "batch_id": "late-1",
+                    "source_file": "offer_feedback/batch=late-1/part-0.jsonl",
+                    "source_row": 1,
+                    "offer_id": sorted(their_offers)[0],
+                    "response": "accepted",
+                    "responded_at": now.isoformat(),
+                    "raw": "{}",
+                    "first_seen_at": now.to_pydatetime(),
+                    "hold_until": (now + pd.Timedelta(days=3)).to_pydatetime(),
+                }
+            ],
+        )
     before = stored_rows_of(resources, erased, their_offers)
+    assert before["offer_feedback_held"] == 1
     assert before["support_tickets"] and before["offer_feedback"] and before["index_update_rejects"]
     assert points_of(resources, erased) > 0
     devices_before = profiles["device_id"].nunique()
@@ -104,7 +126,9 @@ def test_erased_devices_are_gone_from_every_store_and_reingest_does_not_bring_th
         len(erased),
         1,
     )
-    assert row["rows_deleted"] == sum(before[t.name] for t in DEVICE_TABLES) + before["offer_feedback"]
+    assert row["rows_deleted"] == (
+        sum(before[t.name] for t in DEVICE_TABLES) + before["offer_feedback"] + before["offer_feedback_held"]
+    )
     assert row["points_deleted"] > 0
     audit_text = audit.astype(str).to_json() + table(store, "suppressed_subjects").astype(str).to_json()
     assert not any(value in audit_text for value in erased | {customer})  # counts and hashes, no ids

@@ -56,6 +56,9 @@ def delete_device_rows(connection: sa.Connection, devices: list[str]) -> dict[st
             tables.offer_feedback.delete().where(tables.offer_feedback.c.offer_id.in_(their_offers))
         ).rowcount
         deleted["offer_feedback"] = deleted.get("offer_feedback", 0) + feedback
+        held = tables.offer_feedback_held
+        answered_later = connection.execute(held.delete().where(held.c.offer_id.in_(their_offers))).rowcount
+        deleted["offer_feedback_held"] = deleted.get("offer_feedback_held", 0) + answered_later
         rejected = 0
         for offer_id in offer_ids:  # a feedback reject keeps its raw line: find the offer id in it
             rejected += connection.execute(
