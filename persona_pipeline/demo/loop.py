@@ -37,6 +37,7 @@ from persona_pipeline.demo.responses import (
     RECEPTIVE_MODELS,
     acceptance_probability,
 )
+from persona_pipeline.partitions import outside_partitions
 from persona_pipeline.personas.weights import current_weights, insert_weights
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.runner import ChainResult, NothingToAnswer, run_chain, simulate_feedback
@@ -65,15 +66,16 @@ def run_demo(
     from persona_pipeline.definitions import build_resources
 
     landing: LandingZone = build_resources(resolved=True)["landing_zone"]
-    days = landing.landed_days()
+    days = [day for day in landing.landed_days() if outside_partitions(day) is None]
     if len(days) <= rounds:
         raise CommandError(
-            f"the demo needs more than {rounds} landed days; {landing.updates_root} has {days}"
+            f"the demo needs more than {rounds} landed days inside the partitions; "
+            f"{landing.updates_root} has {days}"
         )
     first_end = days[-rounds - 1]
     say(f"round 0: days {days[0]} … {first_end} with the initial weights")
     result = run_chain(days[0], first_end, instance=instance)
-    batches = list(result.feedback_batches)
+    batches, failed_checks = list(result.feedback_batches), list(result.failed_checks)
     for number, day in enumerate(days[-rounds:], start=1):
         try:
             say(f"round {number}: " + simulate_feedback(seed + number, batch_id=None))
@@ -81,8 +83,9 @@ def run_demo(
             say(f"round {number}: every offer has a response already")
         result = run_chain(day, day, instance=instance)
         batches += result.feedback_batches
+        failed_checks += result.failed_checks
         say(f"round {number}: day {day}, {len(result.feedback_batches)} feedback batch(es) learned from")
-    return ChainResult(days[0], days[-1], result.run_ids, batches)
+    return ChainResult(days[0], days[-1], result.run_ids, batches, result.skipped, failed_checks)
 
 
 def compare_weights(instance: dg.DagsterInstance | None = None) -> WeightsComparison:
