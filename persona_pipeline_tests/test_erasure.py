@@ -165,6 +165,12 @@ def test_suppression_matches_devices_and_customers_by_hash_only():
         unique_ids(["dev-1", " "], "device_ids")
 
 
+def test_an_erasure_request_names_ids_as_ingest_stores_them():
+    """Ingest stores ids in Unicode NFC; a request typed with a decomposed é must reach them."""
+    decomposed, composed = "caf\u0065\u0301-7", "caf\u00e9-7"
+    assert unique_ids([decomposed, composed], "device_ids") == [composed]
+
+
 def test_a_request_without_ids_is_refused(persona_home, instance):
     result = erase_devices_job.execute_in_process(
         run_config={"ops": {"erase_devices": {"config": {"requested_by": "case-1"}}}},

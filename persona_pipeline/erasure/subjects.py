@@ -7,6 +7,7 @@ pandas' vectorized `hash_array`, so checking a day of updates is one pass over i
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -61,8 +62,9 @@ class Suppression:
 
 
 def unique_ids(ids: Iterable[str] | None, setting: str) -> list[str]:
-    """The ids of a request, stripped and deduplicated; refuses empty ones naming the setting."""
-    cleaned = [str(value).strip() for value in ids or []]
+    """The ids of a request, stripped, in Unicode NFC as ingest stores them, and deduplicated;
+    refuses empty ones naming the setting."""
+    cleaned = [unicodedata.normalize("NFC", str(value).strip()) for value in ids or []]
     if any(not value for value in cleaned):
         raise ValueError(f"{setting}: an empty id was given; every id must be non-empty")
     return sorted(set(cleaned))
