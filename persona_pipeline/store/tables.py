@@ -176,6 +176,9 @@ anomaly_scores = sa.Table(
     sa.Column("detector", sa.String(16), nullable=False),
     sa.Column("detector_z", sa.Float, nullable=False),
     sa.Column("scored_at", UtcDateTime, nullable=False),
+    # The role of the keys that drove a flag (health, behaviour, context, …); NULL when not flagged.
+    sa.Column("kind", sa.String(16)),
+    sa.Column("p_value", sa.Float),  # calibrated: the share of normal devices at least this strange
     sa.Index("ix_anomaly_scores_flag", "is_anomaly"),
 )
 
@@ -195,6 +198,7 @@ service_recommendations = sa.Table(
     sa.Column("weights_version", sa.Integer),  # the key_weights version behind its vector
     sa.Column("space", sa.String(64)),  # the feature space of `persona_vector`
     sa.Column("persona_vector", sa.LargeBinary),  # the device's vector when offered (for learning)
+    sa.Column("propensity", sa.Float),  # the probability with which the offer was chosen
     sa.Index("ix_service_recommendations_device", "device_id", "service_id"),
     sa.Index("ix_service_recommendations_day", "offer_day"),
 )
@@ -209,7 +213,11 @@ support_tickets = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("cause", sa.Text, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # open | resolved
+    sa.Column("updated_at", UtcDateTime),
+    sa.Column("resolved_at", UtcDateTime),
+    sa.Column("last_seen_day", sa.String(10)),  # the last day the fault was seen
+    sa.Index("ix_support_tickets_status", "status"),
 )
 
 offer_feedback = sa.Table(
