@@ -31,6 +31,12 @@ MAX_DAYS = 3_650
 PATTERN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 KeyType = Literal["numeric", "categorical", "boolean"]
+# What a deviation in a key means: `health` a fault (crashes, signal, battery drain), `behaviour` how
+# the device is used (app use, a move), `context` what the device is (city, model, settings).
+# Anomaly flags carry the role of the keys that drove them; only health flags become support work.
+Role = Literal["health", "behaviour", "context"]
+ROLES: tuple[Role, ...] = ("health", "behaviour", "context")
+DEFAULT_ROLE: Role = "context"  # an entry without a role: never a fault, never a need
 
 
 class _Strict(BaseModel):
@@ -68,9 +74,10 @@ class Transform(_Strict):
         return (clipped - low) / (high - low)
 
 
-# Presentation only: how reasons and segment profiles name a key and show its values.
-# Not part of the schema version (changing a label does not change the vector space).
-PRESENTATION_FIELDS = ("label", "unit")
+# Presentation and meaning only: how reasons and segment profiles name a key and show its values,
+# and what a deviation in it means. Not part of the schema version (they do not change the vector
+# space, so stored vectors stay valid).
+PRESENTATION_FIELDS = ("label", "unit", "role")
 
 
 class Feature(_Strict):
@@ -79,6 +86,10 @@ class Feature(_Strict):
     weight: float = Field(ge=0, le=MAX_WEIGHT)
     label: str | None = Field(default=None, description="Short name in reasons; '*' stands for the match.")
     unit: str | None = Field(default=None, description="Unit of the raw value; 'seconds' is shown as min/h.")
+    role: Role = Field(
+        default=DEFAULT_ROLE,
+        description="health (a fault), behaviour (how the device is used) or context (what it is).",
+    )
     transform: Transform | None = None
     fill: float | None = Field(default=None, ge=-MAX_RAW_MAGNITUDE, le=MAX_RAW_MAGNITUDE)
     vocabulary: tuple[str, ...] | None = None
@@ -139,6 +150,7 @@ class Derived(_Strict):
     weight: float = Field(ge=0, le=MAX_WEIGHT)
     label: str | None = None
     unit: str | None = None
+    role: Role = DEFAULT_ROLE
     days: int | None = Field(default=None, ge=1, le=MAX_DAYS)
     transform: Transform | None = None
 
@@ -153,6 +165,8 @@ class Derived(_Strict):
     def _consistent(self) -> Derived:
         if self.kind == "changed_within_days" and self.days is None:
             raise ValueError("changed_within_days needs days")
+        if self.kind == "changed_within_days" and self.role == "health":
+            raise ValueError("a change of a key (changed_within_days) is behaviour or context, never health")
         if self.kind == "sum" and self.transform is None:
             raise ValueError("sum needs a transform with a clip range")
         return self
@@ -301,6 +315,19 @@ class FeatureSchema:
     def unit_for(self, name: str) -> str | None:
         entry = self._entry_for(name)
         return entry.unit if entry else None
+
+    def role_for(self, name: str) -> Role:
+        """The role of a key or dimension name (`context` for a name the schema does not list)."""
+        entry = self._entry_for(name)
+        if entry is None and "=" in name:  # a categorical dimension: `key=value`
+            entry = self._entry_for(name.split("=", 1)[0])
+        return entry.role if entry else DEFAULT_ROLE
+
+    @cached_property
+    def dimension_roles(self) -> np.ndarray:
+        """The role of each dimension (as strings, in dimension order)."""
+        roles = {f.key: f.role for f in self.features} | {d.name: d.role for d in self.derived}
+        return np.array([roles[d.weight_key] for d in self.dimensions], dtype=object)
 
     def initial_weights(self) -> dict[str, float]:
         weights = {f.key: f.weight for f in self.features}

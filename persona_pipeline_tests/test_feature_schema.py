@@ -158,3 +158,48 @@ def test_a_yaml_mistake_in_an_edited_schema_names_the_file_and_the_line(tmp_path
     wrong_line = line + 1 if "twice" in expected else line  # the second `weight` is the mistake
     assert message.startswith(f"{path}: invalid YAML at line {wrong_line}, column ")
     assert expected in message
+
+
+def test_each_key_has_a_role_and_a_move_is_behaviour_never_health(tmp_path):
+    schema = load_feature_schema()
+    roles = dict(zip(schema.dimension_names, schema.dimension_roles, strict=True))
+    assert roles["device.health.crash_count"] == roles["device.connection.signal_strength"] == "health"
+    assert roles["device.usage.app_maps_duration"] == roles["device.usage.app_*_duration[<other>]"]
+    assert roles["device.usage.app_maps_duration"] == "behaviour"
+    assert roles["derived.location.moved_recently"] == "behaviour"
+    assert roles["device.location.city=Berlin"] == roles["device.model=<other>"] == "context"
+    assert schema.role_for("device.usage.app_podcast_duration") == "behaviour"
+    assert schema.role_for("device.os.build") == "context"  # not in the schema
+    # An entry without a role is context; a role is meaning, not shape: the version stays.
+    text = SHIPPED.read_text().replace("    role: health\n", "", 1)
+    (tmp_path / "feature_schema.yaml").write_text(text)
+    unroled = load_feature_schema(tmp_path)
+    assert unroled.role_for("device.connection.signal_strength") == "context"
+    assert unroled.version == schema.version
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "entry", "problem"),
+    [
+        (
+            "    role: context",
+            "    role: fault",
+            "features[0] ('device.location.city')",
+            "role: Input should be 'health', 'behaviour' or 'context'",
+        ),
+        (
+            "    role: behaviour\n    weight: 0.6",
+            "    role: health\n    weight: 0.6",
+            "derived[0] ('derived.location.moved_recently')",
+            "a change of a key (changed_within_days) is behaviour or context, never health",
+        ),
+    ],
+)
+def test_an_unknown_role_or_a_move_as_health_is_refused(tmp_path, old, new, entry, problem):
+    text = SHIPPED.read_text()
+    assert old in text
+    path = tmp_path / "feature_schema.yaml"
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError) as raised:
+        load_feature_schema(tmp_path)
+    assert f"{path}: {entry}: {problem}" in str(raised.value)
