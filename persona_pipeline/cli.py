@@ -140,6 +140,8 @@ def cmd_simulate_feedback(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.what == "decisions":
+        return cmd_evaluate_decisions(args)
     from persona_pipeline.anomalies.scoring import AnomalySettings
     from persona_pipeline.evaluate import evaluate_demo_fleet, public_table, report
 
@@ -152,6 +154,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(text)
     if demo is not None and args.home:
         print(f"\nthe evaluated fleet stays in {demo.home}")
+    return 0 if passed else 1
+
+
+def cmd_evaluate_decisions(args: argparse.Namespace) -> int:
+    from persona_pipeline.evaluate_decisions import evaluate_decisions, report, select_scenarios
+
+    try:
+        scenarios = select_scenarios(args.scenarios, args.quick)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    home = Path(args.home).resolve() if args.home else None
+    runs = evaluate_decisions(scenarios, home, say=lambda line: print(line, file=sys.stderr, flush=True))
+    text, passed = report([run.row for run in runs], scenarios)
+    print(text)
+    if home is not None:
+        print(f"\nthe evaluated fleets stay in {home}")
     return 0 if passed else 1
 
 
@@ -225,10 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="measure the anomaly scores: ROC-AUC and precision at the planted count "
-        "(exit 1 when a target is missed)",
+        help="anomalies: measure the anomaly scores (ROC-AUC and precision at the planted count); "
+        "decisions: run the chain and feedback rounds on the scenario fleets and measure flags, "
+        "tickets, offers and learning (exit 1 when a target is missed)",
     )
-    evaluate.add_argument("what", choices=["anomalies"], help="what to evaluate")
+    evaluate.add_argument("what", choices=["anomalies", "decisions"], help="what to evaluate")
     evaluate.add_argument("--devices", type=int, default=3000, help="demo fleet size (default 3000)")
     evaluate.add_argument("--days", type=int, default=7, help="demo fleet days (default 7)")
     evaluate.add_argument("--seed", type=int, default=7, help="demo fleet seed (default 7, as `generate`)")
@@ -238,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--no-demo", action="store_true", help="skip (a), the demo fleet")
     evaluate.add_argument("--no-public", action="store_true", help="skip (b), the public datasets")
+    evaluate.add_argument(
+        "--scenarios",
+        help="decisions: scenarios to run, comma-separated, or 'all' (default: every scenario but 'large')",
+    )
+    evaluate.add_argument(
+        "--quick", action="store_true", help="decisions: each scenario on at most 400 devices and 5 days"
+    )
     evaluate.set_defaults(handler=cmd_evaluate)
 
     migrate = commands.add_parser(

@@ -5,6 +5,12 @@ plants devices that move city, heavy users of one app, and failing devices
 (signal drops, crash spikes, battery drain), plus a small share of malformed rows
 and exact duplicates. The ground truth is written beside the landing zone, never
 in it, so later stages can measure themselves against it.
+
+`FleetParameters` varies the fleet (the scenarios of `persona-pipeline evaluate decisions`):
+the shares of movers, heavy users and failing devices, a latent interest in one app that
+usage reveals only a little, and fleets that report only the seed's three key families.
+The defaults are the demo fleet, drawn exactly as before: the new parameters draw from
+their own random stream, and a share only moves the threshold of draws made anyway.
 """
 
 from __future__ import annotations
@@ -53,6 +59,32 @@ HEAVY_SHARE = 0.05
 FAILING_SHARE = 0.02
 MALFORMED_SHARE = 0.01
 DUPLICATE_SHARE = 0.005
+# A device with a latent interest uses its app this much more than its group does: a hint in
+# the usage, far below a heavy user's 5x (the usage trigger's 2.25x a segment's median).
+LATENT_USAGE_LIFT = 1.6
+# The key families of the seed's contract; a fleet with `seed_keys_only` reports nothing else.
+SEED_KEY_FAMILIES = (
+    "device.location.city",
+    "device.usage.app_*_duration",
+    "device.connection.signal_strength",
+)
+
+
+@dataclass(frozen=True)
+class FleetParameters:
+    """What a generated fleet plants. The defaults are the demo fleet's."""
+
+    movers: float = MOVER_SHARE  # share of devices that move city in the second half of the days
+    heavy: float = HEAVY_SHARE  # share (among those that do not move) using one app 5x more
+    failing: float = FAILING_SHARE  # share (among the rest) failing from a day in the second half
+    latent: float = 0.0  # share with a latent interest in one app, used LATENT_USAGE_LIFT x more
+    seed_keys_only: bool = False  # report only the SEED_KEY_FAMILIES
+
+    def __post_init__(self) -> None:
+        for name in ("movers", "heavy", "failing", "latent"):
+            share = getattr(self, name)
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"FleetParameters.{name}={share}: a share between 0 and 1")
 
 
 @dataclass
@@ -68,7 +100,9 @@ def _weights(n: int, favoured: list[int], boost: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def plant_devices(devices: int, days: int, rng: np.random.Generator) -> pd.DataFrame:
+def plant_devices(
+    devices: int, days: int, rng: np.random.Generator, parameters: FleetParameters = FleetParameters()
+) -> pd.DataFrame:
     """Who each device is: group, home city, model, and the planted behaviours."""
     ids = pd.Series(np.arange(devices)).map("dev-{:06d}".format)
     owners = np.minimum(np.arange(devices) - rng.binomial(1, 0.1, devices), devices - 1).clip(0)
@@ -83,15 +117,15 @@ def plant_devices(devices: int, days: int, rng: np.random.Generator) -> pd.DataF
         city[members] = rng.choice(CITIES, size=members.sum(), p=city_p)
         model[members] = rng.choice(MODELS, size=members.sum(), p=model_p)
 
-    moved = rng.random(devices) < MOVER_SHARE
+    moved = rng.random(devices) < parameters.movers
     offset = rng.integers(1, len(CITIES), size=devices)
     new_city = np.where(moved, CITIES[(_city_index(city) + offset) % len(CITIES)], None)
     move_day = np.where(moved, rng.integers(max(days // 2, 1), max(days, 2), size=devices), -1)
 
-    heavy = (rng.random(devices) < HEAVY_SHARE) & ~moved
+    heavy = (rng.random(devices) < parameters.heavy) & ~moved
     heavy_app = np.where(heavy, rng.choice(APPS, size=devices), None)
 
-    failing = (rng.random(devices) < FAILING_SHARE) & ~moved & ~heavy
+    failing = (rng.random(devices) < parameters.failing) & ~moved & ~heavy
     failure_start = np.where(failing, rng.integers(max(days // 2, 1), max(days, 2), size=devices), -1)
 
     return pd.DataFrame(
@@ -134,6 +168,10 @@ def day_updates(
     heavy_column = pd.Series(truth["heavy_app"]).map({a: i for i, a in enumerate(APPS)})
     heavy_rows = np.flatnonzero(heavy_column.notna().to_numpy())
     usage[heavy_rows, heavy_column.iloc[heavy_rows].to_numpy(dtype=int)] *= 5.0
+    if "latent_app" in truth:
+        latent_column = pd.Series(truth["latent_app"]).map({a: i for i, a in enumerate(APPS)})
+        latent_rows = np.flatnonzero(latent_column.notna().to_numpy())
+        usage[latent_rows, latent_column.iloc[latent_rows].to_numpy(dtype=int)] *= LATENT_USAGE_LIFT
     usage = np.clip(np.round(usage), 0, 86_400)
 
     signal = np.where(failing_now, rng.normal(-110, 4, n), rng.normal(-70, 7, n))
@@ -220,17 +258,40 @@ def plant_malformed(rows: pd.DataFrame, rng: np.random.Generator) -> pd.DataFram
     return broken
 
 
-def generate_fleet(devices: int, days: int, seed: int, start: str) -> DemoFleet:
+def plant_latent_interest(truth: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
+    """A `latent_app` per device (None for most): an app the person would take offers about.
+    Drawn from a stream of its own, so the rest of the fleet is the same with or without it."""
+    rng = np.random.default_rng([seed, 1])
+    interested = rng.random(len(truth)) < share
+    apps = rng.choice(APPS, size=len(truth))
+    return truth.assign(latent_app=np.where(interested, apps, None))
+
+
+def seed_keys_mask(keys: pd.Series) -> np.ndarray:
+    """Which rows carry one of the SEED_KEY_FAMILIES (a pattern's `*` is one name part)."""
+    pattern = "|".join(family.replace(".", r"\.").replace("*", r"[^.]+") for family in SEED_KEY_FAMILIES)
+    return keys.astype(str).str.fullmatch(pattern).to_numpy(dtype=bool)
+
+
+def generate_fleet(
+    devices: int, days: int, seed: int, start: str, parameters: FleetParameters = FleetParameters()
+) -> DemoFleet:
     rng = np.random.default_rng(seed)
-    truth = plant_devices(devices, days, rng)
+    truth = plant_devices(devices, days, rng, parameters)
+    if parameters.latent > 0:
+        truth = plant_latent_interest(truth, parameters.latent, seed)
     updates, malformed = {}, []
     first = pd.Timestamp(start, tz="UTC")
     for day_number in range(days):
         day = first + pd.Timedelta(days=day_number)
         label = day.strftime("%Y-%m-%d")
         rows = day_updates(truth, day_number, day, rng)
+        if parameters.seed_keys_only:
+            rows = rows[seed_keys_mask(rows["key"])].reset_index(drop=True)
         duplicates = rows.sample(frac=DUPLICATE_SHARE, random_state=int(rng.integers(0, 2**31)))
         broken = plant_malformed(rows, rng)
+        if parameters.seed_keys_only:  # a malformed row may name another key (not_finite)
+            broken = broken[seed_keys_mask(broken["key"])].reset_index(drop=True)
         malformed.append(broken.assign(day=label))
         mixed = pd.concat([rows, duplicates, broken.drop(columns="malformed_kind")], ignore_index=True)
         updates[label] = mixed.sample(frac=1.0, random_state=int(rng.integers(0, 2**31))).reset_index(
