@@ -183,15 +183,24 @@ def flag_metrics(flagged: pd.Series, failing: pd.Series) -> dict[str, float]:
     }
 
 
+def flag_kinds(kinds: pd.Series) -> str:
+    """The flags by the kind of the keys that drove them (`kind` of the flagged devices; NULL
+    is counted as "no kind"), most first, then by name: "46 health, 2 behaviour"."""
+    counts = kinds.fillna("no kind").astype(str).value_counts()
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{count} {kind}" for kind, count in ordered) or "none"
+
+
 def ticket_metrics(tickets: pd.DataFrame, failing: pd.Series) -> dict[str, float]:
-    """Tickets (rows with device_id) per failing device (NaN when none fails), and how many
-    went to devices that do not fail."""
+    """Tickets (rows with device_id and status) per failing device (NaN when none fails), how
+    many went to devices that do not fail, and how many are still open."""
     on_failing = tickets["device_id"].map(failing).fillna(False).astype(bool)
     count = int(failing.sum())
     return {
         "tickets": len(tickets),
         "tickets_per_failing": len(tickets) / count if count else float("nan"),
         "tickets_on_healthy": int((~on_failing).sum()),
+        "tickets_open": int((tickets["status"] == "open").sum()),
     }
 
 
@@ -303,12 +312,14 @@ TABLE_ROWS: list[tuple[str, str, str]] = [
     ("days / rounds", "days_rounds", "text"),
     ("failing devices", "failing", "int"),
     ("flagged", "flagged", "int"),
+    ("flags by kind", "kinds", "text"),
     ("flag precision", "precision", "2f"),
     ("flag recall", "recall", "2f"),
     ("false alarms / 1k healthy", "false_alarms_per_1000", "1f"),
     ("tickets", "tickets", "int"),
     ("tickets / failing device", "tickets_per_failing", "2f"),
     ("tickets on healthy devices", "tickets_on_healthy", "int"),
+    ("tickets open at the end", "tickets_open", "int"),
     ("offers / device / day", "offers_per_device_day", "3f"),
     ("  worst day", "worst_day", "3f"),
     ("  worst day after refresh", "worst_day_after_refresh", "3f"),
@@ -577,9 +588,10 @@ def _measure(
     store = resources["persona_store"]
     catalog = resources["persona_config"].service_catalog()
     failing = truth.set_index("device_id")["failing"].astype(bool)
-    scores = store.read_frame(sa.select(anomaly_scores.c.device_id, anomaly_scores.c.is_anomaly))
+    a = anomaly_scores.c
+    scores = store.read_frame(sa.select(a.device_id, a.is_anomaly, a.kind))
     flagged = scores.set_index("device_id")["is_anomaly"].astype(bool)
-    tickets = store.read_frame(sa.select(support_tickets.c.device_id))
+    tickets = store.read_frame(sa.select(support_tickets.c.device_id, support_tickets.c.status))
     r = service_recommendations.c
     offers = store.read_frame(sa.select(r.device_id, r.service_id, r.trigger, r.offer_day))
     devices = len(truth)
@@ -589,6 +601,7 @@ def _measure(
         "responses": scenario.responses,
         "days_rounds": f"{scenario.days} / {scenario.rounds}",
         **flag_metrics(flagged, failing),
+        "kinds": flag_kinds(scores.loc[scores["is_anomaly"].astype(bool), "kind"]),
         **ticket_metrics(tickets, failing),
         **offer_volume(offers, devices, refreshed_after),
         "max_offers_7_days": max_offers_in_window(offers),

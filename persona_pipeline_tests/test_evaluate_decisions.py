@@ -18,6 +18,7 @@ from persona_pipeline.evaluate_decisions import (
     SCENARIOS,
     TUNING,
     decisions_table,
+    flag_kinds,
     flag_metrics,
     max_offers_in_window,
     missed_targets,
@@ -61,13 +62,23 @@ def test_with_nothing_failing_recall_is_not_a_number_and_nothing_flagged_has_no_
 @pure
 def test_tickets_per_failing_device_and_tickets_on_healthy_ones():
     failing = pd.Series([True, False, False, True], index=_devices(4))
-    tickets = pd.DataFrame({"device_id": ["d0", "d0", "d1", "d9"]})  # d9: not in the fleet
+    tickets = pd.DataFrame(  # d9: not in the fleet
+        {"device_id": ["d0", "d0", "d1", "d9"], "status": ["open", "resolved", "open", "open"]}
+    )
     assert ticket_metrics(tickets, failing) == {
         "tickets": 4,
         "tickets_per_failing": 2.0,
         "tickets_on_healthy": 2,
+        "tickets_open": 3,
     }
     assert math.isnan(ticket_metrics(tickets.iloc[0:0], failing & False)["tickets_per_failing"])
+
+
+@pure
+def test_flags_are_counted_by_kind_most_first():
+    kinds = pd.Series(["health", None, "behaviour", "health", "health"])
+    assert flag_kinds(kinds) == "3 health, 1 behaviour, 1 no kind"
+    assert flag_kinds(kinds.iloc[0:0]) == "none"
 
 
 @pure
@@ -289,6 +300,9 @@ def test_a_quick_run_reads_its_table_from_the_real_stores(persona_home: Path):
         flagged = store.read_frame(sa.select(anomaly_scores.c.device_id).where(anomaly_scores.c.is_anomaly))
         offers = store.read_frame(sa.select(service_recommendations.c.offer_day))
         assert run.row["flagged"] == len(flagged)
+        assert sum(int(part.split()[0]) for part in run.row["kinds"].split(", ") if part != "none") == len(
+            flagged
+        )
         assert run.row["failing"] == int(truth["failing"].sum())
         assert run.row["offers"] == len(offers)
         assert run.row["devices"] == len(truth) == 400
