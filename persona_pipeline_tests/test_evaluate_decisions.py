@@ -318,3 +318,12 @@ def test_a_quick_run_reads_its_table_from_the_real_stores(persona_home: Path):
     assert keys.str.match(
         r"device\.(location\.city|usage\.app_[^.]+_duration|connection\.signal_strength)$"
     ).all()
+
+
+@pure
+def test_the_command_refuses_an_unknown_scenario_in_one_line(persona_home: Path, capsys):
+    from persona_pipeline.cli import main
+
+    assert main(["evaluate", "decisions", "--scenarios", "calm,nope"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("persona-pipeline: unknown scenario(s) nope: one of demo,") and "\n" not in error
