@@ -340,9 +340,11 @@ TABLE_ROWS: list[tuple[str, str, str]] = [
 
 
 def _cell(value, kind: str) -> str:
+    if value is None:
+        return "n/a"
     if kind == "text":
         return str(value)
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if isinstance(value, float) and np.isnan(value):
         return "n/a"
     if kind == "int":
         return f"{int(value):,}"
@@ -646,7 +648,9 @@ def evaluate_decisions(
     instance=None,
     say: Callable[[str], None] = lambda line: None,
 ) -> list[ScenarioRun]:
-    """Each scenario in its own folder under `home` (kept), or in a temporary folder (removed)."""
+    """Each scenario in its own folder under `home` (kept), or in a temporary folder (removed,
+    unless the scenario failed: its logs stay there). A scenario whose run fails is a column
+    of n/a with the failure as its missed target; the others still run."""
     runs = []
     for scenario in scenarios:
         folder = (
@@ -657,7 +661,14 @@ def evaluate_decisions(
         folder.mkdir(parents=True, exist_ok=True)
         try:
             runs.append(run_scenario(scenario, folder, instance, say))
-        finally:
-            if home is None:
-                shutil.rmtree(folder, ignore_errors=True)
+        except Exception as exc:  # measured as a failure, reported with the folder that holds its logs
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            say(f"{scenario.name}: failed: {message} (its home is kept in {folder})")
+            row = {"scenario": scenario.name, "split": scenario.split, "responses": scenario.responses}
+            row["missed"] = [f"the run failed: {message} (its home is kept in {folder})"]
+            row["verdict"] = "failed"
+            runs.append(ScenarioRun(scenario, row, folder))
+            continue
+        if home is None:
+            shutil.rmtree(folder, ignore_errors=True)
     return runs

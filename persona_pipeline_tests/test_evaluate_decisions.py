@@ -4,6 +4,7 @@ functions on hand-made frames, and a quick run whose table is read from the real
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -327,3 +328,23 @@ def test_the_command_refuses_an_unknown_scenario_in_one_line(persona_home: Path,
     assert main(["evaluate", "decisions", "--scenarios", "calm,nope"]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("persona-pipeline: unknown scenario(s) nope: one of demo,") and "\n" not in error
+
+
+@pure
+def test_a_scenario_that_fails_is_a_column_of_n_a_with_the_failure_and_the_others_still_run(
+    persona_home: Path,
+):
+    from dataclasses import replace
+
+    from persona_pipeline.evaluate_decisions import evaluate_decisions, report
+
+    # 3 days leave no first run before 3 rounds: run_scenario refuses after writing the fleet
+    broken = replace(SCENARIOS["calm"], name="too_short", devices=50, days=3)
+    runs = evaluate_decisions([broken], home=None)
+    row = runs[0].row
+    assert row["verdict"] == "failed" and "leave no first run" in row["missed"][0]
+    assert runs[0].home.is_dir() and str(runs[0].home) in row["missed"][0]  # kept for its logs
+    text, passed = report([row], [broken])
+    assert not passed and "MISSED too_short: the run failed" in text
+    assert next(line for line in text.splitlines() if line.startswith("flag recall")).split()[-1] == "n/a"
+    shutil.rmtree(runs[0].home)
