@@ -326,6 +326,8 @@ TABLE_ROWS: list[tuple[str, str, str]] = [
     ("max offers / device / 7d", "max_offers_7_days", "int"),
     *[(f"need met: {trigger}", f"need_met_{trigger}", "pct") for trigger in TRIGGERS],
     ("segments over rounds", "segments", "text"),
+    ("flagged over rounds", "flagged_rounds", "text"),
+    ("open tickets over rounds", "open_tickets_rounds", "text"),
     ("weights initial -> live", "versions", "text"),
     ("same day: offers initial", "offers_initial", "int"),
     ("same day: offers live", "offers_live", "int"),
@@ -427,7 +429,7 @@ class ScenarioRun:
     scenario: Scenario
     row: dict
     home: Path
-    round_segments: list[int] = field(default_factory=list)
+    rounds: list[dict[str, int]] = field(default_factory=list)  # after each run: _snapshot()
 
 
 def run_scenario(
@@ -459,16 +461,16 @@ def run_scenario(
         owned = instance is None
         runs = dg.DagsterInstance.ephemeral() if owned else instance
         try:
-            segments, refreshed_after = _rounds(scenario, days, truth, runs, say)
+            snapshots, refreshed_after = _rounds(scenario, days, truth, runs, say)
             comparison = _same_day(truth, scenario, runs)
         finally:
             if owned:
                 runs.dispose()
-        row = _measure(scenario, truth, refreshed_after, segments, comparison)
+        row = _measure(scenario, truth, refreshed_after, snapshots, comparison)
     row["seconds"] = time.monotonic() - began
     row["missed"] = missed_targets(row, scenario.responses)
     row["verdict"] = "ok" if not row["missed"] else f"{len(row['missed'])} missed"
-    return ScenarioRun(scenario, row, home, segments)
+    return ScenarioRun(scenario, row, home, snapshots)
 
 
 def _resources() -> dict:
@@ -479,9 +481,9 @@ def _resources() -> dict:
 
 def _rounds(
     scenario: Scenario, days: list[str], truth: pd.DataFrame, instance, say: Callable[[str], None]
-) -> tuple[list[int], str | None]:
-    """The first run, then one answered batch and one day's run per round. Returns the active
-    segment count after each run and the last day before the first refresh of the weights."""
+) -> tuple[list[dict[str, int]], str | None]:
+    """The first run, then one answered batch and one day's run per round. Returns a snapshot
+    after each run and the last day before the first refresh of the weights."""
     from persona_pipeline.runner import run_chain
 
     def quiet(line: str) -> None:
@@ -490,25 +492,32 @@ def _rounds(
     first_end = days[-scenario.rounds - 1]
     say(f"{scenario.name}: days {days[0]} … {first_end}")
     run_chain(days[0], first_end, instance=instance, say=quiet)
-    segments = [_active_segments()]
+    snapshots = [_snapshot()]
     refreshed_after = None
     for number, day in enumerate(days[-scenario.rounds :], start=1):
         answered = _answer_offers(truth, scenario.responses, scenario.seed * 100 + number)
         result = run_chain(day, day, instance=instance, say=quiet)
         if result.feedback_batches and refreshed_after is None:
             refreshed_after = days[days.index(day) - 1]
-        segments.append(_active_segments())
-        say(f"{scenario.name}: round {number}, day {day}: {answered} answers, {segments[-1]} segments")
-    return segments, refreshed_after
+        snapshots.append(_snapshot())
+        say(f"{scenario.name}: round {number}, day {day}: {answered} answers, {snapshots[-1]}")
+    return snapshots, refreshed_after
 
 
-def _active_segments() -> int:
+def _snapshot() -> dict[str, int]:
+    """Active segments, flagged devices and open tickets in the store now."""
     import sqlalchemy as sa
 
-    from persona_pipeline.store.tables import segments
+    from persona_pipeline.store.tables import anomaly_scores, segments, support_tickets
 
     store = _resources()["persona_store"]
-    return int(store.read_frame(sa.select(sa.func.count().label("n")).where(segments.c.active))["n"][0])
+    counts = {
+        "segments": sa.select(sa.func.count()).where(segments.c.active),
+        "flagged": sa.select(sa.func.count()).where(anomaly_scores.c.is_anomaly),
+        "open_tickets": sa.select(sa.func.count()).where(support_tickets.c.status == "open"),
+    }
+    with store.engine.connect() as connection:
+        return {name: int(connection.execute(query).scalar()) for name, query in counts.items()}
 
 
 def _answer_offers(truth: pd.DataFrame, model: str, seed: int) -> int:
@@ -578,7 +587,11 @@ def _same_day(truth: pd.DataFrame, scenario: Scenario, instance) -> SameDay:
 
 
 def _measure(
-    scenario: Scenario, truth: pd.DataFrame, refreshed_after: str | None, segments: list[int], same: SameDay
+    scenario: Scenario,
+    truth: pd.DataFrame,
+    refreshed_after: str | None,
+    snapshots: list[dict[str, int]],
+    same: SameDay,
 ) -> dict:
     """Every measure of the table, read from the scenario's stores."""
     import sqlalchemy as sa
@@ -611,7 +624,14 @@ def _measure(
             f"need_met_{trigger}": share
             for trigger, share in needs_met_by_trigger(offers, needed(offers, truth, catalog)).items()
         },
-        "segments": " > ".join(str(count) for count in segments),
+        **{
+            name: " > ".join(str(snapshot[key]) for snapshot in snapshots)
+            for name, key in (
+                ("segments", "segments"),
+                ("flagged_rounds", "flagged"),
+                ("open_tickets_rounds", "open_tickets"),
+            )
+        },
         "versions": f"v{same.initial_version} -> v{same.live_version}",
         "initial_version": same.initial_version,
         "live_version": same.live_version,

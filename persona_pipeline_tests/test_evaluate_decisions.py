@@ -281,7 +281,12 @@ def test_a_quick_run_reads_its_table_from_the_real_stores(persona_home: Path):
     evaluation always uses SQLite and the embedded index in its own home, whatever --store says."""
     from persona_pipeline.evaluate_decisions import evaluate_decisions, report
     from persona_pipeline.resources import PersonaStore
-    from persona_pipeline.store.tables import anomaly_scores, device_profiles, service_recommendations
+    from persona_pipeline.store.tables import (
+        anomaly_scores,
+        device_profiles,
+        service_recommendations,
+        support_tickets,
+    )
 
     scenarios = select_scenarios("calm,seed_latent", quick=True)
     runs = evaluate_decisions(scenarios, home=persona_home / "evaluated")
@@ -308,6 +313,15 @@ def test_a_quick_run_reads_its_table_from_the_real_stores(persona_home: Path):
         assert run.row["offers"] == len(offers)
         assert run.row["devices"] == len(truth) == 400
         assert len(run.row["segments"].split(" > ")) == run.scenario.rounds + 1
+        assert run.row["flagged_rounds"].split(" > ")[-1] == str(len(flagged))
+        open_tickets = store.read_frame(
+            sa.select(support_tickets.c.ticket_id).where(support_tickets.c.status == "open")
+        )
+        assert (
+            run.row["open_tickets_rounds"].split(" > ")[-1]
+            == str(len(open_tickets))
+            == str(run.row["tickets_open"])
+        )
         assert offers["offer_day"].nunique() == run.scenario.rounds + 1
         store.engine.dispose()
 
