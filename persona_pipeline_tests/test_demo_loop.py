@@ -65,11 +65,12 @@ def test_the_demo_loop_learns_weights_that_make_better_offers(persona_home, inst
     learned = comparison.weight_changes.set_index("key")
     ratio = learned.loc["device.model"] / learned.loc["device.connection.type"]
     assert ratio["learned"] > 2 * ratio["initial"], learned
-    # The same day's offers, from the same state, are accepted more often with the learned weights
-    # (measured: 31.3% against 26.1%), for usage and lookalike offers alike.
+    # The same day's offers, from the same state, are accepted more often with the learned weights,
+    # through the lookalikes. Heavy use is judged against usage peers the weights do not move, so
+    # the learned weights cannot multiply usage offers (they did when heavy use followed segments).
     assert rates.loc["all", "acceptance_learned"] > rates.loc["all", "acceptance_initial"] + 0.03, rates
-    for trigger in ("usage", "lookalike"):
-        assert rates.loc[trigger, "acceptance_learned"] > rates.loc[trigger, "acceptance_initial"], rates
+    assert rates.loc["lookalike", "acceptance_learned"] > rates.loc["lookalike", "acceptance_initial"], rates
+    assert rates.loc["usage", "offers_learned"] <= 1.2 * rates.loc["usage", "offers_initial"], rates
     # Rule-triggered location offers do not depend on the weights.
     assert rates.loc["location", "offers_initial"] == rates.loc["location", "offers_learned"]
     report = comparison_report(comparison)

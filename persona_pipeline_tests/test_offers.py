@@ -9,7 +9,7 @@ import pytest
 
 from persona_pipeline.config_files import ConfigError
 from persona_pipeline.offers.catalog import ServiceCatalog, load_service_catalog
-from persona_pipeline.offers.recommend import OfferInputs, app_usage, recommend, support_tickets
+from persona_pipeline.offers.recommend import OfferInputs, app_usage, recommend, ticket_changes
 
 DAY = "2026-03-07"
 
@@ -26,7 +26,8 @@ def inputs(**changes) -> OfferInputs:
             }
         ),
         "app_usage": pd.DataFrame(
-            {"maps": [600.0, 600.0, 600.0, 9000.0], "podcast": [0.0, 0.0, 0.0, 7200.0]},
+            # Podcast users are compared with other podcast users (a, b, c: 5 min a day).
+            {"maps": [600.0, 600.0, 600.0, 9000.0], "podcast": [300.0, 300.0, 300.0, 7200.0]},
             index=pd.Index(["a", "b", "c", "heavy"], name="device_id"),
         ),
         "segments": pd.Series({"a": 1, "b": 1, "c": 1, "heavy": 1, "mover": 2, "old_mover": 2, "sick": 1}),
@@ -48,7 +49,7 @@ def inputs(**changes) -> OfferInputs:
 
 
 def test_moves_heavy_use_and_anomalies_become_offers_with_reasons():
-    offers = recommend(inputs(), load_service_catalog())
+    offers = recommend(inputs(), uncapped())
     by = offers.set_index(["device_id", "service_id"])
     assert ("mover", "localized_support_docs") in by.index
     assert "Vienna" in by.loc[("mover", "localized_support_docs"), "reason"]
@@ -56,12 +57,17 @@ def test_moves_heavy_use_and_anomalies_become_offers_with_reasons():
     heavy = offers[offers["device_id"] == "heavy"]
     # An app the catalog does not list still gets the generic (templated) offers, named after it.
     assert {"app_tutorial:maps", "app_tutorial:podcast"} <= set(heavy["service_id"])
-    assert heavy["reason"].str.contains("use 2.5 h a day vs 10 min typical in segment 1").any()
+    assert heavy["reason"].str.contains("use 2.5 h a day vs 10 min typical of its usage peers").any()
     sick = offers[offers["device_id"] == "sick"].set_index("service_id")
     assert {"diagnostics_tool", "support_callback"} <= set(sick.index)
     assert sick.loc["diagnostics_tool", "reason"].endswith("crashes 14 vs 0–1")
     assert offers["score"].between(0, 1).all()
-    assert offers.groupby("device_id").size().max() <= 3  # the daily cap
+    capped = recommend(inputs(), load_service_catalog())
+    assert capped.groupby("device_id").size().max() <= 2  # the weekly budget (and the daily cap, 3)
+    assert set(capped.loc[capped["device_id"] == "sick", "service_id"]) == {
+        "diagnostics_tool",
+        "support_callback",
+    }
 
 
 def test_offer_ids_are_deterministic_and_a_rerun_of_the_day_adds_nothing():
@@ -80,9 +86,12 @@ def test_cooldown_and_the_daily_cap_hold_across_days():
     assert not cooled & set(zip(today["device_id"], today["service_id"], strict=True))
 
 
-def uncapped():
+def uncapped(**rules_changed):
+    """The shipped catalog without the per-device limits (daily cap and weekly budget 20) and
+    without exploration, unless `rules_changed` says otherwise."""
     catalog = load_service_catalog()
-    rules = catalog.rules.model_copy(update={"daily_cap": 20})
+    changes = {"daily_cap": 20, "max_offers_per_week": 20, "exploration_share": 0.0, **rules_changed}
+    rules = catalog.rules.model_copy(update=changes)
     return ServiceCatalog(catalog.spec.model_copy(update={"rules": rules}), "test")
 
 
@@ -121,12 +130,17 @@ def test_a_service_the_fleet_turns_down_scores_low_in_a_segment_that_never_saw_i
     assert unknown_service == pytest.approx(0.5)
 
 
-def test_tickets_are_one_per_device_and_cause():
+def test_a_fault_opens_one_ticket_per_device_and_cause_which_a_later_day_updates():
     catalog = load_service_catalog()
     anomalies = inputs().anomalies
-    first = support_tickets(anomalies, catalog, DAY)
-    later = support_tickets(anomalies.assign(score=[0.9, 0.1]), catalog, "2026-03-08")
-    assert len(first) == 1 and first["ticket_id"].tolist() == later["ticket_id"].tolist()
+    empty = pd.DataFrame(columns=["ticket_id", "device_id", "cause", "severity", "status", "last_seen_day"])
+    first = ticket_changes(anomalies, empty, catalog, DAY)
+    assert len(first.opened) == 1 and first.opened["status"].tolist() == ["open"]
+    stored = first.opened.drop(columns=["reason"])
+    later = ticket_changes(anomalies.assign(score=[0.9, 0.1]), stored, catalog, "2026-03-08")
+    assert later.opened.empty and later.resolved.empty
+    assert later.updated[["severity", "last_seen_day"]].values.tolist() == [[0.9, "2026-03-08"]]
+    assert ticket_changes(anomalies, stored, catalog, DAY).updated.empty  # the same day again
 
 
 def test_app_usage_reads_every_app_key():

@@ -22,10 +22,11 @@ from persona_pipeline.segments.assets import device_clusters
 from persona_pipeline.store.tables import offer_feedback
 from persona_pipeline.store.tables import service_recommendations as service_recommendations_table
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
-from persona_pipeline_tests.test_offers import DAY, inputs
+from persona_pipeline_tests.test_offers import DAY, inputs, uncapped
 
 CATALOG = load_service_catalog()
 CAP = CATALOG.rules.daily_cap
+WEEK = CATALOG.rules.max_offers_per_week
 PER_SERVICE = CATALOG.rules.lookalike_per_service
 REFIT = {"ops": {"device_clusters": {"config": {"refit": True}}}}
 
@@ -74,7 +75,9 @@ def test_a_device_with_room_left_today_gets_only_the_best_offers_that_fit():
             "priority": 0.4,
         }
     )
-    offers = recommend(inputs(history=earlier_run), CATALOG)
+    # The weekly budget (2) would leave `sick` no slot at all; this is about the daily cap (3).
+    catalog = uncapped(daily_cap=CAP)
+    offers = recommend(inputs(history=earlier_run), catalog)
     sick = offers[offers["device_id"] == "sick"]
     assert sick["trigger"].tolist() == ["support"]  # one slot left, the best support offer
 
@@ -161,11 +164,23 @@ def assert_within_the_days_limits(store: PersonaStore) -> pd.DataFrame:
     assert not offers.duplicated(["device_id", "service_id", "offer_day"]).any()
     per_device_day = offers.groupby(["device_id", "offer_day"]).size()
     assert per_device_day.max() <= CAP, per_device_day[per_device_day > CAP].head()
+    fullest = fullest_weeks(offers)
+    assert fullest.max() <= WEEK, fullest[fullest > WEEK].head()
     lookalikes = offers[offers["trigger"] == "lookalike"].groupby(["service_id", "offer_day"]).size()
     assert lookalikes.empty or lookalikes.max() <= PER_SERVICE, lookalikes[lookalikes > PER_SERVICE]
     tickets = table(store, "support_tickets")
-    assert not tickets.duplicated(["device_id", "cause"]).any()
+    assert not tickets[tickets["status"] == "open"].duplicated(["device_id", "cause"]).any()
     return offers
+
+
+def fullest_weeks(offers: pd.DataFrame) -> pd.Series:
+    """Per device, its offers in the fullest 7 days in a row."""
+    days = pd.to_datetime(offers["offer_day"])
+    counts = []
+    for end in days.drop_duplicates():
+        week = offers[(days > end - pd.Timedelta(days=7)) & (days <= end)]
+        counts.append(week.groupby("device_id").size())
+    return pd.concat(counts).groupby(level=0).max() if counts else pd.Series(dtype="int64")
 
 
 def test_re_running_the_offers_of_a_day_after_feedback_and_re_clustering_keeps_every_limit(fleet):
@@ -261,10 +276,11 @@ def test_writing_counts_the_offers_another_run_stored_since_this_one_read_its_hi
             "priority": 0.4,
         }
     )
-    assert len(offers_storage.write_offers(store, earlier_run, DAY, CAP)) == 3
+    catalog = uncapped(daily_cap=CAP)  # the weekly budget would allow only two of the three
+    assert len(offers_storage.write_offers(store, earlier_run, DAY, catalog)) == 3
     stale = made_offers()  # made without knowing the three above
     assert "sick" in set(stale["device_id"])
-    written = offers_storage.write_offers(store, stale, DAY, CAP)
+    written = offers_storage.write_offers(store, stale, DAY, catalog)
     assert "sick" not in set(written["device_id"]) and len(written) > 0
     offers = table(store, "service_recommendations")
     assert offers.groupby("device_id").size().max() <= CAP
@@ -276,9 +292,9 @@ def test_other_writers_wait_while_a_run_checks_and_writes_its_offers(resources, 
     the table (it would have to wait), so the cap checked is the cap written."""
     store = resources["persona_store"]
     attempts: list[Exception] = []
-    checked = offers_storage.under_daily_cap
+    checked = offers_storage.within_limits
 
-    def check_while_another_writes(offers, stored_today, daily_cap):
+    def check_while_another_writes(offers, stored, day, catalog):
         other = sa.create_engine(
             store.resolved_url, connect_args={"timeout": 0} if "sqlite" in store.resolved_url else {}
         )
@@ -293,9 +309,9 @@ def test_other_writers_wait_while_a_run_checks_and_writes_its_offers(resources, 
             attempts.append(error)
         finally:
             other.dispose()
-        return checked(offers, stored_today, daily_cap)
+        return checked(offers, stored, day, catalog)
 
-    monkeypatch.setattr(offers_storage, "under_daily_cap", check_while_another_writes)
-    written = offers_storage.write_offers(store, made_offers(), DAY, CAP)
+    monkeypatch.setattr(offers_storage, "within_limits", check_while_another_writes)
+    written = offers_storage.write_offers(store, made_offers(), DAY, CATALOG)
     assert len(attempts) == 1  # the other writer could not write
     assert len(table(store, "service_recommendations")) == len(written) > 0

@@ -11,10 +11,11 @@ from persona_pipeline.offers import storage
 from persona_pipeline.offers.catalog import ServiceCatalog
 from persona_pipeline.offers.recommend import (
     APP_KEY_PREFIX,
+    WEEK_DAYS,
     OfferInputs,
     app_usage,
+    emerging_needs,
     recommend,
-    support_tickets,
 )
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import VECTOR_INDEX_POOL
@@ -73,10 +74,11 @@ def _lookalike_hits(
 
 
 def _history_start(day: str, catalog: ServiceCatalog) -> str:
-    """The first day whose offers still matter: the longest cooldown back. Older offers neither
-    cool a service down nor keep a lookalike from being offered it again, so the history read
-    each day stays the size of that window, not of every day since the start."""
-    longest = max((s.cooldown_days for s in catalog.spec.services), default=0)
+    """The first day whose offers still matter: the longest cooldown back (at least the 6 days
+    the weekly budget looks back). Older offers neither cool a service down nor keep a
+    lookalike from being offered it again, so the history read each day stays the size of that
+    window, not of every day since the start."""
+    longest = max([s.cooldown_days for s in catalog.spec.services] + [WEEK_DAYS - 1])
     return (pd.Timestamp(day) - pd.Timedelta(days=longest)).strftime("%Y-%m-%d")
 
 
@@ -95,10 +97,14 @@ def service_recommendations(
     vector_index: VectorIndex,
 ) -> dg.MaterializeResult:
     """Offers made before anyone asks: localized services after a move (read from the updates'
-    event times), app tutorials and features for heavy use, diagnostics for anomalies (and a
-    support ticket above a severity). Each offer has a deterministic id (device, service, day),
-    a score (trigger strength x the segment's smoothed acceptance rate) and a reason; cooldowns
-    and a per-device daily cap apply. Lookalikes: for each service with enough responses, Qdrant's
+    event times), app tutorials and features for heavy use (against the device's usage peers,
+    a space that does not move with the key weights), diagnostics for health faults (and a
+    support ticket above a severity, updated while the fault persists and resolved when it is
+    gone). Each offer has a deterministic id (device, service, day), a score (trigger strength
+    x the segment's smoothed acceptance rate), a reason and the probability it was chosen;
+    cooldowns (from the last offer or rejection), the daily cap, the weekly budget per device
+    and each service's daily capacity apply, best expected value first, a small share of
+    device-days exploring. Lookalikes: for each service with enough responses, Qdrant's
     recommendation query (accepting devices positive, rejecting ones negative) finds the nearest
     devices not offered it on an earlier day. Re-running the same day with the same inputs adds
     nothing; with new inputs it adds only within what is left of the day: the daily cap counts
@@ -112,6 +118,7 @@ def service_recommendations(
     since = pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1 - catalog.rules.location_window_days)
     history = persona_storage.read_key_history(persona_store, CITY_KEY, since.to_pydatetime())
     anomalies = read_scores(persona_store)
+    since_day = _history_start(day, catalog)
     inputs = OfferInputs(
         day=day,
         moves=value_changes(history, since),
@@ -119,7 +126,8 @@ def service_recommendations(
         segments=read_assignments(persona_store),
         anomalies=anomalies,
         acceptance=storage.read_acceptance(persona_store),
-        history=storage.read_offer_history(persona_store, since_day=_history_start(day, catalog)),
+        history=storage.read_offer_history(persona_store, since_day=since_day),
+        rejections=storage.read_rejections(persona_store, since_day),
     )
     lookalikes = _lookalike_hits(persona_store, vector_index, inputs.history, day, catalog)
     offers = recommend(inputs, catalog, lookalikes)
@@ -135,12 +143,16 @@ def service_recommendations(
             persona_vector=blobs.reindex(offers["device_id"]).to_numpy(),
         ),
         day,
-        catalog.rules.daily_cap,
+        catalog,
     )
     written = len(offers)
-    tickets = support_tickets(anomalies, catalog, day).assign(created_at=now, status="open")
-    opened = storage.write_tickets(persona_store, tickets)
-    context.log.info(f"{written} new offers for {day}, {opened} new support tickets")
+    tickets = storage.write_tickets(persona_store, anomalies, catalog, day, now)
+    opened = len(tickets.opened)
+    needs = emerging_needs(anomalies)
+    context.log.info(
+        f"{written} new offers for {day}; support tickets: {opened} opened, {len(tickets.updated)} updated, "
+        f"{len(tickets.resolved)} resolved"
+    )
 
     columns = ["device_id", "service_id", "trigger"]
     todays = pd.concat([inputs.history.loc[inputs.history["offer_day"] == day, columns], offers[columns]])
@@ -156,6 +168,11 @@ def service_recommendations(
             "offers_today": dg.MetadataValue.int(len(todays)),
             "devices_offered_today": dg.MetadataValue.int(int(todays["device_id"].nunique())),
             "tickets_opened": dg.MetadataValue.int(opened),
+            "tickets_updated": dg.MetadataValue.int(len(tickets.updated)),
+            "tickets_resolved": dg.MetadataValue.int(len(tickets.resolved)),
+            "tickets_open": dg.MetadataValue.int(storage.count_open_tickets(persona_store)),
+            "offers_explored": dg.MetadataValue.int(int(offers["explored"].sum()) if written else 0),
+            "emerging_needs": counts_table(needs, "kind", "flags (not for support)"),
             "offers_by_trigger": counts_table(todays["trigger"].value_counts(), "trigger", "offers"),
             "offers_by_service": counts_table(todays["service_id"].value_counts(), "service", "offers"),
             "preview": markdown_table(

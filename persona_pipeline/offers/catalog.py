@@ -60,6 +60,18 @@ class Service(_Strict):
     )
     priority: float = Field(gt=0, le=1, description="Breaks ties between offers under the daily cap.")
     opens_ticket: bool = Field(default=False, description="support: also open a support ticket.")
+    value: float = Field(
+        default=1.0,
+        gt=0,
+        le=1_000,
+        description="What an accepted offer is worth (expected value = acceptance x value x priority).",
+    )
+    daily_capacity: int | None = Field(
+        default=None,
+        ge=0,
+        le=100_000_000,
+        description="Offers of this service a day over the fleet at most (callbacks a day); none: no limit.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -103,7 +115,39 @@ class OfferRules(_Strict):
         default=0.1, ge=0, le=1, description="Offers scoring below this are not made (strength x acceptance)."
     )
     daily_cap: int = Field(default=3, ge=1, le=100, description="Offers per device per day at most.")
-    ticket_severity: float = Field(default=0.7, ge=0, le=1, description="Anomaly score that opens a ticket.")
+    max_offers_per_week: int = Field(
+        default=2, ge=1, le=700, description="Offers per device over any 7 days in a row at most."
+    )
+    exploration_share: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Share of device-days whose offers are drawn uniformly among the eligible services.",
+    )
+    usage_peer_groups: int = Field(
+        default=8,
+        ge=1,
+        le=1_000,
+        description="Heavy use is judged against the device's usage peers: groups of the raw app use.",
+    )
+    usage_min_peers: int = Field(
+        default=50, ge=1, le=1_000_000, description="Devices per usage peer group at least (fewer groups)."
+    )
+    usage_min_peer_share: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="A usage peer group with less of the fleet joins the nearest larger one.",
+    )
+    ticket_resolve_days: int = Field(
+        default=2,
+        ge=1,
+        le=MAX_DAYS,
+        description="An open ticket is resolved after this many days without its fault.",
+    )
+    ticket_severity: float = Field(
+        default=0.0, ge=0, le=1, description="A health flag opens a ticket at this anomaly score or above."
+    )
     prior_accepted: float = Field(
         default=1.0, gt=0, le=1e6, description="Pseudo-acceptances of the smoothed rate."
     )

@@ -5,7 +5,15 @@ acceptance rate of the service in the device's segment, smoothed toward the serv
 fleet-wide rate (itself smoothed toward the prior a / (a + b)), so feedback changes the
 ranking. Offers are idempotent: the
 offer id is a hash of (device, service, day), so a re-run of the same day yields the
-same offers. Cooldowns and a per-device daily cap are honoured.
+same offers. Cooldowns (from the last offer of the service, or its rejection), a per-device
+daily cap, a per-device budget over any 7 days in a row and a per-service daily capacity are
+honoured; the offers that fit are chosen by expected value (acceptance x value x priority), and
+a small share of device-days explores: its offers are drawn uniformly among the eligible
+services. Every offer records `propensity`, the probability with which it was chosen.
+
+Support offers and tickets come only from health faults: a flag whose kind is `health` (or
+NULL, before flags had kinds). A behaviour change (a move, a surge in an app) is served by the
+location and usage triggers, never by support.
 
 A day's offers are decided once per (device, service, day) and never taken back; a later run
 of the same day (new feedback, new weights, new segments) only adds within what is left: the
@@ -16,7 +24,7 @@ service's lookalike offers that day, over all runs, are at most `lookalike_per_s
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -27,9 +35,10 @@ from persona_pipeline.offers.catalog import ServiceCatalog
 APP_KEY = re.compile(r"^device\.usage\.app_(?P<app>[A-Za-z0-9_-]+)_duration$")
 APP_KEY_PREFIX = "device.usage.app_"  # every APP_KEY starts so
 POSITIVE_RESPONSES = ("accepted", "used")
-# Under the daily cap, support comes first, then a recent move, then usage, then lookalikes.
-TRIGGER_PRECEDENCE = {"support": 0, "location": 1, "usage": 2, "lookalike": 3}
 OFFER_COLUMNS = ["device_id", "service_id", "trigger", "strength", "priority", "reason", "cluster_id"]
+HEALTH = "health"  # the anomaly kind that is a fault; a flag without a kind counts as one
+WEEK_DAYS = 7
+TICKET_COLUMNS = ["ticket_id", "device_id", "severity", "cause", "reason", "status", "last_seen_day"]
 
 
 @dataclass
@@ -40,7 +49,11 @@ class OfferInputs:
     segments: pd.Series  # device_id -> cluster_id
     anomalies: pd.DataFrame  # device_id, score, is_anomaly, reason, cause
     acceptance: pd.DataFrame  # cluster_id, service_id, accepted, responses
-    history: pd.DataFrame  # earlier offers: offer_id, device_id, service_id, offer_day, score, priority
+    history: pd.DataFrame  # offers since the longest cooldown: offer_id, device_id, service_id, offer_day, …
+    # The latest answer was a rejection: device_id, service_id, rejected_day (YYYY-MM-DD).
+    rejections: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["device_id", "service_id", "rejected_day"])
+    )
 
 
 def app_key(app: str) -> str:
@@ -103,6 +116,43 @@ def location_candidates(inputs: OfferInputs, catalog: ServiceCatalog) -> pd.Data
     return _with_segments(pd.concat(frames, ignore_index=True), inputs)
 
 
+def usage_typical(usage: pd.DataFrame, groups: int, min_peers: int, min_share: float) -> np.ndarray:
+    """Per device and app, the median use of the app among the device's usage peers that use
+    it at all (a podcast user is compared with other podcast users, not with the zeros of
+    those who have none). Peers: the devices that use the apps most devices use alike
+    (k-means with a fixed seed over log(1 + minutes a day), fitted on at most 10,000 devices;
+    an app that most devices never use would split the fleet into its users and the rest,
+    so it does not define peers). The space is the raw use from the profiles, so it does not
+    move with the learned key weights: a new weights version cannot change who counts as a
+    heavy user. At most `groups` groups and `min_peers` devices a group on average (a small
+    fleet is one group); a group with less than `min_share` of the fleet joins the nearest
+    larger one, so the heavy users of an app never become one another's peers."""
+    values = usage.to_numpy(dtype=float)
+    used = usage.where(usage > 0)
+    k = max(1, min(groups, len(usage) // max(min_peers, 1)))
+    common = (values > 0).mean(axis=0) >= 0.5
+    peers = np.zeros(len(usage), dtype=int)
+    if k > 1 and common.any():
+        from sklearn.cluster import KMeans
+
+        points = np.log1p(values[:, common].clip(min=0) / 60.0)
+        size = min(len(points), 10_000)
+        fit_on = np.sort(np.random.default_rng(0).choice(len(points), size=size, replace=False))
+        model = KMeans(n_clusters=k, n_init=3, random_state=0).fit(points[fit_on])
+        peers = model.predict(points)
+        sizes = np.bincount(peers, minlength=k)
+        large = np.flatnonzero(sizes >= min_share * len(points))
+        if large.size == 0:
+            large = np.array([int(sizes.argmax())])
+        small = ~np.isin(peers, large)
+        if small.any():
+            centres = model.cluster_centers_[large]
+            distance = ((points[small, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+            peers[small] = large[distance.argmin(axis=1)]
+    typical = used.groupby(peers).median().reindex(peers)
+    return typical.fillna(used.median()).fillna(0.0).to_numpy()
+
+
 def usage_candidates(inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFrame:
     usage = inputs.app_usage
     services = catalog.services("usage")
@@ -110,8 +160,7 @@ def usage_candidates(inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFra
         return _empty()
     rules = catalog.rules
     segment = inputs.segments.reindex(usage.index)
-    medians = usage.groupby(segment.to_numpy()).median()
-    typical = medians.reindex(segment.to_numpy()).to_numpy()
+    typical = usage_typical(usage, rules.usage_peer_groups, rules.usage_min_peers, rules.usage_min_peer_share)
     threshold = np.maximum(rules.usage_ratio * typical, rules.usage_min_seconds)
     heavy = usage.to_numpy() >= threshold
     rows, columns = np.nonzero(heavy)
@@ -134,8 +183,7 @@ def usage_candidates(inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFra
         + format_values(found["seconds"], "seconds").to_numpy()
         + " a day vs "
         + format_values(found["typical"], "seconds").to_numpy()
-        + " typical in segment "
-        + found["cluster_id"].astype("Int64").astype(str)
+        + " typical of its usage peers"
     )
     frames = []
     for service in services:
@@ -166,8 +214,25 @@ def usage_candidates(inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFra
     return pd.concat(frames, ignore_index=True) if frames else _empty()
 
 
+def health_faults(anomalies: pd.DataFrame) -> pd.DataFrame:
+    """The flagged rows that are faults: kind `health`, or no kind (flags written before kinds)."""
+    flagged = anomalies["is_anomaly"].astype(bool)
+    if "kind" in anomalies.columns:
+        flagged &= anomalies["kind"].isna() | (anomalies["kind"] == HEALTH)
+    return anomalies[flagged]
+
+
+def emerging_needs(anomalies: pd.DataFrame) -> pd.Series:
+    """Flags of another kind than health (a move, a surge in an app) per kind: needs for the
+    triggers that serve them, never for support."""
+    if "kind" not in anomalies.columns:
+        return pd.Series(dtype="int64")
+    flagged = anomalies[anomalies["is_anomaly"].astype(bool)]
+    return flagged.loc[flagged["kind"].notna() & (flagged["kind"] != HEALTH), "kind"].value_counts()
+
+
 def support_candidates(inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFrame:
-    flagged = inputs.anomalies[inputs.anomalies["is_anomaly"].astype(bool)]
+    flagged = health_faults(inputs.anomalies)
     frames = []
     for service in catalog.services("support"):
         minimum = service.eligibility.min_anomaly_score or 0.0
@@ -191,25 +256,81 @@ def support_candidates(inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataF
     return _with_segments(pd.concat(frames, ignore_index=True), inputs)
 
 
-def support_tickets(anomalies: pd.DataFrame, catalog: ServiceCatalog, day: str) -> pd.DataFrame:
-    """One ticket per device and cause above the severity threshold; the id is a hash of both,
-    so the outbox never holds two open tickets for the same device and cause."""
-    if not any(s.opens_ticket for s in catalog.services("support")):
-        return pd.DataFrame(columns=["ticket_id", "device_id", "severity", "cause", "reason", "opened_day"])
-    severe = anomalies[
-        anomalies["is_anomaly"].astype(bool) & (anomalies["score"] >= catalog.rules.ticket_severity)
+@dataclass
+class TicketChanges:
+    opened: pd.DataFrame  # TICKET_COLUMNS: new open tickets
+    updated: pd.DataFrame  # ticket_id, severity, reason, last_seen_day: open tickets whose fault persists
+    resolved: pd.DataFrame  # ticket_id: open tickets whose device was back within its norm long enough
+
+
+def ticket_changes(
+    anomalies: pd.DataFrame, stored: pd.DataFrame, catalog: ServiceCatalog, day: str
+) -> TicketChanges:
+    """The support outbox's lifecycle for `day`. `stored`: the open tickets and those last seen
+    on `day` or later (ticket_id, device_id, cause, severity, status, last_seen_day).
+
+    A health fault at or above `ticket_severity` opens a ticket once per device and cause: its
+    id hashes device, cause and the opening day, so a re-run of the day finds it and adds none,
+    and a fault that comes back after its ticket was resolved opens a new one. While the device
+    is flagged with that cause (any score) its open ticket is updated (severity, reason, last
+    seen day, never moved back by a re-run of an earlier day). An open ticket whose fault was
+    last seen `ticket_resolve_days` or more before `day` is resolved. No ticket opens for a
+    device and cause with a ticket seen on `day` or later (an earlier day re-run)."""
+    faults = health_faults(anomalies)
+    faults = faults.assign(cause=faults["cause"].fillna("segment_distance"))
+    stored = stored.astype({"last_seen_day": object})
+    open_now = stored[stored["status"] == "open"]
+    fault_keys = pd.MultiIndex.from_frame(faults[["device_id", "cause"]].astype(str))
+    open_keys = pd.MultiIndex.from_frame(open_now[["device_id", "cause"]].astype(str))
+    seen_keys = pd.MultiIndex.from_frame(
+        stored.loc[stored["last_seen_day"].fillna("") >= day, ["device_id", "cause"]].astype(str)
+    )
+
+    opens = any(s.opens_ticket for s in catalog.services("support"))
+    severe = faults[
+        (faults["score"].to_numpy() >= catalog.rules.ticket_severity)
+        & ~fault_keys.isin(open_keys)
+        & ~fault_keys.isin(seen_keys)
     ]
-    cause = severe["cause"].fillna("segment_distance")
-    return pd.DataFrame(
+    if not opens:
+        severe = severe.iloc[0:0]
+    opened = pd.DataFrame(
         {
-            "ticket_id": "ticket-" + _hash_hex(pd.DataFrame({"d": severe["device_id"], "c": cause})),
+            "ticket_id": "ticket-"
+            + _hash_hex(pd.DataFrame({"d": severe["device_id"], "c": severe["cause"], "o": day})),
             "device_id": severe["device_id"].to_numpy(),
             "severity": severe["score"].to_numpy(),
-            "cause": cause.to_numpy(),
-            "reason": severe["reason"].to_numpy(),
-            "opened_day": day,
+            "cause": severe["cause"].to_numpy(),
+            "reason": severe["reason"].fillna("flagged as an anomaly").to_numpy(),
+            "status": "open",
+            "last_seen_day": day,
+        },
+        columns=TICKET_COLUMNS,
+    )
+
+    by_key = faults.set_index(["device_id", "cause"])[["score", "reason"]]
+    by_key = by_key[~by_key.index.duplicated()]
+    persisting = open_now[open_keys.isin(fault_keys)]
+    current = by_key.reindex(pd.MultiIndex.from_frame(persisting[["device_id", "cause"]]))
+    last_seen = np.maximum(persisting["last_seen_day"].fillna("").to_numpy(dtype=object), day)
+    updated = pd.DataFrame(
+        {
+            "ticket_id": persisting["ticket_id"].to_numpy(),
+            "severity": current["score"].to_numpy(),
+            "reason": current["reason"].fillna("flagged as an anomaly").to_numpy(),
+            "last_seen_day": last_seen,
         }
     )
+    changed = (updated["severity"].to_numpy() != persisting["severity"].to_numpy()) | (
+        last_seen != persisting["last_seen_day"].to_numpy(dtype=object)
+    )
+    updated = updated[changed].reset_index(drop=True)
+
+    gone = open_now[~open_keys.isin(fault_keys)]
+    seen = pd.to_datetime(gone["last_seen_day"], errors="coerce")
+    quiet_days = (pd.Timestamp(day) - seen).dt.days
+    resolved = gone.loc[quiet_days.to_numpy() >= catalog.rules.ticket_resolve_days, ["ticket_id"]]
+    return TicketChanges(opened, updated, resolved.reset_index(drop=True))
 
 
 def smoothed_acceptance(
@@ -290,47 +411,162 @@ def recommend(
 
 
 def finalize(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFrame:
-    """Score, drop what is cooling down, keep each device's best offers under the daily cap."""
+    """Score, drop what is cooling down, choose each device's offers within its limits."""
     if candidates.empty:
-        return _empty().assign(offer_id=[], score=[], offer_day=[])
+        return _empty().assign(
+            offer_id=[], score=[], offer_day=[], expected_value=[], propensity=[], choice_rank=[], explored=[]
+        )
     candidates = candidates.drop_duplicates(["device_id", "service_id"]).reset_index(drop=True)
     candidates["score"] = candidates["strength"] * smoothed_acceptance(candidates, inputs.acceptance, catalog)
-    candidates = candidates[candidates["score"] >= catalog.rules.min_score].reset_index(drop=True)
+    value = catalog.per_service(candidates["service_id"], "value", 1.0).to_numpy(dtype=float)
+    candidates["expected_value"] = candidates["score"].to_numpy() * value * candidates["priority"].to_numpy()
     candidates["offer_day"] = inputs.day
     candidates["offer_id"] = "offer-" + _hash_hex(candidates[["device_id", "service_id", "offer_day"]])
+    candidates = candidates[~_cooling(candidates, inputs, catalog)].reset_index(drop=True)
+    stored = inputs.history[["offer_id", "device_id", "service_id", "offer_day"]]
+    return choose(candidates, stored, inputs.day, catalog).drop(columns=["strength"]).reset_index(drop=True)
 
-    history = inputs.history
-    earlier = history[history["offer_day"] < inputs.day]
-    last = earlier.groupby(["device_id", "service_id"])["offer_day"].max()
+
+def _cooling(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCatalog) -> np.ndarray:
+    """A service is cooling down for a device within its cooldown of the last day it was
+    offered to the device (before today) or the device rejected it (its latest answer)."""
+    columns = ["device_id", "service_id", "offer_day"]
+    earlier = inputs.history.loc[inputs.history["offer_day"] < inputs.day, columns]
+    rejected = inputs.rejections.rename(columns={"rejected_day": "offer_day"})[columns]
+    last = pd.concat([earlier, rejected]).groupby(["device_id", "service_id"])["offer_day"].max()
     previous_day = last.reindex(pd.MultiIndex.from_frame(candidates[["device_id", "service_id"]])).to_numpy()
     days_since = (pd.Timestamp(inputs.day) - pd.to_datetime(pd.Series(previous_day))).dt.days.to_numpy()
-    cooling = pd.notna(previous_day) & (
-        days_since < catalog.per_service(candidates["service_id"], "cooldown_days", 0).to_numpy()
+    cooldown = catalog.per_service(candidates["service_id"], "cooldown_days", 0).to_numpy()
+    return pd.notna(previous_day) & (days_since < cooldown)
+
+
+def choose(candidates: pd.DataFrame, stored: pd.DataFrame, day: str, catalog: ServiceCatalog) -> pd.DataFrame:
+    """The new offers of `day` that fit: each service within its daily capacity (best expected
+    value first, over the fleet), each device within the slots it has left (`slots_left`).
+    A device-day explores with probability `exploration_share` (a draw seeded by device and
+    day, so every re-run draws the same): its slots go to eligible services in a uniformly
+    random order (seeded by device, service and day), those scoring below `min_score` too.
+    Otherwise they go to the services scoring at least `min_score`, highest expected value
+    first. A health fault's support offers come first either way. `propensity` is the
+    probability the offer was chosen: (1 - share) when expected value picks it, plus share x
+    the slots left after support / the other eligible services (share when support);
+    `choice_rank` its place in the device's order (the writer re-applies the limits in that
+    order)."""
+    rules = catalog.rules
+    new = candidates[~candidates["offer_id"].isin(stored["offer_id"])]
+    new = within_capacity(new, stored, day, catalog).reset_index(drop=True)
+    left = slots_left(new["device_id"], stored, day, rules.daily_cap, rules.max_offers_per_week)
+    share = rules.exploration_share
+    above = new["score"].to_numpy() >= rules.min_score
+    devices = new["device_id"].to_numpy()
+    exploit = _rank_per_device(devices, -np.where(above, _value(new), -np.inf), new["offer_id"].to_numpy())
+    exploit = np.where(above, exploit, np.iinfo(np.int64).max)
+    # A health fault's support offers come first when exploring too: a random draw never
+    # displaces them.
+    support = (new["trigger"] == "support").to_numpy()
+    draws = np.where(
+        support, -1.0 + _value(new) * 1e-9, _uniform(new[["device_id", "service_id", "offer_day"]], "order")
     )
-    candidates = candidates[~cooling]
+    explore = _rank_per_device(devices, draws, new["offer_id"].to_numpy())
+    exploring = explores(new["device_id"], new["offer_day"], share)
+    by_device = pd.DataFrame({"device_id": devices, "support": support}).groupby("device_id")["support"]
+    supported = by_device.transform("sum").to_numpy()
+    others = by_device.transform("size").to_numpy() - supported
+    in_exploit, in_explore = exploit < left, explore < left
+    chosen = np.where(exploring, in_explore, in_exploit)
+    drawn = np.minimum(np.maximum(left - supported, 0), others) / np.maximum(others, 1)
+    propensity = (1.0 - share) * in_exploit + share * np.where(support, in_explore, drawn)
+    return new.assign(
+        propensity=propensity, choice_rank=np.where(exploring, explore, exploit), explored=exploring
+    )[chosen]
 
-    today = history[history["offer_day"] == inputs.day]
-    kept = under_daily_cap(candidates, today, catalog.rules.daily_cap)
-    return kept.drop(columns=["strength"]).reset_index(drop=True)
+
+def within_limits(
+    offers: pd.DataFrame, stored: pd.DataFrame, day: str, catalog: ServiceCatalog
+) -> pd.DataFrame:
+    """The offers of `day` not stored yet that still fit against what `stored` holds (the
+    offers within 6 days either side of `day`, as the writer reads them when the rows go in):
+    each service's daily capacity, then each device's slots, in the device's `choice_rank`
+    order (expected value when the frame has none). An offer made is never taken back."""
+    new = offers[~offers["offer_id"].isin(stored["offer_id"])]
+    new = within_capacity(new, stored, day, catalog)
+    rules = catalog.rules
+    left = slots_left(new["device_id"], stored, day, rules.daily_cap, rules.max_offers_per_week)
+    devices, ids = new["device_id"].to_numpy(), new["offer_id"].to_numpy()
+    order = new["choice_rank"].to_numpy(dtype=float) if "choice_rank" in new.columns else -_value(new)
+    return new[_rank_per_device(devices, order, ids) < left]
 
 
-def under_daily_cap(offers: pd.DataFrame, stored_today: pd.DataFrame, daily_cap: int) -> pd.DataFrame:
-    """The offers not stored yet that fit under each device's daily cap, the cap counting the
-    offers `stored_today` holds for the device (whatever their rank: an offer made is not taken
-    back). The slots left go by trigger precedence, then score x priority, then offer id."""
-    new = offers[~offers["offer_id"].isin(stored_today["offer_id"])]
-    left = daily_cap - stored_today["device_id"].value_counts().reindex(new["device_id"]).fillna(0).to_numpy()
-    order = pd.DataFrame(
-        {
-            "device_id": new["device_id"].to_numpy(),
-            "precedence": new["trigger"].map(TRIGGER_PRECEDENCE).to_numpy(),
-            "rank_key": (new["score"] * new["priority"]).to_numpy(),
-            "offer_id": new["offer_id"].to_numpy(),
-            "left": left,
-        }
-    ).sort_values(["device_id", "precedence", "rank_key", "offer_id"], ascending=[True, True, False, True])
-    fitting = order.index[order.groupby("device_id").cumcount().to_numpy() < order["left"].to_numpy()]
-    return new.iloc[fitting.to_numpy()]
+def within_capacity(
+    offers: pd.DataFrame, stored: pd.DataFrame, day: str, catalog: ServiceCatalog
+) -> pd.DataFrame:
+    """The offers within their service's `daily_capacity` (less what is stored for `day`),
+    the highest expected value first over the fleet; services without a capacity keep all."""
+    if offers.empty:
+        return offers
+    capacity = catalog.per_service(offers["service_id"], "daily_capacity", None)
+    capacity = pd.to_numeric(capacity).to_numpy(dtype=float)
+    if np.isnan(capacity).all():
+        return offers
+    made = stored.loc[stored["offer_day"] == day, "service_id"].value_counts()
+    left = capacity - made.reindex(offers["service_id"]).fillna(0).to_numpy()
+    rank = _rank_per_device(offers["service_id"].to_numpy(), -_value(offers), offers["offer_id"].to_numpy())
+    return offers[np.isnan(left) | (rank < left)]
+
+
+def slots_left(
+    devices: pd.Series, stored: pd.DataFrame, day: str, daily_cap: int, weekly_cap: int | None
+) -> np.ndarray:
+    """Per row of `devices`, the offers it may still get on `day`: the daily cap less its
+    offers stored that day, and the weekly budget less its offers in the fullest 7 days in a
+    row that contain `day` (offers on later days count too, so a day re-run after the days
+    that follow it cannot overfill their weeks)."""
+    offset = (pd.to_datetime(stored["offer_day"]) - pd.Timestamp(day)).dt.days.to_numpy()
+    near = np.abs(offset) < WEEK_DAYS
+    codes, known = pd.factorize(stored["device_id"].to_numpy()[near])
+    counts = np.zeros((len(known), 2 * WEEK_DAYS - 1))
+    np.add.at(counts, (codes, offset[near].astype(int) + WEEK_DAYS - 1), 1)
+    left = daily_cap - counts[:, WEEK_DAYS - 1]
+    fresh = float(daily_cap)
+    if weekly_cap is not None:
+        running = np.concatenate([np.zeros((len(known), 1)), counts.cumsum(axis=1)], axis=1)
+        weeks = running[:, WEEK_DAYS : 2 * WEEK_DAYS] - running[:, 0:WEEK_DAYS]
+        fullest = weeks.max(axis=1) if len(known) else np.zeros(0)
+        left = np.minimum(left, weekly_cap - fullest)
+        fresh = float(min(daily_cap, weekly_cap))
+    where = pd.Index(known).get_indexer(np.asarray(devices))
+    found = left[np.clip(where, 0, None)] if len(known) else np.zeros(len(where))
+    return np.where(where >= 0, found, fresh).clip(min=0)
+
+
+def _rank_per_device(groups: np.ndarray, order: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Each row's place (0 = first) within its group by `order` ascending, then id."""
+    if len(groups) == 0:
+        return np.zeros(0, dtype=np.int64)
+    frame = pd.DataFrame({"g": groups, "o": order, "i": ids}).sort_values(["g", "o", "i"], kind="stable")
+    rank = np.empty(len(frame), dtype=np.int64)
+    rank[frame.index.to_numpy()] = frame.groupby("g", sort=False).cumcount().to_numpy()
+    return rank
+
+
+def _value(offers: pd.DataFrame) -> np.ndarray:
+    if "expected_value" in offers.columns:
+        return offers["expected_value"].to_numpy(dtype=float)
+    return (offers["score"] * offers["priority"]).to_numpy(dtype=float)
+
+
+def explores(device_ids: pd.Series, days: pd.Series | str, share: float) -> np.ndarray:
+    """Whether each device explores on its day: a draw seeded by (device, day) below `share`."""
+    frame = pd.DataFrame({"device_id": np.asarray(device_ids), "offer_day": days})
+    return _uniform(frame, "explore") < share
+
+
+def _uniform(frame: pd.DataFrame, salt: str) -> np.ndarray:
+    """A deterministic draw in [0, 1) per row, from a hash of the row's values and `salt`."""
+    if frame.empty:
+        return np.zeros(0)
+    hashes = pd.util.hash_pandas_object(frame.astype(str).assign(salt=salt), index=False).to_numpy()
+    return (hashes >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def _titled(title: str, placeholder: str, values: pd.Series) -> pd.Series:

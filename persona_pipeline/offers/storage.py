@@ -5,7 +5,14 @@ from __future__ import annotations
 import pandas as pd
 import sqlalchemy as sa
 
-from persona_pipeline.offers.recommend import POSITIVE_RESPONSES, under_daily_cap
+from persona_pipeline.offers.catalog import ServiceCatalog
+from persona_pipeline.offers.recommend import (
+    POSITIVE_RESPONSES,
+    WEEK_DAYS,
+    TicketChanges,
+    ticket_changes,
+    within_limits,
+)
 from persona_pipeline.resources.persona_store import PersonaStore
 from persona_pipeline.store.tables import offer_feedback, service_recommendations, support_tickets
 
@@ -15,6 +22,29 @@ def read_offer_history(store: PersonaStore, since_day: str | None = None) -> pd.
     r = service_recommendations.c
     query = sa.select(r.offer_id, r.device_id, r.service_id, r.trigger, r.offer_day, r.score, r.priority)
     return store.read_frame(query if since_day is None else query.where(r.offer_day >= since_day))
+
+
+def read_rejections(store: PersonaStore, since_day: str) -> pd.DataFrame:
+    """The offers made on `since_day` or later whose latest answer is a rejection: device_id,
+    service_id, rejected_day (the day of that answer, UTC)."""
+    r, f = service_recommendations.c, offer_feedback.c
+    newest_first = sa.func.row_number().over(
+        partition_by=f.offer_id, order_by=(f.responded_at.desc(), f.batch_id.desc(), f.response.desc())
+    )
+    ranked = sa.select(f.offer_id, f.response, f.responded_at, newest_first.label("rank")).subquery()
+    frame = store.read_frame(
+        sa.select(r.device_id, r.service_id, ranked.c.responded_at)
+        .join(ranked, ranked.c.offer_id == r.offer_id)
+        .where(r.offer_day >= since_day, ranked.c.rank == 1, ranked.c.response == "rejected")
+    )
+    when = pd.to_datetime(frame["responded_at"], utc=True)
+    return pd.DataFrame(
+        {
+            "device_id": frame["device_id"],
+            "service_id": frame["service_id"],
+            "rejected_day": when.dt.strftime("%Y-%m-%d"),
+        }
+    )
 
 
 def answered_offers() -> sa.Subquery:
@@ -78,25 +108,90 @@ def hold_other_writers(connection: sa.Connection, table: sa.Table) -> None:
         connection.execute(table.delete().where(sa.false()))
 
 
-def write_offers(store: PersonaStore, offers: pd.DataFrame, day: str, daily_cap: int) -> pd.DataFrame:
-    """Insert the offers of `day` not stored yet that fit under each device's daily cap, counting
-    what is stored for the day when the rows go in (a run that wrote since this one read its
-    history takes its slots first); returns the offers inserted. An offer id hashes (device,
-    service, day), so only that day's offers can hold it: one query on the day instead of one
-    per 10,000 ids. Other writers of the table wait until the commit."""
+def write_offers(
+    store: PersonaStore, offers: pd.DataFrame, day: str, catalog: ServiceCatalog
+) -> pd.DataFrame:
+    """Insert the offers of `day` not stored yet that fit within the catalog's limits (each
+    device's daily cap and weekly budget, each service's daily capacity), counting what is
+    stored within 6 days either side of `day` when the rows go in (a run that wrote since this
+    one read its history takes its slots first); returns the offers inserted. Other writers of
+    the table wait until the commit."""
     if offers.empty:
         return offers
     r = service_recommendations.c
+    first = (pd.Timestamp(day) - pd.Timedelta(days=WEEK_DAYS - 1)).strftime("%Y-%m-%d")
+    last = (pd.Timestamp(day) + pd.Timedelta(days=WEEK_DAYS - 1)).strftime("%Y-%m-%d")
     with store.begin() as connection:
         hold_other_writers(connection, service_recommendations)
-        stored = store.read_frame(sa.select(r.offer_id, r.device_id).where(r.offer_day == day), connection)
-        fresh = under_daily_cap(offers, stored, daily_cap)
+        stored = store.read_frame(
+            sa.select(r.offer_id, r.device_id, r.service_id, r.offer_day).where(
+                r.offer_day.between(first, last)
+            ),
+            connection,
+        )
+        fresh = within_limits(offers, stored, day, catalog)
         store.insert_frame(connection, service_recommendations, fresh)
     return fresh
 
 
-def write_tickets(store: PersonaStore, tickets: pd.DataFrame) -> int:
-    return insert_new(store, support_tickets, tickets, "ticket_id")
+def write_tickets(
+    store: PersonaStore, anomalies: pd.DataFrame, catalog: ServiceCatalog, day: str, now: pd.Timestamp
+) -> TicketChanges:
+    """Open, update and resolve support tickets for `day` (see `ticket_changes`) against the
+    tickets stored when the rows go in; other writers of the outbox wait until the commit."""
+    t = support_tickets.c
+    with store.begin() as connection:
+        hold_other_writers(connection, support_tickets)
+        stored = store.read_frame(
+            sa.select(
+                t.ticket_id, t.device_id, t.cause, t.severity, t.status, t.last_seen_day, t.created_at
+            ).where((t.status == "open") | (t.last_seen_day >= day)),
+            connection,
+        )
+        # Tickets opened before last_seen_day existed were last seen when they were opened.
+        opened_day = pd.to_datetime(stored["created_at"], utc=True).dt.strftime("%Y-%m-%d")
+        stored["last_seen_day"] = stored["last_seen_day"].fillna(opened_day)
+        changes = ticket_changes(anomalies, stored, catalog, day)
+        store.insert_frame(connection, support_tickets, changes.opened.assign(created_at=now, updated_at=now))
+        if not changes.updated.empty:
+            connection.execute(
+                support_tickets.update()
+                .where(t.ticket_id == sa.bindparam("key"))
+                .values(
+                    severity=sa.bindparam("new_severity"),
+                    reason=sa.bindparam("new_reason"),
+                    last_seen_day=sa.bindparam("new_last_seen_day"),
+                    updated_at=now.to_pydatetime(),
+                ),
+                changes.updated.astype({"severity": float})
+                .rename(columns=lambda c: "key" if c == "ticket_id" else f"new_{c}")
+                .to_dict("records"),
+            )
+        if not changes.resolved.empty:
+            for start in range(0, len(changes.resolved), 10_000):
+                chunk = changes.resolved["ticket_id"].iloc[start : start + 10_000].tolist()
+                connection.execute(
+                    support_tickets.update()
+                    .where(t.ticket_id.in_(chunk))
+                    .values(
+                        status="resolved", resolved_at=now.to_pydatetime(), updated_at=now.to_pydatetime()
+                    )
+                )
+    return changes
+
+
+def count_open_tickets(store: PersonaStore) -> int:
+    t = support_tickets.c
+    frame = store.read_frame(sa.select(sa.func.count().label("n")).where(t.status == "open"))
+    return int(frame["n"].iloc[0])
+
+
+def read_open_tickets(store: PersonaStore) -> pd.DataFrame:
+    """The support system's view of the outbox: every open ticket, oldest first."""
+    t = support_tickets.c
+    return store.read_frame(
+        sa.select(support_tickets).where(t.status == "open").order_by(t.created_at, t.ticket_id)
+    )
 
 
 def read_service_responses(store: PersonaStore) -> pd.DataFrame:
