@@ -261,9 +261,11 @@ def missed_targets(row: dict, responses: str) -> list[str]:
     """The issue's targets a scenario's measured row misses, one line each."""
     missed = []
     if row["failing"] == 0:
-        if row["flagged_share"] > NOTHING_BROKEN_MAX_FLAGGED:
+        # after any run, not only the last: a flag raises offers and tickets the day it is made
+        worst = max(row["flagged_share"], row.get("flagged_share_worst_run", 0.0))
+        if worst > NOTHING_BROKEN_MAX_FLAGGED:
             missed.append(
-                f"nothing fails, yet {row['flagged_share']:.1%} of devices flagged "
+                f"nothing fails, yet {worst:.1%} of devices flagged after a run "
                 f"(at most {NOTHING_BROKEN_MAX_FLAGGED:.1%})"
             )
         if row["tickets"] > 0:
@@ -617,6 +619,7 @@ def _measure(
         "days_rounds": f"{scenario.days} / {scenario.rounds}",
         **flag_metrics(flagged, failing),
         "kinds": flag_kinds(scores.loc[scores["is_anomaly"].astype(bool), "kind"]),
+        "flagged_share_worst_run": max(snapshot["flagged"] for snapshot in snapshots) / max(devices, 1),
         **ticket_metrics(tickets, failing),
         **offer_volume(offers, devices, refreshed_after),
         "max_offers_7_days": max_offers_in_window(offers),

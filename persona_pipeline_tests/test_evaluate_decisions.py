@@ -154,6 +154,12 @@ def test_targets_missed_and_held():
     nothing_broken = _row(failing=0, recall=float("nan"), precision=0.0, flagged_share=0.01, tickets=3)
     missed = missed_targets(nothing_broken, "need")
     assert len(missed) == 2 and "1.0% of devices flagged" in missed[0] and "3 ticket(s)" in missed[1]
+    # flags after an earlier run count too, not only the last run's
+    earlier = _row(failing=0, recall=float("nan"), flagged_share=0.001, tickets=0)
+    assert missed_targets(earlier, "need") == []
+    assert (
+        "1.5% of devices flagged" in missed_targets({**earlier, "flagged_share_worst_run": 0.015}, "need")[0]
+    )
     # n/a recall or precision misses the target where devices fail
     assert len(missed_targets(_row(recall=float("nan"), precision=0.5), "need")) == 2
     assert missed_targets(_row(lift=1.2), "latent") != []
@@ -314,6 +320,8 @@ def test_a_quick_run_reads_its_table_from_the_real_stores(persona_home: Path):
         assert run.row["devices"] == len(truth) == 400
         assert len(run.row["segments"].split(" > ")) == run.scenario.rounds + 1
         assert run.row["flagged_rounds"].split(" > ")[-1] == str(len(flagged))
+        most = max(int(count) for count in run.row["flagged_rounds"].split(" > "))
+        assert run.row["flagged_share_worst_run"] == pytest.approx(most / len(truth))
         open_tickets = store.read_frame(
             sa.select(support_tickets.c.ticket_id).where(support_tickets.c.status == "open")
         )
