@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -43,11 +44,9 @@ def wait_for(what: str, done: Callable[[], bool], daemon_log: Path, timeout: flo
     )
 
 
-@pytest.fixture
-def daemon_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+def _daemon_settings(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ENV_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    home = tmp_path / "home"
     monkeypatch.setenv("PERSONA_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     monkeypatch.setenv("PERSONA_PARTITION_START", START)
@@ -58,7 +57,10 @@ def daemon_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
     from persona_pipeline.cli import init_home
 
     init_home()
-    log = tmp_path / "daemon.log"
+
+
+@contextmanager
+def running_daemon(log: Path) -> Iterator[subprocess.Popen]:
     with log.open("wb") as out:
         daemon = subprocess.Popen(
             [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
@@ -69,7 +71,7 @@ def daemon_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
             start_new_session=True,
         )
         try:
-            yield home, log
+            yield daemon
         finally:
             os.killpg(daemon.pid, signal.SIGTERM)
             try:
@@ -77,6 +79,15 @@ def daemon_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
             except subprocess.TimeoutExpired:
                 os.killpg(daemon.pid, signal.SIGKILL)
                 daemon.wait()
+
+
+@pytest.fixture
+def daemon_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    home = tmp_path / "home"
+    _daemon_settings(home, monkeypatch)
+    log = tmp_path / "daemon.log"
+    with running_daemon(log):
+        yield home, log
 
 
 def test_landing_files_and_a_feedback_batch_flow_through_without_a_click(daemon_home):
@@ -174,3 +185,73 @@ def test_landing_files_and_a_feedback_batch_flow_through_without_a_click(daemon_
     with VectorIndex(path=str(home / "qdrant")).open() as index:
         point = index.retrieve("personas", [point_id("dev-newcomer")])
     assert point and point[0].payload["weights_version"] == learned
+
+
+DECISION_TABLES = {
+    "index_updates": "device_id, key, observed_at",
+    "device_profiles": "device_id, key, value",
+    "service_recommendations": "offer_id",
+    "support_tickets": "ticket_id",
+    "offer_feedback": "offer_id, response, batch_id",
+    "key_weights": "version, key, weight",
+}
+
+
+def _tables(engine: sa.Engine) -> dict[str, pd.DataFrame]:
+    with engine.connect() as connection:
+        return {
+            name: pd.read_sql(sa.text(f"select {columns} from {name} order by {columns}"), connection)
+            for name, columns in DECISION_TABLES.items()
+        }
+
+
+def _sensor_ticks(instance: dg.DagsterInstance) -> dict[str, int]:
+    return {
+        state.name: len(instance.get_ticks(state.instigator_origin_id, state.selector_id))
+        for state in instance.all_instigator_state()
+        if state.instigator_type.value == "SENSOR"
+    }
+
+
+def test_a_daemon_started_after_the_demo_changes_no_table(tmp_path, monkeypatch):
+    """`make dev` after `make demo`: every sensor ticks, and nothing the command line did is
+    done again (no ingest of a day it read, no batch loaded twice, no new offer or ticket)."""
+    home = tmp_path / "home"
+    _daemon_settings(home, monkeypatch)
+    fleet = generate_fleet(300, 3, seed=5, start=START)
+    write_landing(fleet, home / "landing")
+    write_ground_truth(fleet, home / "ground_truth")
+    demo = subprocess.run(
+        [str(BIN / "persona-pipeline"), "demo", "--rounds", "1"],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    store = sa.create_engine(f"sqlite:///{home / 'persona.db'}")
+    before = _tables(store)
+    assert len(before["service_recommendations"]) > 0 and len(before["offer_feedback"]) > 0
+
+    instance = dg.DagsterInstance.get()
+    runs_before = {run.run_id for run in instance.get_runs()}
+    log = tmp_path / "daemon.log"
+    sensors = {
+        "index_updates_sensor",
+        "offer_feedback_sensor",
+        "key_weights_sensor",
+        "persona_automation_sensor",
+        "dead_runs_sensor",
+    }
+    with running_daemon(log):
+        wait_for(
+            "three ticks of every sensor",
+            lambda: sensors <= {name for name, ticks in _sensor_ticks(instance).items() if ticks >= 3},
+            log,
+        )
+    new_runs = [run for run in instance.get_runs() if run.run_id not in runs_before]
+    assert not new_runs, [(run.job_name, run.tags.get("dagster/sensor_name"), run.status) for run in new_runs]
+    after = _tables(store)
+    for name, frame in before.items():
+        pd.testing.assert_frame_equal(after[name], frame, obj=name)
