@@ -10,7 +10,7 @@ from pydantic import Field
 
 from persona_pipeline.anomalies import storage
 from persona_pipeline.anomalies.reasons import explain_with_causes
-from persona_pipeline.anomalies.scoring import AnomalySettings, score_anomalies, score_from_z
+from persona_pipeline.anomalies.scoring import AnomalySettings, score_anomalies
 from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.metadata import markdown_table
 from persona_pipeline.personas import storage as persona_storage
@@ -28,6 +28,7 @@ from persona_pipeline.segments.stable_ids import UNKNOWN
 
 RATE_CHECK = "anomaly_rate_within_band"
 TOP_SHOWN = 10
+TOP_COLUMNS = ["device_id", "score", "p_value", "is_anomaly", "kind", "cluster_id", "reason"]
 
 
 class AnomalyScoresConfig(dg.Config):
@@ -36,18 +37,28 @@ class AnomalyScoresConfig(dg.Config):
         description="PyOD detector of the second signal. hbos (default) measured best combined with the "
         "segment signal on the demo fleet and on public data (see README); knn is slow on large fleets.",
     )
-    threshold: float = Field(
-        default=3.5,
+    fdr: float = Field(
+        default=0.05,
         gt=0,
-        description="A device is an anomaly when its combined robust z-score reaches this (3.5 is the "
-        "usual modified z-score cut-off; score 0.5). Flags follow the data: no share is forced.",
+        lt=1,
+        description="False-discovery rate of the flags (Benjamini-Hochberg over the fleet's calibrated "
+        "p-values): the expected share of false alarms among flagged devices is at most this, and a fleet "
+        "where nothing deviates beyond its normal spread gets no flag with probability >= 1 - fdr.",
+    )
+    reference_quantile: float = Field(
+        default=0.9,
+        gt=0.5,
+        lt=1,
+        description="The p-values' reference: the fleet's evidence up to this quantile; beyond it an "
+        "exponential tail fitted between the median and this quantile. Holds while fewer than "
+        "1 - reference_quantile of the devices deviate in one role.",
     )
     contamination: float | None = Field(
         default=None,
         gt=0,
         lt=0.5,
-        description="Optional: flag exactly this share of the fleet (highest scores) instead of using "
-        "the threshold.",
+        description="Optional: flag exactly this share of the fleet (smallest p-values) instead of the "
+        "false-discovery rate.",
     )
     segment_margin: float = Field(
         default=5.0,
@@ -72,7 +83,11 @@ class AnomalyScoresConfig(dg.Config):
         description="Besides flagged devices, the highest-scored devices that also get a reason.",
     )
     expected_rate_min: float = Field(
-        default=0.002, ge=0, le=1, description="Lower end of the expected anomaly rate (check warns below)."
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Lower end of the expected anomaly rate (check warns below); 0 by default, as a fleet "
+        "where nothing is broken has no flag.",
     )
     expected_rate_max: float = Field(
         default=0.05, ge=0, le=1, description="Upper end of the expected anomaly rate (check warns above)."
@@ -82,7 +97,8 @@ class AnomalyScoresConfig(dg.Config):
     def settings(self) -> AnomalySettings:
         return AnomalySettings(
             detector=self.detector,
-            threshold=self.threshold,
+            fdr=self.fdr,
+            reference_quantile=self.reference_quantile,
             segment_margin=self.segment_margin,
             contamination=self.contamination,
             large_coverage=self.large_coverage,
@@ -112,10 +128,11 @@ def anomaly_scores(
     persona_store: PersonaStore,
     persona_config: PersonaConfig,
 ) -> dg.MaterializeResult:
-    """Per device: `score` in [0, 1] (higher is stranger), `is_anomaly` by a robust threshold, and a
-    `reason` naming the keys that deviate most, with the device's value against its segment's.
-    Two signals: the distance from the device's segment relative to the segment's spread (median and
-    MAD) and a PyOD detector, combined (see anomalies/scoring.py)."""
+    """Per device: a calibrated `p_value`, `is_anomaly` by the Benjamini-Hochberg procedure at `fdr`,
+    the flag's `kind` (the role of the keys that drove it: health, behaviour or context), `score` in
+    [0, 1] (0.5 at the fleet's cut-off) and a `reason` naming the keys that deviate most, with the
+    device's value against its segment's. The segment distance and a PyOD detector are kept beside
+    them as `segment_z` and `detector_z` (see anomalies/scoring.py)."""
     vectors = persona_storage.read_stored_vectors(persona_store)
     schema = persona_config.feature_schema()
     if len(vectors.device_ids):
@@ -132,7 +149,7 @@ def anomaly_scores(
         )
 
     settings = config.settings()
-    result = score_anomalies(vectors.matrix, segments, settings)
+    result = score_anomalies(vectors.matrix, segments, settings, roles=schema.dimension_roles)
     values = readable_values(
         persona_storage.read_profiles(persona_store, columns=READABLE_COLUMNS),
         schema,
@@ -140,7 +157,8 @@ def anomaly_scores(
         vectors.frame(),
     )
     stats = segment_stats(values, segments)
-    top = np.argsort(-result.combined_z, kind="stable")[: config.explained_top]
+    strangest = np.lexsort((-result.combined_z, -result.score))
+    top = strangest[: config.explained_top]
     explained = np.union1d(np.flatnonzero(result.is_anomaly), top)
     reasons = explain_with_causes(
         explained, result, dimension_groups(schema), values, stats, keys=config.reason_keys
@@ -158,6 +176,8 @@ def anomaly_scores(
             "detector": settings.detector,
             "detector_z": result.detector_z,
             "scored_at": pd.Timestamp.now(tz="UTC"),
+            "kind": result.kind,
+            "p_value": result.p_value,
         }
     )
     storage.write_scores(persona_store, scores)
@@ -166,7 +186,8 @@ def anomaly_scores(
     flagged = int(result.is_anomaly.sum())
     in_band = config.expected_rate_min <= rate <= config.expected_rate_max
     context.log.info(f"{flagged} anomalies of {len(scores)} devices ({rate:.2%})")
-    ranked = scores.iloc[np.argsort(-result.combined_z, kind="stable")[:TOP_SHOWN]]
+    ranked = scores.iloc[strangest[:TOP_SHOWN]]
+    kinds = scores.loc[scores["is_anomaly"], "kind"].value_counts()
     return dg.MaterializeResult(
         metadata={
             "devices": dg.MetadataValue.int(len(scores)),
@@ -174,15 +195,16 @@ def anomaly_scores(
             "anomaly_rate": dg.MetadataValue.float(round(rate, 5)),
             "detector": dg.MetadataValue.text(settings.detector),
             "flagged_by": dg.MetadataValue.text(
-                f"top {settings.contamination:.2%} of scores"
+                f"the {settings.contamination:.2%} of devices with the smallest p-values"
                 if settings.contamination
-                else f"combined robust z >= {settings.threshold} "
-                f"(score >= {_score_at(settings.threshold):.3f})"
+                else f"Benjamini-Hochberg at a false-discovery rate of {settings.fdr:.1%} "
+                f"(p-value <= {_largest_flagged_p(result)}; score >= 0.5)"
             ),
+            "anomalies_by_kind": dg.MetadataValue.json({str(k): int(v) for k, v in kinds.items()}),
             "score_distribution": markdown_table(_distribution(result.score), max_rows=20),
             "top_anomalies": markdown_table(
-                ranked[["device_id", "score", "is_anomaly", "cluster_id", "reason"]].assign(
-                    score=ranked["score"].round(3)
+                ranked[TOP_COLUMNS].assign(
+                    score=ranked["score"].round(3), p_value=ranked["p_value"].map(lambda p: f"{p:.1e}")
                 ),
                 max_rows=TOP_SHOWN,
                 max_cell_chars=400,
@@ -212,8 +234,9 @@ def anomaly_scores(
     )
 
 
-def _score_at(z: float) -> float:
-    return float(score_from_z(np.array([z]))[0])
+def _largest_flagged_p(result) -> str:
+    flagged = result.p_value[result.is_anomaly]
+    return f"{flagged.max():.1e}" if len(flagged) else "none flagged"
 
 
 def _distribution(score: np.ndarray) -> pd.DataFrame:

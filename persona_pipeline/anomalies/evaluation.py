@@ -32,6 +32,18 @@ def precision_at_count(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(labels[top].mean())
 
 
+def flag_quality(labels: np.ndarray, flagged: np.ndarray) -> dict[str, float]:
+    """Precision and recall of the flags, and false alarms per 1,000 devices without a label."""
+    labels, flagged = np.asarray(labels, dtype=bool), np.asarray(flagged, dtype=bool)
+    hits = int((labels & flagged).sum())
+    return {
+        "flagged": int(flagged.sum()),
+        "precision": hits / flagged.sum() if flagged.any() else float("nan"),
+        "recall": hits / labels.sum() if labels.any() else float("nan"),
+        "false_alarms_per_1000": 1000 * (flagged & ~labels).sum() / max((~labels).sum(), 1),
+    }
+
+
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     if labels.all() or not labels.any():
         return float("nan")

@@ -64,6 +64,8 @@ def explain_with_causes(
         + pd.Series(result.segment_z[rows]).round(1).astype(str)
         + f", {result.settings.detector} z "
         + pd.Series(result.detector_z[rows]).round(1).astype(str)
+        + ", p "
+        + pd.Series(result.p_value[rows]).map(lambda p: f"{p:.1g}")
         + ")"
     )
     return pd.DataFrame(

@@ -14,9 +14,22 @@ into a robust z over the fleet.
 
 Combined: the detector's z, plus the segment z beyond `segment_margin`, so a device
 counts as strange when the detector finds it odd or when it lies far outside its
-segment. `score` maps the combined z to [0, 1] (0.5 at z = 3.5, the usual modified
-z-score cut-off); `is_anomaly` is combined z >= `threshold`, or the top
-`contamination` share when that is set.
+segment. It ranks devices for people (reasons, top anomalies); it does not flag.
+
+Flags are calibrated evidence, per role of the keys (feature schema: health, behaviour,
+context). Per role, a device's evidence is the length of its deviation over that role's
+dimensions: health keys against the fleet's robust norm (median and robust spread: a fault
+is a fault in any segment, and a group of failing devices may form a segment of its own),
+behaviour and context keys against the device's reference segment (the segment signal's
+deviations). Each evidence becomes a p-value against the fleet itself: the conformal share
+of the other devices at least as strange, and beyond the fleet's `reference_quantile` an
+exponential tail fitted between the median and that quantile (so the fleet's top 10 %
+never calibrate themselves). A device's p-value is the smallest over the roles times the
+number of roles (Bonferroni); the Benjamini-Hochberg procedure at `fdr` flags the fleet, so
+the expected share of false alarms among flags is at most `fdr`, and on a fleet where
+nothing deviates beyond its normal spread no device is flagged with probability >= 1 - fdr.
+`kind` is the role whose evidence is strongest (its p-value smallest). `score` maps
+-log10(p) to [0, 1], 0.5 at the fleet's cut-off: flagged exactly when score >= 0.5.
 """
 
 from __future__ import annotations
@@ -32,12 +45,19 @@ Detector = Literal["hbos", "ecod", "copod", "iforest", "knn"]
 DETECTORS: tuple[Detector, ...] = ("hbos", "ecod", "copod", "iforest", "knn")
 HALF_SCORE_Z = 3.5
 MAD_TO_SD = 1.4826
+ROLE_ORDER = ("health", "behaviour", "context")  # ties of evidence go to the first
+# Spreads of a dimension whose MAD is 0 (binary, one-hot, rare counts): the first non-zero of the
+# interdecile and the 1st-99th percentile range in standard-deviation units, else the standard
+# deviation; a dimension that never varies keeps deviation 0.
+SPREAD_FALLBACKS = ((10.0, 90.0, 2.5631), (1.0, 99.0, 4.6527))
+MIN_EXTRAPOLATED = 20  # devices a fleet needs before its tail is extrapolated beyond its own ranks
 
 
 @dataclass(frozen=True)
 class AnomalySettings:
     detector: Detector = "hbos"
-    threshold: float = 3.5
+    fdr: float = 0.05
+    reference_quantile: float = 0.9
     segment_margin: float = 5.0
     contamination: float | None = None
     large_coverage: float = 0.9
@@ -50,6 +70,10 @@ class AnomalySettings:
             raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {self.detector!r}")
         if self.contamination is not None and not 0 < self.contamination < 0.5:
             raise ValueError(f"contamination must be in (0, 0.5); got {self.contamination}")
+        if not 0 < self.fdr < 1:
+            raise ValueError(f"fdr must be in (0, 1); got {self.fdr}")
+        if not 0.5 < self.reference_quantile < 1:
+            raise ValueError(f"reference_quantile must be in (0.5, 1); got {self.reference_quantile}")
         if not 0 < self.large_coverage <= 1:
             raise ValueError(f"large_coverage must be in (0, 1]; got {self.large_coverage}")
 
@@ -66,6 +90,9 @@ class SegmentDeviation:
 class AnomalyResult:
     score: np.ndarray
     is_anomaly: np.ndarray
+    p_value: np.ndarray  # calibrated, Bonferroni over the roles
+    kind: np.ndarray  # the role that drove a flag; None when not flagged
+    role_log_p: dict[str, np.ndarray]  # natural log of each role's p-value
     combined_z: np.ndarray
     segment_z: np.ndarray
     detector_z: np.ndarray
@@ -73,20 +100,118 @@ class AnomalyResult:
     settings: AnomalySettings
 
 
-def score_anomalies(matrix: np.ndarray, segments: np.ndarray, settings: AnomalySettings) -> AnomalyResult:
+def score_anomalies(
+    matrix: np.ndarray,
+    segments: np.ndarray,
+    settings: AnomalySettings,
+    roles: np.ndarray | None = None,
+) -> AnomalyResult:
+    """`roles`: the role of each dimension (feature schema); all `context` when not given."""
     matrix = np.asarray(matrix, dtype=np.float64)
+    roles = np.full(matrix.shape[1], "context", dtype=object) if roles is None else np.asarray(roles)
     deviation = segment_deviation(matrix, segments, settings.large_coverage, settings.large_ratio)
     detector_z = robust_z(detector_scores(matrix, settings.detector, settings))
     combined = combine(deviation.distance_z, detector_z, settings.segment_margin)
+    role_log_p = {
+        role: log_p_values(evidence, settings.reference_quantile)
+        for role, evidence in role_evidence(matrix, deviation, roles).items()
+    }
+    if role_log_p:
+        stacked = np.vstack(list(role_log_p.values()))
+        log_p = np.minimum(stacked.min(axis=0) + np.log(len(role_log_p)), 0.0)
+        strongest = np.array(list(role_log_p), dtype=object)[stacked.argmin(axis=0)]
+    else:  # no dimensions
+        log_p, strongest = np.zeros(len(matrix)), np.full(len(matrix), None, dtype=object)
+    is_anomaly, cut = calibrated_flags(log_p, settings.fdr, settings.contamination)
     return AnomalyResult(
-        score=score_from_z(combined),
-        is_anomaly=flag(combined, settings.threshold, settings.contamination),
+        score=score_from_log_p(log_p, cut),
+        is_anomaly=is_anomaly,
+        p_value=np.exp(log_p),
+        kind=np.where(is_anomaly, strongest, None),
+        role_log_p=role_log_p,
         combined_z=combined,
         segment_z=deviation.distance_z,
         detector_z=detector_z,
         deviation=deviation,
         settings=settings,
     )
+
+
+def robust_spread(matrix: np.ndarray) -> np.ndarray:
+    """Per column: 1.4826 MAD, or the SPREAD_FALLBACKS where that is 0 (never 0 itself)."""
+    centre = np.median(matrix, axis=0)
+    spread = MAD_TO_SD * np.median(np.abs(matrix - centre), axis=0)
+    for low, high, in_sd in SPREAD_FALLBACKS:
+        if (spread > 1e-12).all():
+            break
+        low_q, high_q = np.percentile(matrix, [low, high], axis=0)
+        spread = np.where(spread > 1e-12, spread, (high_q - low_q) / in_sd)
+    return np.where(spread > 1e-12, spread, np.maximum(matrix.std(axis=0), 1e-9))
+
+
+def role_evidence(
+    matrix: np.ndarray, deviation: SegmentDeviation, roles: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per role present: each device's deviation length over that role's dimensions."""
+    evidence = {}
+    for role in [*ROLE_ORDER, *sorted(set(roles) - set(ROLE_ORDER))]:
+        columns = np.flatnonzero(roles == role)
+        if len(columns) == 0:
+            continue
+        if role == "health":
+            values = matrix[:, columns]
+            scaled = (values - np.median(values, axis=0)) / robust_spread(values)
+        else:
+            scaled = deviation.deviations[:, columns].astype(np.float64)
+        evidence[role] = np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
+    return evidence
+
+
+def log_p_values(evidence: np.ndarray, reference_quantile: float = 0.9) -> np.ndarray:
+    """Natural log of a p-value per device: the share of the fleet at least as strange (the
+    device counts itself once: conformal with n - 1 others), and beyond the fleet's
+    `reference_quantile` the smaller of that and an exponential tail fitted between the median
+    and that quantile."""
+    n = len(evidence)
+    if n == 0:
+        return np.zeros(0)
+    at_least = n - np.searchsorted(np.sort(evidence), evidence, side="left")
+    log_p = np.log(at_least / n)
+    if n < MIN_EXTRAPOLATED:
+        return log_p
+    median, high = np.quantile(evidence, [0.5, reference_quantile])
+    if high - median <= 1e-12:  # no spread to extrapolate from
+        return log_p
+    tail_share = 1 - reference_quantile
+    decay = (high - median) / np.log(0.5 / tail_share)
+    tail = evidence > high
+    log_p[tail] = np.minimum(log_p[tail], np.log(tail_share) - (evidence[tail] - high) / decay)
+    return log_p
+
+
+def calibrated_flags(log_p: np.ndarray, fdr: float, contamination: float | None) -> tuple[np.ndarray, float]:
+    """Benjamini-Hochberg at `fdr` (or the `contamination` share with the smallest p-values) and
+    the log p-value at the cut (the largest flagged, or log(fdr / n) when none is)."""
+    n = len(log_p)
+    flagged = np.zeros(n, dtype=bool)
+    if n == 0:
+        return flagged, 0.0
+    order = np.argsort(log_p, kind="stable")
+    if contamination is not None:
+        count = int(np.ceil(contamination * n))
+    else:
+        passes = log_p[order] <= np.log(np.arange(1, n + 1) * fdr / n)
+        count = int(np.flatnonzero(passes)[-1]) + 1 if passes.any() else 0
+    flagged[order[:count]] = True
+    cut = float(log_p[order[count - 1]]) if count else float(np.log(fdr / n))
+    return flagged, cut
+
+
+def score_from_log_p(log_p: np.ndarray, cut: float) -> np.ndarray:
+    """-log p mapped to [0, 1]: 0.5 at the cut, so score >= 0.5 exactly when flagged."""
+    strength = -np.asarray(log_p, dtype=np.float64)
+    half = max(-cut, 1e-12)
+    return strength / (strength + half)
 
 
 def combine(segment_z: np.ndarray, detector_z: np.ndarray, segment_margin: float) -> np.ndarray:
