@@ -288,11 +288,11 @@ def missed_targets(row: dict, responses: str) -> list[str]:
     if not row["accepted_per_device_live"] >= row["accepted_per_device_initial"]:
         missed.append(
             f"expected accepted offers per device fell with the live weights "
-            f"({row['accepted_per_device_initial']:.3f} -> {row['accepted_per_device_live']:.3f})"
+            f"({row['accepted_per_device_initial']:.4f} -> {row['accepted_per_device_live']:.4f})"
         )
     if row["worst_day_after_refresh"] > MAX_OFFERS_PER_DEVICE_AFTER_REFRESH:
         missed.append(
-            f"{row['worst_day_after_refresh']:.2f} offers per device on a day after a refresh "
+            f"{row['worst_day_after_refresh']:.3f} offers per device on a day after a refresh "
             f"(at most {MAX_OFFERS_PER_DEVICE_AFTER_REFRESH})"
         )
     if row["max_offers_7_days"] > MAX_OFFERS_PER_WEEK:

@@ -169,6 +169,9 @@ def test_targets_missed_and_held():
     assert missed_targets(_row(worst_day_after_refresh=0.31, max_offers_7_days=3), "need") != []
     assert len(missed_targets(_row(worst_day_after_refresh=0.31, max_offers_7_days=3), "need")) == 2
     assert missed_targets(_row(accepted_per_device_live=0.09), "need") != []
+    # a miss is told with the digits that show it (0.302 is not "0.30 ... at most 0.3")
+    assert missed_targets(_row(worst_day_after_refresh=0.302), "need")[0].startswith("0.302 offers")
+    assert "(0.1000 -> 0.0996)" in missed_targets(_row(accepted_per_device_live=0.0996), "need")[0]
 
 
 @pure
