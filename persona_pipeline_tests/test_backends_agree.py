@@ -29,6 +29,8 @@ WALL_CLOCK = {
     "requested_at",
     "completed_at",
     "suppressed_at",
+    "updated_at",
+    "resolved_at",
     "hold_until",
     # A random id per write of a feedback batch, and the list of them a refresh learned from.
     "load_id",

@@ -52,7 +52,16 @@ COMPARED = {
     "service_recommendations": ["offer_id"],
     "support_tickets": ["ticket_id"],
 }
-RUN_TIME_COLUMNS = {"computed_at", "clustered_at", "scored_at", "created_at", "first_seen_at", "last_seen_at"}
+RUN_TIME_COLUMNS = {
+    "computed_at",
+    "clustered_at",
+    "scored_at",
+    "created_at",
+    "first_seen_at",
+    "last_seen_at",
+    "updated_at",
+    "resolved_at",
+}
 DAYS = 7
 START = "2026-03-01"
 END = "2026-03-07"
