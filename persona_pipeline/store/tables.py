@@ -207,7 +207,7 @@ service_recommendations = sa.Table(
 support_tickets = sa.Table(
     "support_tickets",
     metadata,
-    sa.Column("ticket_id", sa.String(64), primary_key=True),  # hash of (device, cause)
+    sa.Column("ticket_id", sa.String(64), primary_key=True),  # hash of (device, cause, opening day)
     sa.Column("device_id", sa.Text, nullable=False),
     sa.Column("severity", sa.Float, nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
