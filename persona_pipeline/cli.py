@@ -91,14 +91,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say(line: str) -> None:
+def say_on_stderr(line: str) -> None:
     print(f"persona-pipeline: {line}", file=sys.stderr, flush=True)
+
+
+def write_failure_log(name: str, text: str) -> Path | None:
+    """Write what went wrong, credentials masked, to $PERSONA_HOME/logs/<name>.log; None when that
+    cannot be written."""
+    from persona_pipeline.secrets import mask_url
+
+    try:
+        folder = settings.persona_home() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.log"
+        path.write_text(mask_url(text) + "\n")
+    except OSError:
+        return None
+    return path
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from persona_pipeline.run_health import end_on_sigterm
 
-    end_on_sigterm(_say)
+    end_on_sigterm(say_on_stderr)
     init_home()
     from persona_pipeline.runner import run_chain, summary
 
@@ -110,14 +125,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _report_failed_checks(failed_checks: list[str]) -> int:
     """Exit status 1, with one line each, when an asset check of ERROR severity failed."""
     for line in failed_checks:
-        print(f"persona-pipeline: {line}", file=sys.stderr)
+        say_on_stderr(line)
     return 1 if failed_checks else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from persona_pipeline.run_health import end_on_sigterm
 
-    end_on_sigterm(_say)
+    end_on_sigterm(say_on_stderr)
     init_home()
     from persona_pipeline.demo.loop import compare_weights, comparison_report, run_demo
     from persona_pipeline.runner import summary
@@ -299,20 +314,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_traceback(exc: BaseException) -> Path | None:
-    """The traceback, credentials masked, in $PERSONA_HOME/logs; None when that cannot be written."""
     import traceback
 
-    from persona_pipeline.secrets import mask_url
-
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-    try:
-        folder = settings.persona_home() / "logs"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"persona-pipeline-{stamp}.log"
-        path.write_text(mask_url("".join(traceback.format_exception(exc))))
-    except OSError:
-        return None
-    return path
+    return write_failure_log(f"persona-pipeline-{stamp}", "".join(traceback.format_exception(exc)))
 
 
 if __name__ == "__main__":

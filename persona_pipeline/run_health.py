@@ -141,11 +141,7 @@ def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     lines = []
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=IN_PROGRESS)):
         if is_dead(instance, run):
-            instance.report_run_failed(
-                run,
-                message="Marked failed: no process of this run is alive (killed, or the machine stopped).",
-            )
-            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            fail_run(instance, run.run_id, DEAD_RUN_MESSAGE)
             lines.append(
                 f"run {run.run_id} ({run.job_name}) had no live process: marked failed, its slots freed"
             )

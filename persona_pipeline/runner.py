@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -23,7 +21,7 @@ from dagster._core.storage.tags import (
 )
 
 from persona_pipeline import settings
-from persona_pipeline.cli import CommandError
+from persona_pipeline.cli import CommandError, say_on_stderr, write_failure_log
 from persona_pipeline.executors import distributed
 from persona_pipeline.feedback.assets import offer_feedback_batches
 from persona_pipeline.feedback.storage import acceptance_by_weights_version, read_held_batches
@@ -132,7 +130,7 @@ def _raise_if_failed(result: dg.ExecuteInProcessResult | dg.JobExecutionResult, 
         f"{job}-{result.run_id}",
         "\n\n".join(f"step {e.step_key}:\n{e.step_failure_data.error.to_string()}" for e in failures),
     )
-    where = f"run {result.run_id}; details in {log}"
+    where = f"run {result.run_id}" + (f"; details in {log}" if log else "")
     if failures:
         message = _root_message(failures[0].step_failure_data.error)
         raise CommandError(f"{job} failed in {failures[0].step_key}: {message} ({where})")
@@ -159,15 +157,6 @@ def _crash_hint(message: str) -> str:
     if SIGKILL_EXIT.search(message):
         return " (SIGKILL: killed from outside, often by the kernel when memory ran out)"
     return ""
-
-
-def write_failure_log(name: str, text: str) -> Path:
-    """Write what went wrong, credentials masked, to $PERSONA_HOME/logs/<name>.log."""
-    folder = settings.persona_home() / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.log"
-    path.write_text(mask_url(text) + "\n")
-    return path
 
 
 def failed_error_checks(result: dg.ExecuteInProcessResult | dg.JobExecutionResult) -> list[str]:
@@ -217,16 +206,12 @@ def reporting_waits(
         watcher.join(timeout=every_seconds)
 
 
-def _say_on_stderr(line: str) -> None:
-    print(f"persona-pipeline: {line}", file=sys.stderr, flush=True)
-
-
 def run_chain(
     start: str | None,
     end: str | None,
     verbose: bool = False,
     instance: dg.DagsterInstance | None = None,
-    say: Callable[[str], None] = _say_on_stderr,
+    say: Callable[[str], None] = say_on_stderr,
 ) -> ChainResult:
     from persona_pipeline.definitions import build_resources, defs
 
