@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -115,12 +115,24 @@ def _runs_here(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
     return isinstance(instance.run_launcher, dg.DefaultRunLauncher)
 
 
-def _event_pids(instance: dg.DagsterInstance, run_id: str) -> set[int]:
+# Events that the run's own processes write: the run worker (RUN_START) and each step's process.
+# RUN_STARTING and RUN_ENQUEUED come from the launcher (the daemon or the webserver), which lives on.
+RUN_PROCESS_EVENTS = {dg.DagsterEventType.RUN_START, dg.DagsterEventType.STEP_START}
+
+
+def run_process_pids(entries: Iterable[dg.EventLogEntry]) -> set[int]:
+    """The ids of the processes that ran a run, from its RUN_START and STEP_START events."""
     return {
         entry.dagster_event.pid
-        for entry in instance.all_logs(run_id)
-        if entry.dagster_event is not None and entry.dagster_event.pid is not None
+        for entry in entries
+        if entry.dagster_event is not None
+        and entry.dagster_event.event_type in RUN_PROCESS_EVENTS
+        and entry.dagster_event.pid is not None
     }
+
+
+def _event_pids(instance: dg.DagsterInstance, run_id: str) -> set[int]:
+    return run_process_pids(instance.all_logs(run_id, of_type=RUN_PROCESS_EVENTS))
 
 
 def is_dead(instance: dg.DagsterInstance, run: dg.DagsterRun, now: float | None = None) -> bool:

@@ -144,3 +144,26 @@ def test_sigterm_ends_a_run_waiting_or_not_and_gives_its_slots_back(tmp_path):
         stopped_in, process = _kill_during("persona_index", home, instance, signal.SIGTERM)
         assert stopped_in is not None and process.returncode != 0
         assert not instance.event_log_storage.get_concurrency_info("vector_index").claimed_slots
+
+
+@pytest.mark.store_agnostic
+def test_a_run_is_alive_by_its_own_processes_not_by_the_launcher_that_started_it():
+    """A run the daemon launched has a RUN_STARTING event written by the daemon, which lives on:
+    counted as the run's process, it kept a killed run 'alive' for good."""
+    from types import SimpleNamespace
+
+    from persona_pipeline.run_health import run_process_pids
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+
+    def entry(event_type: dg.DagsterEventType, pid: int) -> SimpleNamespace:
+        return SimpleNamespace(dagster_event=SimpleNamespace(event_type=event_type, pid=pid))
+
+    entries = [
+        entry(dg.DagsterEventType.RUN_STARTING, os.getpid()),  # the launcher, alive
+        entry(dg.DagsterEventType.RUN_START, gone.pid),  # the run worker, killed
+        entry(dg.DagsterEventType.STEP_START, gone.pid),
+        SimpleNamespace(dagster_event=None),
+    ]
+    assert run_process_pids(entries) == {gone.pid}
