@@ -56,6 +56,10 @@ def test_the_demo_loop_learns_weights_that_make_better_offers(persona_home, inst
     offers_before = table(store, "service_recommendations")
     assert weights.groupby("version")["source"].first().tolist() == ["config", "feedback", "feedback"]
 
+    # Each refresh made a candidate and the gate decided on it; the live version is the newest accepted.
+    decisions = table(store, "key_weight_refreshes").sort_values("candidate_version")
+    assert decisions["candidate_version"].tolist() == [2, 3]
+    assert decisions["decision"].iloc[-1] == "accepted", decisions["reason"].tolist()
     comparison = compare_weights(instance)
     rates = comparison.table.set_index("trigger")
     assert comparison.day == "2026-03-05"

@@ -64,7 +64,7 @@ def load(batch: str, resources: dict, instance: dg.DagsterInstance, config: dict
 def refresh(resources: dict, instance: dg.DagsterInstance) -> str:
     result = dg.materialize([key_weights], resources=resources, instance=instance)
     assert result.success
-    return result.asset_materializations_for_node("key_weights")[0].metadata["new_version"].value
+    return result.asset_materializations_for_node("key_weights")[0].metadata["decision"].value
 
 
 def test_any_number_of_refreshes_that_change_nothing_are_recorded(persona_home, instance):
@@ -309,12 +309,12 @@ def test_the_sensors_leave_alone_what_the_command_line_already_did(tmp_path):
         assert [r.partition_key for r in tick.run_requests] == ["new-2"]
 
         instance.report_runless_asset_event(
-            dg.AssetMaterialization("key_weights", metadata={"new_version": "2"})
+            dg.AssetMaterialization("key_weights", metadata={"live_version_changed": True})
         )
         instance.report_runless_asset_event(dg.AssetMaterialization("persona_vectors"))
         quiet = key_weights_sensor(dg.build_sensor_context(instance=instance))
         assert not quiet.run_requests and quiet.cursor
         instance.report_runless_asset_event(
-            dg.AssetMaterialization("key_weights", metadata={"new_version": "3"})
+            dg.AssetMaterialization("key_weights", metadata={"live_version_changed": True})
         )
         assert len(key_weights_sensor(dg.build_sensor_context(instance=instance)).run_requests) == 1

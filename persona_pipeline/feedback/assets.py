@@ -11,6 +11,7 @@ from pydantic import Field
 from persona_pipeline.automation import SENSOR_STATUS, after_upstream_updates
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.feedback import storage
+from persona_pipeline.feedback.gate import GateSettings, decide, guardrails, held_out, held_out_evidence
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
 from persona_pipeline.feedback.validation import load_feedback
 from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
@@ -19,9 +20,15 @@ from persona_pipeline.offers.catalog import ServiceCatalog
 from persona_pipeline.offers.recommend import POSITIVE_RESPONSES, app_key
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import persona_vectors
-from persona_pipeline.personas.weights import current_weights
+from persona_pipeline.personas.weights import (
+    current_weights,
+    initial_weights_version,
+    next_version,
+    read_weights_versions,
+)
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
+from persona_pipeline.segments import storage as segment_storage
 from persona_pipeline.settings import sensor_interval_seconds
 
 offer_feedback_batches = dg.DynamicPartitionsDefinition(name="offer_feedback_batches")
@@ -250,6 +257,48 @@ class KeyWeightsConfig(dg.Config):
         "sample with the same share accepted (the fit's cost stays flat as the fleet grows).",
     )
 
+    held_out_share: float = Field(
+        default=0.3,
+        gt=0,
+        lt=1,
+        description="Share of devices (a stable hash of the id) whose answers are never learned from: "
+        "the gate judges each candidate on them.",
+    )
+    gate_confidence: float = Field(
+        default=0.95,
+        gt=0.5,
+        lt=1,
+        description="A candidate goes live only when the one-sided lower bound of its held-out "
+        "improvement at this confidence is above zero.",
+    )
+    min_held_out: int = Field(
+        default=100,
+        ge=1,
+        description="Held-out answered offers the gate needs before any candidate goes live.",
+    )
+    min_segment_ari: float = Field(
+        default=0.7,
+        ge=-1,
+        le=1,
+        description="Guardrail: segments with the candidate weights against the live segments "
+        "(adjusted Rand index) at least this.",
+    )
+    max_flag_ratio: float = Field(
+        default=1.2,
+        ge=1,
+        le=100,
+        description="Guardrail: devices flagged with the candidate at most this times the live.",
+    )
+
+    def gate_settings(self) -> GateSettings:
+        return GateSettings(
+            held_out_share=self.held_out_share,
+            confidence=self.gate_confidence,
+            min_held_out=self.min_held_out,
+            min_segment_ari=self.min_segment_ari,
+            max_flag_ratio=self.max_flag_ratio,
+        )
+
     def settings(self) -> LearningSettings:
         return LearningSettings(
             learning_rate=self.learning_rate,
@@ -271,6 +320,9 @@ def _offered_dimensions(service_ids: pd.Series, schema: FeatureSchema, catalog: 
     return service_ids.map(found).to_numpy(dtype=int)
 
 
+GATE_CHECK = "live_weights_not_worse_than_initial"
+
+
 @dg.asset(
     deps=[offer_feedback, service_recommendations],
     # New feedback refreshes the weights; new offers alone do not.
@@ -278,6 +330,15 @@ def _offered_dimensions(service_ids: pd.Series, schema: FeatureSchema, catalog: 
     group_name="feedback",
     kinds={"scikitlearn", "sql"},
     retry_policy=STORE_RETRY,
+    check_specs=[
+        dg.AssetCheckSpec(
+            GATE_CHECK,
+            asset="key_weights",
+            description="On the held-out feedback, the live weights predict acceptance no worse than "
+            "the initial (configured) weights: the upper confidence bound of their improvement is not "
+            "below zero.",
+        )
+    ],
 )
 def key_weights(
     context: dg.AssetExecutionContext,
@@ -285,70 +346,251 @@ def key_weights(
     persona_store: PersonaStore,
     persona_config: PersonaConfig,
 ) -> dg.MaterializeResult:
-    """A new weights version learned from the feedback batches not learned from yet: per trigger, a
-    regularised logistic regression of acceptance on the persona values at offer time; keys that
-    separate accepted from rejected offers gain weight, blended with the previous weights within a
-    floor and a ceiling. The next persona_vectors uses it (new collection, alias swap)."""
+    """A candidate weights version learned from the answered offers of the devices not held out:
+    per trigger, a regularised logistic regression of acceptance on the persona values at offer
+    time; keys that separate accepted from rejected offers gain weight, blended with the live
+    weights within a floor and a ceiling. The candidate goes live only when the gate finds it
+    better on the held-out devices' answers and the guardrails (segments, flags) hold; otherwise
+    it is kept as a rejected version with the reason. The next persona_vectors uses the live one."""
     schema = persona_config.feature_schema()
-    current = current_weights(persona_store, schema.initial_weights())
+    live = current_weights(persona_store, schema.initial_weights())
     unlearned = storage.read_unlearned_feedback(persona_store)
-    batches = unlearned.batches
-    offers = storage.read_responded_offers(persona_store)
     history = storage.acceptance_by_weights_version(persona_store)
     common = {
         "acceptance_by_weights_version": markdown_table(history, max_rows=50),
-        "weights_version_in_use": dg.MetadataValue.int(current.version),
+        "weights_version_in_use": dg.MetadataValue.int(live.version),
     }
-    if not batches:
+    if not unlearned.batches:
         return dg.MaterializeResult(
-            metadata={**common, "new_version": dg.MetadataValue.text("none: no new feedback")}
+            metadata={
+                **common,
+                "live_version_changed": dg.MetadataValue.bool(False),
+                "decision": dg.MetadataValue.text("none: no new feedback"),
+            },
+            check_results=[
+                dg.AssetCheckResult(check_name=GATE_CHECK, passed=True, description="no new feedback")
+            ],
         )
 
+    answered = _answered_in_current_space(persona_store, schema)
+    keys = [d.concrete_key or d.weight_key for d in schema.dimensions]
+    # A concrete key (one app of a pattern) starts from the weight its dimension has now.
+    in_effect = dict(zip(keys, schema.dimension_weights(live.weights).tolist(), strict=True))
+    gate_settings = config.gate_settings()
+    learned_rows = ~held_out(answered.device_ids, gate_settings.held_out_share)
+    offered = _offered_dimensions(answered.offers["service_id"], schema, persona_config.service_catalog())
+    learned = learn_weights(
+        answered.values[learned_rows],
+        answered.accepted[learned_rows],
+        answered.triggers[learned_rows],
+        keys,
+        {**live.weights, **in_effect},
+        config.settings(),
+        offered_dimension=offered[learned_rows],
+    )
+    changed = learned.table[(learned.table["new"] - learned.table["old"]).abs() > 1e-9]
+    candidate = None
+    if not changed.empty:
+        version = next_version(read_weights_versions(persona_store))
+        candidate = _judge(
+            persona_store,
+            schema,
+            answered,
+            learned_rows,
+            {**live.weights, **in_effect},
+            learned.weights,
+            version,
+            gate_settings,
+        )
+    in_use = storage.record_refresh(persona_store, live.version, candidate, unlearned, len(answered.offers))
+    decision = "none: nothing changed" if candidate is None else candidate.reason
+    outcome = (
+        "no candidate: nothing changed"
+        if candidate is None
+        else (f"candidate v{candidate.version} {_verdict(candidate)}: {candidate.reason}")
+    )
+    context.log.info(f"weights refresh from {len(answered.offers)} answered offers: {outcome}")
+    table = learned.table.assign(change=(learned.table["new"] - learned.table["old"]).round(4))
+    return dg.MaterializeResult(
+        metadata={
+            **common,
+            "weights_version_in_use": dg.MetadataValue.int(in_use),
+            "live_version_changed": dg.MetadataValue.bool(in_use != live.version),
+            "candidate_version": dg.MetadataValue.int(candidate.version if candidate else 0),
+            "decision": dg.MetadataValue.text(
+                decision
+                if candidate is None
+                else f"{'accepted' if candidate.accepted else 'rejected'}: {decision}"
+            ),
+            "evidence": markdown_table(_evidence_rows(candidate), max_rows=20),
+            "weight_decisions": markdown_table(storage.read_weight_decisions(persona_store), max_rows=20),
+            "learned_from_batches": dg.MetadataValue.text(", ".join(unlearned.batches)),
+            "answered_offers": dg.MetadataValue.int(len(answered.offers)),
+            "held_out_offers": dg.MetadataValue.int(int((~learned_rows).sum())),
+            "responses_by_trigger": counts_table(
+                pd.Series(learned.responses_by_trigger), "trigger", "offers"
+            ),
+            "weights_live_vs_candidate": markdown_table(
+                table.sort_values("change", key=abs, ascending=False).round(4), max_rows=60
+            ),
+        },
+        check_results=[
+            _live_against_initial(persona_store, schema, answered, learned_rows, in_use, gate_settings)
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """The answered offers made in the current feature space, with their unweighted values."""
+
+    offers: pd.DataFrame
+    values: np.ndarray
+    accepted: np.ndarray
+    triggers: np.ndarray
+    device_ids: np.ndarray
+
+
+def _answered_in_current_space(store: PersonaStore, schema: FeatureSchema) -> _Answered:
+    offers = storage.read_responded_offers(store)
     names = schema.dimension_names
-    parts = []  # the responded offers of each stored space in the current schema's dimensions
+    parts = []  # the answered offers of each stored space in the current schema's dimensions
     for space, group in offers.groupby("space", sort=True):
-        dimensions = persona_storage.read_dimensions(persona_store, space)
+        dimensions = persona_storage.read_dimensions(store, space)
         if dimensions["name"].tolist() != names:
             continue
         matrix = persona_storage.decode_vectors(group["persona_vector"], len(names))
         parts.append((group, unweighted(matrix, dimensions["weight"].to_numpy())))
     ordered = pd.concat([group for group, _ in parts]) if parts else offers.iloc[:0]
     values = np.vstack([matrix for _, matrix in parts]) if parts else np.zeros((0, len(names)))
-    keys = [d.concrete_key or d.weight_key for d in schema.dimensions]
-    # A concrete key (one app of a pattern) starts from the weight its dimension has now.
-    in_effect = dict(zip(keys, schema.dimension_weights(current.weights).tolist(), strict=True))
-    learned = learn_weights(
-        values,
-        ordered["accepted"].to_numpy(dtype=bool),
-        ordered["trigger"].to_numpy(dtype=object),
-        keys,
-        {**current.weights, **in_effect},
-        config.settings(),
-        offered_dimension=_offered_dimensions(
-            ordered["service_id"], schema, persona_config.service_catalog()
-        ),
+    return _Answered(
+        offers=ordered,
+        values=values,
+        accepted=ordered["accepted"].to_numpy(dtype=bool),
+        triggers=ordered["trigger"].to_numpy(dtype=object),
+        device_ids=ordered["device_id"].to_numpy(dtype=object),
     )
-    changed = learned.table[(learned.table["new"] - learned.table["old"]).abs() > 1e-9]
-    version = current.version if changed.empty else current.version + 1
-    new_weights = None if changed.empty else learned.weights
-    storage.record_refresh(persona_store, version, new_weights, unlearned, len(ordered))
-    context.log.info(f"weights version {version} from {len(ordered)} responded offers ({', '.join(batches)})")
-    table = learned.table.assign(change=(learned.table["new"] - learned.table["old"]).round(4))
-    return dg.MaterializeResult(
-        metadata={
-            **common,
-            "new_version": dg.MetadataValue.text(
-                str(version) if not changed.empty else "none: nothing changed"
-            ),
-            "learned_from_batches": dg.MetadataValue.text(", ".join(batches)),
-            "responded_offers": dg.MetadataValue.int(len(ordered)),
-            "responses_by_trigger": counts_table(
-                pd.Series(learned.responses_by_trigger), "trigger", "offers"
-            ),
-            "weights_old_vs_new": markdown_table(
-                table.sort_values("change", key=abs, ascending=False).round(4), max_rows=60
-            ),
+
+
+def _judge(
+    store: PersonaStore,
+    schema: FeatureSchema,
+    answered: _Answered,
+    learned_rows: np.ndarray,
+    start: dict[str, float],
+    learned: dict[str, float],
+    version: int,
+    settings: GateSettings,
+) -> storage.Candidate:
+    """The gate's decision on the learned weights: held-out evidence, then the guardrails. When
+    the evidence holds but a guardrail does not, shorter steps from the live weights (`start`)
+    toward the learned ones are tried (GateSettings.steps); the first that passes is the candidate."""
+    live_dims = schema.dimension_weights(start)
+    fleet = _guardrail_fleet(store, schema)
+    decision, candidate, measured = None, learned, {}
+    for step in settings.steps:
+        candidate = {
+            key: start.get(key, weight) + step * (weight - start.get(key, weight))
+            for key, weight in learned.items()
         }
+        candidate_dims = schema.dimension_weights(candidate)
+        evidence = held_out_evidence(
+            answered.values,
+            answered.accepted,
+            answered.triggers,
+            learned_rows,
+            live_dims,
+            candidate_dims,
+            settings,
+        )
+        rails = None
+        if (
+            fleet is not None
+            and evidence.held_out_offers >= settings.min_held_out
+            and evidence.lower_bound > 0
+        ):
+            rails = guardrails(
+                fleet[0], fleet[1], live_dims, candidate_dims, schema.dimension_roles, settings
+            )
+        decision = decide(evidence, rails, settings)
+        measured = {"step": step, **evidence.as_dict(), **(rails.as_dict() if rails else {})}
+        if decision.accepted or rails is None:  # accepted, or the evidence itself failed
+            break
+    return storage.Candidate(
+        version=version,
+        weights=candidate,
+        accepted=decision.accepted,
+        reason=decision.reason,
+        evidence=measured,
+    )
+
+
+def _guardrail_fleet(store: PersonaStore, schema: FeatureSchema) -> tuple[np.ndarray, np.ndarray] | None:
+    """The fleet's unweighted vectors and live segments (None where the schema changed since)."""
+    vectors = persona_storage.read_stored_vectors(store)
+    if vectors.dimension_names != schema.dimension_names or not len(vectors.device_ids):
+        return None
+    stored = persona_storage.read_dimensions(store, vectors.space)["weight"].to_numpy()
+    segments = segment_storage.read_assignments(store).reindex(vectors.device_ids)
+    known = segments.notna().to_numpy()
+    return unweighted(vectors.matrix, stored)[known], segments.to_numpy()[known].astype(np.int64)
+
+
+def _verdict(candidate: storage.Candidate) -> str:
+    return "accepted" if candidate.accepted else "rejected"
+
+
+def _evidence_rows(candidate: storage.Candidate | None) -> pd.DataFrame:
+    if candidate is None:
+        return pd.DataFrame(columns=["measure", "value"])
+    return pd.DataFrame(
+        {
+            "measure": list(candidate.evidence),
+            "value": [round(v, 4) if isinstance(v, float) else v for v in candidate.evidence.values()],
+        }
+    )
+
+
+def _live_against_initial(
+    store: PersonaStore,
+    schema: FeatureSchema,
+    answered: _Answered,
+    learned_rows: np.ndarray,
+    live_version: int,
+    settings: GateSettings,
+) -> dg.AssetCheckResult:
+    initial = initial_weights_version(store)
+    if initial is None or initial.version == live_version:
+        return dg.AssetCheckResult(
+            check_name=GATE_CHECK, passed=True, description="the initial weights are live"
+        )
+    versions = read_weights_versions(store)
+    live_rows = versions[versions["version"] == live_version]
+    live = live_rows.set_index("key")["weight"].to_dict()
+    evidence = held_out_evidence(
+        answered.values,
+        answered.accepted,
+        answered.triggers,
+        learned_rows,
+        schema.dimension_weights(initial.weights),
+        schema.dimension_weights(live),
+        settings,
+    )
+    upper = 2 * evidence.improvement - evidence.lower_bound
+    passed = bool(evidence.held_out_offers == 0 or not upper < 0)
+    return dg.AssetCheckResult(
+        check_name=GATE_CHECK,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=(
+            f"live v{live_version} against initial v{initial.version} on {evidence.held_out_offers} held-out "
+            f"offers: log-loss {evidence.live_log_loss:.4f} initial, {evidence.candidate_log_loss:.4f} live"
+        ),
+        metadata={
+            "improvement": dg.MetadataValue.float(round(evidence.improvement, 5)),
+            "upper_bound": dg.MetadataValue.float(round(float(upper), 5)),
+            "held_out_offers": dg.MetadataValue.int(evidence.held_out_offers),
+        },
     )
 
 
@@ -384,10 +626,10 @@ def key_weights_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
             skip_reason="persona_vectors was rebuilt after the newest key_weights",
             cursor=str(record.storage_id),
         )
-    new_version = record.asset_materialization.metadata.get("new_version")
-    if new_version is not None and str(new_version.value).startswith("none"):
+    changed = record.asset_materialization.metadata.get("live_version_changed")
+    if changed is None or changed.value is not True:
         return dg.SensorResult(
-            skip_reason="key_weights ran without a new version", cursor=str(record.storage_id)
+            skip_reason="key_weights ran without a new live version", cursor=str(record.storage_id)
         )
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=f"weights-{record.storage_id}")], cursor=str(record.storage_id)

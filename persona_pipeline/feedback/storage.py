@@ -6,11 +6,12 @@ import json
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
 from persona_pipeline.offers.storage import answered_offers
-from persona_pipeline.personas.weights import insert_weights
+from persona_pipeline.personas.weights import ACCEPTED, REJECTED, insert_weights
 from persona_pipeline.resources.persona_store import PersonaStore
 from persona_pipeline.store.tables import (
     key_weight_refreshes,
@@ -83,13 +84,14 @@ def write_batch(
 
 
 def read_responded_offers(store: PersonaStore) -> pd.DataFrame:
-    """Offers with at least one response: offer_id, service_id, trigger, space, persona_vector,
-    weights_version, accepted (any response accepted or used)."""
+    """Offers with at least one response: offer_id, device_id, service_id, trigger, space,
+    persona_vector, weights_version, accepted (the latest answer accepted or used)."""
     r = service_recommendations.c
     answered = answered_offers()
     frame = store.read_frame(
         sa.select(
             r.offer_id,
+            r.device_id,
             r.service_id,
             r.trigger,
             r.space,
@@ -130,27 +132,67 @@ def read_unlearned_feedback(store: PersonaStore) -> UnlearnedFeedback:
     )
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A candidate weights version a refresh made, and the gate's decision on it."""
+
+    version: int
+    weights: dict[str, float]
+    accepted: bool
+    reason: str
+    evidence: dict
+
+
 def record_refresh(
     store: PersonaStore,
-    version: int,
-    new_weights: dict[str, float] | None,
+    live_version: int,
+    candidate: Candidate | None,
     learned: UnlearnedFeedback,
     responses: int,
-) -> None:
-    """Record a refresh that leaves `version` in use, with the weights of that version when the
-    refresh made it, in one transaction: a retry after a failure learns the same feedback once."""
+) -> int:
+    """Record a refresh, with its candidate version (accepted or rejected) when it made one, in one
+    transaction: a retry after a failure learns the same feedback once. Returns the version live
+    after it."""
+    in_use = candidate.version if candidate is not None and candidate.accepted else live_version
     with store.begin() as connection:
-        if new_weights is not None:
-            insert_weights(store, version, new_weights, "feedback", connection=connection)
+        if candidate is not None:
+            status = ACCEPTED if candidate.accepted else REJECTED
+            insert_weights(
+                store, candidate.version, candidate.weights, "feedback", connection=connection, status=status
+            )
         connection.execute(
             key_weight_refreshes.insert().values(
-                version=version,
+                version=in_use,
                 batches=json.dumps(learned.batches),
                 loads=json.dumps(learned.loads),
                 responses=responses,
                 created_at=pd.Timestamp.now(tz="UTC").to_pydatetime(),
+                candidate_version=candidate.version if candidate is not None else None,
+                decision=(ACCEPTED if candidate.accepted else REJECTED) if candidate is not None else None,
+                reason=candidate.reason if candidate is not None else None,
+                evidence=json.dumps(candidate.evidence, default=_json_number)
+                if candidate is not None
+                else None,
             )
         )
+    return in_use
+
+
+def _json_number(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def read_weight_decisions(store: PersonaStore) -> pd.DataFrame:
+    """Every refresh that made a candidate: created_at, candidate_version, decision, version (live
+    after it), responses, reason; oldest first."""
+    k = key_weight_refreshes.c
+    return store.read_frame(
+        sa.select(k.created_at, k.candidate_version, k.decision, k.version, k.responses, k.reason)
+        .where(k.candidate_version.is_not(None))
+        .order_by(k.refresh_id)
+    )
 
 
 def acceptance_by_weights_version(store: PersonaStore) -> pd.DataFrame:

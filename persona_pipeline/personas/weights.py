@@ -1,4 +1,6 @@
-"""Key weights versions: the configured weights seed version 1; feedback adds later versions."""
+"""Key weights versions: the configured weights seed version 1; feedback adds candidate versions,
+which go live only when the weights gate accepts them (status `accepted`; a refused candidate is
+kept with status `rejected`). The live version is the newest accepted one."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import sqlalchemy as sa
 
 from persona_pipeline.resources.persona_store import PersonaStore
 from persona_pipeline.store.tables import key_weights
+
+ACCEPTED, REJECTED = "accepted", "rejected"
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ def current_weights(store: PersonaStore, configured: dict[str, float]) -> Weight
     versions (`source` = `feedback`) in between are kept and win until then.
     """
     versions = _versions(store)
+    accepted = versions[versions["status"] == ACCEPTED]
     from_config = versions[versions["source"] == "config"]
     last_config = (
         from_config[from_config["version"] == from_config["version"].max()]
@@ -39,12 +44,33 @@ def current_weights(store: PersonaStore, configured: dict[str, float]) -> Weight
         else None
     )
     if last_config != configured:
-        version = int(versions["version"].max()) + 1 if not versions.empty else 1
+        version = next_version(versions)
         insert_weights(store, version, configured, "config")
         return WeightsVersion(version, dict(configured), "config")
-    newest = int(versions["version"].max())
-    rows = versions[versions["version"] == newest]
+    newest = int(accepted["version"].max())
+    rows = accepted[accepted["version"] == newest]
     return WeightsVersion(newest, rows.set_index("key")["weight"].to_dict(), rows["source"].iloc[0])
+
+
+def next_version(versions: pd.DataFrame) -> int:
+    """The number a new version gets: one more than any written, accepted or rejected."""
+    return int(versions["version"].max()) + 1 if not versions.empty else 1
+
+
+def read_weights_versions(store: PersonaStore) -> pd.DataFrame:
+    """Every version's rows: version, key, weight, created_at, source, status."""
+    return _versions(store)
+
+
+def initial_weights_version(store: PersonaStore) -> WeightsVersion | None:
+    """The newest configured version (the weights learning started from), if any."""
+    versions = _versions(store)
+    configured = versions[versions["source"] == "config"]
+    if configured.empty:
+        return None
+    version = int(configured["version"].max())
+    rows = configured[configured["version"] == version]
+    return WeightsVersion(version, rows.set_index("key")["weight"].to_dict(), "config")
 
 
 def insert_weights(
@@ -53,6 +79,7 @@ def insert_weights(
     weights: dict[str, float],
     source: str,
     connection: sa.Connection | None = None,
+    status: str = ACCEPTED,
 ) -> None:
     """Write weights `version`; in `connection`'s transaction when given (so what records the
     version goes in with it), else in a transaction of its own."""
@@ -63,6 +90,7 @@ def insert_weights(
             "weight": list(weights.values()),
             "created_at": pd.Timestamp.now(tz="UTC"),
             "source": source,
+            "status": status,
         }
     )
     if connection is not None:

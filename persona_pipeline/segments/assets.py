@@ -151,7 +151,12 @@ def device_clusters(
     aligned_previous = previous_ids.reindex(vectors.device_ids).fillna(UNKNOWN).to_numpy(dtype=np.int64)
     previous = previous_segments(vectors.matrix, aligned_previous)
 
-    fit = fit_segments(vectors.matrix, config.settings(), previous.centres if len(previous.ids) else None)
+    fit = fit_segments(
+        vectors.matrix,
+        config.settings(),
+        previous.centres if len(previous.ids) else None,
+        keep_count=reason == NEW_WEIGHTS,
+    )
     registry = storage.read_segment_registry(persona_store)
     matching = match_segment_ids(
         vectors.matrix,
@@ -249,6 +254,12 @@ def _fit_settings(config: DeviceClustersConfig) -> str:
     return json.dumps(shaping, sort_keys=True)
 
 
+# The space changed but not its dimensions or the clustering settings: new weights only.
+NEW_WEIGHTS = (
+    "a new weights version: the same segments are fitted in the re-weighted space, keeping their number"
+)
+
+
 def _refit_reason(
     config: DeviceClustersConfig, store: PersonaStore, schema: FeatureSchema, now: pd.Timestamp
 ) -> tuple[str | None, _Assignment | None]:
@@ -257,6 +268,14 @@ def _refit_reason(
     if len(spaces) != 1 or persona_storage.read_dimension_names(store, spaces[0]) != schema.dimension_names:
         return "no fit of this feature space yet", None
     stored = storage.read_fit(store, spaces[0], len(schema.dimension_names))
+    if stored is None and not config.refit:
+        last = storage.read_last_fit_space(store)
+        same_keys = (
+            last is not None and persona_storage.read_dimension_names(store, last) == schema.dimension_names
+        )
+        last_fit = storage.read_fit(store, last, len(schema.dimension_names)) if same_keys else None
+        if last_fit is not None and last_fit.settings == _fit_settings(config):
+            return NEW_WEIGHTS, None
     changed, gone = storage.read_unassigned(store)
     if stored is not None and stored.settings != _fit_settings(config):
         return "the clustering settings changed", None

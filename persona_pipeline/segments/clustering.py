@@ -63,12 +63,14 @@ def fit_segments(
     matrix: np.ndarray,
     settings: ClusteringSettings,
     previous_centres: np.ndarray | None = None,
+    keep_count: bool = False,
 ) -> SegmentFit:
     """Segment the rows of `matrix`.
 
     `previous_centres` (the previous run's segments, measured in today's space) let
     K-means keep their number when it scores about as well as the best, and start
-    from them, so an unchanged fleet gets the same segments.
+    from them, so an unchanged fleet gets the same segments. With `keep_count`, K-means
+    keeps their number without choosing (a new weights version re-weights the same fleet).
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     if len(matrix) < 3:
@@ -76,10 +78,12 @@ def fit_segments(
         return _finish(matrix, labels, settings.algorithm, None, {}, note="fewer than 3 devices: one segment")
     if settings.algorithm in ("dbscan", "hdbscan"):
         return _fit_density(matrix, settings)
-    return _fit_kmeans(matrix, settings, previous_centres)
+    return _fit_kmeans(matrix, settings, previous_centres, keep_count)
 
 
-def _fit_kmeans(matrix: np.ndarray, settings: ClusteringSettings, previous: np.ndarray | None) -> SegmentFit:
+def _fit_kmeans(
+    matrix: np.ndarray, settings: ClusteringSettings, previous: np.ndarray | None, keep_count: bool = False
+) -> SegmentFit:
     rng = np.random.default_rng(settings.random_seed)
     sample = _sample_rows(matrix, settings.selection_sample_size, rng)
     distinct = len(np.unique(sample, axis=0))
@@ -89,6 +93,9 @@ def _fit_kmeans(matrix: np.ndarray, settings: ClusteringSettings, previous: np.n
     if settings.n_clusters is not None:
         k = min(settings.n_clusters, max(distinct, 1))
         note = "k fixed by configuration"
+    elif keep_count and previous is not None and 2 <= len(previous) <= distinct:
+        k = len(previous)
+        note = "k kept: a new weights version re-weights the same segments"
     elif k_high < 2:
         k = max(min(distinct, 2), 1)
         note = "too few distinct vectors to choose k"

@@ -97,6 +97,13 @@ def read_fit(store: PersonaStore, space: str, dimensions: int) -> StoredFit | No
     )
 
 
+def read_last_fit_space(store: PersonaStore) -> str | None:
+    """The feature space of the newest full fit, if any."""
+    c = segment_centres.c
+    frame = store.read_frame(sa.select(c.space).order_by(c.fitted_at.desc()).limit(1))
+    return None if frame.empty else str(frame["space"].iloc[0])
+
+
 def read_unassigned(store: PersonaStore) -> tuple[list[str], list[str]]:
     """Devices whose vector is newer than their segment (or that have none), and devices with a
     segment but no vector any more. Two joins on primary keys, in the database."""

@@ -60,6 +60,9 @@ key_weights = sa.Table(
     sa.Column("weight", sa.Float, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("source", sa.String(16), nullable=False),
+    # "accepted": live when it was written (the configured weights, or a candidate the gate let
+    # through); "rejected": a candidate the gate refused. The live version is the newest accepted.
+    sa.Column("status", sa.String(16), nullable=False, server_default="accepted"),
 )
 
 persona_vectors = sa.Table(
@@ -276,6 +279,12 @@ key_weight_refreshes = sa.Table(
     sa.Column("loads", sa.Text),  # JSON list of offer_feedback.load_id (NULL before revision 0005)
     sa.Column("responses", sa.Integer, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    # The gate (revision 0007): the candidate version the refresh made (NULL: none, nothing
+    # changed), "accepted" or "rejected", why, and the evidence as JSON.
+    sa.Column("candidate_version", sa.Integer),
+    sa.Column("decision", sa.String(16)),
+    sa.Column("reason", sa.Text),
+    sa.Column("evidence", sa.Text),
 )
 
 # Data erasure (right to be forgotten): one audit row per request, counts only, no ids.
