@@ -201,7 +201,7 @@ def feedback_load(r: dict, **_) -> Outcome:
 def weights_refresh(r: dict, **_) -> Outcome:
     context = dg.build_asset_context()
     result = key_weights(context, config=KeyWeightsConfig(), **_pick(r, key_weights))
-    return Outcome(_value(result, "responded_offers"), "offers")
+    return Outcome(_value(result, "answered_offers"), "offers")
 
 
 def in_memory(r: dict, day: str, **_) -> Outcome:

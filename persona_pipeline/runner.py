@@ -24,7 +24,11 @@ from persona_pipeline import settings
 from persona_pipeline.cli import CommandError, say_on_stderr, write_failure_log
 from persona_pipeline.executors import distributed
 from persona_pipeline.feedback.assets import offer_feedback_batches
-from persona_pipeline.feedback.storage import acceptance_by_weights_version, read_held_batches
+from persona_pipeline.feedback.storage import (
+    acceptance_by_weights_version,
+    read_held_batches,
+    read_weight_decisions,
+)
 from persona_pipeline.partitions import outside_partitions
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.run_health import (
@@ -316,6 +320,16 @@ def _acceptance_lines(acceptance: pd.DataFrame) -> list[str]:
     ]
 
 
+def _decision_lines(decisions: pd.DataFrame) -> list[str]:
+    """One line per candidate weights version: the gate's decision and why."""
+    if decisions.empty:
+        return []
+    return ["  weights gate (each refresh's candidate; the live version is the newest accepted):"] + [
+        f"    v{int(row.candidate_version):<3} {row.decision:<8} {row.reason}"
+        for row in decisions.itertuples()
+    ]
+
+
 def summary(result: ChainResult) -> str:
     from persona_pipeline.definitions import build_resources
 
@@ -381,6 +395,7 @@ def summary(result: ChainResult) -> str:
             f"  feedback batches   {len(result.feedback_batches):>10,}   processed in this run"
             + (f": {', '.join(result.feedback_batches)}" if result.feedback_batches else ""),
             *_acceptance_lines(acceptance),
+            *_decision_lines(read_weight_decisions(store)),
             "",
             "Where to look next:",
             "  make dev         Dagster UI on http://127.0.0.1:3000: these runs, assets, lineage",

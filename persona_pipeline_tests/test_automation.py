@@ -92,20 +92,20 @@ def test_schedule_runs_the_day_that_just_ended():
 
 
 def test_weights_sensor_rebuilds_vectors_once_per_new_weights_version(instance):
-    def materialize_weights(new_version: str) -> None:
+    def materialize_weights(changed: bool) -> None:
         instance.report_runless_asset_event(
-            dg.AssetMaterialization("key_weights", metadata={"new_version": new_version})
+            dg.AssetMaterialization("key_weights", metadata={"live_version_changed": changed})
         )
 
     context = dg.build_sensor_context(instance=instance)
     assert not key_weights_sensor(context).run_requests
-    materialize_weights("v2 from 1 batch")
+    materialize_weights(True)
     first = key_weights_sensor(dg.build_sensor_context(instance=instance))
     assert len(first.run_requests) == 1
     assert not key_weights_sensor(
         dg.build_sensor_context(instance=instance, cursor=first.cursor)
     ).run_requests
-    materialize_weights("none: no new feedback")
+    materialize_weights(False)
     quiet = key_weights_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor))
     assert not quiet.run_requests and quiet.cursor != first.cursor
 

@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
+from persona_pipeline.evaluate_decisions import max_offers_in_window
 from persona_pipeline.resources import VectorIndex
 from persona_pipeline.resources.vector_index import point_id
 from persona_pipeline_tests.conftest import ENV_VARIABLES, update, write_jsonl
@@ -154,21 +155,22 @@ def test_landing_files_and_a_feedback_batch_flow_through_without_a_click(daemon_
     # People answer the offers: a feedback batch lands.
     answered = time.time()
     simulate_feedback(seed=3, batch_id="batch-1")
+    live = "select max(version) from key_weights where status = 'accepted'"
     wait_for(
-        "new weights and the chain after them",
+        "the weights refresh and, when its candidate went live, the chain after it",
         lambda: (
-            scalar("select max(version) from key_weights where source = 'feedback'") is not None
-            and chain_after(answered)
-            and materialized_after(
-                "persona_vectors",
-                instance.get_latest_materialization_event(dg.AssetKey("key_weights")).timestamp,
-            )
+            materialized_after("key_weights", answered)
+            and scalar("select min(weights_version) from persona_vectors") == scalar(live)
             and idle()
         ),
         log,
     )
-    learned = scalar("select max(version) from key_weights")
+    learned = scalar(live)
+    assert scalar("select count(*) from key_weight_refreshes") >= 1  # the batch was learned from
     assert scalar("select min(weights_version) from persona_vectors") == learned
+    # The contact budget holds through the sensors' runs: at most 2 offers per device in 7 days.
+    offers = pd.read_sql("select device_id, offer_day from service_recommendations", store)
+    assert max_offers_in_window(offers) <= 2
     runs = instance.get_runs()
     assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), [
         (run.job_name, run.status) for run in runs if run.status != dg.DagsterRunStatus.SUCCESS

@@ -60,10 +60,18 @@ def fleet_with_feedback(persona_home, instance):
     fleet = generate_fleet(300, 4, seed=8, start=DAYS[0])
     write_landing(fleet, persona_home / "landing")
     write_ground_truth(fleet, persona_home / "ground_truth")
+    from persona_pipeline.personas.weights import current_weights, insert_weights
+
     run_chain(DAYS[0], "2026-03-03", instance=instance)
+    resources = resources_for(persona_home)
+    # A learned version that went live (whatever the gate makes of this small fleet's answers),
+    # so the next run's vectors fill a second collection beside the configured weights' one.
+    store = resources["persona_store"]
+    live = current_weights(store, resources["persona_config"].feature_schema().initial_weights())
+    insert_weights(store, live.version + 1, {key: w * 1.1 for key, w in live.weights.items()}, "feedback")
     simulate_feedback(seed=2, batch_id=None)
     run_chain(None, None, instance=instance)
-    return resources_for(persona_home)
+    return resources
 
 
 def test_erased_devices_are_gone_from_every_store_and_reingest_does_not_bring_them_back(

@@ -163,10 +163,15 @@ def test_run_processes_new_feedback_and_refreshes_the_weights_before_the_vectors
     store = resources_for(persona_home)["persona_store"]
     weights = table(store, "key_weights")
     assert set(weights["source"]) == {"config", "feedback"}
-    newest = int(weights["version"].max())
+    live = int(weights.loc[weights["status"] == "accepted", "version"].max())
     vectors = table(store, "persona_vectors")
-    assert (vectors["weights_version"] == newest).all()  # the day's vectors use the new weights
-    assert "weights v1" in summary(second)
+    assert (vectors["weights_version"] == live).all()  # the day's vectors use the live weights
+    said = summary(second)
+    assert "weights v1" in said
+    # The summary names the refresh's candidate and the gate's decision on it.
+    candidate = int(weights["version"].max())
+    decision = table(store, "key_weight_refreshes")["decision"].dropna().iloc[-1]
+    assert f"v{candidate:<3} {decision:<8} " in said, said
     offers = table(store, "service_recommendations")
     lookalike = offers[offers["trigger"] == "lookalike"]
     assert len(lookalike) > 0 and lookalike["reason"].str.startswith("close in persona to the ").all()
@@ -177,8 +182,8 @@ def test_run_processes_new_feedback_and_refreshes_the_weights_before_the_vectors
     )
 
     third = run_chain(None, None, instance=instance)
-    assert third.feedback_batches == []  # a batch is processed once
-    assert int(table(store, "key_weights")["version"].max()) == newest
+    assert third.feedback_batches == []  # a batch is processed once: no new candidate
+    assert int(table(store, "key_weights")["version"].max()) == candidate
 
 
 def test_responses_to_offers_never_made_are_rejected_and_the_rest_kept(offered):
