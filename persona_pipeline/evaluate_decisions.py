@@ -90,6 +90,16 @@ SCENARIOS: dict[str, Scenario] = {
             seed=22,
         ),
         Scenario(
+            "seed_faults",
+            "only the seed's three key families; 10 % movers, 5 % heavy, 2 % failing",
+            1_000,
+            6,
+            FleetParameters(movers=0.10, heavy=0.05, failing=0.02, seed_keys_only=True),
+            "need",
+            TUNING,
+            seed=23,
+        ),
+        Scenario(
             "calm",
             "nothing broken: 5 % movers, 5 % heavy users, no failing device",
             1_500,

@@ -17,7 +17,15 @@ from persona_pipeline_tests.conftest import table
 from persona_pipeline_tests.test_offers import DAY, inputs, uncapped
 from persona_pipeline_tests.test_offers_reruns import fullest_weeks
 
-CATALOG = load_service_catalog()
+# The fleet's daily budget (0.3 offers per device) is left out where a handful of devices would
+# leave it one or two offers; test_the_fleets_daily_budget_* tests it.
+_SHIPPED = load_service_catalog()
+CATALOG = ServiceCatalog(
+    _SHIPPED.spec.model_copy(
+        update={"rules": _SHIPPED.rules.model_copy(update={"max_offers_per_device_day": None})}
+    ),
+    "test",
+)
 WEEK = CATALOG.rules.max_offers_per_week
 HISTORY_COLUMNS = ["offer_id", "device_id", "service_id", "trigger", "offer_day", "score", "priority"]
 
@@ -286,3 +294,70 @@ def test_heavy_use_does_not_follow_the_segments():
     recall = len(found[0] & heavy_devices) / len(heavy_devices)
     precision = len(found[0] & heavy_devices) / len(found[0])
     assert recall >= 0.8 and precision >= 0.9, (recall, precision)
+
+
+# -- The fleet's daily budget ---------------------------------------------------------------
+
+
+def crowded_inputs(day: str, history: pd.DataFrame, movers: int = 30, devices: int = 40) -> OfferInputs:
+    """A fleet of `devices` where `movers` moved the day before and one device has a fault."""
+    ids = [f"d{number:02d}" for number in range(devices)]
+    moved_at = pd.Timestamp(day, tz="UTC") - pd.Timedelta(hours=2)
+    moves = pd.DataFrame(
+        {
+            "device_id": ids[:movers],
+            "previous_value": "Berlin",
+            "value": "Vienna",
+            "changed_at": [moved_at] * movers,
+        }
+    )
+    anomalies = pd.DataFrame(
+        {
+            "device_id": [ids[-1]],
+            "score": [0.9],
+            "is_anomaly": [True],
+            "reason": ["crashes 14 vs 0–1"],
+            "cause": ["device.health.crash_count"],
+            "kind": ["health"],
+        }
+    )
+    return inputs(
+        day=day,
+        history=history,
+        moves=moves,
+        anomalies=anomalies,
+        segments=pd.Series(1, index=ids),
+        app_usage=pd.DataFrame({"maps": 600.0}, index=pd.Index(ids, name="device_id")),
+    )
+
+
+def test_the_fleets_daily_budget_holds_across_runs_support_first(resources):
+    """30 of 40 devices moved on one day: a quarter of the fleet (10 offers) is made that day, the
+    fault's support offers first, and a second run of the day adds none; the next day the movers
+    not served yet get theirs."""
+    store = resources["persona_store"]
+    catalog = with_rules(max_offers_per_device_day=0.25, exploration_share=0.0)
+    made = recommend(crowded_inputs(DAY, pd.DataFrame(columns=HISTORY_COLUMNS)), catalog)
+    unbudgeted = recommend(
+        crowded_inputs(DAY, pd.DataFrame(columns=HISTORY_COLUMNS)),
+        with_rules(max_offers_per_device_day=None, exploration_share=0.0),
+    )
+    assert len(unbudgeted) > 10 and len(made) == 10
+    assert {"diagnostics_tool", "support_callback"} <= set(made.loc[made["device_id"] == "d39", "service_id"])
+    # The offers kept are those of the highest expected value.
+    best = unbudgeted["expected_value"].astype(float).nlargest(10).min()
+    assert made["expected_value"].astype(float).min() >= best - 1e-12
+    now = pd.Timestamp.now(tz="UTC")
+    offers_storage.write_offers(store, made.assign(created_at=now), DAY, catalog, fleet_devices=40)
+    history = table(store, "service_recommendations")[HISTORY_COLUMNS]
+    again = recommend(crowded_inputs(DAY, history), catalog)
+    assert again.empty
+    # A stale run that read no history is held to the budget by the writer.
+    stale = recommend(crowded_inputs(DAY, pd.DataFrame(columns=HISTORY_COLUMNS)), catalog)
+    written = offers_storage.write_offers(store, stale.assign(created_at=now), DAY, catalog, fleet_devices=40)
+    assert written.empty
+    next_day = day_after(DAY, 1)
+    later = recommend(
+        crowded_inputs(next_day, table(store, "service_recommendations")[HISTORY_COLUMNS]), catalog
+    )
+    assert len(later) == 10 and not set(later["device_id"]) & set(made["device_id"]) - {"d39"}

@@ -62,7 +62,7 @@ def test_moves_heavy_use_and_anomalies_become_offers_with_reasons():
     assert {"diagnostics_tool", "support_callback"} <= set(sick.index)
     assert sick.loc["diagnostics_tool", "reason"].endswith("crashes 14 vs 0–1")
     assert offers["score"].between(0, 1).all()
-    capped = recommend(inputs(), load_service_catalog())
+    capped = recommend(inputs(), shipped())
     assert capped.groupby("device_id").size().max() <= 2  # the weekly budget (and the daily cap, 3)
     assert set(capped.loc[capped["device_id"] == "sick", "service_id"]) == {
         "diagnostics_tool",
@@ -71,7 +71,7 @@ def test_moves_heavy_use_and_anomalies_become_offers_with_reasons():
 
 
 def test_offer_ids_are_deterministic_and_a_rerun_of_the_day_adds_nothing():
-    catalog = load_service_catalog()
+    catalog = shipped()
     first = recommend(inputs(), catalog)
     again = recommend(inputs(), catalog)
     assert first["offer_id"].tolist() == again["offer_id"].tolist()
@@ -79,18 +79,32 @@ def test_offer_ids_are_deterministic_and_a_rerun_of_the_day_adds_nothing():
 
 
 def test_cooldown_and_the_daily_cap_hold_across_days():
-    catalog = load_service_catalog()
+    catalog = shipped()
     yesterday = recommend(inputs(day="2026-03-06"), catalog)
     today = recommend(inputs(history=yesterday), catalog)
     cooled = set(zip(yesterday["device_id"], yesterday["service_id"], strict=True))
     assert not cooled & set(zip(today["device_id"], today["service_id"], strict=True))
 
 
-def uncapped(**rules_changed):
-    """The shipped catalog without the per-device limits (daily cap and weekly budget 20) and
-    without exploration, unless `rules_changed` says otherwise."""
+def shipped() -> ServiceCatalog:
+    """The shipped catalog without the fleet's daily budget: these fleets have a handful of
+    devices, where 0.3 offers per device is two or three offers (test_contact_policy tests it)."""
     catalog = load_service_catalog()
-    changes = {"daily_cap": 20, "max_offers_per_week": 20, "exploration_share": 0.0, **rules_changed}
+    rules = catalog.rules.model_copy(update={"max_offers_per_device_day": None})
+    return ServiceCatalog(catalog.spec.model_copy(update={"rules": rules}), "test")
+
+
+def uncapped(**rules_changed):
+    """The shipped catalog without the per-device limits (daily cap and weekly budget 20), without
+    the fleet's daily budget and without exploration, unless `rules_changed` says otherwise."""
+    catalog = shipped()
+    changes = {
+        "daily_cap": 20,
+        "max_offers_per_week": 20,
+        "exploration_share": 0.0,
+        "max_offers_per_device_day": None,
+        **rules_changed,
+    }
     rules = catalog.rules.model_copy(update=changes)
     return ServiceCatalog(catalog.spec.model_copy(update={"rules": rules}), "test")
 

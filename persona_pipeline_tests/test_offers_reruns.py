@@ -13,18 +13,27 @@ import pytest
 import sqlalchemy as sa
 
 from persona_pipeline.anomalies.assets import anomaly_scores
+from persona_pipeline.config_files import config_file
 from persona_pipeline.offers import storage as offers_storage
 from persona_pipeline.offers.assets import service_recommendations
-from persona_pipeline.offers.catalog import load_service_catalog
+from persona_pipeline.offers.catalog import SERVICE_CATALOG_FILE, ServiceCatalog, load_service_catalog
 from persona_pipeline.offers.recommend import recommend
-from persona_pipeline.resources import PersonaStore
+from persona_pipeline.resources import PersonaConfig, PersonaStore
 from persona_pipeline.segments.assets import device_clusters
 from persona_pipeline.store.tables import offer_feedback
 from persona_pipeline.store.tables import service_recommendations as service_recommendations_table
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
 from persona_pipeline_tests.test_offers import DAY, inputs, uncapped
 
-CATALOG = load_service_catalog()
+# The fleet's daily budget (0.3 offers per device) is left out where a handful of devices would
+# leave it one or two offers; test_the_fleets_daily_budget_* tests it.
+_SHIPPED = load_service_catalog()
+CATALOG = ServiceCatalog(
+    _SHIPPED.spec.model_copy(
+        update={"rules": _SHIPPED.rules.model_copy(update={"max_offers_per_device_day": None})}
+    ),
+    "test",
+)
 CAP = CATALOG.rules.daily_cap
 WEEK = CATALOG.rules.max_offers_per_week
 PER_SERVICE = CATALOG.rules.lookalike_per_service
@@ -118,6 +127,19 @@ def fleet(tmp_path_factory):
     yield from evaluated_fleet(tmp_path_factory.mktemp("reruns"), devices=400, days=4, seed=11)
 
 
+@pytest.fixture(scope="module")
+def whole_fleet_budget(tmp_path_factory) -> Path:
+    """A configuration folder whose service catalog lets the whole fleet get offers on a day: these
+    tests re-run a day whose budget (0.3 offers per device) the first run used up, to check the
+    other limits (test_contact_policy tests the budget)."""
+    config = tmp_path_factory.mktemp("config")
+    shipped = config_file(SERVICE_CATALOG_FILE).read_text()
+    budget = "  max_offers_per_device_day: 0.3\n"
+    assert budget in shipped
+    (config / SERVICE_CATALOG_FILE).write_text(shipped.replace(budget, "  max_offers_per_device_day: 1\n"))
+    return config
+
+
 def respond(store: PersonaStore, batch: str, accept_share: float, seed: int) -> int:
     """A feedback batch answering every offer not answered yet: `accept_share` accepted, the
     rest rejected (as the feedback asset would store it)."""
@@ -140,14 +162,17 @@ def respond(store: PersonaStore, batch: str, accept_share: float, seed: int) -> 
     return len(rows)
 
 
-def offers_and_tickets_new(home: Path, *assets) -> tuple[int, int]:
-    """Materialize `assets` (device_clusters refits) and then service_recommendations: the offers
-    and the tickets the run added."""
+def offers_and_tickets_new(home: Path, *assets, config: Path | None = None) -> tuple[int, int]:
+    """Materialize `assets` (device_clusters refits) and then service_recommendations, with the
+    configuration files in `config` where given: the offers and the tickets the run added."""
+    resources = resources_for(home)
+    if config is not None:
+        resources["persona_config"] = PersonaConfig(config_dir=str(config))
     with dg.instance_for_test() as instance:
         run_config = REFIT if device_clusters in assets else None
         result = dg.materialize(
             [*assets, service_recommendations],
-            resources=resources_for(home),
+            resources=resources,
             instance=instance,
             run_config=run_config,
         )
@@ -155,8 +180,8 @@ def offers_and_tickets_new(home: Path, *assets) -> tuple[int, int]:
     return metadata["offers_new"].value, metadata["tickets_opened"].value
 
 
-def offers_new(home: Path, *assets) -> int:
-    return offers_and_tickets_new(home, *assets)[0]
+def offers_new(home: Path, *assets, config: Path | None = None) -> int:
+    return offers_and_tickets_new(home, *assets, config=config)[0]
 
 
 def assert_within_the_days_limits(store: PersonaStore) -> pd.DataFrame:
@@ -183,29 +208,35 @@ def fullest_weeks(offers: pd.DataFrame) -> pd.Series:
     return pd.concat(counts).groupby(level=0).max() if counts else pd.Series(dtype="int64")
 
 
-def test_re_running_the_offers_of_a_day_after_feedback_and_re_clustering_keeps_every_limit(fleet):
+def test_re_running_the_offers_of_a_day_after_feedback_and_re_clustering_keeps_every_limit(
+    fleet, whole_fleet_budget
+):
     store = resources_for(fleet.home)["persona_store"]
     before = assert_within_the_days_limits(store)
     day = before["offer_day"].max()
     tickets_before = table(store, "support_tickets", order_by=["ticket_id"])
     assert len(tickets_before) > 0
-    assert offers_and_tickets_new(fleet.home) == (0, 0)  # the same day, the same inputs
+    # The same day, the same inputs and settings.
+    assert offers_and_tickets_new(fleet.home) == (0, 0)
+    # From here, the fleet's budget no longer binds: what is checked is every other limit.
+    config = whole_fleet_budget
 
     assert respond(store, "a", accept_share=0.5, seed=1) > 0
-    first = offers_new(fleet.home)
+    first = offers_new(fleet.home, config=config)
     after_feedback = assert_within_the_days_limits(store)
     assert first > 0 and (after_feedback["trigger"] == "lookalike").any()
-    assert offers_new(fleet.home) == 0  # the same inputs again: no further lookalikes
+    # The same inputs again: no further lookalikes.
+    assert offers_new(fleet.home, config=config) == 0
     assert len(table(store, "service_recommendations")) == len(after_feedback)
 
     # More accepting devices, so other examples for the query; then segments re-formed first.
     respond(store, "b", accept_share=0.8, seed=2)
-    offers_new(fleet.home)
+    offers_new(fleet.home, config=config)
     assert_within_the_days_limits(store)
-    offers_new(fleet.home, device_clusters, anomaly_scores)
-    offers_new(fleet.home, device_clusters, anomaly_scores)
+    offers_new(fleet.home, device_clusters, anomaly_scores, config=config)
+    offers_new(fleet.home, device_clusters, anomaly_scores, config=config)
     offers = assert_within_the_days_limits(store)
-    assert offers_and_tickets_new(fleet.home) == (0, 0)
+    assert offers_and_tickets_new(fleet.home, config=config) == (0, 0)
 
     # Earlier days' offers are never touched by a re-run of the last one.
     earlier = before[before["offer_day"] < day].set_index("offer_id")
@@ -294,7 +325,7 @@ def test_other_writers_wait_while_a_run_checks_and_writes_its_offers(resources, 
     attempts: list[Exception] = []
     checked = offers_storage.within_limits
 
-    def check_while_another_writes(offers, stored, day, catalog):
+    def check_while_another_writes(offers, stored, day, catalog, fleet_devices=None):
         other = sa.create_engine(
             store.resolved_url, connect_args={"timeout": 0} if "sqlite" in store.resolved_url else {}
         )
@@ -309,7 +340,7 @@ def test_other_writers_wait_while_a_run_checks_and_writes_its_offers(resources, 
             attempts.append(error)
         finally:
             other.dispose()
-        return checked(offers, stored, day, catalog)
+        return checked(offers, stored, day, catalog, fleet_devices)
 
     monkeypatch.setattr(offers_storage, "within_limits", check_while_another_writes)
     written = offers_storage.write_offers(store, made_offers(), DAY, CATALOG)

@@ -144,6 +144,7 @@ def service_recommendations(
         ),
         day,
         catalog,
+        fleet_devices=len(inputs.segments),
     )
     written = len(offers)
     tickets = storage.write_tickets(persona_store, anomalies, catalog, day, now)

@@ -118,6 +118,14 @@ class OfferRules(_Strict):
     max_offers_per_week: int = Field(
         default=2, ge=1, le=700, description="Offers per device over any 7 days in a row at most."
     )
+    max_offers_per_device_day: float | None = Field(
+        default=0.3,
+        gt=0,
+        le=100,
+        description="Offers on one day across the fleet at most this times the devices in the fleet "
+        "(rounded up): a health fault's support offers first, then the highest expected value; the "
+        "rest wait for a later day. None: no fleet budget.",
+    )
     exploration_share: float = Field(
         default=0.05,
         ge=0,

@@ -424,7 +424,8 @@ def finalize(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCata
     candidates["offer_id"] = "offer-" + _hash_hex(candidates[["device_id", "service_id", "offer_day"]])
     candidates = candidates[~_cooling(candidates, inputs, catalog)].reset_index(drop=True)
     stored = inputs.history[["offer_id", "device_id", "service_id", "offer_day"]]
-    return choose(candidates, stored, inputs.day, catalog).drop(columns=["strength"]).reset_index(drop=True)
+    chosen = choose(candidates, stored, inputs.day, catalog, fleet_devices=len(inputs.segments))
+    return chosen.drop(columns=["strength"]).reset_index(drop=True)
 
 
 def _cooling(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCatalog) -> np.ndarray:
@@ -440,7 +441,13 @@ def _cooling(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCata
     return pd.notna(previous_day) & (days_since < cooldown)
 
 
-def choose(candidates: pd.DataFrame, stored: pd.DataFrame, day: str, catalog: ServiceCatalog) -> pd.DataFrame:
+def choose(
+    candidates: pd.DataFrame,
+    stored: pd.DataFrame,
+    day: str,
+    catalog: ServiceCatalog,
+    fleet_devices: int | None = None,
+) -> pd.DataFrame:
     """The new offers of `day` that fit: each service within its daily capacity (best expected
     value first, over the fleet), each device within the slots it has left (`slots_left`).
     A device-day explores with probability `exploration_share` (a draw seeded by device and
@@ -451,7 +458,7 @@ def choose(candidates: pd.DataFrame, stored: pd.DataFrame, day: str, catalog: Se
     probability the offer was chosen: (1 - share) when expected value picks it, plus share x
     the slots left after support / the other eligible services (share when support);
     `choice_rank` its place in the device's order (the writer re-applies the limits in that
-    order)."""
+    order). Then the fleet's budget for the day (`within_fleet_budget`)."""
     rules = catalog.rules
     new = candidates[~candidates["offer_id"].isin(stored["offer_id"])]
     new = within_capacity(new, stored, day, catalog).reset_index(drop=True)
@@ -476,13 +483,34 @@ def choose(candidates: pd.DataFrame, stored: pd.DataFrame, day: str, catalog: Se
     chosen = np.where(exploring, in_explore, in_exploit)
     drawn = np.minimum(np.maximum(left - supported, 0), others) / np.maximum(others, 1)
     propensity = (1.0 - share) * in_exploit + share * np.where(support, in_explore, drawn)
-    return new.assign(
+    made = new.assign(
         propensity=propensity, choice_rank=np.where(exploring, explore, exploit), explored=exploring
     )[chosen]
+    return within_fleet_budget(made, stored, day, rules.max_offers_per_device_day, fleet_devices)
+
+
+def within_fleet_budget(
+    offers: pd.DataFrame, stored: pd.DataFrame, day: str, share: float | None, fleet_devices: int | None
+) -> pd.DataFrame:
+    """The offers that fit in the fleet's budget for `day`: `share` x `fleet_devices` (rounded up)
+    less the offers `stored` for that day; a health fault's support offers first, then the highest
+    expected value. No budget when either is None."""
+    if share is None or fleet_devices is None or offers.empty:
+        return offers
+    budget = int(np.ceil(share * fleet_devices)) - int((stored["offer_day"] == day).sum())
+    support = (offers["trigger"] == "support").to_numpy()
+    order = np.lexsort((offers["offer_id"].to_numpy(), -_value(offers), ~support))
+    keep = np.zeros(len(offers), dtype=bool)
+    keep[order[: max(budget, 0)]] = True
+    return offers[keep]
 
 
 def within_limits(
-    offers: pd.DataFrame, stored: pd.DataFrame, day: str, catalog: ServiceCatalog
+    offers: pd.DataFrame,
+    stored: pd.DataFrame,
+    day: str,
+    catalog: ServiceCatalog,
+    fleet_devices: int | None = None,
 ) -> pd.DataFrame:
     """The offers of `day` not stored yet that still fit against what `stored` holds (the
     offers within 6 days either side of `day`, as the writer reads them when the rows go in):
@@ -494,7 +522,8 @@ def within_limits(
     left = slots_left(new["device_id"], stored, day, rules.daily_cap, rules.max_offers_per_week)
     devices, ids = new["device_id"].to_numpy(), new["offer_id"].to_numpy()
     order = new["choice_rank"].to_numpy(dtype=float) if "choice_rank" in new.columns else -_value(new)
-    return new[_rank_per_device(devices, order, ids) < left]
+    fitting = new[_rank_per_device(devices, order, ids) < left]
+    return within_fleet_budget(fitting, stored, day, rules.max_offers_per_device_day, fleet_devices)
 
 
 def within_capacity(

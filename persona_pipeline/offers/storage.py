@@ -109,10 +109,15 @@ def hold_other_writers(connection: sa.Connection, table: sa.Table) -> None:
 
 
 def write_offers(
-    store: PersonaStore, offers: pd.DataFrame, day: str, catalog: ServiceCatalog
+    store: PersonaStore,
+    offers: pd.DataFrame,
+    day: str,
+    catalog: ServiceCatalog,
+    fleet_devices: int | None = None,
 ) -> pd.DataFrame:
     """Insert the offers of `day` not stored yet that fit within the catalog's limits (each
-    device's daily cap and weekly budget, each service's daily capacity), counting what is
+    device's daily cap and weekly budget, each service's daily capacity, the fleet's budget for the
+    day when `fleet_devices` is given), counting what is
     stored within 6 days either side of `day` when the rows go in (a run that wrote since this
     one read its history takes its slots first); returns the offers inserted. Other writers of
     the table wait until the commit."""
@@ -129,7 +134,7 @@ def write_offers(
             ),
             connection,
         )
-        fresh = within_limits(offers, stored, day, catalog)
+        fresh = within_limits(offers, stored, day, catalog, fleet_devices)
         store.insert_frame(connection, service_recommendations, fresh)
     return fresh
 
