@@ -47,6 +47,7 @@ from persona_pipeline.store.tables import (
     offer_feedback,
     segments,
     service_recommendations,
+    support_tickets,
 )
 
 # The UI lists a job's runs by this label (repository @ code location, as workspace.yaml names
@@ -320,6 +321,9 @@ def _acceptance_lines(acceptance: pd.DataFrame) -> list[str]:
     ]
 
 
+RETIRED_SHOWN = 5  # retired segment ids the summary lists, the most recent first
+
+
 def _decision_lines(decisions: pd.DataFrame) -> list[str]:
     """One line per candidate weights version: the gate's decision and why."""
     if decisions.empty:
@@ -355,9 +359,25 @@ def summary(result: ChainResult) -> str:
             .where(segments.c.active)
             .order_by(segments.c.cluster_id)
         ).all()
-        flagged = connection.execute(
-            sa.select(sa.func.count()).select_from(anomaly_scores).where(anomaly_scores.c.is_anomaly)
-        ).scalar()
+        retired = connection.execute(
+            sa.select(
+                segments.c.cluster_id, segments.c.name, segments.c.last_seen_at, segments.c.retired_reason
+            )
+            .where(~segments.c.active)
+            .order_by(segments.c.last_seen_at.desc(), segments.c.cluster_id)
+            .limit(RETIRED_SHOWN)
+        ).all()
+        flagged_by_kind = connection.execute(
+            sa.select(anomaly_scores.c.kind, sa.func.count())
+            .where(anomaly_scores.c.is_anomaly)
+            .group_by(anomaly_scores.c.kind)
+            .order_by(sa.func.count().desc())
+        ).all()
+        tickets_by_status = dict(
+            connection.execute(
+                sa.select(support_tickets.c.status, sa.func.count()).group_by(support_tickets.c.status)
+            ).all()
+        )
         strangest = connection.execute(
             sa.select(anomaly_scores.c.device_id, anomaly_scores.c.reason)
             .order_by(anomaly_scores.c.score.desc())
@@ -369,6 +389,7 @@ def summary(result: ChainResult) -> str:
             .order_by(service_recommendations.c.trigger)
         ).all()
     acceptance = acceptance_by_weights_version(store)
+    flagged = sum(count for _, count in flagged_by_kind)
     rejected = sum(count for _, count in reasons)
     with index.open() as vectors:
         collection = vectors.alias_target(index.alias)
@@ -387,7 +408,16 @@ def summary(result: ChainResult) -> str:
                 f"    {cluster_id:>4}  {count:>7,} devices  {name}"
                 for cluster_id, name, count in active_segments
             ],
-            f"  anomalies          {flagged:>10,}   ({flagged / max(devices, 1):.1%} of devices)",
+            *[
+                f"    retired {cluster_id:>4}  {name}: {reason or 'before reasons were kept'} "
+                f"(last seen {pd.Timestamp(seen):%Y-%m-%d %H:%M})"
+                for cluster_id, name, seen, reason in retired
+            ],
+            f"  anomalies          {flagged:>10,}   ({flagged / max(devices, 1):.1%} of devices; "
+            + (", ".join(f"{count:,} {kind or 'no kind'}" for kind, count in flagged_by_kind) or "none")
+            + ")",
+            f"  support tickets    {tickets_by_status.get('open', 0):>10,}   open, "
+            f"{tickets_by_status.get('resolved', 0):,} resolved",
             *([f"    strangest: {strangest.device_id}: {strangest.reason}"] if strangest else []),
             f"  offers made        {sum(n for _, n in offers):>10,}   ("
             + (", ".join(f"{trigger} {n:,}" for trigger, n in offers) or "none")

@@ -144,7 +144,7 @@ def test_a_service_the_fleet_turns_down_scores_low_in_a_segment_that_never_saw_i
     assert unknown_service == pytest.approx(0.5)
 
 
-def test_a_fault_opens_one_ticket_per_device_and_cause_which_a_later_day_updates():
+def test_a_fault_opens_one_ticket_per_device_which_a_later_day_updates():
     catalog = load_service_catalog()
     anomalies = inputs().anomalies
     empty = pd.DataFrame(columns=["ticket_id", "device_id", "cause", "severity", "status", "last_seen_day"])
@@ -212,3 +212,21 @@ def test_a_yaml_syntax_error_in_the_catalog_names_the_file_and_the_line(tmp_path
     message = str(error.value)
     assert message.startswith(f"{path}: invalid YAML at line {opened + 2}, column ")
     assert f"(while parsing a flow sequence that starts at line {opened + 1})" in message
+
+
+def test_a_fault_whose_strongest_key_changes_keeps_its_one_ticket():
+    """A failing device whose crashes lead one day and its signal the next has one fault: the
+    second day updates its open ticket (cause and reason) instead of opening another."""
+    catalog = load_service_catalog()
+    crashes = inputs().anomalies.assign(kind="health")
+    empty = pd.DataFrame(columns=["ticket_id", "device_id", "cause", "severity", "status", "last_seen_day"])
+    first = ticket_changes(crashes, empty, catalog, DAY)
+    stored = first.opened.drop(columns=["reason"])
+    signal = crashes.assign(
+        cause=["device.connection.signal_strength", None], reason=["signal -109 dBm vs -76 to -66 dBm", None]
+    )
+    later = ticket_changes(signal, stored, catalog, "2026-03-08")
+    assert later.opened.empty and later.resolved.empty
+    assert later.updated[["ticket_id", "cause", "last_seen_day"]].values.tolist() == [
+        [first.opened["ticket_id"].iloc[0], "device.connection.signal_strength", "2026-03-08"]
+    ]

@@ -232,3 +232,27 @@ def test_segments_are_fitted_anew_on_schedule_on_a_large_change_or_when_asked():
     assert refit_reason(**{**usual, "algorithm": "hdbscan"}) == "hdbscan refits every run"
     assert refit_reason(**{**usual, "fitted_at": None}) == "no fit of this feature space yet"
     assert refit_reason(**{**usual, "devices": 0, "changed": 0}) is not None
+
+
+def test_a_retired_segment_id_says_why_and_keeps_its_reason():
+    from persona_pipeline.segments.storage import updated_registry
+
+    then, now = pd.Timestamp("2026-03-01", tz="UTC"), pd.Timestamp("2026-03-02", tz="UTC")
+    registry = pd.DataFrame(
+        {
+            "cluster_id": [1, 2, 9],
+            "name": ["a", "b", "old"],
+            "devices": [10, 5, 0],
+            "traits": ["", "", ""],
+            "active": [True, True, False],
+            "first_seen_at": [then] * 3,
+            "last_seen_at": [then] * 3,
+            "retired_reason": [None, None, "last fit 7.0 days ago"],
+        }
+    )
+    described = pd.DataFrame({"segment": [1, 3], "name": ["a", "c"], "devices": [12, 3], "traits": ["", ""]})
+    merged = updated_registry(registry, described, now, "a new weights version").set_index("cluster_id")
+    assert merged.loc[[1, 3], "active"].all() and not merged.loc[[2, 9], "active"].any()
+    assert merged.loc[2, "retired_reason"] == "a new weights version"
+    assert merged.loc[9, "retired_reason"] == "last fit 7.0 days ago"
+    assert merged.loc[[1, 3], "retired_reason"].isna().all()

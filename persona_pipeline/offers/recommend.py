@@ -269,28 +269,29 @@ def ticket_changes(
     """The support outbox's lifecycle for `day`. `stored`: the open tickets and those last seen
     on `day` or later (ticket_id, device_id, cause, severity, status, last_seen_day).
 
-    A health fault at or above `ticket_severity` opens a ticket once per device and cause: its
-    id hashes device, cause and the opening day, so a re-run of the day finds it and adds none,
-    and a fault that comes back after its ticket was resolved opens a new one. While the device
-    is flagged with that cause (any score) its open ticket is updated (severity, reason, last
-    seen day, never moved back by a re-run of an earlier day). An open ticket whose fault was
-    last seen `ticket_resolve_days` or more before `day` is resolved. No ticket opens for a
-    device and cause with a ticket seen on `day` or later (an earlier day re-run)."""
+    A device's fault is one ticket from the day it is first flagged as a health fault (at or
+    above `ticket_severity`) until it is resolved, whichever of its keys leads from day to day:
+    its id hashes device, the first cause and the opening day, so a re-run of the day finds it
+    and adds none, and a fault that comes back after its ticket was resolved opens a new one.
+    While the device is flagged as a health fault (any score) its open ticket is updated
+    (cause, severity, reason, last seen day, never moved back by a re-run of an earlier day). An
+    open ticket whose device was last flagged `ticket_resolve_days` or more before `day` is
+    resolved. No ticket opens for a device with a ticket seen on `day` or later (an earlier day
+    re-run)."""
     faults = health_faults(anomalies)
     faults = faults.assign(cause=faults["cause"].fillna("segment_distance"))
+    faults = faults.sort_values("score", ascending=False, kind="stable").drop_duplicates("device_id")
     stored = stored.astype({"last_seen_day": object})
     open_now = stored[stored["status"] == "open"]
-    fault_keys = pd.MultiIndex.from_frame(faults[["device_id", "cause"]].astype(str))
-    open_keys = pd.MultiIndex.from_frame(open_now[["device_id", "cause"]].astype(str))
-    seen_keys = pd.MultiIndex.from_frame(
-        stored.loc[stored["last_seen_day"].fillna("") >= day, ["device_id", "cause"]].astype(str)
-    )
+    faulty = faults["device_id"].astype(str)
+    open_devices = open_now["device_id"].astype(str)
+    seen_devices = stored.loc[stored["last_seen_day"].fillna("") >= day, "device_id"].astype(str)
 
     opens = any(s.opens_ticket for s in catalog.services("support"))
     severe = faults[
         (faults["score"].to_numpy() >= catalog.rules.ticket_severity)
-        & ~fault_keys.isin(open_keys)
-        & ~fault_keys.isin(seen_keys)
+        & ~faulty.isin(open_devices).to_numpy()
+        & ~faulty.isin(seen_devices).to_numpy()
     ]
     if not opens:
         severe = severe.iloc[0:0]
@@ -308,25 +309,27 @@ def ticket_changes(
         columns=TICKET_COLUMNS,
     )
 
-    by_key = faults.set_index(["device_id", "cause"])[["score", "reason"]]
-    by_key = by_key[~by_key.index.duplicated()]
-    persisting = open_now[open_keys.isin(fault_keys)]
-    current = by_key.reindex(pd.MultiIndex.from_frame(persisting[["device_id", "cause"]]))
+    by_device = faults.assign(device_id=faulty).set_index("device_id")[["score", "reason", "cause"]]
+    persisting = open_now[open_devices.isin(faulty).to_numpy()]
+    current = by_device.reindex(persisting["device_id"].astype(str))
     last_seen = np.maximum(persisting["last_seen_day"].fillna("").to_numpy(dtype=object), day)
     updated = pd.DataFrame(
         {
             "ticket_id": persisting["ticket_id"].to_numpy(),
+            "cause": current["cause"].to_numpy(),
             "severity": current["score"].to_numpy(),
             "reason": current["reason"].fillna("flagged as an anomaly").to_numpy(),
             "last_seen_day": last_seen,
         }
     )
-    changed = (updated["severity"].to_numpy() != persisting["severity"].to_numpy()) | (
-        last_seen != persisting["last_seen_day"].to_numpy(dtype=object)
+    changed = (
+        (updated["severity"].to_numpy() != persisting["severity"].to_numpy())
+        | (updated["cause"].to_numpy() != persisting["cause"].to_numpy())
+        | (last_seen != persisting["last_seen_day"].to_numpy(dtype=object))
     )
     updated = updated[changed].reset_index(drop=True)
 
-    gone = open_now[~open_keys.isin(fault_keys)]
+    gone = open_now[~open_devices.isin(faulty).to_numpy()]
     seen = pd.to_datetime(gone["last_seen_day"], errors="coerce")
     quiet_days = (pd.Timestamp(day) - seen).dt.days
     resolved = gone.loc[quiet_days.to_numpy() >= catalog.rules.ticket_resolve_days, ["ticket_id"]]

@@ -163,6 +163,7 @@ def write_tickets(
                 support_tickets.update()
                 .where(t.ticket_id == sa.bindparam("key"))
                 .values(
+                    cause=sa.bindparam("new_cause"),
                     severity=sa.bindparam("new_severity"),
                     reason=sa.bindparam("new_reason"),
                     last_seen_day=sa.bindparam("new_last_seen_day"),

@@ -184,8 +184,14 @@ def device_clusters(
         }
     )
     centres = storage.centre_rows(vectors.space, matching.ids, fit.centres, now, _fit_settings(config))
+    retired_because = (
+        f"{reason}; no segment of the new fit lies within match_radius ({config.match_radius}) of its centre"
+    )
     storage.write_clustering(
-        persona_store, assignments, storage.updated_registry(registry, described, now), centres
+        persona_store,
+        assignments,
+        storage.updated_registry(registry, described, now, retired_because),
+        centres,
     )
     payloads_written = _sync_payloads(persona_store, vector_index)
     context.log.info(

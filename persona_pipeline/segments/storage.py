@@ -147,8 +147,11 @@ def write_assigned(store: PersonaStore, assigned: pd.DataFrame, gone: list[str])
     return counts
 
 
-def updated_registry(registry: pd.DataFrame, described: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
-    """Today's segments become active with their profile; ids not seen today stay, inactive."""
+def updated_registry(
+    registry: pd.DataFrame, described: pd.DataFrame, now: pd.Timestamp, retired_because: str = ""
+) -> pd.DataFrame:
+    """Today's segments become active with their profile; ids not seen today stay, inactive. An id
+    active until now is retired with `retired_because`; one retired before keeps its reason."""
     today = described.rename(columns={"segment": "cluster_id"})[["cluster_id", "name", "devices", "traits"]]
     merged = registry.drop(columns=["name", "devices", "traits"], errors="ignore").merge(
         today, on="cluster_id", how="outer"
@@ -167,4 +170,11 @@ def updated_registry(registry: pd.DataFrame, described: pd.DataFrame, now: pd.Ti
             merged["cluster_id"].map(previous[column]) if len(previous) else ""
         )
     merged["devices"] = merged["devices"].where(seen, 0).astype("int64")
+    was_active = (
+        merged["cluster_id"].map(previous["active"]).fillna(False).astype(bool) if len(previous) else False
+    )
+    earlier = merged["cluster_id"].map(previous["retired_reason"]) if "retired_reason" in previous else None
+    merged["retired_reason"] = np.where(
+        seen, None, np.where(was_active, retired_because or "not found by the new fit", earlier)
+    )
     return merged

@@ -152,6 +152,8 @@ segments = sa.Table(
     sa.Column("active", sa.Boolean, nullable=False),
     sa.Column("first_seen_at", UtcDateTime, nullable=False),
     sa.Column("last_seen_at", UtcDateTime, nullable=False),
+    # Why an inactive id was retired (the refit's reason; revision 0007), NULL while active.
+    sa.Column("retired_reason", sa.Text),
 )
 
 # The centres of the last full clustering fit per feature space (float64 bytes): between refits,
@@ -206,11 +208,11 @@ service_recommendations = sa.Table(
     sa.Index("ix_service_recommendations_day", "offer_day"),
 )
 
-# An outbox: the support system reads new rows; one open ticket per device and cause.
+# An outbox: the support system reads new rows; one open ticket per device and fault.
 support_tickets = sa.Table(
     "support_tickets",
     metadata,
-    sa.Column("ticket_id", sa.String(64), primary_key=True),  # hash of (device, cause, opening day)
+    sa.Column("ticket_id", sa.String(64), primary_key=True),  # hash of (device, first cause, opening day)
     sa.Column("device_id", sa.Text, nullable=False),
     sa.Column("severity", sa.Float, nullable=False),
     sa.Column("reason", sa.Text, nullable=False),

@@ -1,7 +1,7 @@
 """Learned weights go live only when shown better: each key_weights version has a status
 (`accepted` for the configured weights and for candidates that went live, `rejected` for
 candidates the gate refused), and each refresh records the candidate it made, the decision,
-the reason and the evidence (JSON).
+the reason and the evidence (JSON). A retired segment id records why it was retired.
 
 Revision ID: 0007_weights_gate
 Revises: 0006_decisions
@@ -28,9 +28,11 @@ def upgrade() -> None:
     op.add_column("key_weight_refreshes", sa.Column("decision", sa.String(length=16), nullable=True))
     op.add_column("key_weight_refreshes", sa.Column("reason", sa.Text(), nullable=True))
     op.add_column("key_weight_refreshes", sa.Column("evidence", sa.Text(), nullable=True))
+    op.add_column("segments", sa.Column("retired_reason", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("segments", "retired_reason")
     for column in ("evidence", "reason", "decision", "candidate_version"):
         op.drop_column("key_weight_refreshes", column)
     op.drop_column("key_weights", "status")
