@@ -274,7 +274,7 @@ class KeyWeightsConfig(dg.Config):
     min_held_out: int = Field(
         default=100,
         ge=1,
-        description="Held-out answered offers the gate needs before any candidate goes live.",
+        description="Held-out devices with answered offers the gate needs before any candidate goes live.",
     )
     min_segment_ari: float = Field(
         default=0.7,
@@ -502,11 +502,12 @@ def _judge(
             live_dims,
             candidate_dims,
             settings,
+            answered.device_ids,
         )
         rails = None
         if (
             fleet is not None
-            and evidence.held_out_offers >= settings.min_held_out
+            and evidence.held_out_devices >= settings.min_held_out
             and evidence.lower_bound > 0
         ):
             rails = guardrails(
@@ -575,6 +576,7 @@ def _live_against_initial(
         schema.dimension_weights(initial.weights),
         schema.dimension_weights(live),
         settings,
+        answered.device_ids,
     )
     upper = 2 * evidence.improvement - evidence.lower_bound
     passed = bool(evidence.held_out_offers == 0 or not upper < 0)

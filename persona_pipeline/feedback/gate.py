@@ -7,8 +7,9 @@ predicts each held-out offer's acceptance. Scaling a dimension by its weight is 
 loosening the penalty on its coefficient, so the weights act as prior scales: weights that put
 their scale on the keys that predict acceptance predict better. The per-offer difference in
 log-loss (live minus candidate) is the improvement; its mean, with a one-sided lower confidence
-bound, is the evidence. Under answers that no key predicts, a candidate that moved weight onto
-noise predicts no better (usually worse) and the bound stays below zero.
+bound clustered by device (a device's answers come from one persona), is the evidence. Under
+answers that no key predicts, a candidate that moved weight onto noise predicts no better
+(usually worse) and the bound stays below zero.
 
 Guardrails, measured on a fixed sample of the fleet's current vectors: segments (K-means keeping
 the live segments' number, started from their centres, as device_clusters does for a new weights
@@ -42,7 +43,7 @@ class GateSettings:
     held_out_share: float = 0.3
     penalty_c: float = 0.1  # inverse L2 strength of the held-out predictor
     confidence: float = 0.95  # one-sided, of the improvement's lower bound
-    min_held_out: int = 100  # held-out responses below this: no evidence, the candidate waits
+    min_held_out: int = 100  # held-out devices with answers below this: no evidence, the candidate waits
     min_segment_ari: float = 0.7
     max_flag_ratio: float = 1.2
     flag_slack: int = 3  # flags the candidate may add above the ratio (small fleets)
@@ -71,6 +72,7 @@ def held_out(device_ids: pd.Series | np.ndarray, share: float) -> np.ndarray:
 @dataclass(frozen=True)
 class Evidence:
     held_out_offers: int
+    held_out_devices: int
     live_log_loss: float
     candidate_log_loss: float
     improvement: float  # mean per-offer log-loss, live minus candidate (> 0: candidate better)
@@ -121,8 +123,12 @@ def held_out_evidence(
     live_weights: np.ndarray,
     candidate_weights: np.ndarray,
     settings: GateSettings,
+    device_ids: np.ndarray,
 ) -> Evidence:
-    """The candidate's improvement over the live weights on the held-out offers (`~learned`)."""
+    """The candidate's improvement over the live weights on the held-out offers (`~learned`). A
+    device answers several offers from nearly the same persona, so its answers are not
+    independent: the bound's spread is clustered by device (`device_ids`, per offer), and the
+    evidence counts devices as well as offers."""
     accepted = np.asarray(accepted, dtype=bool)
     live = prior_scale_log_loss(unweighted_values * live_weights, accepted, triggers, learned, settings)
     candidate = prior_scale_log_loss(
@@ -130,14 +136,25 @@ def held_out_evidence(
     )
     known = ~np.isnan(live) & ~np.isnan(candidate)
     difference = live[known] - candidate[known]
+    devices = np.asarray(device_ids, dtype=object)[~learned][known]
     n = len(difference)
     if n == 0:
-        return Evidence(0, float("nan"), float("nan"), float("nan"), float("nan"), settings.confidence)
+        return Evidence(0, 0, float("nan"), float("nan"), float("nan"), float("nan"), settings.confidence)
     mean = float(difference.mean())
-    spread = float(difference.std(ddof=1)) if n > 1 else float("inf")
-    lower = float(mean - norm.ppf(settings.confidence) * spread / np.sqrt(n))
+    codes, _ = pd.factorize(pd.Series(devices).astype(str))
+    groups = int(codes.max()) + 1
+    # Cluster-robust standard error of the mean: the residuals summed per device.
+    per_device = np.bincount(codes, weights=difference - mean, minlength=groups)
+    spread = np.sqrt(groups / (groups - 1) * np.sum(per_device**2)) / n if groups > 1 else float("inf")
+    lower = float(mean - norm.ppf(settings.confidence) * spread)
     return Evidence(
-        n, float(live[known].mean()), float(candidate[known].mean()), mean, lower, settings.confidence
+        n,
+        groups,
+        float(live[known].mean()),
+        float(candidate[known].mean()),
+        mean,
+        lower,
+        settings.confidence,
     )
 
 
@@ -197,16 +214,17 @@ class Decision:
 
 def decide(evidence: Evidence, rails: Guardrails | None, settings: GateSettings) -> Decision:
     """Live when the improvement's lower bound is above zero and every guardrail holds."""
-    if evidence.held_out_offers < settings.min_held_out:
+    if evidence.held_out_devices < settings.min_held_out:
         return Decision(
             False,
-            f"too little held-out feedback: {evidence.held_out_offers} answered offers "
-            f"(at least {settings.min_held_out})",
+            f"too little held-out feedback: {evidence.held_out_offers} answered offers from "
+            f"{evidence.held_out_devices} devices (at least {settings.min_held_out} devices)",
         )
     better = (
         f"held-out log-loss {evidence.live_log_loss:.4f} live, {evidence.candidate_log_loss:.4f} candidate "
         f"(improvement {evidence.improvement:+.4f}, {evidence.confidence:.0%} lower bound "
-        f"{evidence.lower_bound:+.4f}, {evidence.held_out_offers} offers)"
+        f"{evidence.lower_bound:+.4f}, {evidence.held_out_offers} offers from "
+        f"{evidence.held_out_devices} devices)"
     )
     if not evidence.lower_bound > 0:
         return Decision(False, f"not shown better: {better}")
