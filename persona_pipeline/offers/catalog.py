@@ -123,8 +123,8 @@ class OfferRules(_Strict):
         gt=0,
         le=100,
         description="Offers on one day across the fleet at most this times the devices in the fleet "
-        "(rounded up): a health fault's support offers first, then the highest expected value; the "
-        "rest wait for a later day. None: no fleet budget.",
+        "(rounded up), whole devices at a time: those with a health fault first, then by their best "
+        "candidate's expected value; the rest wait for a later day. None: no fleet budget.",
     )
     exploration_share: float = Field(
         default=0.05,

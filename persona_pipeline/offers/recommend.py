@@ -38,6 +38,7 @@ POSITIVE_RESPONSES = ("accepted", "used")
 OFFER_COLUMNS = ["device_id", "service_id", "trigger", "strength", "priority", "reason", "cluster_id"]
 HEALTH = "health"  # the anomaly kind that is a fault; a flag without a kind counts as one
 WEEK_DAYS = 7
+SUPPORT_FIRST = 1e6  # added to a device's priority for the fleet's budget when it has a health fault
 TICKET_COLUMNS = ["ticket_id", "device_id", "severity", "cause", "reason", "status", "last_seen_day"]
 
 
@@ -486,8 +487,17 @@ def choose(
     chosen = np.where(exploring, in_explore, in_exploit)
     drawn = np.minimum(np.maximum(left - supported, 0), others) / np.maximum(others, 1)
     propensity = (1.0 - share) * in_exploit + share * np.where(support, in_explore, drawn)
+    # Where the device stands for the fleet's budget: from its candidates, not from what it chose.
+    device_priority = (
+        pd.Series(support * SUPPORT_FIRST + _value(new), index=new.index)
+        .groupby(new["device_id"])
+        .transform("max")
+    )
     made = new.assign(
-        propensity=propensity, choice_rank=np.where(exploring, explore, exploit), explored=exploring
+        propensity=propensity,
+        choice_rank=np.where(exploring, explore, exploit),
+        explored=exploring,
+        device_priority=device_priority.to_numpy(),
     )[chosen]
     return within_fleet_budget(made, stored, day, rules.max_offers_per_device_day, fleet_devices)
 
@@ -496,16 +506,27 @@ def within_fleet_budget(
     offers: pd.DataFrame, stored: pd.DataFrame, day: str, share: float | None, fleet_devices: int | None
 ) -> pd.DataFrame:
     """The offers that fit in the fleet's budget for `day`: `share` x `fleet_devices` (rounded up)
-    less the offers `stored` for that day; a health fault's support offers first, then the highest
-    expected value. No budget when either is None."""
+    less the offers `stored` for that day, given whole devices at a time in the order of
+    `device_priority` (devices with a health fault's support offer first, then the best expected
+    value among the device's candidates; see `choose`). A device's place does not depend on
+    whether its day explored, so the budget never prefers exploiting devices and each offer's
+    `propensity` stays the chance it was chosen given its device is served. No budget when
+    `share` or `fleet_devices` is None."""
     if share is None or fleet_devices is None or offers.empty:
         return offers
     budget = int(np.ceil(share * fleet_devices)) - int((stored["offer_day"] == day).sum())
-    support = (offers["trigger"] == "support").to_numpy()
-    order = np.lexsort((offers["offer_id"].to_numpy(), -_value(offers), ~support))
-    keep = np.zeros(len(offers), dtype=bool)
-    keep[order[: max(budget, 0)]] = True
-    return offers[keep]
+    priority = offers["device_priority"] if "device_priority" in offers.columns else None
+    if priority is None:  # offers from elsewhere: the device's best offer stands for it
+        support = (offers["trigger"] == "support").to_numpy()
+        priority = pd.Series(support * SUPPORT_FIRST + _value(offers), index=offers.index)
+        priority = priority.groupby(offers["device_id"]).transform("max")
+    devices = pd.DataFrame({"device_id": offers["device_id"].to_numpy(), "priority": priority.to_numpy()})
+    per_device = devices.groupby("device_id", sort=True).agg(
+        priority=("priority", "max"), offers=("priority", "size")
+    )
+    per_device = per_device.sort_values("priority", ascending=False, kind="stable")
+    served = per_device.index[per_device["offers"].cumsum().to_numpy() <= max(budget, 0)]
+    return offers[offers["device_id"].isin(served)]
 
 
 def within_limits(
