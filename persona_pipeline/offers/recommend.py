@@ -277,13 +277,20 @@ def ticket_changes(
     While the device is flagged as a health fault (any score) its open ticket is updated
     (cause, severity, reason, last seen day, never moved back by a re-run of an earlier day). An
     open ticket whose device was last flagged `ticket_resolve_days` or more before `day` is
-    resolved. No ticket opens for a device with a ticket seen on `day` or later (an earlier day
-    re-run)."""
+    resolved, and so are a device's other open tickets from when tickets were per device and
+    cause (its oldest carries the fault on). No ticket opens for a device with a ticket seen on
+    `day` or later (an earlier day re-run)."""
     faults = health_faults(anomalies)
     faults = faults.assign(cause=faults["cause"].fillna("segment_distance"))
     faults = faults.sort_values("score", ascending=False, kind="stable").drop_duplicates("device_id")
     stored = stored.astype({"last_seen_day": object})
     open_now = stored[stored["status"] == "open"]
+    # Open tickets written when a ticket was per device and cause (before revision 0007's code):
+    # a device's oldest open ticket carries its fault on, the others are resolved into it.
+    oldest_first = ["created_at", "ticket_id"] if "created_at" in open_now.columns else ["ticket_id"]
+    open_now = open_now.sort_values(oldest_first, kind="stable")
+    merged = open_now[open_now["device_id"].astype(str).duplicated()]
+    open_now = open_now[~open_now["device_id"].astype(str).duplicated()]
     faulty = faults["device_id"].astype(str)
     open_devices = open_now["device_id"].astype(str)
     seen_devices = stored.loc[stored["last_seen_day"].fillna("") >= day, "device_id"].astype(str)
@@ -334,7 +341,8 @@ def ticket_changes(
     seen = pd.to_datetime(gone["last_seen_day"], errors="coerce")
     quiet_days = (pd.Timestamp(day) - seen).dt.days
     resolved = gone.loc[quiet_days.to_numpy() >= catalog.rules.ticket_resolve_days, ["ticket_id"]]
-    return TicketChanges(opened, updated, resolved.reset_index(drop=True))
+    resolved = pd.concat([resolved, merged[["ticket_id"]]], ignore_index=True)
+    return TicketChanges(opened, updated, resolved)
 
 
 def smoothed_acceptance(

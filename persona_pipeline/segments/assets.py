@@ -184,9 +184,7 @@ def device_clusters(
         }
     )
     centres = storage.centre_rows(vectors.space, matching.ids, fit.centres, now, _fit_settings(config))
-    retired_because = (
-        f"{reason}; no segment of the new fit lies within match_radius ({config.match_radius}) of its centre"
-    )
+    retired_because = f"{reason}; not matched to a segment of the new fit"
     storage.write_clustering(
         persona_store,
         assignments,
@@ -266,6 +264,10 @@ NEW_WEIGHTS = (
 )
 
 
+def _schema_part(space: str) -> str:
+    return space.rsplit("-w", 1)[0]
+
+
 def _refit_reason(
     config: DeviceClustersConfig, store: PersonaStore, schema: FeatureSchema, now: pd.Timestamp
 ) -> tuple[str | None, _Assignment | None]:
@@ -276,10 +278,11 @@ def _refit_reason(
     stored = storage.read_fit(store, spaces[0], len(schema.dimension_names))
     if stored is None and not config.refit:
         last = storage.read_last_fit_space(store)
-        same_keys = (
-            last is not None and persona_storage.read_dimension_names(store, last) == schema.dimension_names
-        )
-        last_fit = storage.read_fit(store, last, len(schema.dimension_names)) if same_keys else None
+        names = schema.dimension_names
+        # A space is "<schema version>-w<weights version>": only the weights part may differ.
+        same_schema = last is not None and _schema_part(last) == _schema_part(spaces[0])
+        same_keys = same_schema and persona_storage.read_dimension_names(store, last) == names
+        last_fit = storage.read_fit(store, last, len(names)) if same_keys else None
         if last_fit is not None and last_fit.settings == _fit_settings(config):
             return NEW_WEIGHTS, None
     changed, gone = storage.read_unassigned(store)
