@@ -188,3 +188,15 @@ def test_landing_sensor_skips_days_already_ingested_by_the_command_line(landing,
     )
     later = tick(index_updates_sensor, instance, landing, None)
     assert [r.partition_key for r in later.run_requests] == ["2026-03-02"]
+
+
+def test_weights_sensor_reads_a_key_weights_materialization_from_before_the_gate(instance):
+    """A store upgraded while a new weights version waited for its vectors: the last key_weights
+    materialization says `new_version` (text), not `live_version_changed`; it still rebuilds."""
+    instance.report_runless_asset_event(dg.AssetMaterialization("key_weights", metadata={"new_version": "3"}))
+    assert len(key_weights_sensor(dg.build_sensor_context(instance=instance)).run_requests) == 1
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("key_weights", metadata={"new_version": "none: nothing changed"})
+    )
+    tick = key_weights_sensor(dg.build_sensor_context(instance=instance))
+    assert not tick.run_requests

@@ -628,7 +628,11 @@ def key_weights_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
             skip_reason="persona_vectors was rebuilt after the newest key_weights",
             cursor=str(record.storage_id),
         )
-    changed = record.asset_materialization.metadata.get("live_version_changed")
+    metadata = record.asset_materialization.metadata
+    changed = metadata.get("live_version_changed")
+    if changed is None and "new_version" in metadata:  # written before the weights gate (0007)
+        new_version = str(metadata["new_version"].value)
+        changed = dg.MetadataValue.bool(not new_version.startswith("none"))
     if changed is None or changed.value is not True:
         return dg.SensorResult(
             skip_reason="key_weights ran without a new live version", cursor=str(record.storage_id)
