@@ -12,7 +12,7 @@ import pytest
 
 from persona_pipeline.offers import storage as offers_storage
 from persona_pipeline.offers.catalog import ServiceCatalog, load_service_catalog
-from persona_pipeline.offers.recommend import OfferInputs, recommend, ticket_changes, usage_candidates
+from persona_pipeline.offers.recommend import OfferInputs, choose, recommend, ticket_changes, usage_candidates
 from persona_pipeline_tests.conftest import table
 from persona_pipeline_tests.test_offers import DAY, inputs, uncapped
 from persona_pipeline_tests.test_offers_reruns import fullest_weeks
@@ -379,3 +379,57 @@ def test_the_fleets_budget_serves_the_same_devices_whether_or_not_their_day_expl
     unbudgeted = recommend(crowded, with_rules(max_offers_per_device_day=None, exploration_share=0.3))
     propensity = unbudgeted.set_index("offer_id")["propensity"]
     assert np.allclose(exploring["propensity"], propensity.loc[exploring["offer_id"]])
+
+
+def _two_offer_candidates(day: str, devices: int) -> pd.DataFrame:
+    """Per device: one offer scoring above min_score, one below (only an exploring day takes it)."""
+    rows = []
+    for number in range(devices):
+        for service, score in (("headphones", 0.5 - number * 0.01), ("car_mount", 0.05)):
+            rows.append(
+                {
+                    "device_id": f"d{number}",
+                    "service_id": service,
+                    "trigger": "usage",
+                    "score": score,
+                    "strength": 1.0,
+                    "priority": 1.0,
+                    "expected_value": score,
+                    "offer_day": day,
+                    "offer_id": f"d{number}-{service}-{day}",
+                    "reason": "r",
+                    "cluster_id": 1,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_whether_a_device_is_served_does_not_depend_on_its_day_exploring():
+    """An exploring day takes a device's low-scoring offer too, so counted by the offers chosen, a
+    device that explored no longer fit where the same device exploiting did: it was never served
+    on a day it explored, and its stored propensity was not the chance it was offered."""
+    stored = pd.DataFrame(columns=["offer_id", "device_id", "service_id", "offer_day"])
+    for day in pd.date_range("2026-01-01", periods=40).strftime("%Y-%m-%d"):
+        candidates = _two_offer_candidates(day, devices=8)
+        served = {
+            share: set(
+                choose(
+                    candidates,
+                    stored,
+                    day,
+                    with_rules(max_offers_per_device_day=0.375, exploration_share=share),
+                    fleet_devices=8,
+                )["device_id"]
+            )
+            for share in (0.0, 0.5)
+        }
+        assert served[0.0] == served[0.5], day
+
+
+def test_a_small_fleets_budget_still_serves_its_fault():
+    """Three devices make a budget of one offer; the device with a fault has two support offers.
+    Counted whole, it did not fit and nothing was offered that day, nor any day after."""
+    history = pd.DataFrame(columns=HISTORY_COLUMNS)
+    crowded = crowded_inputs(DAY, history, movers=2, devices=3)
+    made = recommend(crowded, with_rules(max_offers_per_device_day=0.3, exploration_share=0.0))
+    assert set(made["device_id"]) == {"d02"} and (made["trigger"] == "support").all()

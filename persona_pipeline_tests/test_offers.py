@@ -251,3 +251,24 @@ def test_open_tickets_from_when_tickets_were_per_cause_merge_into_the_oldest():
     assert changes.opened.empty
     assert changes.updated["ticket_id"].tolist() == ["ticket-a"]
     assert changes.resolved["ticket_id"].tolist() == ["ticket-b"]
+
+
+def test_a_merged_ticket_carries_on_from_when_its_device_was_last_seen():
+    """The oldest of a device's per-cause tickets was last seen on 03-01, the newer on 03-10: on
+    03-11, one quiet day later, the fault is not resolved (it was, from the oldest's date), and
+    the ticket that carries on records 03-10."""
+    stored = pd.DataFrame(
+        {
+            "ticket_id": ["ticket-old", "ticket-new"],
+            "device_id": ["sick", "sick"],
+            "cause": ["device.health.crash_count", "device.connection.signal_strength"],
+            "severity": [0.9, 0.8],
+            "status": ["open", "open"],
+            "last_seen_day": ["2026-03-01", "2026-03-10"],
+            "created_at": pd.to_datetime(["2026-02-28T10:00Z", "2026-03-05T10:00Z"], utc=True),
+        }
+    )
+    nothing = pd.DataFrame(columns=["device_id", "score", "is_anomaly", "reason", "cause", "kind"])
+    changes = ticket_changes(nothing, stored, load_service_catalog(), "2026-03-11")
+    assert changes.resolved["ticket_id"].tolist() == ["ticket-new"]
+    assert changes.updated[["ticket_id", "last_seen_day"]].values.tolist() == [["ticket-old", "2026-03-10"]]

@@ -289,8 +289,15 @@ def ticket_changes(
     # a device's oldest open ticket carries its fault on, the others are resolved into it.
     oldest_first = ["created_at", "ticket_id"] if "created_at" in open_now.columns else ["ticket_id"]
     open_now = open_now.sort_values(oldest_first, kind="stable")
-    merged = open_now[open_now["device_id"].astype(str).duplicated()]
-    open_now = open_now[~open_now["device_id"].astype(str).duplicated()]
+    device_key = open_now["device_id"].astype(str)
+    merged = open_now[device_key.duplicated()]
+    latest_seen = open_now["last_seen_day"].fillna("").groupby(device_key).transform("max")
+    carried = open_now.assign(last_seen_day=latest_seen)[~device_key.duplicated()]
+    # The oldest carries on when its device's fault was last seen (written back below).
+    moved_on = carried["last_seen_day"].to_numpy(dtype=object) != open_now.loc[
+        carried.index, "last_seen_day"
+    ].fillna("").to_numpy(dtype=object)
+    open_now = carried
     faulty = faults["device_id"].astype(str)
     open_devices = open_now["device_id"].astype(str)
     seen_devices = stored.loc[stored["last_seen_day"].fillna("") >= day, "device_id"].astype(str)
@@ -334,13 +341,29 @@ def ticket_changes(
         (updated["severity"].to_numpy() != persisting["severity"].to_numpy())
         | (updated["cause"].to_numpy() != persisting["cause"].to_numpy())
         | (last_seen != persisting["last_seen_day"].to_numpy(dtype=object))
+        | moved_on[open_devices.isin(faulty).to_numpy()]
     )
     updated = updated[changed].reset_index(drop=True)
 
     gone = open_now[~open_devices.isin(faulty).to_numpy()]
     seen = pd.to_datetime(gone["last_seen_day"], errors="coerce")
     quiet_days = (pd.Timestamp(day) - seen).dt.days
-    resolved = gone.loc[quiet_days.to_numpy() >= catalog.rules.ticket_resolve_days, ["ticket_id"]]
+    quiet = quiet_days.to_numpy() >= catalog.rules.ticket_resolve_days
+    resolved = gone.loc[quiet, ["ticket_id"]]
+    carried_on = gone[~quiet & moved_on[~open_devices.isin(faulty).to_numpy()]]
+    if len(carried_on):
+        kept = pd.DataFrame(
+            {
+                "ticket_id": carried_on["ticket_id"].to_numpy(),
+                "cause": carried_on["cause"].to_numpy(),
+                "severity": carried_on["severity"].to_numpy(),
+                "reason": carried_on["reason"].to_numpy()
+                if "reason" in carried_on.columns
+                else "flagged as an anomaly",
+                "last_seen_day": carried_on["last_seen_day"].to_numpy(),
+            }
+        )
+        updated = pd.concat([updated, kept], ignore_index=True)
     resolved = pd.concat([resolved, merged[["ticket_id"]]], ignore_index=True)
     return TicketChanges(opened, updated, resolved)
 
@@ -501,11 +524,15 @@ def choose(
         .groupby(new["device_id"])
         .transform("max")
     )
+    # And how much of it the device may take: what an exploring day would (its slots, or every
+    # candidate), whether or not this day explores.
+    device_slots = np.minimum(left, supported + others)
     made = new.assign(
         propensity=propensity,
         choice_rank=np.where(exploring, explore, exploit),
         explored=exploring,
         device_priority=device_priority.to_numpy(),
+        device_slots=device_slots,
     )[chosen]
     return within_fleet_budget(made, stored, day, rules.max_offers_per_device_day, fleet_devices)
 
@@ -516,25 +543,38 @@ def within_fleet_budget(
     """The offers that fit in the fleet's budget for `day`: `share` x `fleet_devices` (rounded up)
     less the offers `stored` for that day, given whole devices at a time in the order of
     `device_priority` (devices with a health fault's support offer first, then the best expected
-    value among the device's candidates; see `choose`). A device's place does not depend on
-    whether its day explored, so the budget never prefers exploiting devices and each offer's
-    `propensity` stays the chance it was chosen given its device is served. No budget when
-    `share` or `fleet_devices` is None."""
+    value among the device's candidates), each counted at `device_slots` (what the device would
+    take on a day that explores); see `choose`. Neither depends on whether the device's day
+    explored, so neither does whether it is served, and each offer's `propensity` stays the chance
+    it was chosen given its device is served. The first device is served whenever any budget is
+    left, so a small fleet is never starved by one device with more offers than its budget. No
+    budget when `share` or `fleet_devices` is None."""
     if share is None or fleet_devices is None or offers.empty:
         return offers
     budget = int(np.ceil(share * fleet_devices)) - int((stored["offer_day"] == day).sum())
-    priority = offers["device_priority"] if "device_priority" in offers.columns else None
-    if priority is None:  # offers from elsewhere: the device's best offer stands for it
+    if budget <= 0:
+        return offers.iloc[0:0]
+    if "device_priority" in offers.columns:
+        priority, slots = offers["device_priority"], offers["device_slots"]
+    else:  # offers from elsewhere: the device's best offer and its count stand for it
         support = (offers["trigger"] == "support").to_numpy()
         priority = pd.Series(support * SUPPORT_FIRST + _value(offers), index=offers.index)
         priority = priority.groupby(offers["device_id"]).transform("max")
-    devices = pd.DataFrame({"device_id": offers["device_id"].to_numpy(), "priority": priority.to_numpy()})
+        slots = offers.groupby("device_id")["offer_id"].transform("size")
+    devices = pd.DataFrame(
+        {
+            "device_id": offers["device_id"].to_numpy(),
+            "priority": priority.to_numpy(),
+            "slots": slots.to_numpy(),
+        }
+    )
     per_device = devices.groupby("device_id", sort=True).agg(
-        priority=("priority", "max"), offers=("priority", "size")
+        priority=("priority", "max"), slots=("slots", "max")
     )
     per_device = per_device.sort_values("priority", ascending=False, kind="stable")
-    served = per_device.index[per_device["offers"].cumsum().to_numpy() <= max(budget, 0)]
-    return offers[offers["device_id"].isin(served)]
+    fits = per_device["slots"].cumsum().to_numpy() <= budget
+    fits[0] = True
+    return offers[offers["device_id"].isin(per_device.index[fits])]
 
 
 def within_limits(

@@ -149,7 +149,14 @@ def write_tickets(
         hold_other_writers(connection, support_tickets)
         stored = store.read_frame(
             sa.select(
-                t.ticket_id, t.device_id, t.cause, t.severity, t.status, t.last_seen_day, t.created_at
+                t.ticket_id,
+                t.device_id,
+                t.cause,
+                t.severity,
+                t.reason,
+                t.status,
+                t.last_seen_day,
+                t.created_at,
             ).where((t.status == "open") | (t.last_seen_day >= day)),
             connection,
         )
