@@ -11,21 +11,15 @@ import pandas as pd
 import pytest
 
 from persona_pipeline.offers import storage as offers_storage
-from persona_pipeline.offers.catalog import ServiceCatalog, load_service_catalog
+from persona_pipeline.offers.catalog import ServiceCatalog
 from persona_pipeline.offers.recommend import OfferInputs, choose, recommend, ticket_changes, usage_candidates
 from persona_pipeline_tests.conftest import table
-from persona_pipeline_tests.test_offers import DAY, inputs, uncapped
+from persona_pipeline_tests.test_offers import DAY, inputs, shipped, uncapped
 from persona_pipeline_tests.test_offers_reruns import fullest_weeks
 
-# The fleet's daily budget (0.3 offers per device) is left out where a handful of devices would
-# leave it one or two offers; test_the_fleets_daily_budget_* tests it.
-_SHIPPED = load_service_catalog()
-CATALOG = ServiceCatalog(
-    _SHIPPED.spec.model_copy(
-        update={"rules": _SHIPPED.rules.model_copy(update={"max_offers_per_device_day": None})}
-    ),
-    "test",
-)
+# The fleet's daily budget is left out where a handful of devices would leave it one or two
+# offers; test_contact_policy's fleet budget tests set it.
+CATALOG = shipped()
 WEEK = CATALOG.rules.max_offers_per_week
 HISTORY_COLUMNS = ["offer_id", "device_id", "service_id", "trigger", "offer_day", "score", "priority"]
 

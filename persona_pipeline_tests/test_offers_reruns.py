@@ -16,24 +16,18 @@ from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.config_files import config_file
 from persona_pipeline.offers import storage as offers_storage
 from persona_pipeline.offers.assets import service_recommendations
-from persona_pipeline.offers.catalog import SERVICE_CATALOG_FILE, ServiceCatalog, load_service_catalog
+from persona_pipeline.offers.catalog import SERVICE_CATALOG_FILE
 from persona_pipeline.offers.recommend import recommend
 from persona_pipeline.resources import PersonaConfig, PersonaStore
 from persona_pipeline.segments.assets import device_clusters
 from persona_pipeline.store.tables import offer_feedback
 from persona_pipeline.store.tables import service_recommendations as service_recommendations_table
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
-from persona_pipeline_tests.test_offers import DAY, inputs, uncapped
+from persona_pipeline_tests.test_offers import DAY, inputs, shipped, uncapped
 
-# The fleet's daily budget (0.3 offers per device) is left out where a handful of devices would
-# leave it one or two offers; test_the_fleets_daily_budget_* tests it.
-_SHIPPED = load_service_catalog()
-CATALOG = ServiceCatalog(
-    _SHIPPED.spec.model_copy(
-        update={"rules": _SHIPPED.rules.model_copy(update={"max_offers_per_device_day": None})}
-    ),
-    "test",
-)
+# The fleet's daily budget is left out where a handful of devices would leave it one or two
+# offers; test_contact_policy's fleet budget tests set it.
+CATALOG = shipped()
 CAP = CATALOG.rules.daily_cap
 WEEK = CATALOG.rules.max_offers_per_week
 PER_SERVICE = CATALOG.rules.lookalike_per_service

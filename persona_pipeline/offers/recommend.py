@@ -519,11 +519,7 @@ def choose(
     drawn = np.minimum(np.maximum(left - supported, 0), others) / np.maximum(others, 1)
     propensity = (1.0 - share) * in_exploit + share * np.where(support, in_explore, drawn)
     # Where the device stands for the fleet's budget: from its candidates, not from what it chose.
-    device_priority = (
-        pd.Series(support * SUPPORT_FIRST + _value(new), index=new.index)
-        .groupby(new["device_id"])
-        .transform("max")
-    )
+    device_priority = _device_priority(new)
     # And how much of it the device may take: what an exploring day would (its slots, or every
     # candidate), whether or not this day explores.
     device_slots = np.minimum(left, supported + others)
@@ -557,9 +553,7 @@ def within_fleet_budget(
     if "device_priority" in offers.columns:
         priority, slots = offers["device_priority"], offers["device_slots"]
     else:  # offers from elsewhere: the device's best offer and its count stand for it
-        support = (offers["trigger"] == "support").to_numpy()
-        priority = pd.Series(support * SUPPORT_FIRST + _value(offers), index=offers.index)
-        priority = priority.groupby(offers["device_id"]).transform("max")
+        priority = _device_priority(offers)
         slots = offers.groupby("device_id")["offer_id"].transform("size")
     devices = pd.DataFrame(
         {
@@ -575,6 +569,14 @@ def within_fleet_budget(
     fits = per_device["slots"].cumsum().to_numpy() <= budget
     fits[0] = True
     return offers[offers["device_id"].isin(per_device.index[fits])]
+
+
+def _device_priority(offers: pd.DataFrame) -> pd.Series:
+    """Per row, its device's place for the fleet's budget: a health fault's support first, then
+    the best expected value among the device's rows."""
+    support = (offers["trigger"] == "support").to_numpy()
+    priority = pd.Series(support * SUPPORT_FIRST + _value(offers), index=offers.index)
+    return priority.groupby(offers["device_id"]).transform("max")
 
 
 def within_limits(

@@ -22,8 +22,18 @@ class WeightsVersion:
     source: str
 
 
-def _versions(store: PersonaStore) -> pd.DataFrame:
+def read_weights_versions(store: PersonaStore) -> pd.DataFrame:
+    """Every version's rows: version, key, weight, created_at, source, status."""
     return store.read_frame(sa.select(key_weights).order_by(key_weights.c.version))
+
+
+def _newest(rows: pd.DataFrame) -> WeightsVersion | None:
+    """The newest version among `rows` (some of read_weights_versions'), if any."""
+    if rows.empty:
+        return None
+    version = int(rows["version"].max())
+    newest = rows[rows["version"] == version]
+    return WeightsVersion(version, newest.set_index("key")["weight"].to_dict(), newest["source"].iloc[0])
 
 
 def current_weights(store: PersonaStore, configured: dict[str, float]) -> WeightsVersion:
@@ -33,23 +43,13 @@ def current_weights(store: PersonaStore, configured: dict[str, float]) -> Weight
     first time, and again whenever someone edits them in the configuration; learned
     versions (`source` = `feedback`) in between are kept and win until then.
     """
-    versions = _versions(store)
-    accepted = versions[versions["status"] == ACCEPTED]
-    from_config = versions[versions["source"] == "config"]
-    last_config = (
-        from_config[from_config["version"] == from_config["version"].max()]
-        .set_index("key")["weight"]
-        .to_dict()
-        if not from_config.empty
-        else None
-    )
-    if last_config != configured:
+    versions = read_weights_versions(store)
+    last_config = _newest(versions[versions["source"] == "config"])
+    if last_config is None or last_config.weights != configured:
         version = next_version(versions)
         insert_weights(store, version, configured, "config")
         return WeightsVersion(version, dict(configured), "config")
-    newest = int(accepted["version"].max())
-    rows = accepted[accepted["version"] == newest]
-    return WeightsVersion(newest, rows.set_index("key")["weight"].to_dict(), rows["source"].iloc[0])
+    return _newest(versions[versions["status"] == ACCEPTED])
 
 
 def next_version(versions: pd.DataFrame) -> int:
@@ -57,20 +57,10 @@ def next_version(versions: pd.DataFrame) -> int:
     return int(versions["version"].max()) + 1 if not versions.empty else 1
 
 
-def read_weights_versions(store: PersonaStore) -> pd.DataFrame:
-    """Every version's rows: version, key, weight, created_at, source, status."""
-    return _versions(store)
-
-
 def initial_weights_version(store: PersonaStore) -> WeightsVersion | None:
     """The newest configured version (the weights learning started from), if any."""
-    versions = _versions(store)
-    configured = versions[versions["source"] == "config"]
-    if configured.empty:
-        return None
-    version = int(configured["version"].max())
-    rows = configured[configured["version"] == version]
-    return WeightsVersion(version, rows.set_index("key")["weight"].to_dict(), "config")
+    versions = read_weights_versions(store)
+    return _newest(versions[versions["source"] == "config"])
 
 
 def insert_weights(
