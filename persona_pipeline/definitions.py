@@ -20,10 +20,10 @@ from persona_pipeline.feedback.assets import (
 from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.ingest.automation import index_updates_sensor, ingest_job, ingest_schedule
 from persona_pipeline.offers.assets import service_recommendations
-from persona_pipeline.offers.catalog import load_service_catalog
 from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.service_catalog import load_service_catalog
 
 
 def build_resources(resolved: bool = False) -> dict[str, dg.ConfigurableResource]:
@@ -89,3 +89,8 @@ defs = dg.Definitions(
     resources=build_resources(),
     executor=executor_from_env(),
 )
+
+
+def job_named(name: str) -> dg.JobDefinition:
+    """A job of `defs` by name: what a Celery worker calls to rebuild a job the CLI submitted."""
+    return defs.resolve_job_def(name)

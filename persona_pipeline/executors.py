@@ -74,15 +74,14 @@ def executor_from_env() -> dg.ExecutorDefinition | None:
 
 def celery_app_args() -> dict:
     """The Celery app settings of a worker, read from the same variables as the executor's."""
-    from dagster._core.execution.retries import RetryMode
-    from dagster_celery.executor import CeleryExecutor
+    from dagster_celery.config import DEFAULT_CONFIG
 
     broker = os.environ.get(BROKER_VARIABLE)
     if not broker:
         raise ExecutorSettingsError(f"a Celery worker needs {BROKER_VARIABLE} (e.g. redis://host:6379/0)")
-    return CeleryExecutor(
-        retries=RetryMode(RetryMode.DISABLED),
-        broker=broker,
-        backend=os.environ.get(BACKEND_VARIABLE) or DEFAULT_BACKEND,
-        config_source={"task_default_queue": celery_queue()},
-    ).app_args()
+    return {
+        "broker": broker,
+        "backend": os.environ.get(BACKEND_VARIABLE) or DEFAULT_BACKEND,
+        "include": [],
+        "config_source": {**DEFAULT_CONFIG, "task_default_queue": celery_queue()},
+    }

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from persona_pipeline.evaluate import DemoEvaluation, evaluate_demo_fleet
+from persona_pipeline.app.evaluate import DemoEvaluation, evaluate_demo_fleet
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 
 ENV_VARIABLES = (

@@ -15,7 +15,7 @@ from persona_pipeline.anomalies.scoring import (
     robust_spread,
     score_anomalies,
 )
-from persona_pipeline.evaluate import FLAG_TARGETS, HEALTHY_MAX_FLAGGED, evaluate_demo_fleet
+from persona_pipeline.app.evaluate import FLAG_TARGETS, HEALTHY_MAX_FLAGGED, evaluate_demo_fleet
 from persona_pipeline_tests import conftest
 from persona_pipeline_tests.conftest import ENV_VARIABLES, resources_for, table
 

@@ -4,11 +4,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
+from persona_pipeline.app.runner import RANGE_END_TAG, RANGE_START_TAG
 from persona_pipeline.ingest.assets import REJECT_SHARE_CHECK, index_updates
 from persona_pipeline.personas.assets import (
     ONE_POINT_CHECK,
@@ -93,7 +90,7 @@ def test_range_run_equals_day_by_day(landing, resources, instance, tmp_path):
         INGEST,
         resources,
         instance,
-        tags={ASSET_PARTITION_RANGE_START_TAG: DAYS[0], ASSET_PARTITION_RANGE_END_TAG: DAYS[-1]},
+        tags={RANGE_START_TAG: DAYS[0], RANGE_END_TAG: DAYS[-1]},
     )
     assert result.success
     ranged = table(resources["persona_store"], "device_profiles", ["device_id", "key"])

@@ -39,8 +39,8 @@ WALL_CLOCK = {
 
 
 def run_fleet(home: Path, db_url: str | None, monkeypatch: pytest.MonkeyPatch) -> sa.Engine:
+    from persona_pipeline.app.runner import run_chain, simulate_feedback
     from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
-    from persona_pipeline.runner import run_chain, simulate_feedback
 
     for name in ENV_VARIABLES:
         monkeypatch.delenv(name, raising=False)

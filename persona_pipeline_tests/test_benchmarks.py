@@ -11,8 +11,8 @@ from benchmarks import fleet
 from benchmarks.report import size_table
 from benchmarks.run import Options, benchmark, fresh_home, generate, run_stage
 from persona_pipeline.feature_schema import load_feature_schema
-from persona_pipeline.ingest.reading import read_landing_file
 from persona_pipeline.ingest.validation import validate_updates
+from persona_pipeline.resources.landing_files import read_landing_file
 
 pytestmark = pytest.mark.store_agnostic
 DAY = "2026-03-02"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from persona_pipeline.cli import CommandError
+from persona_pipeline.app.home import CommandError
+from persona_pipeline.app.runner import resolve_days
 from persona_pipeline.partitions import daily_partitions
 from persona_pipeline.resources import LandingZone
-from persona_pipeline.runner import resolve_days
 from persona_pipeline_tests.conftest import update, write_jsonl
 from persona_pipeline_tests.test_cli_and_definitions import run_cli
 

@@ -10,9 +10,9 @@ from pydantic import ValidationError
 
 from persona_pipeline.config_files import ConfigError
 from persona_pipeline.feature_schema import FEATURE_SCHEMA_FILE, load_feature_schema
-from persona_pipeline.offers.catalog import SERVICE_CATALOG_FILE, load_service_catalog
 from persona_pipeline.personas.assets import PersonaIndexConfig
 from persona_pipeline.resources import VectorIndex
+from persona_pipeline.service_catalog import SERVICE_CATALOG_FILE, load_service_catalog
 
 pytestmark = pytest.mark.store_agnostic
 

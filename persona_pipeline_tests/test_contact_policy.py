@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from persona_pipeline.offers import storage as offers_storage
-from persona_pipeline.offers.catalog import ServiceCatalog
 from persona_pipeline.offers.recommend import OfferInputs, choose, recommend, ticket_changes, usage_candidates
+from persona_pipeline.service_catalog import ServiceCatalog
 from persona_pipeline_tests.conftest import table
 from persona_pipeline_tests.test_offers import DAY, inputs, shipped, uncapped
 from persona_pipeline_tests.test_offers_reruns import fullest_weeks

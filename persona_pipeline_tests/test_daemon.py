@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from persona_pipeline.app.evaluate_decisions import max_offers_in_window
 from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
-from persona_pipeline.evaluate_decisions import max_offers_in_window
 from persona_pipeline.resources import VectorIndex
 from persona_pipeline.resources.vector_index import point_id
 from persona_pipeline_tests.conftest import ENV_VARIABLES, update, write_jsonl
@@ -55,7 +55,7 @@ def _daemon_settings(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Steps in the run's process: the automation is under test, not the executor, and a process
     # per step costs seconds each on two cores.
     monkeypatch.setenv("PERSONA_EXECUTOR", "in_process")
-    from persona_pipeline.cli import init_home
+    from persona_pipeline.app.home import init_home
 
     init_home()
 
@@ -92,7 +92,7 @@ def daemon_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
 
 
 def test_landing_files_and_a_feedback_batch_flow_through_without_a_click(daemon_home):
-    from persona_pipeline.runner import simulate_feedback
+    from persona_pipeline.app.runner import simulate_feedback
 
     home, log = daemon_home
     fleet = generate_fleet(200, 3, seed=9, start=START)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from persona_pipeline.demo.responses import acceptance_probability
-from persona_pipeline.offers.catalog import load_service_catalog
+from persona_pipeline.service_catalog import load_service_catalog
 from persona_pipeline_tests.conftest import resources_for, table
 
 
@@ -40,8 +40,8 @@ def test_the_response_model_judges_each_offer_by_the_need_its_service_serves():
 
 @pytest.mark.sqlite_only(reason="the same-day comparison copies the embedded SQLite file and Qdrant path")
 def test_the_demo_loop_learns_weights_that_make_better_offers(persona_home, instance):
+    from persona_pipeline.app.demo_loop import compare_weights, comparison_report, run_demo
     from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
-    from persona_pipeline.demo.loop import compare_weights, comparison_report, run_demo
 
     fleet = generate_fleet(3000, 5, seed=7, start="2026-03-01")
     write_landing(fleet, persona_home / "landing")

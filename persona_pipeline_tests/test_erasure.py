@@ -54,8 +54,8 @@ def points_of(resources, devices: set[str]) -> int:
 
 @pytest.fixture
 def fleet_with_feedback(persona_home, instance):
+    from persona_pipeline.app.runner import run_chain, simulate_feedback
     from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
-    from persona_pipeline.runner import run_chain, simulate_feedback
 
     fleet = generate_fleet(300, 4, seed=8, start=DAYS[0])
     write_landing(fleet, persona_home / "landing")
@@ -77,7 +77,7 @@ def fleet_with_feedback(persona_home, instance):
 def test_erased_devices_are_gone_from_every_store_and_reingest_does_not_bring_them_back(
     fleet_with_feedback, instance
 ):
-    from persona_pipeline.runner import run_chain
+    from persona_pipeline.app.runner import run_chain
 
     resources = fleet_with_feedback
     store = resources["persona_store"]

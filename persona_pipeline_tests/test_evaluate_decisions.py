@@ -12,9 +12,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from persona_pipeline.demo.generator import SEED_KEY_FAMILIES, FleetParameters, generate_fleet
-from persona_pipeline.demo.responses import RESPONSE_MODELS, acceptance_probability
-from persona_pipeline.evaluate_decisions import (
+from persona_pipeline.app.evaluate_decisions import (
     REPORT,
     SCENARIOS,
     TUNING,
@@ -29,7 +27,9 @@ from persona_pipeline.evaluate_decisions import (
     select_scenarios,
     ticket_metrics,
 )
-from persona_pipeline.offers.catalog import load_service_catalog
+from persona_pipeline.demo.generator import SEED_KEY_FAMILIES, FleetParameters, generate_fleet
+from persona_pipeline.demo.responses import RESPONSE_MODELS, acceptance_probability
+from persona_pipeline.service_catalog import load_service_catalog
 
 pure = pytest.mark.store_agnostic
 
@@ -288,7 +288,7 @@ def test_the_response_models():
 def test_a_quick_run_reads_its_table_from_the_real_stores(persona_home: Path):
     """Two quick scenarios through the real chain and three feedback rounds' worth of runs: the
     evaluation always uses SQLite and the embedded index in its own home, whatever --store says."""
-    from persona_pipeline.evaluate_decisions import evaluate_decisions, report
+    from persona_pipeline.app.evaluate_decisions import evaluate_decisions, report
     from persona_pipeline.resources import PersonaStore
     from persona_pipeline.store.tables import (
         anomaly_scores,
@@ -348,7 +348,7 @@ def test_a_quick_run_reads_its_table_from_the_real_stores(persona_home: Path):
 
 @pure
 def test_the_command_refuses_an_unknown_scenario_in_one_line(persona_home: Path, capsys):
-    from persona_pipeline.cli import main
+    from persona_pipeline.app.cli import main
 
     assert main(["evaluate", "decisions", "--scenarios", "calm,nope"]) == 1
     error = capsys.readouterr().err.strip()
@@ -361,7 +361,7 @@ def test_a_scenario_that_fails_is_a_column_of_n_a_with_the_failure_and_the_other
 ):
     from dataclasses import replace
 
-    from persona_pipeline.evaluate_decisions import evaluate_decisions, report
+    from persona_pipeline.app.evaluate_decisions import evaluate_decisions, report
 
     # 3 days leave no first run before 3 rounds: run_scenario refuses after writing the fleet
     broken = replace(SCENARIOS["calm"], name="too_short", devices=50, days=3)

@@ -146,8 +146,8 @@ def test_sensor_adds_each_complete_batch_once_and_the_run_loads_it(offered):
 
 
 def test_run_processes_new_feedback_and_refreshes_the_weights_before_the_vectors(persona_home, instance):
+    from persona_pipeline.app.runner import run_chain, simulate_feedback, summary
     from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
-    from persona_pipeline.runner import run_chain, simulate_feedback, summary
 
     fleet = generate_fleet(300, 4, seed=6, start="2026-03-01")
     write_landing(fleet, persona_home / "landing")

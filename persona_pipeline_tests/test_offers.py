@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from persona_pipeline.config_files import ConfigError
-from persona_pipeline.offers.catalog import ServiceCatalog, load_service_catalog
 from persona_pipeline.offers.recommend import OfferInputs, app_usage, recommend, ticket_changes
+from persona_pipeline.service_catalog import ServiceCatalog, load_service_catalog
 
 DAY = "2026-03-07"
 

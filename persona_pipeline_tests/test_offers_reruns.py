@@ -16,10 +16,10 @@ from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.config_files import config_file
 from persona_pipeline.offers import storage as offers_storage
 from persona_pipeline.offers.assets import service_recommendations
-from persona_pipeline.offers.catalog import SERVICE_CATALOG_FILE
 from persona_pipeline.offers.recommend import recommend
 from persona_pipeline.resources import PersonaConfig, PersonaStore
 from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.service_catalog import SERVICE_CATALOG_FILE
 from persona_pipeline.store.tables import offer_feedback
 from persona_pipeline.store.tables import service_recommendations as service_recommendations_table
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table

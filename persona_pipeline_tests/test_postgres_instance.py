@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from persona_pipeline.cli import main
+from persona_pipeline.app.cli import main
 from persona_pipeline.definitions import defs
 from persona_pipeline_tests.conftest import fresh_postgres_url, resources_for, update, write_jsonl
 

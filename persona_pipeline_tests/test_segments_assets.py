@@ -12,12 +12,12 @@ import pytest
 import sqlalchemy as sa
 
 from persona_pipeline.anomalies.assets import RATE_CHECK, anomaly_scores
-from persona_pipeline.evaluate import DEMO_TARGETS
-from persona_pipeline.offers.catalog import load_service_catalog
+from persona_pipeline.app.evaluate import DEMO_TARGETS
 from persona_pipeline.offers.recommend import explores
 from persona_pipeline.resources import PersonaConfig, VectorIndex
 from persona_pipeline.resources.vector_index import VectorIndexError, VectorStore
 from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.service_catalog import load_service_catalog
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from persona_pipeline.offers.catalog import ServiceCatalog
 from persona_pipeline.resources.landing_zone import BATCH_PREFIX, FEEDBACK_FOLDER, check_batch_id
+from persona_pipeline.service_catalog import ServiceCatalog
 
 NEEDED_ACCEPTANCE = 0.75
 # Owners of these models take offers they did not strictly need far more often than others:

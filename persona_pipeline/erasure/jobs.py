@@ -8,9 +8,8 @@ from pydantic import Field
 
 from persona_pipeline.erasure.storage import delete_device_rows, devices_of, suppress
 from persona_pipeline.erasure.subjects import unique_ids
-from persona_pipeline.personas.assets import VECTOR_INDEX_POOL
 from persona_pipeline.resources import PersonaStore, VectorIndex
-from persona_pipeline.resources.vector_index import persona_collections, point_ids
+from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL, persona_collections, point_ids
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.store import tables
 

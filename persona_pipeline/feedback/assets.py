@@ -16,7 +16,6 @@ from persona_pipeline.feedback.learning import LearningSettings, learn_weights, 
 from persona_pipeline.feedback.validation import load_feedback
 from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
 from persona_pipeline.offers.assets import service_recommendations
-from persona_pipeline.offers.catalog import ServiceCatalog
 from persona_pipeline.offers.recommend import POSITIVE_RESPONSES, app_key
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import persona_vectors
@@ -29,6 +28,7 @@ from persona_pipeline.personas.weights import (
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage as segment_storage
+from persona_pipeline.service_catalog import ServiceCatalog
 from persona_pipeline.settings import sensor_interval_seconds
 
 offer_feedback_batches = dg.DynamicPartitionsDefinition(name="offer_feedback_batches")

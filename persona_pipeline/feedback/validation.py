@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from persona_pipeline.ingest.reading import clip_raw
+from persona_pipeline.resources.landing_files import FEEDBACK_FIELDS, clip_raw
 
 RESPONSES = ("accepted", "rejected", "used", "dismissed")
-FEEDBACK_FIELDS = ("offer_id", "response", "responded_at")
 UTC_OFFSET = r"(?:Z|[+-]\d{2}:?\d{2})$"
 SHOWN_VALUE_CHARS = 40
 

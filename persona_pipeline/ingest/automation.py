@@ -10,16 +10,16 @@ import dagster as dg
 from persona_pipeline.automation import SCHEDULE_STATUS, SENSOR_STATUS
 from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.partitions import daily_partitions, outside_partitions
-from persona_pipeline.personas.assets import device_profiles
 from persona_pipeline.resources import LandingZone
 from persona_pipeline.settings import sensor_interval_seconds
 
 # A file younger than this may still be being written: it waits for the next tick.
 SETTLE_SECONDS = 10
 
+# device_profiles by its key: the personas domain sits above ingest.
 ingest_job = dg.define_asset_job(
     "ingest_job",
-    selection=dg.AssetSelection.assets(index_updates, device_profiles),
+    selection=dg.AssetSelection.assets(index_updates.key, dg.AssetKey("device_profiles")),
     description="Read, validate and merge the landing data of the selected days into device profiles.",
 )
 

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from persona_pipeline.feature_schema import FeatureSchema
-from persona_pipeline.ingest.reading import ReadResult
 from persona_pipeline.ingest.validation import (
     ACCEPTED_COLUMNS,
     DEFAULT_MAX_LATE_DAYS,
     check_updates,
     finish_validation,
 )
+from persona_pipeline.resources.landing_files import ReadResult
 
 UNREADABLE = "unreadable"
 

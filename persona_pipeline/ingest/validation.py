@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from persona_pipeline.feature_schema import FeatureSchema
-from persona_pipeline.ingest.reading import FIELDS, REJECT_COLUMNS, clip_raw
+from persona_pipeline.resources.landing_files import FIELDS, REJECT_COLUMNS, clip_raw
 
 ACCEPTED_COLUMNS = (
     "partition_date",

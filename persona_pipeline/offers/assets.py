@@ -8,7 +8,6 @@ from persona_pipeline.anomalies.storage import read_scores
 from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.metadata import counts_table, markdown_table
 from persona_pipeline.offers import storage
-from persona_pipeline.offers.catalog import ServiceCatalog
 from persona_pipeline.offers.recommend import (
     APP_KEY_PREFIX,
     WEEK_DAYS,
@@ -18,12 +17,12 @@ from persona_pipeline.offers.recommend import (
     recommend,
 )
 from persona_pipeline.personas import storage as persona_storage
-from persona_pipeline.personas.assets import VECTOR_INDEX_POOL
 from persona_pipeline.personas.profiles import value_changes
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
-from persona_pipeline.resources.vector_index import point_ids
+from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL, point_ids
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments.storage import read_assignments
+from persona_pipeline.service_catalog import ServiceCatalog
 
 CITY_KEY = "device.location.city"
 MAX_EXAMPLES = 200  # positive and negative examples per recommendation query, each

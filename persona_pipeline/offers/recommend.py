@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from persona_pipeline.formatting import format_values
-from persona_pipeline.offers.catalog import ServiceCatalog
+from persona_pipeline.service_catalog import ServiceCatalog
 
 APP_KEY = re.compile(r"^device\.usage\.app_(?P<app>[A-Za-z0-9_-]+)_duration$")
 APP_KEY_PREFIX = "device.usage.app_"  # every APP_KEY starts so

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pandas as pd
 import sqlalchemy as sa
 
-from persona_pipeline.offers.catalog import ServiceCatalog
 from persona_pipeline.offers.recommend import (
     POSITIVE_RESPONSES,
     WEEK_DAYS,
@@ -14,6 +13,7 @@ from persona_pipeline.offers.recommend import (
     within_limits,
 )
 from persona_pipeline.resources.persona_store import PersonaStore
+from persona_pipeline.service_catalog import ServiceCatalog
 from persona_pipeline.store.tables import offer_feedback, service_recommendations, support_tickets
 
 

@@ -21,6 +21,7 @@ from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.resources.persona_store import int64_fingerprint
 from persona_pipeline.resources.vector_index import (
     COLLECTION_PREFIX,
+    VECTOR_INDEX_POOL,
     VectorIndexError,
     VectorStore,
     persona_collections,
@@ -29,7 +30,6 @@ from persona_pipeline.resources.vector_index import (
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments.storage import read_assignments
 
-VECTOR_INDEX_POOL = "vector_index"
 ONE_POINT_CHECK = "one_point_per_device"
 
 

@@ -276,12 +276,6 @@ def read_unindexed_vectors(store: PersonaStore, collection: str) -> tuple[pd.Dat
     return stale, gone["device_id"].tolist()
 
 
-def read_index_state(store: PersonaStore, collection: str) -> pd.Series:
-    s = vector_index_state.c
-    frame = store.read_frame(sa.select(s.device_id, s.fingerprint).where(s.collection == collection))
-    return frame.set_index("device_id")["fingerprint"]
-
-
 def write_index_state(
     store: PersonaStore, collection: str, written: pd.DataFrame, deleted: list[str], whole: bool = False
 ) -> None:
@@ -297,13 +291,6 @@ def write_index_state(
                 _delete_devices(connection, table, ids, table.c.collection == collection)
         store.insert_frame(connection, vector_index_state, written.assign(collection=collection))
         store.insert_frame(connection, vector_index_clusters, written.assign(collection=collection))
-
-
-def read_payload_clusters(store: PersonaStore, collection: str) -> pd.Series:
-    """The cluster_id each point of `collection` carries (NaN: none yet)."""
-    c = vector_index_clusters.c
-    frame = store.read_frame(sa.select(c.device_id, c.cluster_id).where(c.collection == collection))
-    return frame.set_index("device_id")["cluster_id"].astype("float64")
 
 
 def read_stale_payloads(store: PersonaStore, collection: str) -> pd.DataFrame:

@@ -15,7 +15,14 @@ import sqlalchemy as sa
 from pydantic import Field
 
 from persona_pipeline import settings
-from persona_pipeline.ingest.reading import FIELDS, ReadResult, empty_rows, file_reject, read_landing_file
+from persona_pipeline.resources.landing_files import (
+    FEEDBACK_FIELDS,
+    FIELDS,
+    ReadResult,
+    empty_rows,
+    file_reject,
+    read_landing_file,
+)
 
 UPDATES_FOLDER = "index_updates"
 FEEDBACK_FOLDER = "offer_feedback"
@@ -181,8 +188,6 @@ class LandingZone(dg.ConfigurableResource):
         return found
 
     def read_feedback_batch(self, batch_id: str) -> ReadResult:
-        from persona_pipeline.feedback.validation import FEEDBACK_FIELDS
-
         folder = self.feedback_root / f"{BATCH_PREFIX}{check_batch_id(batch_id)}"
         if not is_inside(folder, self.feedback_root.resolve()):
             raise ValueError(

@@ -6,7 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from persona_pipeline.feature_schema import FeatureSchema, load_feature_schema
-from persona_pipeline.offers.catalog import ServiceCatalog, load_service_catalog
+from persona_pipeline.service_catalog import ServiceCatalog, load_service_catalog
 
 
 class PersonaConfig(dg.ConfigurableResource):

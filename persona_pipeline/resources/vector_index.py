@@ -37,6 +37,8 @@ __all__ = [
 
 POINT_NAMESPACE = uuid.UUID("6f1d3c0e-5b7a-4c1e-9a43-2f0d8e6b7c51")
 COLLECTION_PREFIX = "personas_"
+# The Dagster pool of every step that writes the vector index: one writer at a time.
+VECTOR_INDEX_POOL = "vector_index"
 EMBEDDED_ENGINES = ("edge", "local")
 
 

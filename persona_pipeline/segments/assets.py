@@ -13,9 +13,9 @@ from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.metadata import markdown_table
 from persona_pipeline.personas import storage as persona_storage
-from persona_pipeline.personas.assets import VECTOR_INDEX_POOL, persona_index, persona_vectors
+from persona_pipeline.personas.assets import persona_index, persona_vectors
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
-from persona_pipeline.resources.vector_index import point_ids
+from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL, point_ids
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage
 from persona_pipeline.segments.clustering import (

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 FIELDS = ("device_id", "customer_id", "key", "value", "observed_at")
+FEEDBACK_FIELDS = ("offer_id", "response", "responded_at")  # a feedback batch file's columns
 REQUIRED_FIELDS = ("device_id", "key", "value", "observed_at")
 RAW_COLUMNS = (*FIELDS, "source_file", "source_row", "raw")
 # The only field that may hold a boolean (JSON true/false, a Parquet bool column).

@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 
 from persona_pipeline.demo.generator import FleetParameters
+from persona_pipeline.service_catalog import TRIGGERS
 
 TUNING, REPORT = "tuning", "report"
-TRIGGERS = ("location", "usage", "support", "lookalike")
 
 
 @dataclass(frozen=True)
@@ -454,7 +454,7 @@ def run_scenario(
     Dagster (an ephemeral instance unless one is given), and measure what was decided."""
     import dagster as dg
 
-    from persona_pipeline.cli import init_home
+    from persona_pipeline.app.home import init_home
     from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
 
     began = time.monotonic()
@@ -496,7 +496,7 @@ def _rounds(
 ) -> tuple[list[dict[str, int]], str | None]:
     """The first run, then one answered batch and one day's run per round. Returns a snapshot
     after each run and the last day before the first refresh of the weights."""
-    from persona_pipeline.runner import run_chain
+    from persona_pipeline.app.runner import run_chain
 
     def quiet(line: str) -> None:
         say(f"{scenario.name}: {line}")
@@ -571,7 +571,7 @@ def _same_day(truth: pd.DataFrame, scenario: Scenario, instance) -> SameDay:
     import sqlalchemy as sa
 
     from persona_pipeline import settings
-    from persona_pipeline.demo.loop import _copy_stores, _forget_day, _offers_again
+    from persona_pipeline.app.demo_loop import copy_stores, forget_day, offers_again
     from persona_pipeline.personas.weights import current_weights, insert_weights
     from persona_pipeline.store.tables import key_weights, service_recommendations
 
@@ -587,11 +587,11 @@ def _same_day(truth: pd.DataFrame, scenario: Scenario, instance) -> SameDay:
     scratch = Path(tempfile.mkdtemp(prefix="compare-", dir=settings.persona_home()))
     try:
         for arm, weights in (("initial", initial), ("live", None)):
-            store, index = _copy_stores(scratch / arm, resources["vector_index"].embedded_engine)
-            _forget_day(store, day)
+            store, index = copy_stores(scratch / arm, resources["vector_index"].embedded_engine)
+            forget_day(store, day)
             if weights is not None:
                 insert_weights(store, int(versions["version"].max()) + 1, weights, "config")
-            arms[arm] = _offers_again(store, index, config, resources["landing_zone"], day, instance)
+            arms[arm] = offers_again(store, index, config, resources["landing_zone"], day, instance)
             store.engine.dispose()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from persona_pipeline.config_files import load_validated
 
 SERVICE_CATALOG_FILE = "service_catalog.yaml"
-TRIGGERS = ("location", "usage", "support", "lookalike")
 Trigger = Literal["location", "usage", "support", "lookalike"]
+TRIGGERS: tuple[str, ...] = get_args(Trigger)  # in the order offers, the demo and the evaluation list them
 SERVICE_ID = re.compile(r"^[a-z0-9_]+(:\{app\})?$")
 # Bounds of the numbers: a cooldown or window beyond ten years overflows date arithmetic
 # (cooldown_days: 1e12 was an OverflowError at run time).

@@ -29,7 +29,8 @@ import pandas as pd
 import sqlalchemy as sa
 
 from persona_pipeline import settings
-from persona_pipeline.cli import CommandError
+from persona_pipeline.app.home import CommandError
+from persona_pipeline.app.runner import ChainResult, NothingToAnswer, run_chain, simulate_feedback
 from persona_pipeline.demo.responses import (
     NEEDED_ACCEPTANCE,
     OTHER_ACCEPTANCE,
@@ -40,10 +41,9 @@ from persona_pipeline.demo.responses import (
 from persona_pipeline.partitions import outside_partitions
 from persona_pipeline.personas.weights import current_weights, insert_weights
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
-from persona_pipeline.runner import ChainResult, NothingToAnswer, run_chain, simulate_feedback
+from persona_pipeline.service_catalog import TRIGGERS
 from persona_pipeline.store.tables import key_weights, service_recommendations
 
-TRIGGER_ORDER = ["location", "usage", "support", "lookalike"]
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # Both arms fit their segments anew: with the newest weights the vectors are unchanged, and
 # device_clusters would otherwise only assign them to the last fit while the other arm fits.
@@ -117,12 +117,12 @@ def compare_weights(instance: dg.DagsterInstance | None = None) -> WeightsCompar
     arms = {}
     with tempfile.TemporaryDirectory(prefix="persona-compare-") as scratch:
         for arm, weights in (("initial", initial), ("learned", None)):
-            store, index = _copy_stores(Path(scratch) / arm, resources["vector_index"].embedded_engine)
-            _forget_day(store, day)
+            store, index = copy_stores(Path(scratch) / arm, resources["vector_index"].embedded_engine)
+            forget_day(store, day)
             if weights is not None:
                 version = int(versions["version"].max()) + 1
                 insert_weights(store, version, weights, "config")
-            offers = _offers_again(store, index, config, resources["landing_zone"], day, instance)
+            offers = offers_again(store, index, config, resources["landing_zone"], day, instance)
             arms[arm] = offers.assign(probability=acceptance_probability(offers, truth, catalog))
 
     per_arm = []
@@ -130,7 +130,7 @@ def compare_weights(instance: dg.DagsterInstance | None = None) -> WeightsCompar
         by_trigger = frame.groupby("trigger")["probability"].agg(["size", "mean"])
         by_trigger.loc["all"] = [len(frame), frame["probability"].mean()]
         per_arm.append(by_trigger.set_axis([f"offers_{arm}", f"acceptance_{arm}"], axis=1))
-    order = [*TRIGGER_ORDER, "all"]
+    order = [*TRIGGERS, "all"]
     table = pd.concat(per_arm, axis=1).fillna(0)
     table = table.reindex([row for row in order if row in table.index])
     schema = config.feature_schema()
@@ -150,7 +150,7 @@ def compare_weights(instance: dg.DagsterInstance | None = None) -> WeightsCompar
     )
 
 
-def _copy_stores(folder: Path, engine: str) -> tuple[PersonaStore, VectorIndex]:
+def copy_stores(folder: Path, engine: str) -> tuple[PersonaStore, VectorIndex]:
     folder.mkdir(parents=True)
     database = settings.persona_home() / "persona.db"
     with sqlite3.connect(database) as original, sqlite3.connect(folder / "persona.db") as copy:
@@ -161,7 +161,7 @@ def _copy_stores(folder: Path, engine: str) -> tuple[PersonaStore, VectorIndex]:
     )
 
 
-def _forget_day(store: PersonaStore, day: str) -> None:
+def forget_day(store: PersonaStore, day: str) -> None:
     """The day's offers, as if they were not made yet (tickets do not steer offers: kept)."""
     with store.begin() as connection:
         connection.execute(
@@ -169,7 +169,7 @@ def _forget_day(store: PersonaStore, day: str) -> None:
         )
 
 
-def _offers_again(
+def offers_again(
     store: PersonaStore,
     index: VectorIndex,
     config: PersonaConfig,

@@ -3,48 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import warnings
 from datetime import UTC, date, datetime, timedelta
-from importlib import resources
 from pathlib import Path
 
 from persona_pipeline import settings
-
-
-class CommandError(RuntimeError):
-    """A failure the command reports in one line."""
-
-
-INSTANCE_FILES = {"sqlite": "dagster.yaml", "postgres": "dagster-postgres.yaml"}
-
-
-def init_home(instance_storage: str = "sqlite") -> Path:
-    """Create $PERSONA_HOME and a Dagster home with this project's dagster.yaml (or its
-    PostgreSQL variant); an existing dagster.yaml is kept."""
-    home = settings.persona_home()
-    os.environ["PERSONA_HOME"] = str(home)
-    dagster_home = settings.dagster_home()
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    os.environ["DAGSTER_HOME"] = str(dagster_home)
-    instance_file = dagster_home / "dagster.yaml"
-    if not instance_file.exists():
-        shipped = resources.files("persona_pipeline.deploy").joinpath(INSTANCE_FILES[instance_storage])
-        with resources.as_file(shipped) as source:
-            shutil.copyfile(source, instance_file)
-    _create_instance_storage(dagster_home)
-    return home
-
-
-def _create_instance_storage(dagster_home: Path) -> None:
-    """Create Dagster's storage once, here: the webserver and the daemon started together on an
-    empty home both try to, and one fails ("table alembic_version already exists")."""
-    import dagster as dg
-
-    with dg.DagsterInstance.from_config(str(dagster_home)):
-        pass
+from persona_pipeline.app.home import (
+    INSTANCE_FILES,
+    CommandError,
+    init_home,
+    say_on_stderr,
+    write_failure_log,
+)
 
 
 def _parse_batch_id(text: str) -> str:
@@ -91,31 +62,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def say_on_stderr(line: str) -> None:
-    print(f"persona-pipeline: {line}", file=sys.stderr, flush=True)
-
-
-def write_failure_log(name: str, text: str) -> Path | None:
-    """Write what went wrong, credentials masked, to $PERSONA_HOME/logs/<name>.log; None when that
-    cannot be written."""
-    from persona_pipeline.secrets import mask_url
-
-    try:
-        folder = settings.persona_home() / "logs"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.log"
-        path.write_text(mask_url(text) + "\n")
-    except OSError:
-        return None
-    return path
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from persona_pipeline.run_health import end_on_sigterm
 
     end_on_sigterm(say_on_stderr)
     init_home()
-    from persona_pipeline.runner import run_chain, summary
+    from persona_pipeline.app.runner import run_chain, summary
 
     result = run_chain(args.start, args.end, verbose=args.verbose)
     print(summary(result))
@@ -134,8 +86,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     end_on_sigterm(say_on_stderr)
     init_home()
-    from persona_pipeline.demo.loop import compare_weights, comparison_report, run_demo
-    from persona_pipeline.runner import summary
+    from persona_pipeline.app.demo_loop import compare_weights, comparison_report, run_demo
+    from persona_pipeline.app.runner import summary
 
     result = run_demo(args.rounds, args.seed, say=lambda line: print(line, flush=True))
     print()
@@ -148,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_simulate_feedback(args: argparse.Namespace) -> int:
     init_home()
-    from persona_pipeline.runner import simulate_feedback
+    from persona_pipeline.app.runner import simulate_feedback
 
     print(simulate_feedback(args.seed, args.batch))
     return 0
@@ -158,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.what == "decisions":
         return cmd_evaluate_decisions(args)
     from persona_pipeline.anomalies.scoring import AnomalySettings
-    from persona_pipeline.evaluate import evaluate_demo_fleet, public_table, report
+    from persona_pipeline.app.evaluate import evaluate_demo_fleet, public_table, report
 
     demo = None
     if not args.no_demo:
@@ -173,7 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_decisions(args: argparse.Namespace) -> int:
-    from persona_pipeline.evaluate_decisions import evaluate_decisions, report, select_scenarios
+    from persona_pipeline.app.evaluate_decisions import evaluate_decisions, report, select_scenarios
 
     try:
         scenarios = select_scenarios(args.scenarios, args.quick)

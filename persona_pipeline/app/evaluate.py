@@ -72,7 +72,7 @@ def evaluate_demo_fleet(
     store is SQLite in `home` unless `db_url` names another (an empty database). `keep`, given the
     ground truth, says which devices land (e.g. none of the failing ones: a fleet with nothing
     broken)."""
-    from persona_pipeline.cli import init_home
+    from persona_pipeline.app.home import init_home
     from persona_pipeline.demo.generator import generate_fleet, write_ground_truth, write_landing
 
     home = home or Path(tempfile.mkdtemp(prefix="persona-evaluate-"))
@@ -95,7 +95,7 @@ def evaluate_demo_fleet(
 
     import dagster as dg
 
-    from persona_pipeline.runner import run_chain
+    from persona_pipeline.app.runner import run_chain
 
     with dg.DagsterInstance.ephemeral() as instance:
         run_chain(None, None, instance=instance)

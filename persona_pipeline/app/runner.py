@@ -13,15 +13,9 @@ from dataclasses import dataclass, field
 import dagster as dg
 import pandas as pd
 import sqlalchemy as sa
-from dagster._core.definitions.reconstruct import ReconstructableRepository
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-    PARTITION_NAME_TAG,
-)
 
 from persona_pipeline import settings
-from persona_pipeline.cli import CommandError, say_on_stderr, write_failure_log
+from persona_pipeline.app.home import CommandError, say_on_stderr, write_failure_log
 from persona_pipeline.executors import distributed
 from persona_pipeline.feedback.assets import offer_feedback_batches
 from persona_pipeline.feedback.storage import (
@@ -53,6 +47,10 @@ from persona_pipeline.store.tables import (
 # The UI lists a job's runs by this label (repository @ code location, as workspace.yaml names
 # it); Dagster sets it on the runs it launches, and runs executed here carry it too.
 CODE_LOCATION_TAGS = {".dagster/repository": "__repository__@persona_pipeline"}
+# Dagster's run tags for a partition and for a run over a range of partitions (a backfill's).
+PARTITION_TAG = "dagster/partition"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 SIGBUS_EXIT = re.compile(r"exited with code (-7|135)\b|signal 7\b|SIGBUS")
 SIGKILL_EXIT = re.compile(r"exited with code (-9|137)\b|signal 9\b")
 
@@ -113,11 +111,9 @@ def _execute_out_of_process(
 ) -> dg.JobExecutionResult:
     """Run a job with the Definitions' executor (Celery): this process orchestrates and the
     workers rebuild the job from this module path, as they would for a run launched by the UI."""
-    job = ReconstructableRepository.for_module(
-        "persona_pipeline.definitions", "defs"
-    ).get_reconstructable_job(job_name)
+    job = dg.build_reconstructable_job("persona_pipeline.definitions", "job_named", (job_name,))
     if partition_key is not None:
-        tags = {**tags, PARTITION_NAME_TAG: partition_key}
+        tags = {**tags, PARTITION_TAG: partition_key}
     return dg.execute_job(job, instance=instance, tags=tags, run_config=run_config)
 
 
@@ -229,7 +225,7 @@ def run_chain(
     # Without --verbose the terminal shows the one-line reasons and the summary; the whole error
     # of a failed step goes to a log file (see _raise_if_failed) and stays in the run's events.
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO" if verbose else "CRITICAL"}}}}
-    range_tags = {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
+    range_tags = {RANGE_START_TAG: start, RANGE_END_TAG: end}
     run_ids = {}
     failed_checks: list[str] = []
 
