@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from persona_pipeline.feature_schema import load_feature_schema
-from persona_pipeline.ingest import reading
 from persona_pipeline.ingest.ingest import ingest_days
-from persona_pipeline.resources import LandingZone
+from persona_pipeline.resources import LandingZone, landing_files
 from persona_pipeline.resources.landing_zone import check_batch_id, is_valid_batch_id
 from persona_pipeline_tests.conftest import update, write_file, write_jsonl
 
@@ -193,7 +192,7 @@ def test_gzipped_json_lines_and_csv_are_read_and_a_broken_or_bombing_gzip_is_a_r
     write_file(landing, DAY, "broken.jsonl.gz", gzip.compress(jsonl("d4").encode())[:-12])
     write_file(landing, DAY, "not_gzip.csv.gz", csv_text)
     write_file(landing, DAY, "bomb.jsonl.gz", gzip.compress(b" " * 5_000_000 + jsonl("d5").encode()))
-    monkeypatch.setattr(reading, "MAX_DECOMPRESSED_BYTES", 1_000_000)
+    monkeypatch.setattr(landing_files, "MAX_DECOMPRESSED_BYTES", 1_000_000)
 
     outcome = ingest(landing)
 
