@@ -52,15 +52,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-# Imports that still run upward, each with why; the test fails when one is gone, so the list stays true.
-KNOWN_UPWARD = {
-    (
-        "persona_pipeline.personas.assets",
-        "persona_pipeline.segments.storage",
-    ): "persona_index still writes the cluster_id payload that device_clusters owns (two writers)",
-}
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -116,11 +107,9 @@ def test_imports_run_from_higher_layers_to_lower_ones_only():
         f"{source} ({LAYERS[layer_of(source)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
         for source, targets in project_graph().items()
         for target in sorted(targets)
-        if layer_of(target) > layer_of(source) and (source, target) not in KNOWN_UPWARD
+        if layer_of(target) > layer_of(source)
     ]
     assert upward == []
-    graph = project_graph()
-    assert [pair for pair in KNOWN_UPWARD if pair[1] not in graph.get(pair[0], set())] == []
 
 
 def test_no_module_imports_itself_through_others():

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from persona_pipeline.anomalies.assets import RATE_CHECK, anomaly_scores
 from persona_pipeline.app.evaluate import DEMO_TARGETS
 from persona_pipeline.offers.recommend import explores
+from persona_pipeline.personas.assets import persona_index
 from persona_pipeline.resources import PersonaConfig, VectorIndex
 from persona_pipeline.resources.vector_index import VectorIndexError, VectorStore
 from persona_pipeline.segments.assets import device_clusters
@@ -33,7 +34,7 @@ REFIT = {"ops": {"device_clusters": {"config": {"refit": True}}}}
 
 def cluster_payloads(home: Path) -> dict[str, int | None]:
     with resources_for(home)["vector_index"].open() as index:
-        return {p.payload["device_id"]: p.payload["cluster_id"] for p in index.scroll("personas")}
+        return {p.payload["device_id"]: p.payload.get("cluster_id") for p in index.scroll("personas")}
 
 
 def test_demo_fleet_failing_devices_are_found_through_the_assets(demo):
@@ -271,3 +272,38 @@ def test_demo_offers_reach_movers_heavy_users_and_anomalies_and_reruns_add_nothi
     assert metadata["offers_new"].value == 0 and metadata["tickets_opened"].value == 0
     assert len(table(store, "service_recommendations")) == len(offers)
     assert len(table(store, "support_tickets")) == len(tickets)
+
+
+def test_the_segment_payload_has_one_writer_and_a_rewritten_point_gets_its_segment_back(small_fleet):
+    """persona_index replaces a point whole and writes no cluster_id; device_clusters finds the
+    points rewritten since it last wrote their payload and writes exactly those."""
+    resources = resources_for(small_fleet.home)
+    store = resources["persona_store"]
+    with dg.instance_for_test() as instance:
+        dg.materialize([device_clusters], resources=resources, instance=instance)
+        clusters = table(store, "device_clusters")
+        expected = dict(zip(clusters["device_id"], clusters["cluster_id"].astype(int), strict=True))
+        assert cluster_payloads(small_fleet.home) == expected
+        rewritten = sorted(expected)[::40]  # 10 devices whose points the index must write again
+        with store.begin() as connection:
+            connection.execute(
+                sa.text("DELETE FROM vector_index_state WHERE device_id IN :ids").bindparams(
+                    sa.bindparam("ids", expanding=True)
+                ),
+                {"ids": rewritten},
+            )
+        indexed = dg.materialize([persona_index], resources=resources, instance=instance)
+        assert (
+            indexed.asset_materializations_for_node("persona_index")[0].metadata["points_written"].value == 10
+        )
+        payloads = cluster_payloads(small_fleet.home)
+        assert [payloads[device] for device in rewritten] == [None] * 10
+        assert {d: k for d, k in payloads.items() if d not in rewritten} == {
+            d: k for d, k in expected.items() if d not in rewritten
+        }
+
+        synced = dg.materialize([device_clusters], resources=resources, instance=instance)
+    assert (
+        synced.asset_materializations_for_node("device_clusters")[0].metadata["payloads_written"].value == 10
+    )
+    assert cluster_payloads(small_fleet.home) == expected

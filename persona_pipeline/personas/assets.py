@@ -28,7 +28,6 @@ from persona_pipeline.resources.vector_index import (
     point_ids,
 )
 from persona_pipeline.retries import STORE_RETRY
-from persona_pipeline.segments.storage import read_assignments
 
 ONE_POINT_CHECK = "one_point_per_device"
 
@@ -351,24 +350,11 @@ def _write_points(
         to_write, gone = storage.read_vector_summaries(store), []
     else:
         to_write, gone = storage.read_unindexed_vectors(store, collection)
-    # The segment as device_clusters last assigned it (None until the first clustering).
-    clusters = read_assignments(store, None if whole else to_write["device_id"].tolist()).reindex(
-        to_write["device_id"]
-    )
-    to_write = to_write.assign(cluster_id=clusters.astype("Int64").to_numpy())
+    # The cluster_id payload is device_clusters' to write: it finds these points rewritten.
     payloads = [
-        {
-            "device_id": d,
-            "customer_id": None if pd.isna(c) else c,
-            "weights_version": int(w),
-            "cluster_id": None if pd.isna(k) else int(k),
-        }
-        for d, c, w, k in zip(
-            to_write["device_id"],
-            to_write["customer_id"],
-            to_write["weights_version"],
-            to_write["cluster_id"],
-            strict=True,
+        {"device_id": d, "customer_id": None if pd.isna(c) else c, "weights_version": int(w)}
+        for d, c, w in zip(
+            to_write["device_id"], to_write["customer_id"], to_write["weights_version"], strict=True
         )
     ]
     blobs = storage.read_vector_blobs(store, to_write["device_id"].tolist())
@@ -380,9 +366,7 @@ def _write_points(
         batch_size,
     )
     deleted = index.delete(collection, point_ids(gone))
-    storage.write_index_state(
-        store, collection, to_write[["device_id", "fingerprint", "cluster_id"]], gone, whole=whole
-    )
+    storage.write_index_state(store, collection, to_write[["device_id", "fingerprint"]], gone, whole=whole)
     return written, deleted
 
 

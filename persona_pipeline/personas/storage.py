@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,14 +11,12 @@ import sqlalchemy as sa
 
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
 from persona_pipeline.store.tables import (
-    device_clusters,
     device_profiles,
     index_updates,
     persona_dimensions,
     persona_vector_runs,
     persona_vectors,
     profile_changes,
-    vector_index_clusters,
     vector_index_state,
 )
 
@@ -279,53 +278,26 @@ def read_unindexed_vectors(store: PersonaStore, collection: str) -> tuple[pd.Dat
 def write_index_state(
     store: PersonaStore, collection: str, written: pd.DataFrame, deleted: list[str], whole: bool = False
 ) -> None:
-    """Record the fingerprint and payload cluster_id of the points written to `collection`
-    (`written`: device_id, fingerprint, cluster_id) and forget the deleted ones. `whole`: the
-    collection was written whole, so its earlier state goes in one statement."""
-    ids = [*written["device_id"].tolist(), *deleted]
+    """Record the fingerprint of the points written to `collection` (`written`: device_id,
+    fingerprint) and this write's mark, and forget the deleted ones. `whole`: the collection was
+    written whole, so its earlier state goes in one statement."""
+    state = vector_index_state
+    written = written.assign(written=time.time_ns() // 1000)  # microseconds: exact as a float too
     with store.begin() as connection:
-        for table in (vector_index_state, vector_index_clusters):
-            if whole:
-                connection.execute(table.delete().where(table.c.collection == collection))
-            else:
-                _delete_devices(connection, table, ids, table.c.collection == collection)
-        store.insert_frame(connection, vector_index_state, written.assign(collection=collection))
-        store.insert_frame(connection, vector_index_clusters, written.assign(collection=collection))
-
-
-def read_stale_payloads(store: PersonaStore, collection: str) -> pd.DataFrame:
-    """Devices of `collection` whose point's recorded cluster_id differs from device_clusters
-    (device_id, cluster_id as the table has it): one join in the database."""
-    p, d = vector_index_clusters.c, device_clusters.c
-    return store.read_frame(
-        sa.select(d.device_id, d.cluster_id)
-        .select_from(
-            device_clusters.join(
-                vector_index_clusters, sa.and_(p.device_id == d.device_id, p.collection == collection)
-            )
-        )
-        .where(sa.or_(p.cluster_id.is_(None), p.cluster_id != d.cluster_id))
-        .order_by(d.device_id)
-    )
-
-
-def record_payload_clusters(store: PersonaStore, collection: str, written: pd.DataFrame) -> None:
-    """After a payload write: `written` (device_id, cluster_id) is what the points now carry."""
-    with store.begin() as connection:
-        _delete_devices(
-            connection,
-            vector_index_clusters,
-            written["device_id"].tolist(),
-            vector_index_clusters.c.collection == collection,
-        )
-        store.insert_frame(connection, vector_index_clusters, written.assign(collection=collection))
+        if whole:
+            connection.execute(state.delete().where(state.c.collection == collection))
+        else:
+            ids = [*written["device_id"].tolist(), *deleted]
+            _delete_devices(connection, state, ids, state.c.collection == collection)
+        store.insert_frame(connection, state, written.assign(collection=collection))
 
 
 def forget_collections(store: PersonaStore, collections: list[str]) -> None:
+    """Forget the index state of dropped collections (device_clusters forgets their payloads)."""
     if collections:
         with store.begin() as connection:
-            for table in (vector_index_state, vector_index_clusters):
-                connection.execute(table.delete().where(table.c.collection.in_(collections)))
+            state = vector_index_state
+            connection.execute(state.delete().where(state.c.collection.in_(collections)))
 
 
 @dataclass

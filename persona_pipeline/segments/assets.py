@@ -15,7 +15,7 @@ from persona_pipeline.metadata import markdown_table
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import persona_index, persona_vectors
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
-from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL, point_ids
+from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage
 from persona_pipeline.segments.clustering import (
@@ -33,6 +33,7 @@ from persona_pipeline.segments.stable_ids import (
     previous_segments,
     stable_labels,
 )
+from persona_pipeline.segments.vector_payloads import sync_cluster_payloads
 
 
 class DeviceClustersConfig(dg.Config):
@@ -191,7 +192,7 @@ def device_clusters(
         storage.updated_registry(registry, described, now, retired_because),
         centres,
     )
-    payloads_written = _sync_payloads(persona_store, vector_index)
+    payloads_written = sync_cluster_payloads(persona_store, vector_index)
     context.log.info(
         f"{fit.n_segments} segments ({fit.algorithm}, {fit.note}); {matching.matched} kept their id, "
         f"{matching.new} new, retired {matching.retired or 'none'}"
@@ -324,7 +325,7 @@ def _assign_changed(
         }
     )
     counts = storage.write_assigned(store, assigned, gone)
-    payloads_written = _sync_payloads(store, vector_index)
+    payloads_written = sync_cluster_payloads(store, vector_index)
     context.log.info(
         f"assigned {len(changed):,} changed devices to the {len(stored.cluster_ids)} segments fitted at "
         f"{stored.fitted_at:%Y-%m-%d %H:%M} UTC; {len(gone):,} devices left"
@@ -354,27 +355,6 @@ def require_current_space(vectors: persona_storage.StoredVectors, schema: Featur
             f"schema's ({schema.version}, {len(schema.dimension_names)} dimensions): "
             "materialize persona_vectors first"
         )
-
-
-def _sync_payloads(store: PersonaStore, vector_index: VectorIndex) -> int:
-    """Bring the `cluster_id` payload of the current collection's points in line with the table:
-    only points whose recorded payload differs are written (found by a join in the store, so a
-    run that failed half-way is caught up), one request per segment. Points not in the
-    collection yet get their segment when persona_index writes them."""
-    with vector_index.open() as index:
-        collection = index.alias_target(vector_index.alias)
-        if collection is None:
-            return 0
-        stale = persona_storage.read_stale_payloads(store, collection)
-        if stale.empty:
-            return 0
-        ids = pd.Series(point_ids(stale["device_id"]), index=stale.index)
-        by_cluster = ids.groupby(stale["cluster_id"].to_numpy()).agg(list)
-        written = index.set_payload_values(
-            collection, "cluster_id", {int(k): v for k, v in by_cluster.items()}
-        )
-    persona_storage.record_payload_clusters(store, collection, stale[["device_id", "cluster_id"]])
-    return written
 
 
 def _size_distribution(sizes: pd.Series, devices: int) -> str:

@@ -9,7 +9,14 @@ import pandas as pd
 import sqlalchemy as sa
 
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
-from persona_pipeline.store.tables import device_clusters, persona_vectors, segment_centres, segments
+from persona_pipeline.store.tables import (
+    device_clusters,
+    persona_vectors,
+    segment_centres,
+    segments,
+    vector_index_clusters,
+    vector_index_state,
+)
 
 
 def read_assignments(store: PersonaStore, device_ids: list[str] | None = None) -> pd.Series:
@@ -178,3 +185,46 @@ def updated_registry(
         seen, None, np.where(was_active, retired_because or "not found by the new fit", earlier)
     )
     return merged
+
+
+def read_stale_payloads(store: PersonaStore, collection: str) -> pd.DataFrame:
+    """The points of `collection` whose `cluster_id` payload is not the table's: never written, a
+    different segment, or the point rewritten since (persona_index replaces a point's payload
+    whole). Columns device_id, cluster_id (the table's), point_written (the point's write); one
+    query."""
+    d, s, p = device_clusters.c, vector_index_state.c, vector_index_clusters.c
+    return store.read_frame(
+        sa.select(d.device_id, d.cluster_id, s.written.label("point_written"))
+        .select_from(
+            device_clusters.join(
+                vector_index_state, sa.and_(s.device_id == d.device_id, s.collection == collection)
+            ).outerjoin(
+                vector_index_clusters, sa.and_(p.device_id == d.device_id, p.collection == collection)
+            )
+        )
+        .where(
+            sa.or_(
+                p.device_id.is_(None),
+                p.cluster_id.is_distinct_from(d.cluster_id),
+                p.point_written.is_distinct_from(s.written),
+            )
+        )
+        .order_by(d.device_id)
+    )
+
+
+def record_payload_clusters(store: PersonaStore, collection: str, written: pd.DataFrame) -> None:
+    """After a payload write: `written` (device_id, cluster_id, point_written) is what the points of
+    `collection` now carry. Forgets the payloads of collections the index no longer holds."""
+    c = vector_index_clusters.c
+    with store.begin() as connection:
+        PersonaStore.delete_in(
+            connection,
+            vector_index_clusters,
+            c.device_id,
+            written["device_id"].tolist(),
+            c.collection == collection,
+        )
+        store.insert_frame(connection, vector_index_clusters, written.assign(collection=collection))
+        held = sa.select(vector_index_state.c.collection).distinct()
+        connection.execute(vector_index_clusters.delete().where(c.collection.not_in(held)))

@@ -118,16 +118,21 @@ vector_index_state = sa.Table(
     sa.Column("collection", sa.String(128), primary_key=True),
     sa.Column("device_id", sa.Text, primary_key=True),
     sa.Column("fingerprint", sa.BigInteger, nullable=False),
+    # Which write of persona_index put the point there (microseconds; NULL: before migration 0008).
+    sa.Column("written", sa.BigInteger),
 )
 
-# The cluster_id each Qdrant point's payload holds, so device_clusters rewrites exactly the
-# payloads that differ from the table, even after a run that failed half-way.
+# The cluster_id each Qdrant point's payload holds (written by device_clusters alone), so it
+# rewrites exactly the payloads that differ from the table, even after a run that failed
+# half-way; `point_written` is the point's `written` (vector_index_state) when its payload was
+# written: persona_index replaces a point whole, so a point written again since has no cluster_id.
 vector_index_clusters = sa.Table(
     "vector_index_clusters",
     metadata,
     sa.Column("collection", sa.String(128), primary_key=True),
     sa.Column("device_id", sa.Text, primary_key=True),
     sa.Column("cluster_id", sa.Integer),  # NULL: the point carries no segment yet
+    sa.Column("point_written", sa.BigInteger),
 )
 
 device_clusters = sa.Table(
