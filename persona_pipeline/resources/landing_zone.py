@@ -61,7 +61,7 @@ def is_inside(path: Path, root: Path) -> bool:
 
 
 class LandingZone(dg.ConfigurableResource):
-    """Where raw index updates arrive (DESIGN.md: `index_updates/date=YYYY-MM-DD/*`)."""
+    """Where raw index updates arrive (docs/contracts.md: `index_updates/date=YYYY-MM-DD/*`)."""
 
     path: str | None = Field(
         default=None,

@@ -227,7 +227,7 @@ _SQLITE_DATETIME_TEXT = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}"
 
 
 class PersonaStore(dg.ConfigurableResource):
-    """Tables of DESIGN.md's persona store, behind small read and write helpers."""
+    """The persona store's tables (docs/contracts.md), behind small read and write helpers."""
 
     url: str | None = Field(
         default=None,

@@ -1,4 +1,4 @@
-"""Tables of the persona store. Columns named in DESIGN.md are a contract; others are extra."""
+"""Tables of the persona store. The columns docs/contracts.md names are a contract; others are extra."""
 
 from __future__ import annotations
 
