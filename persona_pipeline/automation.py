@@ -1,7 +1,7 @@
 """Declarative automation: what keeps the assets after ingest fresh without anyone clicking.
 
 `index_updates` and `device_profiles` run from the daily schedule and the landing-folder sensor
-(ingest/automation.py); `offer_feedback` from its sensor. Every asset after them carries
+(ingest/jobs.py, ingest/sensors.py); `offer_feedback` from its sensor. Every asset after them carries
 `AFTER_UPSTREAM` and the automation sensor below evaluates it.
 """
 

@@ -9,18 +9,16 @@ from persona_pipeline.automation import automation_sensor, dead_runs_sensor
 from persona_pipeline.erasure.jobs import erase_devices_job
 from persona_pipeline.executors import executor_from_env
 from persona_pipeline.feature_schema import load_feature_schema
-from persona_pipeline.feedback.assets import (
-    feedback_job,
-    key_weights,
-    key_weights_sensor,
-    offer_feedback,
-    offer_feedback_sensor,
-    weights_job,
-)
+from persona_pipeline.feedback.assets import key_weights, offer_feedback
+from persona_pipeline.feedback.jobs import feedback_job, weights_job
+from persona_pipeline.feedback.sensors import key_weights_sensor, offer_feedback_sensor
 from persona_pipeline.ingest.assets import index_updates
-from persona_pipeline.ingest.automation import index_updates_sensor, ingest_job, ingest_schedule
+from persona_pipeline.ingest.jobs import ingest_job, ingest_schedule
+from persona_pipeline.ingest.sensors import index_updates_sensor
 from persona_pipeline.offers.assets import service_recommendations
+from persona_pipeline.offers.jobs import segments_job
 from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
+from persona_pipeline.personas.jobs import personas_job
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.segments.assets import device_clusters
 from persona_pipeline.service_catalog import load_service_catalog
@@ -48,18 +46,6 @@ def build_resources(resolved: bool = False) -> dict[str, dg.ConfigurableResource
         "persona_config": PersonaConfig(config_dir=from_env("PERSONA_CONFIG_DIR")),
     }
 
-
-personas_job = dg.define_asset_job(
-    "personas_job",
-    selection=dg.AssetSelection.assets(persona_vectors, persona_index),
-    description="Rebuild persona vectors from the profiles and bring the Qdrant index up to date.",
-)
-
-segments_job = dg.define_asset_job(
-    "segments_job",
-    selection=dg.AssetSelection.assets(device_clusters, anomaly_scores, service_recommendations),
-    description="Segment the devices by persona vector, score anomalies with reasons, and make offers.",
-)
 
 # Fail at load time, with the file and entry named, when the configuration is invalid.
 load_feature_schema(os.environ.get("PERSONA_CONFIG_DIR"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 import pandas as pd
+import sqlalchemy as sa
 
 MAX_CELL_CHARS = 80
 
@@ -50,3 +51,30 @@ def reject_share_check(
         },
         description=None if passed else f"{share:.1%} of rows rejected; see {where}",
     )
+
+
+# Who answers for the assets: shown on every asset's page in the UI.
+OWNERS = ["team:persona-data"]
+
+
+def table_schema(table: sa.Table) -> dg.TableSchema:
+    """A persona store table's columns as Dagster shows them (the column schema tab)."""
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(
+                name=column.name,
+                type=str(column.type).lower(),
+                description=column.comment,
+                constraints=dg.TableColumnConstraints(nullable=bool(column.nullable)),
+            )
+            for column in table.columns
+        ]
+    )
+
+
+def table_metadata(main: sa.Table, *others: sa.Table) -> dict[str, object]:
+    """Definition metadata of an asset that writes `main` (its column schema) and `others`."""
+    return {
+        "dagster/column_schema": table_schema(main),
+        "tables_written": ", ".join(table.name for table in (main, *others)),
+    }

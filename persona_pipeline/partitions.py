@@ -11,6 +11,8 @@ import pandas as pd
 PARTITION_START = os.environ.get("PERSONA_PARTITION_START", "2026-01-01")
 
 daily_partitions = dg.DailyPartitionsDefinition(start_date=PARTITION_START, end_offset=1)
+# One partition of offer_feedback per feedback batch, added by offer_feedback_sensor or the CLI.
+offer_feedback_batches = dg.DynamicPartitionsDefinition(name="offer_feedback_batches")
 
 
 def partition_days(window: dg.TimeWindow) -> list[str]:

@@ -232,3 +232,9 @@ def postgres_database() -> Callable[[str], str]:
         return url.set(password=password or None).render_as_string(hide_password=False)
 
     return create
+
+
+def check_named(result, name: str):
+    """The one evaluation of the asset check `name` in a materialize result."""
+    [evaluation] = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
+    return evaluation

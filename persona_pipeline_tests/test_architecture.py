@@ -5,6 +5,7 @@ Read from the source files' import statements, so a new file is checked the day 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,25 @@ def test_the_checks_see_a_circle_and_an_upward_import(tmp_path, monkeypatch):
         test_no_module_imports_itself_through_others()
     with pytest.raises(AssertionError):
         test_no_private_dagster_module_is_imported("persona_pipeline")
+
+
+def doc_table(heading: str) -> list[list[str]]:
+    """The rows of the first table under `heading` in docs/architecture.md, cells stripped."""
+    text = (ROOT / "docs" / "architecture.md").read_text().split(f"## {heading}\n", 1)[1]
+    rows = [line for line in text.split("\n## ", 1)[0].splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def test_the_map_of_the_code_names_the_layers_the_test_checks():
+    assert [row[0] for row in doc_table("Layers")] == [name for name, _ in LAYERS]
+
+
+def test_the_map_of_the_code_names_every_table_once_with_an_asset_that_exists():
+    from persona_pipeline.definitions import defs
+    from persona_pipeline.store.tables import metadata
+
+    writers = {row[0].strip("`"): re.findall(r"`([a-z_]+)`", row[1]) for row in doc_table("Who writes what")}
+    assets = {key.path[-1] for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert set(writers) <= assets | {job.name for job in defs.jobs}
+    named = [table for tables in writers.values() for table in tables if table in metadata.tables]
+    assert sorted(named) == sorted(metadata.tables)  # every table, each with one writer

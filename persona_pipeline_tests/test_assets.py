@@ -14,7 +14,7 @@ from persona_pipeline.personas.assets import (
     persona_vectors,
 )
 from persona_pipeline.resources.vector_index import StoredPoint, point_id
-from persona_pipeline_tests.conftest import ENGINES, store_url, table, update, write_jsonl
+from persona_pipeline_tests.conftest import ENGINES, check_named, store_url, table, update, write_jsonl
 
 INGEST = [index_updates, device_profiles]
 DAYS = ["2026-03-01", "2026-03-02", "2026-03-03"]
@@ -96,6 +96,13 @@ def test_range_run_equals_day_by_day(landing, resources, instance, tmp_path):
     ranged = table(resources["persona_store"], "device_profiles", ["device_id", "key"])
     updates = table(resources["persona_store"], "index_updates")
     assert sorted(updates["partition_date"].unique()) == DAYS
+    # Each partition of the range shows its own counts, not the range's.
+    observed = {
+        event.partition: event.metadata["rows_accepted"].value
+        for event in result.asset_observations_for_node("index_updates")
+    }
+    assert observed == updates["partition_date"].value_counts().to_dict()
+    assert sorted(observed) == DAYS and all(count < len(updates) for count in observed.values())
 
     day_by_day = {
         **resources,
@@ -141,7 +148,7 @@ def test_mixed_file_reaches_profiles_and_rejects_and_reports_metadata(landing, r
     assert metadata["rows_rejected"].value == 2
     assert metadata["unknown_key_rows"].value == 1
     assert metadata["devices"].value == 2
-    check = result.get_asset_check_evaluations()[0]
+    check = check_named(result, REJECT_SHARE_CHECK)
     assert check.check_name == REJECT_SHARE_CHECK
     assert not check.passed  # 2 of 5 rejected > 5%
 
@@ -156,10 +163,10 @@ def test_reject_check_passes_under_the_threshold_and_threshold_is_configurable(l
     rows.append(update("", "device.location.city", "Berlin", "2026-03-01T10:00:00Z"))
     write_jsonl(landing, "2026-03-01", rows)
     result = materialize([index_updates], resources, instance, partition_key="2026-03-01")
-    assert result.get_asset_check_evaluations()[0].passed  # exactly 5%
+    assert check_named(result, REJECT_SHARE_CHECK).passed  # exactly 5%
     strict = dg.RunConfig(ops={"index_updates": {"config": {"max_reject_share": 0.01}}})
     result = materialize([index_updates], resources, instance, partition_key="2026-03-01", run_config=strict)
-    assert not result.get_asset_check_evaluations()[0].passed
+    assert not check_named(result, REJECT_SHARE_CHECK).passed
 
 
 def index_points(resources) -> tuple[str, dict[str, StoredPoint]]:
@@ -183,8 +190,7 @@ def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(land
     assert {str(p.id) for p in points.values()} == {point_id(f"d{i}") for i in range(5)}
     assert points["d1"].payload["customer_id"] == "c1"
     assert points["d1"].payload["weights_version"] == 1
-    assert result.get_asset_check_evaluations()[0].check_name == ONE_POINT_CHECK
-    assert result.get_asset_check_evaluations()[0].passed
+    assert check_named(result, ONE_POINT_CHECK).passed
 
     again = materialize([persona_vectors, persona_index], resources, instance)
     assert (

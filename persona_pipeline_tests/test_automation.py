@@ -12,9 +12,10 @@ from pathlib import Path
 import dagster as dg
 
 from persona_pipeline.definitions import defs
-from persona_pipeline.feedback.assets import key_weights_sensor
-from persona_pipeline.ingest import automation as ingest_automation
-from persona_pipeline.ingest.automation import index_updates_sensor, ingest_schedule
+from persona_pipeline.feedback.sensors import key_weights_sensor
+from persona_pipeline.ingest import sensors as ingest_sensors
+from persona_pipeline.ingest.jobs import ingest_schedule
+from persona_pipeline.ingest.sensors import index_updates_sensor
 from persona_pipeline.resources import LandingZone
 from persona_pipeline_tests.conftest import update, write_jsonl
 
@@ -182,7 +183,7 @@ def test_landing_sensor_skips_days_already_ingested_by_the_command_line(landing,
     assert set(json.loads(first.cursor)) == {"2026-03-01", "2026-03-02"}
 
     # A file that lands after those runs: settled at once here, so its time is after theirs.
-    monkeypatch.setattr(ingest_automation, "SETTLE_SECONDS", 0)
+    monkeypatch.setattr(ingest_sensors, "SETTLE_SECONDS", 0)
     write_jsonl(
         landing, "2026-03-02", [update("d2", "device.model", "Y", "2026-03-02T09:00:00+00:00")], "b.jsonl"
     )

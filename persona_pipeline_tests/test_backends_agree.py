@@ -35,6 +35,9 @@ WALL_CLOCK = {
     # A random id per write of a feedback batch, and the list of them a refresh learned from.
     "load_id",
     "loads",
+    # When persona_index wrote a point, and the write whose point got its cluster_id payload.
+    "written",
+    "point_written",
 }
 
 

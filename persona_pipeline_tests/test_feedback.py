@@ -9,8 +9,10 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from persona_pipeline.feedback.assets import offer_feedback, offer_feedback_batches, offer_feedback_sensor
+from persona_pipeline.feedback.assets import offer_feedback
+from persona_pipeline.feedback.sensors import offer_feedback_sensor
 from persona_pipeline.feedback.validation import validate_feedback
+from persona_pipeline.partitions import offer_feedback_batches
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
 
 # Responses to unknown offers are rejected at once instead of held (see test_feedback_hardening).

@@ -10,7 +10,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from persona_pipeline.feedback.assets import key_weights, offer_feedback, offer_feedback_batches
+from persona_pipeline.feedback.assets import key_weights, offer_feedback
+from persona_pipeline.partitions import offer_feedback_batches
 from persona_pipeline.resources import PersonaStore
 from persona_pipeline.store.tables import offer_feedback_held, service_recommendations
 from persona_pipeline_tests.conftest import resources_for, table
@@ -109,7 +110,7 @@ def test_a_simulated_batch_with_an_unsafe_id_is_refused_and_nothing_is_written(t
 def test_the_sensor_names_a_bad_batch_folder_once_and_requests_the_good_ones(tmp_path, capsys):
     """`offer_feedback/batch=` with `_SUCCESS` became a partition with an empty key, and every run
     failed with "Cannot access partition_key for a non-partitioned run", naming no folder."""
-    from persona_pipeline.feedback.assets import offer_feedback_sensor
+    from persona_pipeline.feedback.sensors import offer_feedback_sensor
     from persona_pipeline.resources import LandingZone
 
     home = tmp_path / "home"
@@ -148,7 +149,7 @@ def test_the_sensor_names_a_bad_batch_folder_once_and_requests_the_good_ones(tmp
 
 
 def feedback_sensor_tick(resources: dict, instance: dg.DagsterInstance, cursor: str | None = None):
-    from persona_pipeline.feedback.assets import offer_feedback_sensor
+    from persona_pipeline.feedback.sensors import offer_feedback_sensor
 
     wanted = {name: resources[name] for name in ("landing_zone", "persona_store")}
     return offer_feedback_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=wanted))
@@ -292,7 +293,7 @@ def test_an_offer_answered_several_times_counts_by_its_latest_answer(persona_hom
 def test_the_sensors_leave_alone_what_the_command_line_already_did(tmp_path):
     """A daemon started after `persona-pipeline run` has no cursor: it loaded every batch again and
     rebuilt the vectors for weights the command line had already used."""
-    from persona_pipeline.feedback.assets import key_weights_sensor, offer_feedback_sensor
+    from persona_pipeline.feedback.sensors import key_weights_sensor, offer_feedback_sensor
     from persona_pipeline.resources import LandingZone
 
     home = tmp_path / "home"

@@ -13,7 +13,7 @@ import pytest
 from persona_pipeline.ingest.assets import REJECT_SHARE_CHECK, index_updates
 from persona_pipeline.personas.assets import device_profiles
 from persona_pipeline.resources import PersonaStore
-from persona_pipeline_tests.conftest import table, update, write_file, write_jsonl
+from persona_pipeline_tests.conftest import check_named, table, update, write_file, write_jsonl
 
 # Both backends are parametrized inside.
 pytestmark = pytest.mark.store_agnostic
@@ -112,7 +112,7 @@ def test_bad_files_lose_no_good_row_and_every_bad_row_has_a_reason(landing, stor
     assert metadata["rows_read"].value == len(ACCEPTED) + len(REJECTED)
     notes = metadata["file_notes"].value
     assert f"{FOLDER}/empty.jsonl: empty file" in notes
-    (check,) = result.get_asset_check_evaluations()
+    check = check_named(result, REJECT_SHARE_CHECK)
     assert check.check_name == REJECT_SHARE_CHECK and not check.passed
 
     warnings = [

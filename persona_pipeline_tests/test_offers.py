@@ -272,3 +272,40 @@ def test_a_merged_ticket_carries_on_from_when_its_device_was_last_seen():
     changes = ticket_changes(nothing, stored, load_service_catalog(), "2026-03-11")
     assert changes.resolved["ticket_id"].tolist() == ["ticket-new"]
     assert changes.updated[["ticket_id", "last_seen_day"]].values.tolist() == [["ticket-old", "2026-03-10"]]
+
+
+def test_the_contact_policy_check_finds_each_kind_of_breach():
+    from persona_pipeline.offers.recommend import contact_limit_breaches
+
+    day = "2026-03-10"
+    kept = pd.DataFrame(
+        {
+            "device_id": ["a", "a", "b", "c"],
+            "service_id": ["s1", "s2", "s1", "s1"],
+            "offer_day": ["2026-03-04", day, day, "2026-03-01"],
+        }
+    )
+    assert contact_limit_breaches(kept, day, daily_cap=1, per_week=2) == {
+        "devices_over_daily_cap": 0,
+        "devices_over_weekly_budget": 0,
+        "duplicate_offers": 0,
+    }
+    broken = pd.concat(
+        [
+            kept,
+            pd.DataFrame(
+                {
+                    "device_id": ["a", "b", "c", "c"],
+                    "service_id": ["s3", "s1", "s2", "s3"],
+                    "offer_day": ["2026-03-05", day, "2026-03-09", day],
+                }
+            ),
+        ]
+    )
+    # a: 3 offers in the week; b: s1 twice today (2 today, over a cap of 1); c: 2 in the week (the
+    # 1 March offer is outside it) and 1 today.
+    assert contact_limit_breaches(broken, day, daily_cap=1, per_week=2) == {
+        "devices_over_daily_cap": 1,
+        "devices_over_weekly_budget": 1,
+        "duplicate_offers": 1,
+    }

@@ -17,8 +17,9 @@ from persona_pipeline.offers.recommend import explores
 from persona_pipeline.personas.assets import persona_index
 from persona_pipeline.resources import PersonaConfig, VectorIndex
 from persona_pipeline.resources.vector_index import VectorIndexError, VectorStore
-from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.segments.assets import STABILITY_CHECK, device_clusters
 from persona_pipeline.service_catalog import load_service_catalog
+from persona_pipeline.store.tables import metadata as store_metadata
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
 
 
@@ -120,7 +121,8 @@ def test_segment_profiles_and_top_anomalies_are_readable_in_the_ui_metadata(demo
     assert top.count("\n") == 11 and "crashes" in top and "vs" in top
     assert 0.002 <= scores["anomaly_rate"].value <= 0.05
     checks = result.get_asset_check_evaluations()
-    assert [(c.check_name, c.passed) for c in checks] == [(RATE_CHECK, True)]
+    # A refit of the same vectors keeps its segments (adjusted Rand index 1).
+    assert sorted((c.check_name, c.passed) for c in checks) == [(RATE_CHECK, True), (STABILITY_CHECK, True)]
 
     store = resources["persona_store"]
     stored = table(store, "anomaly_scores")
@@ -307,3 +309,25 @@ def test_the_segment_payload_has_one_writer_and_a_rewritten_point_gets_its_segme
         synced.asset_materializations_for_node("device_clusters")[0].metadata["payloads_written"].value == 10
     )
     assert cluster_payloads(small_fleet.home) == expected
+
+
+def test_the_vector_count_check_warns_when_a_stored_vector_went_missing(small_fleet):
+    from persona_pipeline.personas.assets import VECTOR_COUNT_CHECK, persona_vectors
+
+    resources = resources_for(small_fleet.home)
+    store = resources["persona_store"]
+    lost = table(store, "persona_vectors", order_by=["device_id"]).iloc[[0]]
+    with dg.instance_for_test() as instance:
+        before = dg.materialize([persona_vectors], resources=resources, instance=instance)
+        with store.begin() as connection:
+            connection.execute(
+                sa.text("DELETE FROM persona_vectors WHERE device_id = :d"), {"d": lost["device_id"].iloc[0]}
+            )
+        after = dg.materialize([persona_vectors], resources=resources, instance=instance)
+    with store.begin() as connection:  # put it back for the other tests of this fleet
+        store.insert_frame(connection, store_metadata.tables["persona_vectors"], lost)
+    [kept] = before.get_asset_check_evaluations()
+    [missing] = after.get_asset_check_evaluations()
+    assert kept.check_name == missing.check_name == VECTOR_COUNT_CHECK
+    assert kept.passed and not missing.passed
+    assert missing.metadata["vectors_stored"].value == missing.metadata["devices_counted"].value - 1

@@ -256,3 +256,18 @@ def test_a_retired_segment_id_says_why_and_keeps_its_reason():
     assert merged.loc[2, "retired_reason"] == "a new weights version"
     assert merged.loc[9, "retired_reason"] == "last fit 7.0 days ago"
     assert merged.loc[[1, 3], "retired_reason"].isna().all()
+
+
+def test_the_stability_check_warns_when_a_fit_moves_the_segments_and_not_when_the_schema_changed():
+    from persona_pipeline.segments.assets import stability_check
+    from persona_pipeline.segments.stable_ids import UNKNOWN
+
+    previous = np.repeat([1, 2, 3], 20)
+    renamed = np.repeat([7, 8, 9], 20)  # the same groups under other ids
+    shuffled = np.random.default_rng(0).permutation(previous)
+    assert stability_check(previous, renamed, 0.7, schema_changed=False).passed
+    moved = stability_check(previous, shuffled, 0.7, schema_changed=False)
+    assert not moved.passed and moved.metadata["adjusted_rand_index"].value < 0.7
+    assert stability_check(previous, shuffled, 0.7, schema_changed=True).passed
+    new_devices = np.full(60, UNKNOWN)
+    assert stability_check(new_devices, shuffled, 0.7, schema_changed=False).passed

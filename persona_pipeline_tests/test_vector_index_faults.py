@@ -24,7 +24,7 @@ from persona_pipeline.personas.weights import current_weights, insert_weights
 from persona_pipeline.resources import VectorIndex
 from persona_pipeline.resources.vector_index import StoredPoint, VectorStore, point_id
 from persona_pipeline.resources.vector_stores.qdrant_client_store import QdrantClientStore
-from persona_pipeline_tests.conftest import ENGINES, update, write_jsonl
+from persona_pipeline_tests.conftest import ENGINES, check_named, update, write_jsonl
 
 pytestmark = pytest.mark.parametrize("embedded_engine", ENGINES)
 
@@ -125,8 +125,7 @@ def assert_complete(index: VectorIndex, store, collection: str, weights_version:
             "device_id": device,
             "customer_id": customer,
             "weights_version": weights_version,
-            "cluster_id": None,
-        }
+        }  # no cluster_id: device_clusters writes it
         np.testing.assert_allclose(point.vector, vector, rtol=1e-6)
     with index.open() as store:
         assert store.count(index.alias) == len(DEVICES)
@@ -165,7 +164,7 @@ def test_a_write_interrupted_on_the_first_attempt_is_finished_by_the_retry_polic
     collection = alias_target(index)
     assert collection is not None
     assert_complete(index, resources["persona_store"], collection, weights_version=1)
-    (check,) = result.get_asset_check_evaluations()
+    check = check_named(result, ONE_POINT_CHECK)
     assert check.check_name == ONE_POINT_CHECK and check.passed
 
 
@@ -215,4 +214,4 @@ def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun
     metadata = rerun.asset_materializations_for_node("persona_index")[0].metadata
     assert metadata["previous_collection"].value == first
     assert metadata["points"].value == len(DEVICES)
-    assert rerun.get_asset_check_evaluations()[0].passed
+    assert check_named(rerun, ONE_POINT_CHECK).passed

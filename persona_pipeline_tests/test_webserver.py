@@ -75,6 +75,18 @@ query {
                 description
                 groupName
                 dependencyKeys { path }
+                owners {
+                  ... on TeamAssetOwner { team }
+                  ... on UserAssetOwner { email }
+                }
+                metadataEntries {
+                  label
+                  ... on TableSchemaMetadataEntry { schema { columns { name type } } }
+                }
+                assetChecksOrError {
+                  __typename
+                  ... on AssetChecks { checks { name } }
+                }
               }
             }
           }
@@ -387,6 +399,12 @@ def test_location_loads_with_every_asset_job_schedule_and_sensor(ui):
         assert node["groupName"] not in ("", "default"), f"{key.to_user_string()} is in no group"
         lineage = {dg.AssetKey(parent["path"]) for parent in node["dependencyKeys"]}
         assert lineage == set(graph.get(key).parent_keys), key.to_user_string()
+        # The catalog a data team expects: who owns it, the columns it writes, at least one check.
+        assert node["owners"], f"{key.to_user_string()} has no owner"
+        schemas = [e for e in node["metadataEntries"] if e["label"] == "dagster/column_schema"]
+        assert schemas and schemas[0]["schema"]["columns"], f"{key.to_user_string()} has no column schema"
+        assert node["assetChecksOrError"]["__typename"] == "AssetChecks", node["assetChecksOrError"]
+        assert node["assetChecksOrError"]["checks"], f"{key.to_user_string()} has no asset check"
 
 
 def test_a_run_launched_from_the_ui_succeeds(ui):

@@ -12,7 +12,7 @@ from persona_pipeline.anomalies import storage
 from persona_pipeline.anomalies.reasons import explain_with_causes
 from persona_pipeline.anomalies.scoring import AnomalySettings, score_anomalies
 from persona_pipeline.automation import AFTER_UPSTREAM
-from persona_pipeline.metadata import markdown_table
+from persona_pipeline.metadata import OWNERS, markdown_table, table_metadata
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.resources import PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
@@ -25,6 +25,7 @@ from persona_pipeline.segments.key_stats import (
     segment_stats,
 )
 from persona_pipeline.segments.stable_ids import UNKNOWN
+from persona_pipeline.store import tables as store_tables
 
 RATE_CHECK = "anomaly_rate_within_band"
 TOP_SHOWN = 10
@@ -108,6 +109,8 @@ class AnomalyScoresConfig(dg.Config):
 
 
 @dg.asset(
+    owners=OWNERS,
+    metadata=table_metadata(store_tables.anomaly_scores),
     deps=[device_clusters],
     automation_condition=AFTER_UPSTREAM,
     group_name="segments",

@@ -17,13 +17,16 @@ import sqlalchemy as sa
 from persona_pipeline import settings
 from persona_pipeline.app.home import CommandError, say_on_stderr, write_failure_log
 from persona_pipeline.executors import distributed
-from persona_pipeline.feedback.assets import offer_feedback_batches
+from persona_pipeline.feedback.jobs import feedback_job, weights_job
 from persona_pipeline.feedback.storage import (
     acceptance_by_weights_version,
     read_held_batches,
     read_weight_decisions,
 )
-from persona_pipeline.partitions import outside_partitions
+from persona_pipeline.ingest.jobs import ingest_job
+from persona_pipeline.offers.jobs import segments_job
+from persona_pipeline.partitions import offer_feedback_batches, outside_partitions
+from persona_pipeline.personas.jobs import personas_job
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.run_health import (
     HOST_TAG,
@@ -250,7 +253,7 @@ def run_chain(
         failed_checks.extend(failed_error_checks(result))
         run_ids[job_name if partition_key is None else f"{job_name}[{partition_key}]"] = result.run_id
 
-    run("ingest_job", range_tags)
+    run(ingest_job.name, range_tags)
     batches = new_feedback_batches(landing, instance)
     if batches:
         instance.add_dynamic_partitions(offer_feedback_batches.name, batches)
@@ -259,11 +262,11 @@ def run_chain(
     held = read_held_batches(store)
     retry = [] if batches or held.empty else [str(held.sort_values("hold_until")["batch_id"].iloc[0])]
     for batch in batches + retry:
-        run("feedback_job", {}, partition_key=batch)
+        run(feedback_job.name, {}, partition_key=batch)
     if batches or retry:
-        run("weights_job", {})  # the day's vectors use the refreshed weights
-    run("personas_job", {})
-    run("segments_job", {})
+        run(weights_job.name, {})  # the day's vectors use the refreshed weights
+    run(personas_job.name, {})
+    run(segments_job.name, {})
     return ChainResult(start, end, run_ids, batches, days.skipped, failed_checks)
 
 

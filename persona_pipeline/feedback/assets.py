@@ -1,6 +1,5 @@
 """Feedback: responses to offers, one dynamic partition per batch, picked up by a sensor."""
 
-import json
 from dataclasses import dataclass
 
 import dagster as dg
@@ -8,17 +7,17 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from persona_pipeline.automation import SENSOR_STATUS, after_upstream_updates
+from persona_pipeline.automation import after_upstream_updates
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.feedback import storage
 from persona_pipeline.feedback.gate import GateSettings, decide, guardrails, held_out, held_out_evidence
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
 from persona_pipeline.feedback.validation import load_feedback
-from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
+from persona_pipeline.metadata import OWNERS, counts_table, markdown_table, reject_share_check, table_metadata
 from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.offers.recommend import POSITIVE_RESPONSES, app_key
+from persona_pipeline.partitions import offer_feedback_batches
 from persona_pipeline.personas import storage as persona_storage
-from persona_pipeline.personas.assets import persona_vectors
 from persona_pipeline.personas.weights import (
     current_weights,
     initial_weights_version,
@@ -29,9 +28,8 @@ from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage as segment_storage
 from persona_pipeline.service_catalog import ServiceCatalog
-from persona_pipeline.settings import sensor_interval_seconds
+from persona_pipeline.store import tables as store_tables
 
-offer_feedback_batches = dg.DynamicPartitionsDefinition(name="offer_feedback_batches")
 FEEDBACK_REJECT_CHECK = "feedback_reject_share_within_threshold"
 
 
@@ -57,6 +55,10 @@ class OfferFeedbackConfig(dg.Config):
 
 
 @dg.asset(
+    owners=OWNERS,
+    metadata=table_metadata(
+        store_tables.offer_feedback, store_tables.offer_feedback_rejects, store_tables.offer_feedback_held
+    ),
     partitions_def=offer_feedback_batches,
     group_name="feedback",
     kinds={"pandas", "sql"},
@@ -138,96 +140,6 @@ def offer_feedback(
             )
         ],
     )
-
-
-feedback_job = dg.define_asset_job(
-    "feedback_job",
-    selection=dg.AssetSelection.assets(offer_feedback),
-    description="Load one feedback batch (a dynamic partition) into offer_feedback.",
-)
-
-
-@dataclass(frozen=True)
-class _FeedbackCursor:
-    """offer_feedback_sensor's cursor: the batches seen and the folder problems already reported.
-    A cursor of before (a JSON list of the batches seen) still reads."""
-
-    seen: set[str]
-    reported: set[str]
-
-    @classmethod
-    def read(cls, text: str | None) -> "_FeedbackCursor":
-        stored = json.loads(text) if text else []
-        if isinstance(stored, list):
-            return cls(seen=set(stored), reported=set())
-        return cls(seen=set(stored["seen"]), reported=set(stored["reported"]))
-
-    def text(self) -> str:
-        return json.dumps({"seen": sorted(self.seen), "reported": sorted(self.reported)})
-
-
-@dg.sensor(
-    job=feedback_job,
-    minimum_interval_seconds=sensor_interval_seconds(60),
-    default_status=SENSOR_STATUS,
-    description="A complete feedback batch (offer_feedback/batch=<id>/ with _SUCCESS) becomes a "
-    "partition of offer_feedback and gets one run; each batch once, even after a restart. A folder "
-    "that is not a valid batch is named in a warning and skipped.",
-)
-def offer_feedback_sensor(
-    context: dg.SensorEvaluationContext, landing_zone: LandingZone, persona_store: PersonaStore
-) -> dg.SensorResult:
-    """Each tick: complete feedback batches (`_SUCCESS` present) not seen before become partitions
-    of offer_feedback, with one run each. The run key is the batch id and the cursor remembers the
-    batches seen, so a batch is never processed twice, even after a restart. A folder that cannot
-    be a batch (an empty or unsafe id, a file, a symlink out of the landing zone) is named in a
-    warning once, and the others go on. A batch with held rows (responses to offers not made yet)
-    runs again after each new service_recommendations materialization, and once its hold ends."""
-    cursor = _FeedbackCursor.read(context.cursor)
-    problems = landing_zone.feedback_folder_problems()
-    for problem in problems:
-        if problem not in cursor.reported:
-            context.log.warning(f"feedback folder {problem}")
-    # A batch loaded before (by the command line, or before a restart without a cursor) is not new.
-    loaded = context.instance.get_materialized_partitions(offer_feedback.key)
-    new = [
-        batch
-        for batch in landing_zone.complete_feedback_batches()
-        if batch not in cursor.seen and batch not in loaded
-    ]
-    retries = _held_batch_retries(context.instance, storage.read_held_batches(persona_store))
-    next_cursor = _FeedbackCursor(seen=cursor.seen | set(new), reported=set(problems)).text()
-    if not new and not retries:
-        return dg.SensorResult(skip_reason="no new complete feedback batch", cursor=next_cursor)
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=batch, run_key=batch) for batch in new] + retries,
-        dynamic_partitions_requests=[offer_feedback_batches.build_add_request(new)] if new else [],
-        cursor=next_cursor,
-    )
-
-
-def _held_batch_retries(instance: dg.DagsterInstance, held: pd.DataFrame) -> list[dg.RunRequest]:
-    """One run of a batch with held rows (`held`: batch_id, hold_until, the earliest of its rows)
-    when no offer_feedback run (of any batch: each retries every held row) came after the newest
-    offers, or after a hold ended. Run keys name the offers' materialization or the end of the
-    hold, so each is asked for once."""
-    if held.empty:
-        return []
-    newest_offers = instance.fetch_materializations(service_recommendations.key, limit=1).records
-    last_feedback = instance.fetch_materializations(offer_feedback.key, limit=1).records
-    last_id = last_feedback[0].storage_id if last_feedback else 0
-    last_at = pd.Timestamp(last_feedback[0].timestamp, unit="s", tz="UTC") if last_feedback else None
-    held = held.sort_values(["hold_until", "batch_id"])
-    if newest_offers and newest_offers[0].storage_id > last_id:
-        batch = held["batch_id"].iloc[0]
-        return [dg.RunRequest(partition_key=batch, run_key=f"{batch}:offers-{newest_offers[0].storage_id}")]
-    ended = held[(held["hold_until"] <= pd.Timestamp.now(tz="UTC"))]
-    if last_at is not None:
-        ended = ended[ended["hold_until"] > last_at]
-    if ended.empty:
-        return []
-    batch, hold_until = ended["batch_id"].iloc[0], ended["hold_until"].iloc[0]
-    return [dg.RunRequest(partition_key=batch, run_key=f"{batch}:hold-ended-{hold_until:%Y%m%dT%H%M%S}")]
 
 
 class KeyWeightsConfig(dg.Config):
@@ -324,6 +236,8 @@ GATE_CHECK = "live_weights_not_worse_than_initial"
 
 
 @dg.asset(
+    owners=OWNERS,
+    metadata=table_metadata(store_tables.key_weights, store_tables.key_weight_refreshes),
     deps=[offer_feedback, service_recommendations],
     # New feedback refreshes the weights; new offers alone do not.
     automation_condition=after_upstream_updates(ignore=dg.AssetSelection.assets(service_recommendations)),
@@ -593,50 +507,4 @@ def _live_against_initial(
             "upper_bound": dg.MetadataValue.float(round(float(upper), 5)),
             "held_out_offers": dg.MetadataValue.int(evidence.held_out_offers),
         },
-    )
-
-
-weights_job = dg.define_asset_job(
-    "weights_job",
-    selection=dg.AssetSelection.assets(key_weights),
-    description="Learn a new key_weights version from feedback not learned from yet.",
-)
-
-
-@dg.sensor(
-    asset_selection=dg.AssetSelection.assets(persona_vectors),
-    minimum_interval_seconds=sensor_interval_seconds(30),
-    default_status=SENSOR_STATUS,
-    description="A new key_weights version rebuilds the persona vectors with it; automation then "
-    "carries them to the index, segments, scores and offers.",
-)
-def key_weights_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    """A new weights version rebuilds the persona vectors with it (automation then carries the
-    new vectors to the index, segments, scores and offers). The loop closes through the weights
-    store, not a graph edge, so this sensor stands in for the edge. The cursor is the storage id
-    of the last key_weights materialization seen."""
-    latest = context.instance.fetch_materializations(key_weights.key, limit=1).records
-    if not latest:
-        return dg.SensorResult(skip_reason="key_weights was never materialized")
-    record = latest[0]
-    seen = int(context.cursor) if context.cursor else 0
-    if record.storage_id <= seen:
-        return dg.SensorResult(skip_reason="no new key_weights materialization")
-    vectors = context.instance.fetch_materializations(persona_vectors.key, limit=1).records
-    if vectors and vectors[0].storage_id > record.storage_id:
-        return dg.SensorResult(
-            skip_reason="persona_vectors was rebuilt after the newest key_weights",
-            cursor=str(record.storage_id),
-        )
-    metadata = record.asset_materialization.metadata
-    changed = metadata.get("live_version_changed")
-    if changed is None and "new_version" in metadata:  # written before the weights gate (0007)
-        new_version = str(metadata["new_version"].value)
-        changed = dg.MetadataValue.bool(not new_version.startswith("none"))
-    if changed is None or changed.value is not True:
-        return dg.SensorResult(
-            skip_reason="key_weights ran without a new live version", cursor=str(record.storage_id)
-        )
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"weights-{record.storage_id}")], cursor=str(record.storage_id)
     )

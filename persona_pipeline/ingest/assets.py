@@ -8,10 +8,11 @@ from persona_pipeline.erasure.storage import read_suppression
 from persona_pipeline.erasure.subjects import Suppression
 from persona_pipeline.ingest.ingest import ingest_days
 from persona_pipeline.ingest.validation import DEFAULT_MAX_LATE_DAYS
-from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
+from persona_pipeline.metadata import OWNERS, counts_table, markdown_table, reject_share_check, table_metadata
 from persona_pipeline.partitions import daily_partitions, partition_days
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
+from persona_pipeline.store import tables as store_tables
 from persona_pipeline.store.tables import index_update_rejects
 from persona_pipeline.store.tables import index_updates as updates_table
 
@@ -40,7 +41,22 @@ def _unsuppressed(frame: pd.DataFrame, suppression: Suppression) -> pd.DataFrame
     return frame[~suppressed] if suppressed.any() else frame
 
 
+def per_day_counts(days: list[str], accepted: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:
+    """Rows accepted and rejected per partition day (index: day), zeros for a day without rows."""
+    return pd.DataFrame(
+        {
+            "rows_accepted": accepted["partition_date"].value_counts().reindex(days, fill_value=0),
+            "rows_rejected": rejects["partition_date"].value_counts().reindex(days, fill_value=0)
+            if "partition_date" in rejects
+            else 0,
+        },
+        index=pd.Index(days, name="day"),
+    ).astype(int)
+
+
 @dg.asset(
+    owners=OWNERS,
+    metadata=table_metadata(store_tables.index_updates, store_tables.index_update_rejects),
     partitions_def=daily_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="ingest",
@@ -85,12 +101,21 @@ def index_updates(
     persona_store.replace_rows(updates_table, updates_table.c.partition_date.in_(days), in_index_order)
     persona_store.replace_rows(index_update_rejects, index_update_rejects.c.partition_date.in_(days), rejects)
 
+    by_day = per_day_counts(days, accepted, rejects)
+    if len(days) > 1:  # a range run: each partition also gets its own counts
+        for day, counts in by_day.iterrows():
+            context.log_event(
+                dg.AssetObservation(
+                    asset_key=context.asset_key, partition=str(day), metadata=counts.to_dict()
+                )
+            )
     share = outcome.reject_share
     return dg.MaterializeResult(
         metadata={
             "days": dg.MetadataValue.text(f"{days[0]} … {days[-1]}" if len(days) > 1 else days[0]),
             "rows_read": dg.MetadataValue.int(outcome.rows_read),
             "rows_accepted": dg.MetadataValue.int(len(accepted)),
+            "rows_by_day": markdown_table(by_day.reset_index(), max_rows=len(days)),
             "rows_rejected": dg.MetadataValue.int(len(rejects)),
             "reject_share": dg.MetadataValue.float(round(share, 5)),
             "duplicates_dropped": dg.MetadataValue.int(outcome.duplicates_dropped),

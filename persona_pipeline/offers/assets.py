@@ -6,13 +6,14 @@ import pandas as pd
 from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.anomalies.storage import read_scores
 from persona_pipeline.automation import AFTER_UPSTREAM
-from persona_pipeline.metadata import counts_table, markdown_table
+from persona_pipeline.metadata import OWNERS, counts_table, markdown_table, table_metadata
 from persona_pipeline.offers import storage
 from persona_pipeline.offers.recommend import (
     APP_KEY_PREFIX,
     WEEK_DAYS,
     OfferInputs,
     app_usage,
+    contact_limit_breaches,
     emerging_needs,
     recommend,
 )
@@ -23,6 +24,7 @@ from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL, point_ids
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments.storage import read_assignments
 from persona_pipeline.service_catalog import ServiceCatalog
+from persona_pipeline.store import tables as store_tables
 
 CITY_KEY = "device.location.city"
 MAX_EXAMPLES = 200  # positive and negative examples per recommendation query, each
@@ -72,6 +74,9 @@ def _lookalike_hits(
     return pd.concat(frames, ignore_index=True)
 
 
+LIMITS_CHECK = "offers_within_contact_policy"
+
+
 def _history_start(day: str, catalog: ServiceCatalog) -> str:
     """The first day whose offers still matter: the longest cooldown back (at least the 6 days
     the weekly budget looks back). Older offers neither cool a service down nor keep a
@@ -82,12 +87,23 @@ def _history_start(day: str, catalog: ServiceCatalog) -> str:
 
 
 @dg.asset(
+    owners=OWNERS,
+    metadata=table_metadata(store_tables.service_recommendations, store_tables.support_tickets),
     deps=[anomaly_scores],
     automation_condition=AFTER_UPSTREAM,
     group_name="offers",
     kinds={"pandas", "sql", "qdrant"},
     pool=VECTOR_INDEX_POOL,
     retry_policy=STORE_RETRY,
+    check_specs=[
+        dg.AssetCheckSpec(
+            LIMITS_CHECK,
+            asset="service_recommendations",
+            description="The offers stored for the day keep the contact policy: no device over the daily "
+            "cap or over max_offers_per_week in the 7 days ending that day, no service offered twice to "
+            "a device on one day.",
+        )
+    ],
 )
 def service_recommendations(
     context: dg.AssetExecutionContext,
@@ -112,7 +128,12 @@ def service_recommendations(
     catalog = persona_config.service_catalog()
     as_of = persona_storage.read_latest_observed_at(persona_store)
     if as_of is None:
-        return dg.MaterializeResult(metadata={"offers_new": dg.MetadataValue.int(0)})
+        return dg.MaterializeResult(
+            metadata={"offers_new": dg.MetadataValue.int(0)},
+            check_results=[
+                dg.AssetCheckResult(check_name=LIMITS_CHECK, passed=True, description="no updates yet")
+            ],
+        )
     day = as_of.strftime("%Y-%m-%d")
     since = pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1 - catalog.rules.location_window_days)
     history = persona_storage.read_key_history(persona_store, CITY_KEY, since.to_pydatetime())
@@ -156,12 +177,24 @@ def service_recommendations(
 
     columns = ["device_id", "service_id", "trigger"]
     todays = pd.concat([inputs.history.loc[inputs.history["offer_day"] == day, columns], offers[columns]])
+    window = pd.concat([inputs.history, offers.assign(offer_day=day)])[
+        ["device_id", "service_id", "offer_day"]
+    ]
+    breaches = contact_limit_breaches(window, day, catalog.rules.daily_cap, catalog.rules.max_offers_per_week)
     preview = (
         offers.sort_values("score", ascending=False)
         .groupby("trigger")
         .head(3)[["device_id", "service_id", "trigger", "score", "reason"]]
     )
     return dg.MaterializeResult(
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=LIMITS_CHECK,
+                passed=not any(breaches.values()),
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata=breaches,
+            )
+        ],
         metadata={
             "offer_day": dg.MetadataValue.text(day),
             "offers_new": dg.MetadataValue.int(written),
@@ -178,5 +211,5 @@ def service_recommendations(
             "preview": markdown_table(
                 preview.assign(score=preview["score"].round(3)), max_rows=12, max_cell_chars=300
             ),
-        }
+        },
     )

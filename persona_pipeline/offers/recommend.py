@@ -693,3 +693,17 @@ def _hash_hex(frame: pd.DataFrame) -> pd.Series:
     # 16 hex digits per row, formatted for the whole column at once.
     digits = np.frombuffer(hashes.astype(">u8").tobytes().hex().encode(), dtype="S16").astype(str)
     return pd.Series(digits, index=frame.index)
+
+
+def contact_limit_breaches(offers: pd.DataFrame, day: str, daily_cap: int, per_week: int) -> dict[str, int]:
+    """What the stored offers (device_id, service_id, offer_day; at least the 7 days up to `day`)
+    break on `day`: devices over the daily cap, devices over the weekly budget in the 7 days
+    ending on `day`, and (device, service) pairs offered twice that day."""
+    week_start = (pd.Timestamp(day) - pd.Timedelta(days=WEEK_DAYS - 1)).strftime("%Y-%m-%d")
+    week = offers[(offers["offer_day"] >= week_start) & (offers["offer_day"] <= day)]
+    today = week[week["offer_day"] == day]
+    return {
+        "devices_over_daily_cap": int((today["device_id"].value_counts() > daily_cap).sum()),
+        "devices_over_weekly_budget": int((week["device_id"].value_counts() > per_week).sum()),
+        "duplicate_offers": int(today.duplicated(["device_id", "service_id"]).sum()),
+    }

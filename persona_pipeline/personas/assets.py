@@ -6,7 +6,7 @@ import pandas as pd
 from pydantic import Field
 
 from persona_pipeline.automation import AFTER_UPSTREAM
-from persona_pipeline.metadata import markdown_table
+from persona_pipeline.metadata import OWNERS, markdown_table, table_metadata
 from persona_pipeline.partitions import daily_partitions, partition_days
 from persona_pipeline.personas import storage
 from persona_pipeline.personas.index_verification import SAMPLE_SIZE, collection_problem
@@ -28,17 +28,32 @@ from persona_pipeline.resources.vector_index import (
     point_ids,
 )
 from persona_pipeline.retries import STORE_RETRY
+from persona_pipeline.store import tables as store_tables
 
 ONE_POINT_CHECK = "one_point_per_device"
 
 
+MERGED_CHECK = "merged_values_in_profiles"
+VECTOR_COUNT_CHECK = "one_vector_per_counted_device"
+
+
 @dg.asset(
+    owners=OWNERS,
+    metadata=table_metadata(store_tables.device_profiles, store_tables.profile_changes),
     partitions_def=daily_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
     deps=["index_updates"],
     group_name="personas",
     kinds={"pandas", "sql"},
     retry_policy=STORE_RETRY,
+    check_specs=[
+        dg.AssetCheckSpec(
+            MERGED_CHECK,
+            asset="device_profiles",
+            description="Every latest value merged is in the profiles: the table holds at least as many "
+            "rows and devices as the merge wrote.",
+        )
+    ],
 )
 def device_profiles(context: dg.AssetExecutionContext, persona_store: PersonaStore) -> dg.MaterializeResult:
     """Latest value per (device, key) by event time. Merging is order-independent and idempotent:
@@ -48,14 +63,21 @@ def device_profiles(context: dg.AssetExecutionContext, persona_store: PersonaSto
     latest = latest_per_device_key(updates)
     storage.merge_into_profiles(persona_store, latest)
     rows, devices = storage.profile_counts(persona_store)
+    updated = int(latest["device_id"].nunique())
+    merged = dg.AssetCheckResult(
+        check_name=MERGED_CHECK,
+        passed=rows >= len(latest) and devices >= updated,
+        metadata={"profile_rows": rows, "values_merged": len(latest), "devices": devices},
+    )
     return dg.MaterializeResult(
+        check_results=[merged],
         metadata={
             "updates_read": dg.MetadataValue.int(len(updates)),
             "latest_values_merged": dg.MetadataValue.int(len(latest)),
-            "devices_updated": dg.MetadataValue.int(int(latest["device_id"].nunique())),
+            "devices_updated": dg.MetadataValue.int(updated),
             "profile_rows": dg.MetadataValue.int(rows),
             "devices": dg.MetadataValue.int(devices),
-        }
+        },
     )
 
 
@@ -64,11 +86,23 @@ INCREMENTAL_MAX_SHARE = 0.25
 
 
 @dg.asset(
+    owners=OWNERS,
+    metadata=table_metadata(
+        store_tables.persona_vectors, store_tables.persona_dimensions, store_tables.persona_vector_runs
+    ),
     deps=[device_profiles],
     automation_condition=AFTER_UPSTREAM,
     group_name="personas",
     kinds={"numpy", "sql"},
     retry_policy=STORE_RETRY,
+    check_specs=[
+        dg.AssetCheckSpec(
+            VECTOR_COUNT_CHECK,
+            asset="persona_vectors",
+            description="The stored vectors are as many as the devices the run counts (computed or carried "
+            "over from the last run): an incremental run lost or duplicated none.",
+        )
+    ],
 )
 def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) -> dg.MaterializeResult:
     """One weighted vector per profiled device, in the feature space of the current schema and
@@ -131,7 +165,15 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
 
     computed = "every device" if selection is None else "the devices whose vector may have changed"
     active = (vectors.matrix != 0).mean(axis=0) if len(vectors.device_ids) else np.zeros(len(dimensions))
+    stored = storage.count_vectors(persona_store)
+    counted = dg.AssetCheckResult(
+        check_name=VECTOR_COUNT_CHECK,
+        passed=stored == devices,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"vectors_stored": stored, "devices_counted": devices},
+    )
     return dg.MaterializeResult(
+        check_results=[counted],
         metadata={
             "devices": dg.MetadataValue.int(devices),
             "devices_computed": dg.MetadataValue.int(len(vectors.device_ids)),
@@ -150,7 +192,7 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
                 dimensions.assign(share_nonzero=np.round(active, 3))[["name", "weight", "share_nonzero"]],
                 max_rows=len(dimensions),
             ),
-        }
+        },
     )
 
 
@@ -209,6 +251,8 @@ class PersonaIndexConfig(dg.Config):
 
 
 @dg.asset(
+    owners=OWNERS,
+    metadata=table_metadata(store_tables.vector_index_state),
     deps=[persona_vectors],
     automation_condition=AFTER_UPSTREAM,
     group_name="personas",

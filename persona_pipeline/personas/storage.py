@@ -117,6 +117,11 @@ def profile_counts(store: PersonaStore) -> tuple[int, int]:
     return int(rows or 0), int(devices or 0)
 
 
+def count_vectors(store: PersonaStore) -> int:
+    with store.engine.connect() as connection:
+        return int(connection.execute(sa.select(sa.func.count()).select_from(persona_vectors)).scalar() or 0)
+
+
 def read_key_history(store: PersonaStore, key: str, since: pd.Timestamp) -> pd.DataFrame:
     """Updates of `key` after `since`, plus the last update at or before it of each device that
     has one after (the value it changed from; other devices' history says nothing of a change)."""

@@ -8,10 +8,11 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 from pydantic import Field
+from sklearn.metrics import adjusted_rand_score
 
 from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.feature_schema import FeatureSchema
-from persona_pipeline.metadata import markdown_table
+from persona_pipeline.metadata import OWNERS, markdown_table, table_metadata
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import persona_index, persona_vectors
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
@@ -34,6 +35,27 @@ from persona_pipeline.segments.stable_ids import (
     stable_labels,
 )
 from persona_pipeline.segments.vector_payloads import sync_cluster_payloads
+from persona_pipeline.store import tables as store_tables
+
+STABILITY_CHECK = "segments_stable"
+
+
+def stability_check(
+    previous: np.ndarray, current: np.ndarray, min_ari: float, schema_changed: bool
+) -> dg.AssetCheckResult:
+    """The adjusted Rand index of the devices that had a segment before, against `min_ari`."""
+    had = previous != UNKNOWN
+    if schema_changed or had.sum() < 2:
+        why = "the feature schema changed" if schema_changed else "no earlier segments to compare"
+        return dg.AssetCheckResult(check_name=STABILITY_CHECK, passed=True, description=f"not judged: {why}")
+    ari = float(adjusted_rand_score(previous[had], current[had]))
+    return dg.AssetCheckResult(
+        check_name=STABILITY_CHECK,
+        passed=ari >= min_ari,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"adjusted_rand_index": round(ari, 3), "devices_compared": int(had.sum())},
+        description=None if ari >= min_ari else f"segments moved: adjusted Rand index {ari:.3f} < {min_ari}",
+    )
 
 
 class DeviceClustersConfig(dg.Config):
@@ -70,6 +92,13 @@ class DeviceClustersConfig(dg.Config):
         gt=0,
         description="A new segment keeps a previous segment's id when that segment's centre lies within "
         "this many median member distances of the new centre; otherwise it gets a new id.",
+    )
+    min_stable_ari: float = Field(
+        default=0.7,
+        ge=-1,
+        le=1,
+        description="The segments_stable check warns when a new fit's segments agree with the previous "
+        "ones less than this (adjusted Rand index), unless the feature schema changed.",
     )
     dbscan_eps: float | None = Field(
         default=None,
@@ -116,12 +145,28 @@ class DeviceClustersConfig(dg.Config):
 
 
 @dg.asset(
+    owners=OWNERS,
+    metadata=table_metadata(
+        store_tables.device_clusters,
+        store_tables.segments,
+        store_tables.segment_centres,
+        store_tables.vector_index_clusters,
+    ),
     deps=[persona_vectors, persona_index],
     automation_condition=AFTER_UPSTREAM,
     group_name="segments",
     kinds={"scikitlearn", "qdrant", "sql"},
     pool=VECTOR_INDEX_POOL,
     retry_policy=STORE_RETRY,
+    check_specs=[
+        dg.AssetCheckSpec(
+            STABILITY_CHECK,
+            asset="device_clusters",
+            description="A new fit keeps the segments: adjusted Rand index of the devices' segments "
+            "against their previous ones at least min_stable_ari (not judged when the feature schema "
+            "changed); warns otherwise.",
+        )
+    ],
 )
 def device_clusters(
     context: dg.AssetExecutionContext,
@@ -146,8 +191,14 @@ def device_clusters(
     context.log.info(f"fitting segments anew: {reason}")
     vectors = persona_storage.read_stored_vectors(persona_store)
     if len(vectors.device_ids) == 0:
-        return dg.MaterializeResult(metadata={"devices": dg.MetadataValue.int(0)})
+        return dg.MaterializeResult(
+            metadata={"devices": dg.MetadataValue.int(0)},
+            check_results=[
+                dg.AssetCheckResult(check_name=STABILITY_CHECK, passed=True, description="no devices")
+            ],
+        )
     require_current_space(vectors, schema)
+    last_fit_space = storage.read_last_fit_space(persona_store)
     previous_ids = storage.read_assignments(persona_store)
     aligned_previous = previous_ids.reindex(vectors.device_ids).fillna(UNKNOWN).to_numpy(dtype=np.int64)
     previous = previous_segments(vectors.matrix, aligned_previous)
@@ -200,7 +251,10 @@ def device_clusters(
     changed = (aligned_previous != cluster_ids) & (aligned_previous != UNKNOWN)
 
     sizes = described["devices"]
+    schema_changed = last_fit_space is None or _schema_part(last_fit_space) != _schema_part(vectors.space)
+    stability = stability_check(aligned_previous, cluster_ids, config.min_stable_ari, schema_changed)
     return dg.MaterializeResult(
+        check_results=[stability],
         metadata={
             "devices": dg.MetadataValue.int(len(cluster_ids)),
             "segments": dg.MetadataValue.int(fit.n_segments),
@@ -237,7 +291,7 @@ def device_clusters(
             "mode": dg.MetadataValue.text("fit"),
             "fit_reason": dg.MetadataValue.text(reason),
             "devices_assigned": dg.MetadataValue.int(len(cluster_ids)),
-        }
+        },
     )
 
 
@@ -254,7 +308,7 @@ class _Assignment:
 def _fit_settings(config: DeviceClustersConfig) -> str:
     """The settings that shape a fit; a fit made with others is not assigned to."""
     shaping = config.model_dump(
-        exclude={"refit", "refit_every_days", "refit_changed_share", "profile_traits"}
+        exclude={"refit", "refit_every_days", "refit_changed_share", "profile_traits", "min_stable_ari"}
     )
     return json.dumps(shaping, sort_keys=True)
 
@@ -330,7 +384,13 @@ def _assign_changed(
         f"assigned {len(changed):,} changed devices to the {len(stored.cluster_ids)} segments fitted at "
         f"{stored.fitted_at:%Y-%m-%d %H:%M} UTC; {len(gone):,} devices left"
     )
+    kept = dg.AssetCheckResult(
+        check_name=STABILITY_CHECK,
+        passed=True,
+        description="no fit: the devices whose vector changed joined the last fit's segments",
+    )
     return dg.MaterializeResult(
+        check_results=[kept],
         metadata={
             "devices": dg.MetadataValue.int(int(counts.sum())),
             "segments": dg.MetadataValue.int(int((counts > 0).sum())),
@@ -343,7 +403,7 @@ def _assign_changed(
             ),
             "payloads_written": dg.MetadataValue.int(payloads_written),
             "feature_space": dg.MetadataValue.text(space),
-        }
+        },
     )
 
 

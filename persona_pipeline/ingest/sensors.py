@@ -1,4 +1,4 @@
-"""When ingest runs: a daily schedule over the partitions, and a sensor for files as they land."""
+"""The landing-folder sensor: files as they land get a run of their day."""
 
 import json
 import math
@@ -7,21 +7,15 @@ from pathlib import Path
 
 import dagster as dg
 
-from persona_pipeline.automation import SCHEDULE_STATUS, SENSOR_STATUS
+from persona_pipeline.automation import SENSOR_STATUS
 from persona_pipeline.ingest.assets import index_updates
+from persona_pipeline.ingest.jobs import ingest_job
 from persona_pipeline.partitions import daily_partitions, outside_partitions
 from persona_pipeline.resources import LandingZone
 from persona_pipeline.settings import sensor_interval_seconds
 
 # A file younger than this may still be being written: it waits for the next tick.
 SETTLE_SECONDS = 10
-
-# device_profiles by its key: the personas domain sits above ingest.
-ingest_job = dg.define_asset_job(
-    "ingest_job",
-    selection=dg.AssetSelection.assets(index_updates.key, dg.AssetKey("device_profiles")),
-    description="Read, validate and merge the landing data of the selected days into device profiles.",
-)
 
 
 def _newest_change(folder: Path) -> float:
@@ -43,23 +37,6 @@ def _read_since_last_change(instance: dg.DagsterInstance, folder: Path, day: str
         return False
     run = instance.get_run_record_by_id(records[0].run_id)
     return bool(run and run.start_time and run.start_time > _newest_change(folder))
-
-
-@dg.schedule(
-    job=ingest_job,
-    cron_schedule=daily_partitions.get_cron_schedule(minute_of_hour=30, hour_of_day=0),
-    default_status=SCHEDULE_STATUS,
-    execution_timezone="UTC",
-    description="Every day at 00:30 UTC: ingest the day that just ended, late files included.",
-)
-def ingest_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
-    """At 00:30 UTC, the day that just ended, complete with its late files. Today's files are
-    picked up during the day by index_updates_sensor."""
-    keys = daily_partitions.get_partition_keys(current_time=context.scheduled_execution_time)
-    if len(keys) < 2:
-        return dg.SkipReason("no complete day inside the partitions yet")
-    day = keys[-2]  # the last key is today's (the partitions end one day ahead)
-    return dg.RunRequest(partition_key=day, run_key=f"schedule:{day}")
 
 
 @dg.sensor(
