@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
@@ -16,12 +17,24 @@ def markdown_table(
     if frame.empty:
         return dg.MetadataValue.md("_(none)_")
     shown = frame.head(max_rows).astype(object)
-    cells = shown.where(shown.notna(), "").map(lambda value: _cell(str(value), max_cell_chars))
+    cells = shown.where(shown.notna(), "").map(lambda value: _cell(_text(value), max_cell_chars))
     header = "| " + " | ".join(_cell(str(c), max_cell_chars) for c in shown.columns) + " |"
     rule = "| " + " | ".join("---" for _ in shown.columns) + " |"
     body = ["| " + " | ".join(row) + " |" for row in cells.to_numpy().tolist()]
     more = [f"\n_{len(frame) - max_rows} more rows_"] if len(frame) > max_rows else []
     return dg.MetadataValue.md("\n".join([header, rule, *body, *more]))
+
+
+def _text(value: object) -> str:
+    """A cell's text; a float with at most 4 significant digits (a rate, not 0.30000000000000004)."""
+    if isinstance(value, float | np.floating):
+        return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
+    return str(value)
+
+
+def rounded(value: float, digits: int = 4) -> dg.MetadataValue:
+    """A float for the UI, to `digits` significant digits."""
+    return dg.MetadataValue.float(float(f"{value:.{digits}g}"))
 
 
 def _cell(text: str, max_chars: int) -> str:

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import dagster as dg
 import pandas as pd
+
+# The two daily assets run a backfill as one run (BackfillPolicy.single_run); Dagster calls the
+# parameter beta and says so for each asset in every process that loads the code, on every start.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Parameter `backfill_policy` of function `asset` is currently in beta",
+    category=dg.BetaWarning,
+)
 
 # Recent start keeps the UI fast; set PERSONA_PARTITION_START for older landing data.
 PARTITION_START = os.environ.get("PERSONA_PARTITION_START", "2026-01-01")

@@ -196,3 +196,14 @@ def test_dagster_refuses_the_code_location_while_a_configuration_file_is_not_yam
     output = result.stdout + result.stderr
     assert f"ConfigError: {catalog}: invalid YAML at line 3, column 9" in output
     assert "(while parsing a flow sequence that starts at line 2)" in output
+
+
+def test_loading_the_definitions_prints_no_warning():
+    """Every process that loads the code location (webserver, daemon, each run) would repeat it."""
+    loaded = subprocess.run(
+        [sys.executable, "-W", "default", "-c", "import persona_pipeline.definitions"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "Warning" not in loaded.stderr, loaded.stderr

@@ -97,6 +97,9 @@ def test_between_fits_only_devices_without_a_current_segment_are_assigned(demo):
     assert registry["cluster_id"].tolist() == registry_before["cluster_id"].tolist()
     assert registry["devices"].sum() == 3000
     assert registry["traits"].tolist() == registry_before["traits"].tolist()
+    # An assign run still shows the segments' profiles (the last fit's, with today's sizes).
+    shown = metadata["segment_profiles"].value
+    assert all(f"| {name} |" in shown for name in registry.loc[registry["active"], "name"])
     payloads = cluster_payloads(demo.home)
     assert payloads == dict(zip(after.index, after["cluster_id"].astype(int), strict=True))
 

@@ -225,7 +225,7 @@ def anomaly_scores(
                 passed=in_band,
                 severity=dg.AssetCheckSeverity.WARN,
                 metadata={
-                    "anomaly_rate": rate,
+                    "anomaly_rate": round(rate, 5),
                     "band": f"{config.expected_rate_min:.2%} .. {config.expected_rate_max:.2%}",
                 },
                 description=None

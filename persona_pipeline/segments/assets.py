@@ -12,7 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.feature_schema import FeatureSchema
-from persona_pipeline.metadata import OWNERS, markdown_table, table_metadata
+from persona_pipeline.metadata import OWNERS, markdown_table, rounded, table_metadata
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import persona_index, persona_vectors
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
@@ -260,16 +260,8 @@ def device_clusters(
             "segments": dg.MetadataValue.int(fit.n_segments),
             "algorithm": dg.MetadataValue.text(fit.algorithm),
             "choice_of_k": dg.MetadataValue.text(fit.note),
-            "silhouette": dg.MetadataValue.float(
-                fit.silhouette if fit.silhouette is not None else float("nan")
-            ),
-            "segment_profiles": markdown_table(
-                described.assign(share=(described["share"] * 100).round(1))[
-                    ["segment", "name", "devices", "share", "traits"]
-                ].rename(columns={"share": "share %"}),
-                max_rows=50,
-                max_cell_chars=400,
-            ),
+            "silhouette": rounded(fit.silhouette if fit.silhouette is not None else float("nan")),
+            "segment_profiles": segment_profiles_table(described),
             "size_distribution": dg.MetadataValue.md(_size_distribution(sizes, len(cluster_ids))),
             "silhouette_by_k": markdown_table(
                 pd.DataFrame(
@@ -395,6 +387,8 @@ def _assign_changed(
             "devices": dg.MetadataValue.int(int(counts.sum())),
             "segments": dg.MetadataValue.int(int((counts > 0).sum())),
             "mode": dg.MetadataValue.text("assign"),
+            # The profiles of the last fit, with today's sizes: an assign run changes only sizes.
+            "segment_profiles": segment_profiles_table(_active_segments(store)),
             "devices_assigned": dg.MetadataValue.int(len(changed)),
             "devices_removed": dg.MetadataValue.int(len(gone)),
             "fitted_at": dg.MetadataValue.timestamp(stored.fitted_at.timestamp()),
@@ -415,6 +409,24 @@ def require_current_space(vectors: persona_storage.StoredVectors, schema: Featur
             f"schema's ({schema.version}, {len(schema.dimension_names)} dimensions): "
             "materialize persona_vectors first"
         )
+
+
+def segment_profiles_table(described: pd.DataFrame) -> dg.MetadataValue:
+    """segment, name, devices, share (of the devices in a segment) and traits, as the UI shows them."""
+    share = (
+        described["share"]
+        if "share" in described
+        else described["devices"] / max(described["devices"].sum(), 1)
+    )
+    share = (share * 100).round(1)
+    table = described.assign(share=share)[["segment", "name", "devices", "share", "traits"]]
+    return markdown_table(table.rename(columns={"share": "share %"}), max_rows=50, max_cell_chars=400)
+
+
+def _active_segments(store: PersonaStore) -> pd.DataFrame:
+    registry = storage.read_segment_registry(store)
+    active = registry[registry["active"] & (registry["devices"] > 0)]
+    return active.rename(columns={"cluster_id": "segment"})[["segment", "name", "devices", "traits"]]
 
 
 def _size_distribution(sizes: pd.Series, devices: int) -> str:
