@@ -309,3 +309,11 @@ def test_the_contact_policy_check_finds_each_kind_of_breach():
         "devices_over_weekly_budget": 1,
         "duplicate_offers": 1,
     }
+
+
+def test_the_trigger_registry_is_the_catalogs_list_in_its_order():
+    from persona_pipeline.offers.recommend import TRIGGER_RULES
+    from persona_pipeline.service_catalog import TRIGGERS
+
+    assert tuple(rule.name for rule in TRIGGER_RULES) == TRIGGERS
+    assert all(rule.serves for rule in TRIGGER_RULES)

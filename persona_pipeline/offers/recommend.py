@@ -24,6 +24,7 @@ service's lookalike offers that day, over all runs, are at most `lookalike_per_s
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -433,16 +434,44 @@ def recommend(
     """Today's new offers: offer_id, device_id, service_id, trigger, score, reason, cluster_id,
     priority, offer_day (cooldowns and the daily cap applied). `lookalikes`: Qdrant's hits, see
     `lookalike_candidates`."""
+    hits = lookalikes if lookalikes is not None else pd.DataFrame()
     candidates = pd.concat(
-        [
-            location_candidates(inputs, catalog),
-            usage_candidates(inputs, catalog),
-            support_candidates(inputs, catalog),
-            lookalike_candidates(lookalikes if lookalikes is not None else pd.DataFrame(), inputs, catalog),
-        ],
-        ignore_index=True,
+        [rule.candidates(inputs, catalog, hits) for rule in TRIGGER_RULES], ignore_index=True
     )
     return finalize(candidates, inputs, catalog)
+
+
+@dataclass(frozen=True)
+class TriggerRule:
+    """A trigger: where its candidate offers come from, and the need of a device they serve."""
+
+    name: str
+    serves: str
+    candidates: Callable[[OfferInputs, ServiceCatalog, pd.DataFrame], pd.DataFrame]
+
+
+# The triggers (service_catalog.TRIGGERS names them, in this order). The order is the precedence:
+# a service two triggers offer a device on the same day goes out under the first.
+TRIGGER_RULES: tuple[TriggerRule, ...] = (
+    TriggerRule(
+        "location", "a move to another city", lambda inputs, catalog, _: location_candidates(inputs, catalog)
+    ),
+    TriggerRule(
+        "usage",
+        "heavy use of an app, against usage peers",
+        lambda inputs, catalog, _: usage_candidates(inputs, catalog),
+    ),
+    TriggerRule(
+        "support",
+        "a health fault (flag of kind health)",
+        lambda inputs, catalog, _: support_candidates(inputs, catalog),
+    ),
+    TriggerRule(
+        "lookalike",
+        "the need of the service, for devices near those that accepted it (Qdrant)",
+        lambda inputs, catalog, hits: lookalike_candidates(hits, inputs, catalog),
+    ),
+)
 
 
 def finalize(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFrame:
