@@ -15,18 +15,23 @@ import pandas as pd
 import sqlalchemy as sa
 
 from persona_pipeline import settings
+from persona_pipeline.anomalies.storage import flags_by_kind, read_strangest
 from persona_pipeline.app.home import CommandError, say_on_stderr, write_failure_log
 from persona_pipeline.executors import distributed
 from persona_pipeline.feedback.jobs import feedback_job, weights_job
+from persona_pipeline.feedback.sensors import unloaded_feedback_batches
 from persona_pipeline.feedback.storage import (
     acceptance_by_weights_version,
     read_held_batches,
     read_weight_decisions,
 )
+from persona_pipeline.ingest import storage as ingest_storage
 from persona_pipeline.ingest.jobs import ingest_job
 from persona_pipeline.offers.jobs import segments_job
+from persona_pipeline.offers.storage import offers_by_trigger, tickets_by_status
 from persona_pipeline.partitions import offer_feedback_batches, outside_partitions
 from persona_pipeline.personas.jobs import personas_job
+from persona_pipeline.personas.storage import profile_counts
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.run_health import (
     HOST_TAG,
@@ -36,15 +41,10 @@ from persona_pipeline.run_health import (
     this_host,
 )
 from persona_pipeline.secrets import mask_url
+from persona_pipeline.segments.storage import read_segment_registry
 from persona_pipeline.store.tables import (
-    anomaly_scores,
-    device_profiles,
-    index_update_rejects,
-    index_updates,
     offer_feedback,
-    segments,
     service_recommendations,
-    support_tickets,
 )
 
 # The UI lists a job's runs by this label (repository @ code location, as workspace.yaml names
@@ -254,7 +254,7 @@ def run_chain(
         run_ids[job_name if partition_key is None else f"{job_name}[{partition_key}]"] = result.run_id
 
     run(ingest_job.name, range_tags)
-    batches = new_feedback_batches(landing, instance)
+    batches = unloaded_feedback_batches(landing, instance)
     if batches:
         instance.add_dynamic_partitions(offer_feedback_batches.name, batches)
     # Without a new batch, a load still retries the rows held for offers not made yet (the last
@@ -268,13 +268,6 @@ def run_chain(
     run(personas_job.name, {})
     run(segments_job.name, {})
     return ChainResult(start, end, run_ids, batches, days.skipped, failed_checks)
-
-
-def new_feedback_batches(landing: LandingZone, instance: dg.DagsterInstance) -> list[str]:
-    """Complete feedback batches whose partition was never materialized (what the sensor would
-    request, minus what it already ran)."""
-    done = instance.get_materialized_partitions(dg.AssetKey("offer_feedback"))
-    return [batch for batch in landing.complete_feedback_batches() if batch not in done]
 
 
 class NothingToAnswer(CommandError):
@@ -333,6 +326,9 @@ def _decision_lines(decisions: pd.DataFrame) -> list[str]:
     ]
 
 
+NO_REASON = "before reasons were kept"  # a segment retired before revision 0007
+
+
 def summary(result: ChainResult) -> str:
     from persona_pipeline.definitions import build_resources
 
@@ -340,53 +336,20 @@ def summary(result: ChainResult) -> str:
     store: PersonaStore = resources["persona_store"]
     index: VectorIndex = resources["vector_index"]
     days = [day.strftime("%Y-%m-%d") for day in pd.date_range(result.start, result.end, freq="D")]
-    with store.engine.connect() as connection:
-        accepted = connection.execute(
-            sa.select(sa.func.count()).where(index_updates.c.partition_date.in_(days))
-        ).scalar()
-        reasons = connection.execute(
-            sa.select(index_update_rejects.c.reason_code, sa.func.count())
-            .where(index_update_rejects.c.partition_date.in_(days))
-            .group_by(index_update_rejects.c.reason_code)
-            .order_by(sa.func.count().desc())
-        ).all()
-        devices = connection.execute(
-            sa.select(sa.func.count(sa.distinct(device_profiles.c.device_id)))
-        ).scalar()
-        active_segments = connection.execute(
-            sa.select(segments.c.cluster_id, segments.c.name, segments.c.devices)
-            .where(segments.c.active)
-            .order_by(segments.c.cluster_id)
-        ).all()
-        retired = connection.execute(
-            sa.select(
-                segments.c.cluster_id, segments.c.name, segments.c.last_seen_at, segments.c.retired_reason
-            )
-            .where(~segments.c.active)
-            .order_by(segments.c.last_seen_at.desc(), segments.c.cluster_id)
-            .limit(RETIRED_SHOWN)
-        ).all()
-        flagged_by_kind = connection.execute(
-            sa.select(anomaly_scores.c.kind, sa.func.count())
-            .where(anomaly_scores.c.is_anomaly)
-            .group_by(anomaly_scores.c.kind)
-            .order_by(sa.func.count().desc())
-        ).all()
-        tickets_by_status = dict(
-            connection.execute(
-                sa.select(support_tickets.c.status, sa.func.count()).group_by(support_tickets.c.status)
-            ).all()
-        )
-        strangest = connection.execute(
-            sa.select(anomaly_scores.c.device_id, anomaly_scores.c.reason)
-            .order_by(anomaly_scores.c.score.desc())
-            .limit(1)
-        ).first()
-        offers = connection.execute(
-            sa.select(service_recommendations.c.trigger, sa.func.count())
-            .group_by(service_recommendations.c.trigger)
-            .order_by(service_recommendations.c.trigger)
-        ).all()
+    accepted = ingest_storage.count_accepted(store, days)
+    reasons = ingest_storage.rejects_by_reason(store, days)
+    devices = profile_counts(store)[1]
+    registry = read_segment_registry(store)
+    active_segments = registry[registry["active"]].sort_values("cluster_id")
+    retired = (
+        registry[~registry["active"]]
+        .sort_values(["last_seen_at", "cluster_id"], ascending=[False, True])
+        .head(RETIRED_SHOWN)
+    )
+    flagged_by_kind = flags_by_kind(store)
+    tickets = tickets_by_status(store)
+    strangest = read_strangest(store)
+    offers = offers_by_trigger(store)
     acceptance = acceptance_by_weights_version(store)
     flagged = sum(count for _, count in flagged_by_kind)
     rejected = sum(count for _, count in reasons)
@@ -405,19 +368,23 @@ def summary(result: ChainResult) -> str:
             f"  segments           {len(active_segments):>10,}",
             *[
                 f"    {cluster_id:>4}  {count:>7,} devices  {name}"
-                for cluster_id, name, count in active_segments
+                for cluster_id, name, count in active_segments[["cluster_id", "name", "devices"]].itertuples(
+                    index=False
+                )
             ],
             *[
-                f"    retired {cluster_id:>4}  {name}: {reason or 'before reasons were kept'} "
+                f"    retired {cluster_id:>4}  {name}: {reason if isinstance(reason, str) else NO_REASON} "
                 f"(last seen {pd.Timestamp(seen):%Y-%m-%d %H:%M})"
-                for cluster_id, name, seen, reason in retired
+                for cluster_id, name, seen, reason in retired[
+                    ["cluster_id", "name", "last_seen_at", "retired_reason"]
+                ].itertuples(index=False)
             ],
             f"  anomalies          {flagged:>10,}   ({flagged / max(devices, 1):.1%} of devices; "
             + (", ".join(f"{count:,} {kind or 'no kind'}" for kind, count in flagged_by_kind) or "none")
             + ")",
-            f"  support tickets    {tickets_by_status.get('open', 0):>10,}   open, "
-            f"{tickets_by_status.get('resolved', 0):,} resolved",
-            *([f"    strangest: {strangest.device_id}: {strangest.reason}"] if strangest else []),
+            f"  support tickets    {tickets.get('open', 0):>10,}   open, "
+            f"{tickets.get('resolved', 0):,} resolved",
+            *([f"    strangest: {strangest[0]}: {strangest[1]}"] if strangest else []),
             f"  offers made        {sum(n for _, n in offers):>10,}   ("
             + (", ".join(f"{trigger} {n:,}" for trigger, n in offers) or "none")
             + ")",

@@ -17,6 +17,20 @@ from persona_pipeline.resources import LandingZone, PersonaStore
 from persona_pipeline.settings import sensor_interval_seconds
 
 
+def unloaded_feedback_batches(
+    landing_zone: LandingZone, instance: dg.DagsterInstance, seen: set[str] = frozenset()
+) -> list[str]:
+    """Complete feedback batches not `seen` whose partition of offer_feedback was never
+    materialized: a batch loaded before (by the command line, or before a restart without a
+    cursor) is not new."""
+    loaded = instance.get_materialized_partitions(offer_feedback.key)
+    return [
+        batch
+        for batch in landing_zone.complete_feedback_batches()
+        if batch not in seen and batch not in loaded
+    ]
+
+
 @dataclass(frozen=True)
 class _FeedbackCursor:
     """offer_feedback_sensor's cursor: the batches seen and the folder problems already reported.
@@ -58,13 +72,7 @@ def offer_feedback_sensor(
     for problem in problems:
         if problem not in cursor.reported:
             context.log.warning(f"feedback folder {problem}")
-    # A batch loaded before (by the command line, or before a restart without a cursor) is not new.
-    loaded = context.instance.get_materialized_partitions(offer_feedback.key)
-    new = [
-        batch
-        for batch in landing_zone.complete_feedback_batches()
-        if batch not in cursor.seen and batch not in loaded
-    ]
+    new = unloaded_feedback_batches(landing_zone, context.instance, cursor.seen)
     retries = _held_batch_retries(context.instance, storage.read_held_batches(persona_store))
     next_cursor = _FeedbackCursor(seen=cursor.seen | set(new), reported=set(problems)).text()
     if not new and not retries:

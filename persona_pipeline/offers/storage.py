@@ -220,3 +220,18 @@ def read_service_responses(store: PersonaStore) -> pd.DataFrame:
         .order_by(r.created_at, r.device_id, r.offer_id)
     )
     return frame.assign(accepted=frame["accepted"].astype(bool))
+
+
+def tickets_by_status(store: PersonaStore) -> dict[str, int]:
+    t = support_tickets.c
+    with store.engine.connect() as connection:
+        rows = connection.execute(sa.select(t.status, sa.func.count()).group_by(t.status)).all()
+    return {status: int(count) for status, count in rows}
+
+
+def offers_by_trigger(store: PersonaStore) -> list[tuple[str, int]]:
+    """(trigger, offers) over every offer made, by trigger name."""
+    r = service_recommendations.c
+    query = sa.select(r.trigger, sa.func.count()).group_by(r.trigger).order_by(r.trigger)
+    with store.engine.connect() as connection:
+        return [(trigger, int(count)) for trigger, count in connection.execute(query).all()]
