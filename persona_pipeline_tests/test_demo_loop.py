@@ -50,6 +50,10 @@ def test_the_demo_loop_learns_weights_that_make_better_offers(persona_home, inst
     result = run_demo(rounds=2, seed=11, say=said.append, instance=instance)
     assert result.feedback_batches == ["sim-2026-03-03-1", "sim-2026-03-04-2"]
     assert said[0] == "round 0: days 2026-03-01 … 2026-03-03 with the initial weights"
+    # No step is silent: each job of each round says when it is done and how long it took.
+    done = [line.split()[0] for line in said if " done in " in line]
+    assert done[:3] == ["ingest_job", "personas_job", "segments_job"]
+    assert done.count("weights_job") == 2 and len(done) == 3 + 2 * 5, said
 
     store = resources_for(persona_home)["persona_store"]
     weights = table(store, "key_weights")

@@ -74,14 +74,14 @@ def run_demo(
         )
     first_end = days[-rounds - 1]
     say(f"round 0: days {days[0]} … {first_end} with the initial weights")
-    result = run_chain(days[0], first_end, instance=instance)
+    result = run_chain(days[0], first_end, instance=instance, progress=say)
     batches, failed_checks = list(result.feedback_batches), list(result.failed_checks)
     for number, day in enumerate(days[-rounds:], start=1):
         try:
             say(f"round {number}: " + simulate_feedback(seed + number, batch_id=None))
         except NothingToAnswer:
             say(f"round {number}: every offer has a response already")
-        result = run_chain(day, day, instance=instance)
+        result = run_chain(day, day, instance=instance, progress=say)
         batches += result.feedback_batches
         failed_checks += result.failed_checks
         say(f"round {number}: day {day}, {len(result.feedback_batches)} feedback batch(es) learned from")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -216,7 +217,11 @@ def run_chain(
     verbose: bool = False,
     instance: dg.DagsterInstance | None = None,
     say: Callable[[str], None] = say_on_stderr,
+    progress: Callable[[str], None] | None = None,
 ) -> ChainResult:
+    """The chain for the days `start` … `end` (default: every landed day), job after job. `say`
+    gets what a person must know (a slot held by a dead run); `progress`, when given, a line per
+    finished job with its time."""
     from persona_pipeline.definitions import build_resources, defs
 
     resources = build_resources(resolved=True)
@@ -233,6 +238,7 @@ def run_chain(
     failed_checks: list[str] = []
 
     def run(job_name: str, tags: dict[str, str], partition_key: str | None = None) -> None:
+        started = time.monotonic()
         for line in reap_dead_runs(instance):
             say(line)
         tags = {**tags, "persona/launched_by": "cli", HOST_TAG: this_host(), **CODE_LOCATION_TAGS}
@@ -252,6 +258,9 @@ def run_chain(
         _raise_if_failed(result, job_name)
         failed_checks.extend(failed_error_checks(result))
         run_ids[job_name if partition_key is None else f"{job_name}[{partition_key}]"] = result.run_id
+        if progress is not None:
+            what = job_name if partition_key is None else f"{job_name} {partition_key}"
+            progress(f"  {what} done in {time.monotonic() - started:.0f} s")
 
     run(ingest_job.name, range_tags)
     batches = unloaded_feedback_batches(landing, instance)

@@ -8,6 +8,7 @@ from persona_pipeline.anomalies.storage import read_scores
 from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.metadata import OWNERS, counts_table, markdown_table, table_metadata
 from persona_pipeline.offers import storage
+from persona_pipeline.offers.lookalikes import lookalike_hits
 from persona_pipeline.offers.recommend import (
     APP_KEY_PREFIX,
     WEEK_DAYS,
@@ -20,58 +21,13 @@ from persona_pipeline.offers.recommend import (
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.profiles import value_changes
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
-from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL, point_ids
+from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments.storage import read_assignments
 from persona_pipeline.service_catalog import ServiceCatalog
 from persona_pipeline.store import tables as store_tables
 
 CITY_KEY = "device.location.city"
-MAX_EXAMPLES = 200  # positive and negative examples per recommendation query, each
-
-
-def _lookalike_hits(
-    store: PersonaStore, vector_index: VectorIndex, history: pd.DataFrame, day: str, catalog: ServiceCatalog
-) -> pd.DataFrame:
-    """Per service with enough responses and an accepting device: the nearest devices not offered
-    it before `day`. The devices offered it on `day` itself stay in the query, so a re-run of the
-    day finds the same devices again (their offers exist, nothing is added) instead of the next
-    nearest ones; `recommend` adds new ones only within the day's lookalike limit."""
-    responses = storage.read_service_responses(store)
-    counts = responses.groupby("service_id")["accepted"].agg(["size", "sum"])
-    eligible = counts[(counts["size"] >= catalog.rules.lookalike_min_responses) & (counts["sum"] > 0)].index
-    if eligible.empty:
-        return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
-    frames = []
-    with vector_index.open() as index:
-        collection = index.alias_target(vector_index.alias)
-        if collection is None:
-            return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
-        for service_id in eligible:
-            answered = responses[responses["service_id"] == service_id]
-            positive = answered.loc[answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
-            negative = answered.loc[~answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
-            offered = history.loc[
-                (history["service_id"] == service_id) & (history["offer_day"] < day), "device_id"
-            ].unique()
-            found = index.recommend(
-                collection,
-                point_ids(positive),
-                point_ids(negative),
-                limit=catalog.rules.lookalike_per_service,
-                exclude={"device_id": offered.tolist()},
-            )
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "service_id": service_id,
-                        "device_id": [hit.payload["device_id"] for hit in found],
-                        "rank": range(len(found)),
-                        "accepters": len(positive),
-                    }
-                )
-            )
-    return pd.concat(frames, ignore_index=True)
 
 
 LIMITS_CHECK = "offers_within_contact_policy"
@@ -149,7 +105,7 @@ def service_recommendations(
         history=storage.read_offer_history(persona_store, since_day=since_day),
         rejections=storage.read_rejections(persona_store, since_day),
     )
-    lookalikes = _lookalike_hits(persona_store, vector_index, inputs.history, day, catalog)
+    lookalikes = lookalike_hits(persona_store, vector_index, inputs.history, day, catalog)
     offers = recommend(inputs, catalog, lookalikes)
     summaries = persona_storage.read_vector_summaries(persona_store).set_index("device_id")
     blobs = persona_storage.read_vector_blobs(persona_store, offers["device_id"].unique().tolist())

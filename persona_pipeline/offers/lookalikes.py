@@ -1,0 +1,56 @@
+"""Lookalikes of the devices that accepted a service: Qdrant's recommendation query."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from persona_pipeline.offers import storage
+from persona_pipeline.resources import PersonaStore, VectorIndex
+from persona_pipeline.resources.vector_index import point_ids
+from persona_pipeline.service_catalog import ServiceCatalog
+
+MAX_EXAMPLES = 200  # positive and negative examples per recommendation query, each
+
+
+def lookalike_hits(
+    store: PersonaStore, vector_index: VectorIndex, history: pd.DataFrame, day: str, catalog: ServiceCatalog
+) -> pd.DataFrame:
+    """Per service with enough responses and an accepting device: the nearest devices not offered
+    it before `day`. The devices offered it on `day` itself stay in the query, so a re-run of the
+    day finds the same devices again (their offers exist, nothing is added) instead of the next
+    nearest ones; `recommend` adds new ones only within the day's lookalike limit."""
+    responses = storage.read_service_responses(store)
+    counts = responses.groupby("service_id")["accepted"].agg(["size", "sum"])
+    eligible = counts[(counts["size"] >= catalog.rules.lookalike_min_responses) & (counts["sum"] > 0)].index
+    if eligible.empty:
+        return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
+    frames = []
+    with vector_index.open() as index:
+        collection = index.alias_target(vector_index.alias)
+        if collection is None:
+            return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
+        for service_id in eligible:
+            answered = responses[responses["service_id"] == service_id]
+            positive = answered.loc[answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
+            negative = answered.loc[~answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
+            offered = history.loc[
+                (history["service_id"] == service_id) & (history["offer_day"] < day), "device_id"
+            ].unique()
+            found = index.recommend(
+                collection,
+                point_ids(positive),
+                point_ids(negative),
+                limit=catalog.rules.lookalike_per_service,
+                exclude={"device_id": offered.tolist()},
+            )
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "service_id": service_id,
+                        "device_id": [hit.payload["device_id"] for hit in found],
+                        "rank": range(len(found)),
+                        "accepters": len(positive),
+                    }
+                )
+            )
+    return pd.concat(frames, ignore_index=True)
