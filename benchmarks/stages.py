@@ -137,8 +137,8 @@ def store_next_to(store: PersonaStore, name: str) -> PersonaStore:
 
 
 # What persona_index reads and writes: the vectors of the sample and their index state.
-INDEX_INPUTS = (tables.persona_vectors, tables.device_clusters)
-INDEX_STATE = (tables.vector_index_state, tables.vector_index_clusters)
+INDEX_INPUTS = (tables.persona_vectors,)
+INDEX_STATE = (tables.vector_index_state,)
 
 
 def copy_for_sample(store: PersonaStore, sample_store: PersonaStore, devices: list[str]) -> PersonaStore:

@@ -299,3 +299,21 @@ def test_vectors_of_a_day_follow_the_devices_that_changed_and_equal_a_full_recom
     )[0]
     assert again.metadata["computed"].value == "every device"
     assert again.metadata["devices_rewritten"].value == 0
+
+
+def test_the_merge_check_sees_values_that_did_not_land(landing, resources, instance, monkeypatch):
+    from persona_pipeline.personas import storage as persona_storage
+    from persona_pipeline.personas.assets import MERGED_CHECK
+
+    write_jsonl(landing, DAYS[0], day_rows(DAYS[0]))
+    landed = materialize(INGEST, resources, instance, partition_key=DAYS[0])
+    assert check_named(landed, MERGED_CHECK).passed
+    write_jsonl(landing, DAYS[1], day_rows(DAYS[1]))
+    real_merge = persona_storage.merge_into_profiles
+    # A merge that loses the newest value of every other row.
+    monkeypatch.setattr(
+        persona_storage, "merge_into_profiles", lambda store, latest: real_merge(store, latest.iloc[::2])
+    )
+    lost = materialize(INGEST, resources, instance, partition_key=DAYS[1])
+    check = check_named(lost, MERGED_CHECK)
+    assert not check.passed and check.metadata["values_missing_or_older"].value > 0

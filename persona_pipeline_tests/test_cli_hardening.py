@@ -80,6 +80,18 @@ def test_an_error_check_that_fails_makes_the_run_exit_non_zero(tmp_path):
     assert re.search(r"check \w*reject\w* on index_updates failed", ran.stderr), ran.stderr
 
 
+def test_a_day_with_no_valid_row_still_gets_its_summary(tmp_path):
+    """Nothing is profiled, so nothing is segmented: the summary says so instead of failing."""
+    home = tmp_path / "home"
+    bad = [{"device_id": "", "key": "device.location.city", "value": "Berlin", "observed_at": "x"}] * 20
+    write_jsonl(home / "landing", "2026-03-01", bad)
+    ran = run_cli("run", cwd=tmp_path, home=home)
+    assert ran.returncode == 1, ran.stderr[-2000:]
+    assert re.search(r"updates rejected\s+20\b", ran.stdout), ran.stdout + ran.stderr[-2000:]
+    assert re.search(r"segments\s+0\b", ran.stdout), ran.stdout
+    assert re.search(r"check \w*reject\w* on index_updates failed", ran.stderr), ran.stderr
+
+
 def test_simulate_feedback_refuses_a_batch_id_that_leaves_the_landing_zone(tmp_path):
     home = tmp_path / "home"
     refused = run_cli("simulate-feedback", "--batch", "../../escaped", cwd=tmp_path, home=home)

@@ -64,3 +64,18 @@ def value_changes(history: pd.DataFrame, since: pd.Timestamp) -> pd.DataFrame:
     changes = ordered.assign(previous_value=previous)[changed]
     latest = changes.drop_duplicates("device_id", keep="last")
     return latest.rename(columns={"observed_at": "changed_at"})[columns].reset_index(drop=True)
+
+
+def values_not_merged(latest: pd.DataFrame, stored: pd.DataFrame) -> int:
+    """How many (device, key) values of `latest` the stored profile rows (`stored`: those of the
+    same devices) lack or hold an older value of: 0 after a correct merge, whatever the order."""
+    if latest.empty:
+        return 0
+    merged = latest[["device_id", "key", "observed_at"]].merge(
+        stored[["device_id", "key", "observed_at"]],
+        on=["device_id", "key"],
+        how="left",
+        suffixes=("", "_stored"),
+    )
+    kept = merged["observed_at_stored"].notna() & (merged["observed_at_stored"] >= merged["observed_at"])
+    return int((~kept).sum())

@@ -31,10 +31,11 @@ def read_assignments(store: PersonaStore, device_ids: list[str] | None = None) -
 
 
 def read_segment_registry(store: PersonaStore) -> pd.DataFrame:
+    """Every segment id ever given out, typed even when there is none (a mask of `active` works)."""
     frame = store.read_frame(sa.select(segments).order_by(segments.c.cluster_id))
     for column in ("first_seen_at", "last_seen_at"):
         frame[column] = as_utc(frame[column])
-    return frame
+    return frame.astype({"cluster_id": "int64", "devices": "int64", "active": bool})
 
 
 def next_segment_id(registry: pd.DataFrame, assignments: pd.Series) -> int:

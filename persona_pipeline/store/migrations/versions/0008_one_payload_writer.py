@@ -2,7 +2,8 @@
 put each point in the collection (`vector_index_state.written`), and vector_index_clusters the
 write whose point got the payload (`point_written`), so device_clusters finds the points
 persona_index wrote again since (a point is replaced whole: its payload lost the cluster_id).
-Rows from before this revision have neither: device_clusters writes every payload once.
+Rows from before this revision have neither mark, which compare equal: their payloads, written
+with the point before, stay until persona_index writes the point again.
 
 Revision ID: 0008_one_payload_writer
 Revises: 0007_weights_gate
