@@ -131,12 +131,11 @@ def service_recommendations(
         f"{len(tickets.resolved)} resolved"
     )
 
-    columns = ["device_id", "service_id", "trigger"]
-    todays = pd.concat([inputs.history.loc[inputs.history["offer_day"] == day, columns], offers[columns]])
-    window = pd.concat([inputs.history, offers.assign(offer_day=day)])[
-        ["device_id", "service_id", "offer_day"]
+    stored = pd.concat([inputs.history, offers.assign(offer_day=day)])[
+        ["device_id", "service_id", "trigger", "offer_day"]
     ]
-    breaches = contact_limit_breaches(window, day, catalog.rules.daily_cap, catalog.rules.max_offers_per_week)
+    todays = stored[stored["offer_day"] == day]
+    breaches = contact_limit_breaches(stored, day, catalog.rules.daily_cap, catalog.rules.max_offers_per_week)
     preview = (
         offers.sort_values("score", ascending=False)
         .groupby("trigger")
@@ -159,7 +158,7 @@ def service_recommendations(
             "tickets_opened": dg.MetadataValue.int(opened),
             "tickets_updated": dg.MetadataValue.int(len(tickets.updated)),
             "tickets_resolved": dg.MetadataValue.int(len(tickets.resolved)),
-            "tickets_open": dg.MetadataValue.int(storage.count_open_tickets(persona_store)),
+            "tickets_open": dg.MetadataValue.int(storage.tickets_by_status(persona_store).get("open", 0)),
             "offers_explored": dg.MetadataValue.int(int(offers["explored"].sum()) if written else 0),
             "emerging_needs": counts_table(needs, "kind", "flags (not for support)"),
             "offers_by_trigger": counts_table(todays["trigger"].value_counts(), "trigger", "offers"),

@@ -193,12 +193,6 @@ def write_tickets(
     return changes
 
 
-def count_open_tickets(store: PersonaStore) -> int:
-    t = support_tickets.c
-    frame = store.read_frame(sa.select(sa.func.count().label("n")).where(t.status == "open"))
-    return int(frame["n"].iloc[0])
-
-
 def read_open_tickets(store: PersonaStore) -> pd.DataFrame:
     """The support system's view of the outbox: every open ticket, oldest first."""
     t = support_tickets.c
