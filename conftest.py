@@ -5,6 +5,10 @@ import os
 
 import pytest
 
+# The daily partitions are built when persona_pipeline is imported, from the landing folder of the
+# working directory's home when this is unset: pinned, the tests do not depend on a `make demo` run.
+os.environ.setdefault("PERSONA_PARTITION_START", "2026-01-01")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

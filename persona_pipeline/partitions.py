@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+
+from persona_pipeline import settings
 
 # The two daily assets run a backfill as one run (BackfillPolicy.single_run); Dagster calls the
 # parameter beta and says so for each asset in every process that loads the code, on every start.
@@ -16,8 +19,46 @@ warnings.filterwarnings(
     category=dg.BetaWarning,
 )
 
-# Recent start keeps the UI fast; set PERSONA_PARTITION_START for older landing data.
-PARTITION_START = os.environ.get("PERSONA_PARTITION_START", "2026-01-01")
+# The first partition when neither PERSONA_PARTITION_START nor a landing folder says otherwise.
+FALLBACK_START = "2026-01-01"
+# Partitions begin this many days before the first landed day, so a late file of the days just
+# before it has a partition to land in.
+LEAD_DAYS = 7
+
+
+def first_landed_day(landing_root: Path) -> str | None:
+    """The earliest well-named day folder (`index_updates/date=YYYY-MM-DD`) of a landing folder."""
+    try:
+        folders = [folder for folder in (landing_root / "index_updates").glob("date=*") if folder.is_dir()]
+    except OSError:  # unreadable: the partitions start at FALLBACK_START
+        return None
+    days = [folder.name.removeprefix("date=") for folder in folders]
+    return min((day for day in days if _is_day(day)), default=None)
+
+
+def _is_day(text: str) -> bool:
+    return pd.to_datetime(text, format="%Y-%m-%d", errors="coerce") is not pd.NaT
+
+
+def partition_start(configured: str | None, landing_root: Path | None) -> str:
+    """The first daily partition: `configured` (PERSONA_PARTITION_START) when set; else LEAD_DAYS
+    before the first day in the landing folder `landing_root`; else FALLBACK_START (no landed day
+    yet, or `landing_root` None: the updates come from a SQL source)."""
+    configured = (configured or "").strip()
+    if configured:
+        if not _is_day(configured):
+            raise ValueError(f"PERSONA_PARTITION_START={configured!r} is not a day (YYYY-MM-DD)")
+        return configured
+    first = first_landed_day(landing_root) if landing_root is not None else None
+    if first is None:
+        return FALLBACK_START
+    return (pd.Timestamp(first) - pd.Timedelta(days=LEAD_DAYS)).strftime("%Y-%m-%d")
+
+
+PARTITION_START = partition_start(
+    os.environ.get("PERSONA_PARTITION_START"),
+    None if os.environ.get("PERSONA_SOURCE_DB_URL") else settings.landing_dir(),
+)
 
 daily_partitions = dg.DailyPartitionsDefinition(start_date=PARTITION_START, end_offset=1)
 # One partition of offer_feedback per feedback batch, added by offer_feedback_sensor or the CLI.

@@ -12,6 +12,7 @@ import yaml
 
 from persona_pipeline.definitions import defs
 from persona_pipeline.demo.generator import generate_fleet
+from persona_pipeline.partitions import FALLBACK_START, first_landed_day, partition_start
 from persona_pipeline.resources import VectorIndex
 from persona_pipeline_tests.conftest import store_url
 
@@ -207,3 +208,30 @@ def test_loading_the_definitions_prints_no_warning():
         check=True,
     )
     assert "Warning" not in loaded.stderr, loaded.stderr
+
+
+def test_partitions_start_a_week_before_the_first_landed_day(tmp_path):
+    landing = tmp_path / "landing"
+    assert partition_start(None, landing) == FALLBACK_START  # nothing landed yet
+    for name in ("date=2026-11-20", "date=2026-11-22", "date=2026-02-30", "date=soon"):
+        (landing / "index_updates" / name).mkdir(parents=True)
+    (landing / "index_updates" / "date=2026-10-01").write_text("a file, not a day folder")
+    assert first_landed_day(landing) == "2026-11-20"
+    assert partition_start(None, landing) == "2026-11-13"
+    assert partition_start(" 2025-06-01 ", landing) == "2025-06-01"  # the setting wins
+    assert partition_start(None, None) == FALLBACK_START  # a SQL landing source: no folder to read
+    with pytest.raises(ValueError, match=r"^PERSONA_PARTITION_START='June' is not a day \(YYYY-MM-DD\)$"):
+        partition_start("June", landing)
+
+
+def test_a_process_with_landed_days_and_no_setting_starts_its_partitions_before_them(tmp_path):
+    home = tmp_path / "home"
+    (home / "landing" / "index_updates" / "date=2026-11-20").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
+    first = "from persona_pipeline.definitions import defs; print(defs.get_job_def('ingest_job')"
+    first += ".partitions_def.get_first_partition_key())"
+    loaded = subprocess.run(
+        [sys.executable, "-c", first], env={**env, "PERSONA_HOME": str(home)}, capture_output=True, text=True
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "2026-11-13"
