@@ -45,6 +45,7 @@ from persona_pipeline.personas.profiles import (
     value_changes,
 )
 from persona_pipeline.personas.vectors import build_persona_vectors
+from persona_pipeline.personas.weights import record_configured_weights
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.segments.assets import DeviceClustersConfig, device_clusters
 from persona_pipeline.store import tables
@@ -92,6 +93,9 @@ def profiles_merge(r: dict, day: str, **_) -> Outcome:
 
 
 def vectors(r: dict, **_) -> Outcome:
+    # personas_job runs key_weights first, which records the configured weights once; here the same
+    # call, timed with the stage (a read of the few key_weights rows on the incremental day).
+    record_configured_weights(r["persona_store"], r["persona_config"].feature_schema().initial_weights())
     result = persona_vectors(persona_store=r["persona_store"], persona_config=r["persona_config"])
     computed = result.metadata.get("devices_computed", result.metadata["devices"])
     return Outcome(int(computed.value), "devices")

@@ -91,3 +91,16 @@ def table_metadata(main: sa.Table, *others: sa.Table) -> dict[str, object]:
         "dagster/column_schema": table_schema(main),
         "tables_written": ", ".join(table.name for table in (main, *others)),
     }
+
+
+def add_counts_per_partition(context: dg.AssetExecutionContext, by_day: pd.DataFrame) -> None:
+    """In a range run, give each partition's materialization its own counts (`by_day`: one row per
+    partition key, one integer column per label); they replace the run's figures of the same label
+    on that partition. A one-day run needs nothing: its figures are the day's."""
+    if len(by_day) < 2:
+        return
+    for day, counts in by_day.iterrows():
+        context.add_asset_metadata(
+            {label: dg.MetadataValue.int(int(value)) for label, value in counts.items()},
+            partition_key=str(day),
+        )

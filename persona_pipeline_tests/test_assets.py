@@ -6,6 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from persona_pipeline.app.runner import RANGE_END_TAG, RANGE_START_TAG
+from persona_pipeline.feedback.assets import key_weights
 from persona_pipeline.ingest.assets import REJECT_SHARE_CHECK, index_updates
 from persona_pipeline.personas.assets import (
     ONE_POINT_CHECK,
@@ -15,6 +16,9 @@ from persona_pipeline.personas.assets import (
 )
 from persona_pipeline.resources.vector_index import StoredPoint, point_id
 from persona_pipeline_tests.conftest import ENGINES, check_named, store_url, table, update, write_jsonl
+
+# key_weights records the configured weights the vectors are built with.
+VECTOR_ASSETS = [key_weights, persona_vectors, persona_index]
 
 INGEST = [index_updates, device_profiles]
 DAYS = ["2026-03-01", "2026-03-02", "2026-03-03"]
@@ -83,6 +87,14 @@ def test_profiles_do_not_depend_on_partition_order_or_repeats(order, landing, re
     assert city == "Paris"  # the day-3 value, not the late day-1 "Vienna"
 
 
+def per_partition(result: dg.ExecuteInProcessResult, asset: str, label: str) -> dict[str, int]:
+    """`label`'s value on each partition's materialization of `asset` in `result`."""
+    return {
+        event.partition: event.metadata[label].value
+        for event in result.asset_materializations_for_node(asset)
+    }
+
+
 def test_range_run_equals_day_by_day(landing, resources, instance, tmp_path):
     for day in DAYS:
         write_jsonl(landing, day, day_rows(day))
@@ -96,13 +108,12 @@ def test_range_run_equals_day_by_day(landing, resources, instance, tmp_path):
     ranged = table(resources["persona_store"], "device_profiles", ["device_id", "key"])
     updates = table(resources["persona_store"], "index_updates")
     assert sorted(updates["partition_date"].unique()) == DAYS
-    # Each partition of the range shows its own counts, not the range's.
-    observed = {
-        event.partition: event.metadata["rows_accepted"].value
-        for event in result.asset_observations_for_node("index_updates")
-    }
-    assert observed == updates["partition_date"].value_counts().to_dict()
-    assert sorted(observed) == DAYS and all(count < len(updates) for count in observed.values())
+    # Each partition's materialization shows its own counts, not the range's.
+    accepted = per_partition(result, "index_updates", "rows_accepted")
+    assert accepted == updates["partition_date"].value_counts().to_dict()
+    assert sorted(accepted) == DAYS and all(count < len(updates) for count in accepted.values())
+    read = per_partition(result, "device_profiles", "updates_read")
+    assert read == accepted
 
     day_by_day = {
         **resources,
@@ -182,7 +193,7 @@ def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(land
     for day in DAYS:
         write_jsonl(landing, day, day_rows(day, n=5))
         assert materialize(INGEST, resources, instance, partition_key=day).success
-    result = materialize([persona_vectors, persona_index], resources, instance)
+    result = materialize(VECTOR_ASSETS, resources, instance)
     assert result.success
     collection, points = index_points(resources)
     assert collection.startswith("personas_")
@@ -192,7 +203,7 @@ def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(land
     assert points["d1"].payload["weights_version"] == 1
     assert check_named(result, ONE_POINT_CHECK).passed
 
-    again = materialize([persona_vectors, persona_index], resources, instance)
+    again = materialize(VECTOR_ASSETS, resources, instance)
     assert (
         again.asset_materializations_for_node("persona_vectors")[0].metadata["devices_rewritten"].value == 0
     )
@@ -205,7 +216,7 @@ def test_vectors_land_in_qdrant_once_per_device_and_rewrites_follow_changes(land
         name="late.jsonl",
     )
     assert materialize(INGEST, resources, instance, partition_key="2026-03-03").success
-    changed = materialize([persona_vectors, persona_index], resources, instance)
+    changed = materialize(VECTOR_ASSETS, resources, instance)
     assert (
         changed.asset_materializations_for_node("persona_vectors")[0].metadata["devices_rewritten"].value == 1
     )
@@ -230,7 +241,7 @@ def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing
 
     write_jsonl(landing, DAYS[0], day_rows(DAYS[0], n=4))
     assert materialize(INGEST, resources, instance, partition_key=DAYS[0]).success
-    assert materialize([persona_vectors, persona_index], resources, instance).success
+    assert materialize(VECTOR_ASSETS, resources, instance).success
     first, _ = index_points(resources)
 
     store = resources["persona_store"]
@@ -240,7 +251,7 @@ def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing
         "device.location.city": 0.4,
     }
     insert_weights(store, 2, learned, "feedback")
-    result = materialize([persona_vectors, persona_index], resources, instance)
+    result = materialize(VECTOR_ASSETS, resources, instance)
     assert result.success
     second, points = index_points(resources)
     assert second != first and second.endswith("-w2")
@@ -266,7 +277,7 @@ def test_vectors_of_a_day_follow_the_devices_that_changed_and_equal_a_full_recom
     ]
     write_jsonl(landing, "2026-03-08", first)
     assert materialize(INGEST, resources, instance, partition_key="2026-03-08").success
-    full = materialize([persona_vectors], resources, instance).asset_materializations_for_node(
+    full = materialize([key_weights, persona_vectors], resources, instance).asset_materializations_for_node(
         "persona_vectors"
     )[0]
     assert full.metadata["computed"].value == "every device"
@@ -281,7 +292,7 @@ def test_vectors_of_a_day_follow_the_devices_that_changed_and_equal_a_full_recom
         ],
     )
     assert materialize(INGEST, resources, instance, partition_key="2026-03-09").success
-    day = materialize([persona_vectors], resources, instance).asset_materializations_for_node(
+    day = materialize([key_weights, persona_vectors], resources, instance).asset_materializations_for_node(
         "persona_vectors"
     )[0]
     # d1 and d2 sent updates; d3 sent nothing, but its move is now more than 7 days old.
@@ -294,7 +305,7 @@ def test_vectors_of_a_day_follow_the_devices_that_changed_and_equal_a_full_recom
 
     with store.begin() as connection:  # ask for every device: a full recompute changes nothing
         connection.execute(sa.text("insert into profile_changes (device_id) values (null)"))
-    again = materialize([persona_vectors], resources, instance).asset_materializations_for_node(
+    again = materialize([key_weights, persona_vectors], resources, instance).asset_materializations_for_node(
         "persona_vectors"
     )[0]
     assert again.metadata["computed"].value == "every device"

@@ -122,7 +122,12 @@ def test_new_profiles_request_the_whole_chain_in_one_tick_and_feedback_refreshes
         return result, {key.to_user_string() for key in keys if result.get_num_requested(key)}
 
     result, wanted = evaluate(None)
-    assert wanted == set()  # nothing upstream happened: nothing to do, missing partitions or not
+    # A new deployment records the configured weights (the vectors need a version); nothing else
+    # happened upstream: nothing else to do, missing partitions or not.
+    assert wanted == {"key_weights"}
+    result, wanted = evaluate(result.cursor)
+    assert wanted == set()  # asked for once, not every tick while it is missing
+    materialized("key_weights")
     materialized("index_updates", "device_profiles", partition="2026-03-02")
     result, wanted = evaluate(result.cursor)
     assert wanted == set(DOWNSTREAM)  # one run, in dependency order; the weights are not part of it

@@ -9,10 +9,12 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from persona_pipeline.feedback.assets import offer_feedback
+from persona_pipeline.feedback.assets import key_weights, offer_feedback
 from persona_pipeline.feedback.sensors import offer_feedback_sensor
 from persona_pipeline.feedback.validation import validate_feedback
 from persona_pipeline.partitions import offer_feedback_batches
+from persona_pipeline.personas.assets import persona_vectors
+from persona_pipeline.personas.weights import WeightsNotRecorded, current_weights, record_configured_weights
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
 
 # Responses to unknown offers are rejected at once instead of held (see test_feedback_hardening).
@@ -235,3 +237,44 @@ def test_responses_to_offers_never_made_are_rejected_and_the_rest_kept(offered):
     assert json.loads(rejects.loc[2, "raw"]) == json.loads(response(never_made, "accepted"))
     metadata = run.asset_materializations_for_node("offer_feedback")[0].metadata
     assert (metadata["rows_read"].value, metadata["responses"].value, metadata["rejected"].value) == (5, 3, 2)
+
+
+def test_reading_the_live_weights_writes_nothing_and_key_weights_records_the_configured_ones(
+    resources, instance
+):
+    store = resources["persona_store"]
+    configured = resources["persona_config"].feature_schema().initial_weights()
+    with pytest.raises(WeightsNotRecorded, match="not recorded yet: materialize key_weights first"):
+        current_weights(store, configured)
+    assert table(store, "key_weights").empty  # reading wrote nothing
+
+    for _ in range(2):  # the second run finds them recorded and adds nothing
+        run = dg.materialize([key_weights], resources=resources, instance=instance)
+        assert run.success
+    rows = table(store, "key_weights")
+    assert set(rows["version"]) == {1} and set(rows["source"]) == {"config"} and len(rows) == len(configured)
+    assert current_weights(store, configured).version == 1
+    [first, second] = run_metadata(instance, key_weights.key)
+    assert first["live_version_changed"] is True and second["live_version_changed"] is False
+
+    edited = {**configured, next(iter(configured)): 0.123}
+    with pytest.raises(WeightsNotRecorded, match="differ from version 1, the last recorded"):
+        current_weights(store, edited)
+    assert record_configured_weights(store, edited) == 2
+    assert current_weights(store, edited).weights == edited
+
+
+def run_metadata(instance: dg.DagsterInstance, key: dg.AssetKey) -> list[dict]:
+    """The metadata values of every materialization of `key`, oldest first."""
+    records = instance.fetch_materializations(key, limit=100, ascending=True).records
+    return [{k: v.value for k, v in r.asset_materialization.metadata.items()} for r in records]
+
+
+def test_vectors_before_the_weights_are_recorded_fail_saying_what_to_run(resources, instance):
+    alone = dg.materialize([persona_vectors], resources=resources, instance=instance, raise_on_error=False)
+    assert not alone.success
+    [failure] = [e for e in alone.all_events if e.is_step_failure]
+    assert "materialize key_weights first" in failure.step_failure_data.error.message
+    assert table(resources["persona_store"], "key_weights").empty
+    both = dg.materialize([key_weights, persona_vectors], resources=resources, instance=instance)
+    assert both.success

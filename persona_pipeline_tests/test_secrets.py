@@ -9,11 +9,15 @@ import pytest
 import sqlalchemy as sa
 
 from persona_pipeline.definitions import build_resources
+from persona_pipeline.feedback.assets import key_weights
 from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
 from persona_pipeline.resources import PersonaStore, VectorIndex
 from persona_pipeline.resources.vector_index import VectorIndexError
 from persona_pipeline_tests.conftest import update, write_jsonl
+
+# key_weights records the configured weights the vectors are built with.
+VECTOR_ASSETS = [key_weights, persona_vectors, persona_index]
 
 PLANTED_KEY = "planted-secret-4c9a7e21"
 PLANTED_PASSWORD = "s3cret-planted"
@@ -64,6 +68,7 @@ def fill_source(url: str) -> None:
 def test_planted_secrets_never_reach_what_a_run_leaves_behind(
     store, request, landing, instance, monkeypatch, capfd, caplog
 ):
+
     secrets = [PLANTED_KEY, PLANTED_URL_PASSWORD, PLANTED_URL_TOKEN]
     # Credentials can also ride in the URL itself: its userinfo and its query.
     monkeypatch.setenv(
@@ -93,7 +98,10 @@ def test_planted_secrets_never_reach_what_a_run_leaves_behind(
     assert ingested.success
     assert ingested.asset_materializations_for_node("index_updates")[0].metadata["rows_accepted"].value == 2
     failed = dg.materialize(
-        [persona_vectors, persona_index], resources=resources, instance=instance, raise_on_error=False
+        VECTOR_ASSETS,
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
     )
     assert not failed.success
     failures = [e for e in failed.all_events if e.is_step_failure]

@@ -230,7 +230,8 @@ def test_segments_refuse_vectors_from_another_feature_schema(small_fleet, tmp_pa
         )
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
-    assert "materialize persona_vectors first" in str(failure.step_failure_data.error)
+    # Said at once, not hidden behind "Exceeded max_retries": no retry changes the stored vectors.
+    assert "materialize persona_vectors first" in failure.step_failure_data.error.message
 
 
 def test_demo_offers_reach_movers_heavy_users_and_anomalies_and_reruns_add_nothing(demo):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from qdrant_client.http.exceptions import ResponseHandlingException
 
+from persona_pipeline.feedback.assets import key_weights
 from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.personas import storage
 from persona_pipeline.personas.assets import ONE_POINT_CHECK, device_profiles, persona_index, persona_vectors
@@ -25,6 +26,9 @@ from persona_pipeline.resources import VectorIndex
 from persona_pipeline.resources.vector_index import StoredPoint, VectorStore, point_id
 from persona_pipeline.resources.vector_stores.qdrant_client_store import QdrantClientStore
 from persona_pipeline_tests.conftest import ENGINES, check_named, update, write_jsonl
+
+# key_weights records the configured weights the vectors are built with.
+VECTOR_ASSETS = [key_weights, persona_vectors, persona_index]
 
 pytestmark = pytest.mark.parametrize("embedded_engine", ENGINES)
 
@@ -151,7 +155,7 @@ def test_a_write_interrupted_on_the_first_attempt_is_finished_by_the_retry_polic
     index = DropsMidWrite(path=resources["vector_index"].path, embedded_engine=embedded_engine)
 
     result = dg.materialize(
-        [persona_vectors, persona_index],
+        VECTOR_ASSETS,
         resources={**resources, "vector_index": index},
         instance=instance,
         run_config=BATCH,
@@ -173,7 +177,7 @@ def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun
 ):
     ingest(landing, resources, instance)
     index = resources["vector_index"]
-    assert dg.materialize([persona_vectors, persona_index], resources=resources, instance=instance).success
+    assert dg.materialize(VECTOR_ASSETS, resources=resources, instance=instance).success
     first = alias_target(index)
     store = resources["persona_store"]
     schema = resources["persona_config"].feature_schema()
@@ -183,7 +187,7 @@ def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun
     monkeypatch.setattr(DropsMidWrite, "failing_runs", 99)  # every attempt of the run
     faulty = DropsMidWrite(path=index.path, embedded_engine=embedded_engine)
     failed = dg.materialize(
-        [persona_vectors, persona_index],
+        VECTOR_ASSETS,
         resources={**resources, "vector_index": faulty},
         instance=instance,
         run_config=BATCH,
@@ -205,7 +209,10 @@ def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun
 
     monkeypatch.setattr(DropsMidWrite, "failing_runs", 0)
     rerun = dg.materialize(
-        [persona_vectors, persona_index], resources=resources, instance=instance, run_config=BATCH
+        VECTOR_ASSETS,
+        resources=resources,
+        instance=instance,
+        run_config=BATCH,
     )
 
     assert rerun.success

@@ -13,12 +13,16 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from persona_pipeline.feedback.assets import key_weights
 from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.personas import storage
 from persona_pipeline.personas.assets import ONE_POINT_CHECK, device_profiles, persona_index, persona_vectors
 from persona_pipeline.resources import VectorIndex
 from persona_pipeline.resources.vector_index import VectorStore, point_id
 from persona_pipeline_tests.conftest import update, write_jsonl
+
+# key_weights records the configured weights the vectors are built with.
+VECTOR_ASSETS = [key_weights, persona_vectors, persona_index]
 
 DAY = "2026-03-01"
 DEVICES = [f"d{i:04d}" for i in range(1500)]
@@ -36,7 +40,7 @@ def index_fleet(landing, resources, instance) -> dg.ExecuteInProcessResult:
     assert dg.materialize(
         [index_updates, device_profiles], resources=resources, instance=instance, partition_key=DAY
     ).success
-    return dg.materialize([persona_vectors, persona_index], resources=resources, instance=instance)
+    return dg.materialize(VECTOR_ASSETS, resources=resources, instance=instance)
 
 
 def collection_folder(resources) -> Path:

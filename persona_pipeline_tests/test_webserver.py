@@ -446,6 +446,20 @@ def assert_one_range_run(backfill: dict) -> None:
         assert status["numPartitionsTargeted"] == status["numPartitionsMaterialized"] == len(DAYS), status
 
 
+def partition_counts(run: dict, asset: str, label: str) -> dict[str, int]:
+    """`label`'s integer on each partition's materialization of `asset` in `run`, as the UI reads it."""
+    return {
+        m["partition"]: next(e["intValue"] for e in m["metadataEntries"] if e["label"] == label)
+        for m in run["assetMaterializations"]
+        if m["assetKey"]["path"] == [asset]
+    }
+
+
+def rows_per_day(store: PersonaStore, name: str) -> dict[str, int]:
+    """Rows of the store table `name` on each of DAYS, zeros included."""
+    return table(store, name)["partition_date"].value_counts().reindex(DAYS, fill_value=0).to_dict()
+
+
 def test_a_30_day_backfill_is_one_run_equal_to_day_by_day_and_safe_to_repeat(ui, tmp_path):
     store = PersonaStore(url=f"sqlite:///{ui.home / 'persona.db'}")
     backfill_id = ui.launch_backfill(INGEST, DAYS[0], DAYS[-1])
@@ -457,6 +471,12 @@ def test_a_30_day_backfill_is_one_run_equal_to_day_by_day_and_safe_to_repeat(ui,
     pd.testing.assert_frame_equal(profiles, expected)
     updates, rejects = len(table(store, "index_updates")), len(table(store, "index_update_rejects"))
     assert updates > 0 and rejects > 0  # the demo fleet plants malformed rows
+    # Each partition the range run materialized shows its own day's counts in the UI.
+    [run] = ui.wait_for_backfill(backfill_id, timeout=10)["runs"]
+    accepted, rejected = rows_per_day(store, "index_updates"), rows_per_day(store, "index_update_rejects")
+    assert partition_counts(run, "index_updates", "rows_accepted") == accepted
+    assert partition_counts(run, "device_profiles", "updates_read") == accepted
+    assert partition_counts(run, "index_updates", "rows_rejected") == rejected
 
     again = ui.launch_backfill(INGEST, DAYS[0], DAYS[-1])
     assert again != backfill_id

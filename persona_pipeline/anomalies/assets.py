@@ -144,7 +144,10 @@ def anomaly_scores(
     segments = assignments.reindex(vectors.device_ids).fillna(UNKNOWN).to_numpy(dtype=np.int64)
     if (segments == UNKNOWN).any():
         missing = int((segments == UNKNOWN).sum())
-        raise dg.Failure(f"{missing} devices have a vector but no segment: materialize device_clusters first")
+        raise dg.Failure(
+            f"{missing} devices have a vector but no segment: materialize device_clusters first",
+            allow_retries=False,
+        )
     if len(vectors.device_ids) == 0:
         return dg.MaterializeResult(
             metadata={"devices": dg.MetadataValue.int(0)},

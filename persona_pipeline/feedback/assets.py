@@ -14,7 +14,6 @@ from persona_pipeline.feedback.gate import GateSettings, decide, guardrails, hel
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
 from persona_pipeline.feedback.validation import load_feedback
 from persona_pipeline.metadata import OWNERS, counts_table, markdown_table, reject_share_check, table_metadata
-from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.offers.recommend import POSITIVE_RESPONSES, app_key
 from persona_pipeline.partitions import offer_feedback_batches
 from persona_pipeline.personas import storage as persona_storage
@@ -23,6 +22,7 @@ from persona_pipeline.personas.weights import (
     initial_weights_version,
     next_version,
     read_weights_versions,
+    record_configured_weights,
 )
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
@@ -238,9 +238,10 @@ GATE_CHECK = "live_weights_not_worse_than_initial"
 @dg.asset(
     owners=OWNERS,
     metadata=table_metadata(store_tables.key_weights, store_tables.key_weight_refreshes),
-    deps=[offer_feedback, service_recommendations],
-    # New feedback refreshes the weights; new offers alone do not.
-    automation_condition=after_upstream_updates(ignore=dg.AssetSelection.assets(service_recommendations)),
+    deps=[offer_feedback],
+    # New feedback refreshes the weights; on a new store the first evaluation records the configured
+    # weights, which persona_vectors needs.
+    automation_condition=after_upstream_updates() | dg.AutomationCondition.missing().newly_true(),
     group_name="feedback",
     kinds={"scikitlearn", "sql"},
     retry_policy=STORE_RETRY,
@@ -267,19 +268,25 @@ def key_weights(
     better on the held-out devices' answers and the guardrails (segments, flags) hold; otherwise
     it is kept as a rejected version with the reason. The next persona_vectors uses the live one."""
     schema = persona_config.feature_schema()
+    recorded = record_configured_weights(persona_store, schema.initial_weights())
+    if recorded is not None:
+        context.log.info(f"the configured key weights recorded as version {recorded}")
     live = current_weights(persona_store, schema.initial_weights())
     unlearned = storage.read_unlearned_feedback(persona_store)
     history = storage.acceptance_by_weights_version(persona_store)
     common = {
         "acceptance_by_weights_version": markdown_table(history, max_rows=50),
         "weights_version_in_use": dg.MetadataValue.int(live.version),
+        "configured_weights_recorded_as": dg.MetadataValue.int(recorded or 0),
     }
     if not unlearned.batches:
         return dg.MaterializeResult(
             metadata={
                 **common,
-                "live_version_changed": dg.MetadataValue.bool(False),
-                "decision": dg.MetadataValue.text("none: no new feedback"),
+                "live_version_changed": dg.MetadataValue.bool(recorded is not None),
+                "decision": dg.MetadataValue.text(
+                    "none: no new feedback" + ("; the configured weights are live" if recorded else "")
+                ),
             },
             check_results=[
                 dg.AssetCheckResult(check_name=GATE_CHECK, passed=True, description="no new feedback")
@@ -329,7 +336,7 @@ def key_weights(
         metadata={
             **common,
             "weights_version_in_use": dg.MetadataValue.int(in_use),
-            "live_version_changed": dg.MetadataValue.bool(in_use != live.version),
+            "live_version_changed": dg.MetadataValue.bool(in_use != live.version or recorded is not None),
             "candidate_version": dg.MetadataValue.int(candidate.version if candidate else 0),
             "decision": dg.MetadataValue.text(
                 decision

@@ -8,7 +8,14 @@ from persona_pipeline.erasure.storage import read_suppression
 from persona_pipeline.erasure.subjects import Suppression
 from persona_pipeline.ingest.ingest import ingest_days
 from persona_pipeline.ingest.validation import DEFAULT_MAX_LATE_DAYS
-from persona_pipeline.metadata import OWNERS, counts_table, markdown_table, reject_share_check, table_metadata
+from persona_pipeline.metadata import (
+    OWNERS,
+    add_counts_per_partition,
+    counts_table,
+    markdown_table,
+    reject_share_check,
+    table_metadata,
+)
 from persona_pipeline.partitions import daily_partitions, partition_days
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
@@ -102,13 +109,7 @@ def index_updates(
     persona_store.replace_rows(index_update_rejects, index_update_rejects.c.partition_date.in_(days), rejects)
 
     by_day = per_day_counts(days, accepted, rejects)
-    if len(days) > 1:  # a range run: each partition also gets its own counts
-        for day, counts in by_day.iterrows():
-            context.log_event(
-                dg.AssetObservation(
-                    asset_key=context.asset_key, partition=str(day), metadata=counts.to_dict()
-                )
-            )
+    add_counts_per_partition(context, by_day)
     share = outcome.reject_share
     return dg.MaterializeResult(
         metadata={

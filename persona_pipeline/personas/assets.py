@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from persona_pipeline.automation import AFTER_UPSTREAM
-from persona_pipeline.metadata import OWNERS, markdown_table, table_metadata
+from persona_pipeline.automation import AFTER_UPSTREAM, after_upstream_updates
+from persona_pipeline.metadata import OWNERS, add_counts_per_partition, markdown_table, table_metadata
 from persona_pipeline.partitions import daily_partitions, partition_days
 from persona_pipeline.personas import storage
 from persona_pipeline.personas.index_verification import SAMPLE_SIZE, collection_problem
@@ -17,7 +17,7 @@ from persona_pipeline.personas.profiles import (
     values_not_merged,
 )
 from persona_pipeline.personas.vectors import build_persona_vectors
-from persona_pipeline.personas.weights import current_weights
+from persona_pipeline.personas.weights import WeightsNotRecorded, current_weights
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.resources.persona_store import int64_fingerprint
 from persona_pipeline.resources.vector_index import (
@@ -32,11 +32,11 @@ from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.store import tables as store_tables
 
 ONE_POINT_CHECK = "one_point_per_device"
-
-
 MERGED_CHECK = "merged_values_in_profiles"
 MERGE_SAMPLE_DEVICES = 500
 VECTOR_COUNT_CHECK = "one_vector_per_counted_device"
+# The feedback domain's asset, named by key: personas sits below feedback in the imports.
+KEY_WEIGHTS = dg.AssetKey("key_weights")
 
 
 @dg.asset(
@@ -62,6 +62,8 @@ def device_profiles(context: dg.AssetExecutionContext, persona_store: PersonaSto
     days can be materialized in any order, or twice, and leave the same table."""
     days = partition_days(context.partition_time_window)
     updates = storage.read_updates_for_days(persona_store, days)
+    if len(days) > 1:
+        add_counts_per_partition(context, storage.count_updates_by_day(persona_store, days))
     latest = latest_per_device_key(updates)
     storage.merge_into_profiles(persona_store, latest)
     rows, devices = storage.profile_counts(persona_store)
@@ -104,8 +106,11 @@ INCREMENTAL_MAX_SHARE = 0.25
     metadata=table_metadata(
         store_tables.persona_vectors, store_tables.persona_dimensions, store_tables.persona_vector_runs
     ),
-    deps=[device_profiles],
-    automation_condition=AFTER_UPSTREAM,
+    # The live weights come from key_weights, which learns from the answers to the offers these
+    # vectors lead to: the feedback loop. A new live version rebuilds the vectors through
+    # key_weights_sensor (a refresh that keeps the live version does not).
+    deps=[device_profiles, KEY_WEIGHTS],
+    automation_condition=after_upstream_updates(ignore=dg.AssetSelection.assets(KEY_WEIGHTS)),
     group_name="personas",
     kinds={"numpy", "sql"},
     retry_policy=STORE_RETRY,
@@ -125,7 +130,10 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
     city within N days) may flip for; every device when the feature space changes. Only devices
     whose vector did change are rewritten."""
     schema = persona_config.feature_schema()
-    weights = current_weights(persona_store, schema.initial_weights())
+    try:
+        weights = current_weights(persona_store, schema.initial_weights())
+    except WeightsNotRecorded as unrecorded:
+        raise dg.Failure(str(unrecorded), allow_retries=False) from unrecorded
     space = f"{schema.version}-w{weights.version}"
     changes = storage.read_profile_changes(persona_store)
     last = storage.read_last_vector_run(persona_store)
@@ -298,7 +306,10 @@ def persona_index(
     read, and the metadata says so."""
     spaces = storage.read_vector_spaces(persona_store)
     if len(spaces) > 1:
-        raise dg.Failure(f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors")
+        raise dg.Failure(
+            f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors",
+            allow_retries=False,
+        )
     space = spaces[0] if spaces else None
     if space is None:
         return dg.MaterializeResult(

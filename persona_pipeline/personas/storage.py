@@ -31,6 +31,15 @@ def read_updates_for_days(store: PersonaStore, days: list[str]) -> pd.DataFrame:
     return frame
 
 
+def count_updates_by_day(store: PersonaStore, days: list[str]) -> pd.DataFrame:
+    """Rows of `index_updates` per day of `days` (index: day; column updates_read), zeros included."""
+    day = index_updates.c.partition_date
+    counts = store.read_frame(
+        sa.select(day.label("day"), sa.func.count().label("updates_read")).where(day.in_(days)).group_by(day)
+    )
+    return counts.set_index("day").reindex(pd.Index(days, name="day"), fill_value=0).astype(int)
+
+
 def merge_into_profiles(store: PersonaStore, latest: pd.DataFrame) -> None:
     """Upsert where the incoming (observed_at, value, customer_id) is at least the stored one.
 

@@ -1,6 +1,7 @@
 """Key weights versions: the configured weights seed version 1; feedback adds candidate versions,
 which go live only when the weights gate accepts them (status `accepted`; a refused candidate is
-kept with status `rejected`). The live version is the newest accepted one."""
+kept with status `rejected`). The live version is the newest accepted one. The key_weights asset
+is the one writer of these rows (record_configured_weights, and the refresh's candidates)."""
 
 from __future__ import annotations
 
@@ -36,20 +37,42 @@ def _newest(rows: pd.DataFrame) -> WeightsVersion | None:
     return WeightsVersion(version, newest.set_index("key")["weight"].to_dict(), newest["source"].iloc[0])
 
 
-def current_weights(store: PersonaStore, configured: dict[str, float]) -> WeightsVersion:
-    """The newest weights version, after recording the configured weights if they are new.
+class WeightsNotRecorded(ValueError):
+    """The configured key weights are not a recorded version yet: the key_weights asset records
+    them, and nothing else writes that table."""
 
-    The configured weights become a version of their own (`source` = `config`) the
-    first time, and again whenever someone edits them in the configuration; learned
-    versions (`source` = `feedback`) in between are kept and win until then.
-    """
+
+def current_weights(store: PersonaStore, configured: dict[str, float]) -> WeightsVersion:
+    """The live weights version: the newest accepted one. Reading writes nothing; when the
+    configured weights are not the newest configured version recorded (the first run, or after
+    someone edited them), it raises WeightsNotRecorded, because vectors made with them would carry
+    a version number no row holds."""
     versions = read_weights_versions(store)
     last_config = _newest(versions[versions["source"] == "config"])
-    if last_config is None or last_config.weights != configured:
-        version = next_version(versions)
-        insert_weights(store, version, configured, "config")
-        return WeightsVersion(version, dict(configured), "config")
+    if last_config is None:
+        raise WeightsNotRecorded(
+            "the configured key weights are not recorded yet: materialize key_weights first "
+            "(personas_job runs it before persona_vectors)"
+        )
+    if last_config.weights != configured:
+        raise WeightsNotRecorded(
+            f"the configured key weights differ from version {last_config.version}, the last recorded: "
+            "materialize key_weights to record them (personas_job runs it before persona_vectors)"
+        )
     return _newest(versions[versions["status"] == ACCEPTED])
+
+
+def record_configured_weights(store: PersonaStore, configured: dict[str, float]) -> int | None:
+    """Record the configured weights as a version of their own (`source` = `config`) the first time,
+    and again whenever someone edits them in the configuration; learned versions in between are
+    kept and win until then. Returns the new version, or None when they were recorded already."""
+    versions = read_weights_versions(store)
+    last_config = _newest(versions[versions["source"] == "config"])
+    if last_config is not None and last_config.weights == configured:
+        return None
+    version = next_version(versions)
+    insert_weights(store, version, configured, "config")
+    return version
 
 
 def next_version(versions: pd.DataFrame) -> int:

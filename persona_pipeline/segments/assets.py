@@ -407,7 +407,8 @@ def require_current_space(vectors: persona_storage.StoredVectors, schema: Featur
         raise dg.Failure(
             f"persona_vectors were built in feature space {vectors.space}, not in the configured "
             f"schema's ({schema.version}, {len(schema.dimension_names)} dimensions): "
-            "materialize persona_vectors first"
+            "materialize persona_vectors first",
+            allow_retries=False,
         )
 
 
