@@ -36,6 +36,7 @@ CANDIDATE_BROKERS = (
 CHAIN = (
     "index_updates",
     "device_profiles",
+    "key_weights",
     "persona_vectors",
     "persona_index",
     "device_clusters",
@@ -45,6 +46,7 @@ CHAIN = (
 # Wall-clock columns differ between any two runs; everything else must match.
 COMPARED = {
     "device_profiles": ["device_id", "key"],
+    "key_weights": ["version", "key"],
     "persona_vectors": ["device_id"],
     "device_clusters": ["device_id"],
     "segments": ["cluster_id"],

@@ -23,6 +23,10 @@ from persona_pipeline_tests.test_cli_and_definitions import run_cli
 
 SCRIPT = Path(sys.executable).parent / "persona-pipeline"
 
+# The steps a run is killed in, one new day each: key_weights only records the configured weights
+# once and finds no feedback here, a step too quick to land a kill in.
+KILLED_IN = tuple(step for step in CHAIN if step != "key_weights")
+
 
 def _cli_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
@@ -81,7 +85,7 @@ def _kill_during(
 
 def test_a_run_killed_at_each_step_leaves_the_next_run_whole(tmp_path):
     home = tmp_path / "home"
-    days = len(CHAIN) + 2
+    days = len(KILLED_IN) + 2
     generated = run_cli(
         "generate", "--devices", "400", "--days", str(days), "--start", "2026-03-01", cwd=tmp_path, home=home
     )
@@ -99,7 +103,7 @@ def test_a_run_killed_at_each_step_leaves_the_next_run_whole(tmp_path):
     engine = sa.create_engine(store_url(home))
     killed_in = []
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
-        for step, folder in zip(CHAIN, later_days, strict=True):
+        for step, folder in zip(KILLED_IN, later_days, strict=True):
             shutil.move(held_back / folder.name, folder)
             killed_in.append(_kill_during(step, home, instance)[0])
             again = run_cli("run", cwd=tmp_path, home=home)
@@ -127,7 +131,7 @@ def test_a_run_killed_at_each_step_leaves_the_next_run_whole(tmp_path):
             assert failed == []
     engine.dispose()
     # Most kills land in the step asked for; a quick step may already be over by then.
-    assert sum(found == step for found, step in zip(killed_in, CHAIN, strict=True)) >= 5, killed_in
+    assert sum(found == step for found, step in zip(killed_in, KILLED_IN, strict=True)) >= 5, killed_in
     assert {"persona_index", "device_clusters"} <= set(killed_in), killed_in
 
 
