@@ -1,6 +1,5 @@
 """Anomalies: a score, a flag and a reason per device, from its segment and a PyOD detector."""
 
-import itertools
 from typing import Literal
 
 import dagster as dg
@@ -8,11 +7,12 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from persona_pipeline.anomalies import storage
+from persona_pipeline.anomalies import reporting, storage
 from persona_pipeline.anomalies.reasons import explain_with_causes
+from persona_pipeline.anomalies.reporting import RATE_CHECK
 from persona_pipeline.anomalies.scoring import AnomalySettings, score_anomalies
 from persona_pipeline.automation import AFTER_UPSTREAM
-from persona_pipeline.metadata import OWNERS, markdown_table, table_metadata
+from persona_pipeline.metadata import OWNERS, table_metadata
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.resources import PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
@@ -26,10 +26,6 @@ from persona_pipeline.segments.key_stats import (
 )
 from persona_pipeline.segments.stable_ids import UNKNOWN
 from persona_pipeline.store import tables as store_tables
-
-RATE_CHECK = "anomaly_rate_within_band"
-TOP_SHOWN = 10
-TOP_COLUMNS = ["device_id", "score", "p_value", "is_anomaly", "kind", "cluster_id", "reason"]
 
 
 class AnomalyScoresConfig(dg.Config):
@@ -149,10 +145,7 @@ def anomaly_scores(
             allow_retries=False,
         )
     if len(vectors.device_ids) == 0:
-        return dg.MaterializeResult(
-            metadata={"devices": dg.MetadataValue.int(0)},
-            check_results=[dg.AssetCheckResult(check_name=RATE_CHECK, passed=True, description="no devices")],
-        )
+        return reporting.no_devices_result()
 
     settings = config.settings()
     result = score_anomalies(vectors.matrix, segments, settings, roles=schema.dimension_roles)
@@ -189,73 +182,8 @@ def anomaly_scores(
     storage.write_scores(persona_store, scores)
 
     rate = float(result.is_anomaly.mean())
-    flagged = int(result.is_anomaly.sum())
-    in_band = config.expected_rate_min <= rate <= config.expected_rate_max
-    context.log.info(f"{flagged} anomalies of {len(scores)} devices ({rate:.2%})")
-    ranked = scores.iloc[strangest[:TOP_SHOWN]]
-    kinds = scores.loc[scores["is_anomaly"], "kind"].value_counts()
+    context.log.info(f"{int(result.is_anomaly.sum())} anomalies of {len(scores)} devices ({rate:.2%})")
     return dg.MaterializeResult(
-        metadata={
-            "devices": dg.MetadataValue.int(len(scores)),
-            "anomalies": dg.MetadataValue.int(flagged),
-            "anomaly_rate": dg.MetadataValue.float(round(rate, 5)),
-            "detector": dg.MetadataValue.text(settings.detector),
-            "flagged_by": dg.MetadataValue.text(
-                f"the {settings.contamination:.2%} of devices with the smallest p-values"
-                if settings.contamination
-                else f"Benjamini-Hochberg at a false-discovery rate of {settings.fdr:.1%} "
-                f"(p-value <= {_largest_flagged_p(result)}; score >= 0.5)"
-            ),
-            "anomalies_by_kind": dg.MetadataValue.json({str(k): int(v) for k, v in kinds.items()}),
-            "score_distribution": markdown_table(_distribution(result.score), max_rows=20),
-            "top_anomalies": markdown_table(
-                ranked[TOP_COLUMNS].assign(
-                    score=ranked["score"].round(3), p_value=ranked["p_value"].map(lambda p: f"{p:.1e}")
-                ),
-                max_rows=TOP_SHOWN,
-                max_cell_chars=400,
-            ),
-            "anomalies_per_segment": markdown_table(
-                scores.groupby("cluster_id")
-                .agg(devices=("device_id", "size"), anomalies=("is_anomaly", "sum"))
-                .reset_index(),
-                max_rows=50,
-            ),
-        },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=RATE_CHECK,
-                passed=in_band,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={
-                    "anomaly_rate": round(rate, 5),
-                    "band": f"{config.expected_rate_min:.2%} .. {config.expected_rate_max:.2%}",
-                },
-                description=None
-                if in_band
-                else f"anomaly rate {rate:.2%} is outside {config.expected_rate_min:.2%} .. "
-                f"{config.expected_rate_max:.2%}",
-            )
-        ],
+        metadata=reporting.scores_metadata(scores, result, settings, strangest),
+        check_results=[reporting.rate_check(rate, config.expected_rate_min, config.expected_rate_max)],
     )
-
-
-def _largest_flagged_p(result) -> str:
-    flagged = result.p_value[result.is_anomaly]
-    return f"{flagged.max():.1e}" if len(flagged) else "none flagged"
-
-
-def _distribution(score: np.ndarray) -> pd.DataFrame:
-    edges = np.array([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    counts, _ = np.histogram(score, bins=edges)
-    quantiles = np.quantile(score, [0.5, 0.9, 0.99, 1.0])
-    frame = pd.DataFrame(
-        {
-            "score": [f"{low:.1f}–{high:.1f}" for low, high in itertools.pairwise(edges)],
-            "devices": counts,
-        }
-    )
-    summary = pd.DataFrame(
-        {"score": ["median", "p90", "p99", "max"], "devices": [f"{q:.3f}" for q in quantiles]}
-    )
-    return pd.concat([frame, summary], ignore_index=True)

@@ -1,0 +1,94 @@
+"""The metadata and check results anomaly_scores shows in the UI."""
+
+from __future__ import annotations
+
+import itertools
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from persona_pipeline.anomalies.scoring import AnomalyResult, AnomalySettings
+from persona_pipeline.metadata import markdown_table
+
+RATE_CHECK = "anomaly_rate_within_band"
+TOP_SHOWN = 10
+TOP_COLUMNS = ["device_id", "score", "p_value", "is_anomaly", "kind", "cluster_id", "reason"]
+
+
+def no_devices_result() -> dg.MaterializeResult:
+    """What a run with no vectors reports: no devices, and a check with nothing to judge."""
+    return dg.MaterializeResult(
+        metadata={"devices": dg.MetadataValue.int(0)},
+        check_results=[dg.AssetCheckResult(check_name=RATE_CHECK, passed=True, description="no devices")],
+    )
+
+
+def scores_metadata(
+    scores: pd.DataFrame, result: AnomalyResult, settings: AnomalySettings, strangest: np.ndarray
+) -> dict[str, dg.MetadataValue]:
+    """Counts, how devices were flagged, the score distribution, the strangest devices (`strangest`:
+    row positions, strangest first) and the flags per segment."""
+    ranked = scores.iloc[strangest[:TOP_SHOWN]]
+    kinds = scores.loc[scores["is_anomaly"], "kind"].value_counts()
+    return {
+        "devices": dg.MetadataValue.int(len(scores)),
+        "anomalies": dg.MetadataValue.int(int(result.is_anomaly.sum())),
+        "anomaly_rate": dg.MetadataValue.float(round(float(result.is_anomaly.mean()), 5)),
+        "detector": dg.MetadataValue.text(settings.detector),
+        "flagged_by": dg.MetadataValue.text(
+            f"the {settings.contamination:.2%} of devices with the smallest p-values"
+            if settings.contamination
+            else f"Benjamini-Hochberg at a false-discovery rate of {settings.fdr:.1%} "
+            f"(p-value <= {_largest_flagged_p(result)}; score >= 0.5)"
+        ),
+        "anomalies_by_kind": dg.MetadataValue.json({str(k): int(v) for k, v in kinds.items()}),
+        "score_distribution": markdown_table(_distribution(result.score), max_rows=20),
+        "top_anomalies": markdown_table(
+            ranked[TOP_COLUMNS].assign(
+                score=ranked["score"].round(3), p_value=ranked["p_value"].map(lambda p: f"{p:.1e}")
+            ),
+            max_rows=TOP_SHOWN,
+            max_cell_chars=400,
+        ),
+        "anomalies_per_segment": markdown_table(
+            scores.groupby("cluster_id")
+            .agg(devices=("device_id", "size"), anomalies=("is_anomaly", "sum"))
+            .reset_index(),
+            max_rows=50,
+        ),
+    }
+
+
+def rate_check(rate: float, rate_min: float, rate_max: float) -> dg.AssetCheckResult:
+    """Warns when the share of devices flagged is outside `rate_min` .. `rate_max`."""
+    in_band = rate_min <= rate <= rate_max
+    band = f"{rate_min:.2%} .. {rate_max:.2%}"
+    return dg.AssetCheckResult(
+        check_name=RATE_CHECK,
+        passed=in_band,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"anomaly_rate": round(rate, 5), "band": band},
+        description=None if in_band else f"anomaly rate {rate:.2%} is outside {band}",
+    )
+
+
+def _largest_flagged_p(result: AnomalyResult) -> str:
+    flagged = result.p_value[result.is_anomaly]
+    return f"{flagged.max():.1e}" if len(flagged) else "none flagged"
+
+
+def _distribution(score: np.ndarray) -> pd.DataFrame:
+    edges = np.array([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    counts, _ = np.histogram(score, bins=edges)
+    quantiles = np.quantile(score, [0.5, 0.9, 0.99, 1.0])
+    frame = pd.DataFrame(
+        {
+            "score": [f"{low:.1f}–{high:.1f}" for low, high in itertools.pairwise(edges)],
+            "devices": counts,
+        }
+    )
+    summary = pd.DataFrame(
+        {"score": ["median", "p90", "p99", "max"], "devices": [f"{q:.3f}" for q in quantiles]}
+    )
+    return pd.concat([frame, summary], ignore_index=True)
