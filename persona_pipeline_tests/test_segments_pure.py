@@ -259,7 +259,7 @@ def test_a_retired_segment_id_says_why_and_keeps_its_reason():
 
 
 def test_the_stability_check_warns_when_a_fit_moves_the_segments_and_not_when_the_schema_changed():
-    from persona_pipeline.segments.assets import stability_check
+    from persona_pipeline.segments.reporting import stability_check
     from persona_pipeline.segments.stable_ids import UNKNOWN
 
     previous = np.repeat([1, 2, 3], 20)

@@ -8,17 +8,16 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 from pydantic import Field
-from sklearn.metrics import adjusted_rand_score
 
 from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.feature_schema import FeatureSchema
-from persona_pipeline.metadata import OWNERS, markdown_table, rounded, table_metadata
+from persona_pipeline.metadata import OWNERS, table_metadata
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import persona_index, persona_vectors
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL
 from persona_pipeline.retries import STORE_RETRY
-from persona_pipeline.segments import storage
+from persona_pipeline.segments import reporting, storage
 from persona_pipeline.segments.clustering import (
     NOISE,
     ClusteringSettings,
@@ -28,6 +27,7 @@ from persona_pipeline.segments.clustering import (
 )
 from persona_pipeline.segments.key_stats import READABLE_COLUMNS, readable_values, segment_stats
 from persona_pipeline.segments.profile import describe_segments, segment_traits
+from persona_pipeline.segments.reporting import STABILITY_CHECK, stability_check
 from persona_pipeline.segments.stable_ids import (
     UNKNOWN,
     match_segment_ids,
@@ -36,26 +36,6 @@ from persona_pipeline.segments.stable_ids import (
 )
 from persona_pipeline.segments.vector_payloads import sync_cluster_payloads
 from persona_pipeline.store import tables as store_tables
-
-STABILITY_CHECK = "segments_stable"
-
-
-def stability_check(
-    previous: np.ndarray, current: np.ndarray, min_ari: float, schema_changed: bool
-) -> dg.AssetCheckResult:
-    """The adjusted Rand index of the devices that had a segment before, against `min_ari`."""
-    had = previous != UNKNOWN
-    if schema_changed or had.sum() < 2:
-        why = "the feature schema changed" if schema_changed else "no earlier segments to compare"
-        return dg.AssetCheckResult(check_name=STABILITY_CHECK, passed=True, description=f"not judged: {why}")
-    ari = float(adjusted_rand_score(previous[had], current[had]))
-    return dg.AssetCheckResult(
-        check_name=STABILITY_CHECK,
-        passed=ari >= min_ari,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"adjusted_rand_index": round(ari, 3), "devices_compared": int(had.sum())},
-        description=None if ari >= min_ari else f"segments moved: adjusted Rand index {ari:.3f} < {min_ari}",
-    )
 
 
 class DeviceClustersConfig(dg.Config):
@@ -191,12 +171,7 @@ def device_clusters(
     context.log.info(f"fitting segments anew: {reason}")
     vectors = persona_storage.read_stored_vectors(persona_store)
     if len(vectors.device_ids) == 0:
-        return dg.MaterializeResult(
-            metadata={"devices": dg.MetadataValue.int(0)},
-            check_results=[
-                dg.AssetCheckResult(check_name=STABILITY_CHECK, passed=True, description="no devices")
-            ],
-        )
+        return reporting.no_devices_result()
     require_current_space(vectors, schema)
     last_fit_space = storage.read_last_fit_space(persona_store)
     previous_ids = storage.read_assignments(persona_store)
@@ -248,42 +223,12 @@ def device_clusters(
         f"{fit.n_segments} segments ({fit.algorithm}, {fit.note}); {matching.matched} kept their id, "
         f"{matching.new} new, retired {matching.retired or 'none'}"
     )
-    changed = (aligned_previous != cluster_ids) & (aligned_previous != UNKNOWN)
-
-    sizes = described["devices"]
     schema_changed = last_fit_space is None or _schema_part(last_fit_space) != _schema_part(vectors.space)
-    stability = stability_check(aligned_previous, cluster_ids, config.min_stable_ari, schema_changed)
     return dg.MaterializeResult(
-        check_results=[stability],
-        metadata={
-            "devices": dg.MetadataValue.int(len(cluster_ids)),
-            "segments": dg.MetadataValue.int(fit.n_segments),
-            "algorithm": dg.MetadataValue.text(fit.algorithm),
-            "choice_of_k": dg.MetadataValue.text(fit.note),
-            "silhouette": rounded(fit.silhouette if fit.silhouette is not None else float("nan")),
-            "segment_profiles": segment_profiles_table(described),
-            "size_distribution": dg.MetadataValue.md(_size_distribution(sizes, len(cluster_ids))),
-            "silhouette_by_k": markdown_table(
-                pd.DataFrame(
-                    {"k": list(fit.k_scores), "silhouette": np.round(list(fit.k_scores.values()), 4)}
-                ),
-                max_rows=50,
-            )
-            if fit.k_scores
-            else dg.MetadataValue.text("k not searched"),
-            "devices_reassigned": dg.MetadataValue.int(int(changed.sum())),
-            "devices_new": dg.MetadataValue.int(int((aligned_previous == UNKNOWN).sum())),
-            "noise_devices": dg.MetadataValue.int(int((cluster_ids == NOISE).sum())),
-            "segments_kept": dg.MetadataValue.int(matching.matched),
-            "segments_new": dg.MetadataValue.int(matching.new),
-            "segments_retired": dg.MetadataValue.text(", ".join(map(str, matching.retired)) or "none"),
-            "warm_started": dg.MetadataValue.bool(fit.warm_started),
-            "payloads_written": dg.MetadataValue.int(payloads_written),
-            "feature_space": dg.MetadataValue.text(vectors.space or ""),
-            "mode": dg.MetadataValue.text("fit"),
-            "fit_reason": dg.MetadataValue.text(reason),
-            "devices_assigned": dg.MetadataValue.int(len(cluster_ids)),
-        },
+        check_results=[stability_check(aligned_previous, cluster_ids, config.min_stable_ari, schema_changed)],
+        metadata=reporting.fit_metadata(
+            fit, matching, described, cluster_ids, aligned_previous, payloads_written, vectors.space, reason
+        ),
     )
 
 
@@ -376,28 +321,17 @@ def _assign_changed(
         f"assigned {len(changed):,} changed devices to the {len(stored.cluster_ids)} segments fitted at "
         f"{stored.fitted_at:%Y-%m-%d %H:%M} UTC; {len(gone):,} devices left"
     )
-    kept = dg.AssetCheckResult(
-        check_name=STABILITY_CHECK,
-        passed=True,
-        description="no fit: the devices whose vector changed joined the last fit's segments",
-    )
     return dg.MaterializeResult(
-        check_results=[kept],
-        metadata={
-            "devices": dg.MetadataValue.int(int(counts.sum())),
-            "segments": dg.MetadataValue.int(int((counts > 0).sum())),
-            "mode": dg.MetadataValue.text("assign"),
-            # The profiles of the last fit, with today's sizes: an assign run changes only sizes.
-            "segment_profiles": segment_profiles_table(_active_segments(store)),
-            "devices_assigned": dg.MetadataValue.int(len(changed)),
-            "devices_removed": dg.MetadataValue.int(len(gone)),
-            "fitted_at": dg.MetadataValue.timestamp(stored.fitted_at.timestamp()),
-            "size_distribution": dg.MetadataValue.md(
-                _size_distribution(counts[counts > 0], int(counts.sum()))
-            ),
-            "payloads_written": dg.MetadataValue.int(payloads_written),
-            "feature_space": dg.MetadataValue.text(space),
-        },
+        check_results=[reporting.assigned_check()],
+        metadata=reporting.assign_metadata(
+            counts,
+            _active_segments(store),
+            len(changed),
+            len(gone),
+            stored.fitted_at,
+            payloads_written,
+            space,
+        ),
     )
 
 
@@ -412,29 +346,7 @@ def require_current_space(vectors: persona_storage.StoredVectors, schema: Featur
         )
 
 
-def segment_profiles_table(described: pd.DataFrame) -> dg.MetadataValue:
-    """segment, name, devices, share (of the devices in a segment) and traits, as the UI shows them."""
-    share = (
-        described["share"]
-        if "share" in described
-        else described["devices"] / max(described["devices"].sum(), 1)
-    )
-    share = (share * 100).round(1)
-    table = described.assign(share=share)[["segment", "name", "devices", "share", "traits"]]
-    return markdown_table(table.rename(columns={"share": "share %"}), max_rows=50, max_cell_chars=400)
-
-
 def _active_segments(store: PersonaStore) -> pd.DataFrame:
     registry = storage.read_segment_registry(store)
     active = registry[registry["active"] & (registry["devices"] > 0)]
     return active.rename(columns={"cluster_id": "segment"})[["segment", "name", "devices", "traits"]]
-
-
-def _size_distribution(sizes: pd.Series, devices: int) -> str:
-    if sizes.empty:
-        return "no segments"
-    largest = int(sizes.max())
-    return (
-        f"{len(sizes)} segments; smallest {int(sizes.min()):,}, median {int(sizes.median()):,}, "
-        f"largest {largest:,} ({largest / max(devices, 1):.0%} of devices)"
-    )
