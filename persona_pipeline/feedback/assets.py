@@ -9,12 +9,13 @@ from pydantic import Field
 
 from persona_pipeline.automation import after_upstream_updates
 from persona_pipeline.feature_schema import FeatureSchema
-from persona_pipeline.feedback import storage
+from persona_pipeline.feedback import reporting, storage
 from persona_pipeline.feedback.gate import GateSettings, decide, guardrails, held_out, held_out_evidence
 from persona_pipeline.feedback.learning import LearningSettings, learn_weights, unweighted
+from persona_pipeline.feedback.reporting import FEEDBACK_REJECT_CHECK, GATE_CHECK
 from persona_pipeline.feedback.validation import load_feedback
-from persona_pipeline.metadata import OWNERS, counts_table, markdown_table, reject_share_check, table_metadata
-from persona_pipeline.offers.recommend import POSITIVE_RESPONSES, app_key
+from persona_pipeline.metadata import OWNERS, table_metadata
+from persona_pipeline.offers.recommend import app_key
 from persona_pipeline.partitions import offer_feedback_batches
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.weights import (
@@ -29,8 +30,6 @@ from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage as segment_storage
 from persona_pipeline.service_catalog import ServiceCatalog
 from persona_pipeline.store import tables as store_tables
-
-FEEDBACK_REJECT_CHECK = "feedback_reject_share_within_threshold"
 
 
 class OfferFeedbackConfig(dg.Config):
@@ -100,45 +99,10 @@ def offer_feedback(
     )
     for problem in read.problems:
         context.log.warning(problem)
-    rows = read.rows
-    own = rejects["batch_id"] == batch_id
-    responses = loaded.responses[loaded.responses["batch_id"] == batch_id]
-    held_here = int((loaded.held["batch_id"] == batch_id).sum())
-    latest = responses.sort_values("responded_at").drop_duplicates("offer_id", keep="last")
-    total = len(rows) + len(read.rejects)
-    share = int(own.sum()) / total if total else 0.0
-    other_batches = loaded.responses[loaded.responses["batch_id"] != batch_id]
+    rows_read = len(read.rows) + len(read.rejects)
     return dg.MaterializeResult(
-        metadata={
-            "batch_id": dg.MetadataValue.text(batch_id),
-            "rows_read": dg.MetadataValue.int(total),
-            "responses": dg.MetadataValue.int(len(responses)),
-            "rejected": dg.MetadataValue.int(int(own.sum())),
-            "held": dg.MetadataValue.int(held_here),
-            "held_in_other_batches": dg.MetadataValue.int(len(loaded.held) - held_here),
-            "held_rows_now_responses": dg.MetadataValue.int(len(other_batches)),
-            "held_rows_now_rejected": dg.MetadataValue.int(int((~own).sum())),
-            "offers_answered": dg.MetadataValue.int(len(latest)),
-            # Each offer counted by its latest answer in the batch.
-            "acceptance_rate": dg.MetadataValue.float(
-                round(float(latest["response"].isin(POSITIVE_RESPONSES).mean()) if len(latest) else 0.0, 4)
-            ),
-            "responses_by_kind": counts_table(responses["response"].value_counts(), "response", "rows"),
-            "rejects_by_reason": counts_table(rejects["reason_code"].value_counts(), "reason", "rows"),
-            "reject_examples": markdown_table(
-                rejects[["batch_id", "source_file", "source_row", "reason"]], max_rows=5
-            ),
-        },
-        check_results=[
-            reject_share_check(
-                FEEDBACK_REJECT_CHECK,
-                share,
-                config.max_reject_share,
-                int(own.sum()),
-                total,
-                "offer_feedback_rejects",
-            )
-        ],
+        metadata=reporting.batch_metadata(batch_id, rows_read, loaded, rejects),
+        check_results=[reporting.batch_reject_check(batch_id, rows_read, rejects, config.max_reject_share)],
     )
 
 
@@ -232,9 +196,6 @@ def _offered_dimensions(service_ids: pd.Series, schema: FeatureSchema, catalog: 
     return service_ids.map(found).to_numpy(dtype=int)
 
 
-GATE_CHECK = "live_weights_not_worse_than_initial"
-
-
 @dg.asset(
     owners=OWNERS,
     metadata=table_metadata(store_tables.key_weights, store_tables.key_weight_refreshes),
@@ -274,24 +235,8 @@ def key_weights(
     live = current_weights(persona_store, schema.initial_weights())
     unlearned = storage.read_unlearned_feedback(persona_store)
     history = storage.acceptance_by_weights_version(persona_store)
-    common = {
-        "acceptance_by_weights_version": markdown_table(history, max_rows=50),
-        "weights_version_in_use": dg.MetadataValue.int(live.version),
-        "configured_weights_recorded_as": dg.MetadataValue.int(recorded or 0),
-    }
     if not unlearned.batches:
-        return dg.MaterializeResult(
-            metadata={
-                **common,
-                "live_version_changed": dg.MetadataValue.bool(recorded is not None),
-                "decision": dg.MetadataValue.text(
-                    "none: no new feedback" + ("; the configured weights are live" if recorded else "")
-                ),
-            },
-            check_results=[
-                dg.AssetCheckResult(check_name=GATE_CHECK, passed=True, description="no new feedback")
-            ],
-        )
+        return reporting.no_new_feedback_result(history, live.version, recorded)
 
     answered = _answered_in_current_space(persona_store, schema)
     keys = [d.concrete_key or d.weight_key for d in schema.dimensions]
@@ -324,37 +269,22 @@ def key_weights(
             gate_settings,
         )
     in_use = storage.record_refresh(persona_store, live.version, candidate, unlearned, len(answered.offers))
-    decision = "none: nothing changed" if candidate is None else candidate.reason
-    outcome = (
-        "no candidate: nothing changed"
-        if candidate is None
-        else (f"candidate v{candidate.version} {_verdict(candidate)}: {candidate.reason}")
-    )
+    outcome = reporting.refresh_outcome(candidate)
     context.log.info(f"weights refresh from {len(answered.offers)} answered offers: {outcome}")
-    table = learned.table.assign(change=(learned.table["new"] - learned.table["old"]).round(4))
+    weight_decisions = storage.read_weight_decisions(persona_store)
     return dg.MaterializeResult(
-        metadata={
-            **common,
-            "weights_version_in_use": dg.MetadataValue.int(in_use),
-            "live_version_changed": dg.MetadataValue.bool(in_use != live.version or recorded is not None),
-            "candidate_version": dg.MetadataValue.int(candidate.version if candidate else 0),
-            "decision": dg.MetadataValue.text(
-                decision
-                if candidate is None
-                else f"{'accepted' if candidate.accepted else 'rejected'}: {decision}"
-            ),
-            "evidence": markdown_table(_evidence_rows(candidate), max_rows=20),
-            "weight_decisions": markdown_table(storage.read_weight_decisions(persona_store), max_rows=20),
-            "learned_from_batches": dg.MetadataValue.text(", ".join(unlearned.batches)),
-            "answered_offers": dg.MetadataValue.int(len(answered.offers)),
-            "held_out_offers": dg.MetadataValue.int(int((~learned_rows).sum())),
-            "responses_by_trigger": counts_table(
-                pd.Series(learned.responses_by_trigger), "trigger", "offers"
-            ),
-            "weights_live_vs_candidate": markdown_table(
-                table.sort_values("change", key=abs, ascending=False).round(4), max_rows=60
-            ),
-        },
+        metadata=reporting.refresh_metadata(
+            history=history,
+            live_version=live.version,
+            recorded=recorded,
+            in_use=in_use,
+            candidate=candidate,
+            learned=learned,
+            weight_decisions=weight_decisions,
+            batches=unlearned.batches,
+            answered_offers=len(answered.offers),
+            learned_rows=learned_rows,
+        ),
         check_results=[
             _live_against_initial(persona_store, schema, answered, learned_rows, in_use, gate_settings)
         ],
@@ -458,21 +388,6 @@ def _guardrail_fleet(store: PersonaStore, schema: FeatureSchema) -> tuple[np.nda
     return unweighted(vectors.matrix, stored)[known], segments.to_numpy()[known].astype(np.int64)
 
 
-def _verdict(candidate: storage.Candidate) -> str:
-    return "accepted" if candidate.accepted else "rejected"
-
-
-def _evidence_rows(candidate: storage.Candidate | None) -> pd.DataFrame:
-    if candidate is None:
-        return pd.DataFrame(columns=["measure", "value"])
-    return pd.DataFrame(
-        {
-            "measure": list(candidate.evidence),
-            "value": [round(v, 4) if isinstance(v, float) else v for v in candidate.evidence.values()],
-        }
-    )
-
-
 def _live_against_initial(
     store: PersonaStore,
     schema: FeatureSchema,
@@ -483,9 +398,7 @@ def _live_against_initial(
 ) -> dg.AssetCheckResult:
     initial = initial_weights_version(store)
     if initial is None or initial.version == live_version:
-        return dg.AssetCheckResult(
-            check_name=GATE_CHECK, passed=True, description="the initial weights are live"
-        )
+        return reporting.initial_weights_live_check()
     versions = read_weights_versions(store)
     live_rows = versions[versions["version"] == live_version]
     live = live_rows.set_index("key")["weight"].to_dict()
@@ -499,19 +412,4 @@ def _live_against_initial(
         settings,
         answered.device_ids,
     )
-    upper = 2 * evidence.improvement - evidence.lower_bound
-    passed = bool(evidence.held_out_offers == 0 or not upper < 0)
-    return dg.AssetCheckResult(
-        check_name=GATE_CHECK,
-        passed=passed,
-        severity=dg.AssetCheckSeverity.WARN,
-        description=(
-            f"live v{live_version} against initial v{initial.version} on {evidence.held_out_offers} held-out "
-            f"offers: log-loss {evidence.live_log_loss:.4f} initial, {evidence.candidate_log_loss:.4f} live"
-        ),
-        metadata={
-            "improvement": dg.MetadataValue.float(round(evidence.improvement, 5)),
-            "upper_bound": dg.MetadataValue.float(round(float(upper), 5)),
-            "held_out_offers": dg.MetadataValue.int(evidence.held_out_offers),
-        },
-    )
+    return reporting.live_against_initial_check(evidence, live_version, initial.version)
