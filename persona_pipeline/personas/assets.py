@@ -6,9 +6,9 @@ import pandas as pd
 from pydantic import Field
 
 from persona_pipeline.automation import AFTER_UPSTREAM, after_upstream_updates
-from persona_pipeline.metadata import OWNERS, add_counts_per_partition, markdown_table, table_metadata
+from persona_pipeline.metadata import OWNERS, add_counts_per_partition, table_metadata
 from persona_pipeline.partitions import daily_partitions, partition_days
-from persona_pipeline.personas import storage
+from persona_pipeline.personas import reporting, storage
 from persona_pipeline.personas.index_verification import SAMPLE_SIZE, collection_problem
 from persona_pipeline.personas.profiles import (
     device_customers,
@@ -16,6 +16,7 @@ from persona_pipeline.personas.profiles import (
     value_changes,
     values_not_merged,
 )
+from persona_pipeline.personas.reporting import ONE_POINT_CHECK, VECTOR_COUNT_CHECK
 from persona_pipeline.personas.vectors import build_persona_vectors
 from persona_pipeline.personas.weights import WeightsNotRecorded, current_weights
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
@@ -31,10 +32,8 @@ from persona_pipeline.resources.vector_index import (
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.store import tables as store_tables
 
-ONE_POINT_CHECK = "one_point_per_device"
 MERGED_CHECK = "merged_values_in_profiles"
 MERGE_SAMPLE_DEVICES = 500
-VECTOR_COUNT_CHECK = "one_vector_per_counted_device"
 # The feedback domain's asset, named by key: personas sits below feedback in the imports.
 KEY_WEIGHTS = dg.AssetKey("key_weights")
 
@@ -188,35 +187,21 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
     storage.record_vector_run(persona_store, storage.VectorRun(space, as_of, devices))
     storage.clear_profile_changes(persona_store, changes)
 
-    computed = "every device" if selection is None else "the devices whose vector may have changed"
-    active = (vectors.matrix != 0).mean(axis=0) if len(vectors.device_ids) else np.zeros(len(dimensions))
-    count_check = dg.AssetCheckResult(
-        check_name=VECTOR_COUNT_CHECK,
-        passed=devices == counted,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"vectors_stored": devices, "devices_counted": counted},
-    )
     return dg.MaterializeResult(
-        check_results=[count_check],
-        metadata={
-            "devices": dg.MetadataValue.int(devices),
-            "devices_computed": dg.MetadataValue.int(len(vectors.device_ids)),
-            "computed": dg.MetadataValue.text(computed),
-            "devices_rewritten": dg.MetadataValue.int(int(stale.sum())),
-            "devices_removed": dg.MetadataValue.int(len(removed)),
-            "dimensions": dg.MetadataValue.int(len(schema.dimensions)),
-            "feature_space": dg.MetadataValue.text(space),
-            "schema_version": dg.MetadataValue.text(schema.version),
-            "weights_version": dg.MetadataValue.int(weights.version),
-            "weights_source": dg.MetadataValue.text(weights.source),
-            "as_of": dg.MetadataValue.text(as_of.isoformat()),
-            "moved_recently": dg.MetadataValue.int(sum(len(v) for v in changed.values())),
-            # Over the devices computed in this run.
-            "dimension_weights": markdown_table(
-                dimensions.assign(share_nonzero=np.round(active, 3))[["name", "weight", "share_nonzero"]],
-                max_rows=len(dimensions),
-            ),
-        },
+        check_results=[reporting.vector_count_check(devices, counted)],
+        metadata=reporting.vectors_metadata(
+            devices=devices,
+            vectors=vectors,
+            every_device=selection is None,
+            rewritten=int(stale.sum()),
+            removed=len(removed),
+            schema=schema,
+            space=space,
+            weights=weights,
+            as_of=as_of,
+            changed=changed,
+            dimensions=dimensions,
+        ),
     )
 
 
@@ -312,17 +297,7 @@ def persona_index(
         )
     space = spaces[0] if spaces else None
     if space is None:
-        return dg.MaterializeResult(
-            metadata={"points_written": dg.MetadataValue.int(0)},
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name=ONE_POINT_CHECK,
-                    passed=True,
-                    severity=dg.AssetCheckSeverity.ERROR,
-                    description="no devices",
-                )
-            ],
-        )
+        return reporting.no_vectors_result()
     collection = f"{COLLECTION_PREFIX}{space}"
     dimensions = storage.read_dimension_count(persona_store, space)
     devices, weights_version = storage.read_vector_overview(persona_store)
@@ -364,33 +339,22 @@ def persona_index(
     for repair in repairs:
         context.log.warning(f"vector index at {vector_index.location}: {repair}")
 
-    passed = points == devices and problem is None
     return dg.MaterializeResult(
-        metadata={
-            "collection": dg.MetadataValue.text(collection),
-            "alias": dg.MetadataValue.text(vector_index.alias),
-            "previous_collection": dg.MetadataValue.text(previous or "none"),
-            "location": dg.MetadataValue.text(vector_index.location),
-            "points_written": dg.MetadataValue.int(written),
-            "points_deleted": dg.MetadataValue.int(deleted),
-            "points": dg.MetadataValue.int(points),
-            "dimensions": dg.MetadataValue.int(dimensions),
-            "weights_version": dg.MetadataValue.int(int(weights_version or 0)),
-            "collections_dropped": dg.MetadataValue.text(", ".join(dropped) or "none"),
-            "points_verified": dg.MetadataValue.int(len(sample_ids)),
-            "repaired": dg.MetadataValue.text("; ".join(repairs) or "no"),
-        },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=ONE_POINT_CHECK,
-                passed=passed,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata={"points": points, "devices": devices, "repaired": "; ".join(repairs) or "no"},
-                description=None
-                if passed
-                else (problem.description if problem else f"{points} points for {devices} devices"),
-            )
-        ],
+        metadata=reporting.index_metadata(
+            collection=collection,
+            alias=vector_index.alias,
+            previous=previous,
+            location=vector_index.location,
+            written=written,
+            deleted=deleted,
+            points=points,
+            dimensions=dimensions,
+            weights_version=weights_version,
+            dropped=dropped,
+            verified=len(sample_ids),
+            repairs=repairs,
+        ),
+        check_results=[reporting.one_point_check(points, devices, problem, repairs)],
     )
 
 
