@@ -6,18 +6,17 @@ import pandas as pd
 from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.anomalies.storage import read_scores
 from persona_pipeline.automation import AFTER_UPSTREAM
-from persona_pipeline.metadata import OWNERS, counts_table, markdown_table, table_metadata
-from persona_pipeline.offers import storage
+from persona_pipeline.metadata import OWNERS, table_metadata
+from persona_pipeline.offers import reporting, storage
 from persona_pipeline.offers.lookalikes import lookalike_hits
 from persona_pipeline.offers.recommend import (
     APP_KEY_PREFIX,
     WEEK_DAYS,
     OfferInputs,
     app_usage,
-    contact_limit_breaches,
-    emerging_needs,
     recommend,
 )
+from persona_pipeline.offers.reporting import LIMITS_CHECK
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.profiles import value_changes
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
@@ -28,9 +27,6 @@ from persona_pipeline.service_catalog import ServiceCatalog
 from persona_pipeline.store import tables as store_tables
 
 CITY_KEY = "device.location.city"
-
-
-LIMITS_CHECK = "offers_within_contact_policy"
 
 
 def _history_start(day: str, catalog: ServiceCatalog) -> str:
@@ -84,12 +80,7 @@ def service_recommendations(
     catalog = persona_config.service_catalog()
     as_of = persona_storage.read_latest_observed_at(persona_store)
     if as_of is None:
-        return dg.MaterializeResult(
-            metadata={"offers_new": dg.MetadataValue.int(0)},
-            check_results=[
-                dg.AssetCheckResult(check_name=LIMITS_CHECK, passed=True, description="no updates yet")
-            ],
-        )
+        return reporting.no_updates_result()
     day = as_of.strftime("%Y-%m-%d")
     since = pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1 - catalog.rules.location_window_days)
     history = persona_storage.read_key_history(persona_store, CITY_KEY, since.to_pydatetime())
@@ -122,49 +113,14 @@ def service_recommendations(
         catalog,
         fleet_devices=len(inputs.segments),
     )
-    written = len(offers)
     tickets = storage.write_tickets(persona_store, anomalies, catalog, day, now)
-    opened = len(tickets.opened)
-    needs = emerging_needs(anomalies)
     context.log.info(
-        f"{written} new offers for {day}; support tickets: {opened} opened, {len(tickets.updated)} updated, "
-        f"{len(tickets.resolved)} resolved"
+        f"{len(offers)} new offers for {day}; support tickets: {len(tickets.opened)} opened, "
+        f"{len(tickets.updated)} updated, {len(tickets.resolved)} resolved"
     )
-
-    stored = pd.concat([inputs.history, offers.assign(offer_day=day)])[
-        ["device_id", "service_id", "trigger", "offer_day"]
-    ]
-    todays = stored[stored["offer_day"] == day]
-    breaches = contact_limit_breaches(stored, day, catalog.rules.daily_cap, catalog.rules.max_offers_per_week)
-    preview = (
-        offers.sort_values("score", ascending=False)
-        .groupby("trigger")
-        .head(3)[["device_id", "service_id", "trigger", "score", "reason"]]
-    )
+    stored = reporting.window_offers(inputs.history, offers, day)
+    open_tickets = storage.tickets_by_status(persona_store).get("open", 0)
     return dg.MaterializeResult(
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=LIMITS_CHECK,
-                passed=not any(breaches.values()),
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata=breaches,
-            )
-        ],
-        metadata={
-            "offer_day": dg.MetadataValue.text(day),
-            "offers_new": dg.MetadataValue.int(written),
-            "offers_today": dg.MetadataValue.int(len(todays)),
-            "devices_offered_today": dg.MetadataValue.int(int(todays["device_id"].nunique())),
-            "tickets_opened": dg.MetadataValue.int(opened),
-            "tickets_updated": dg.MetadataValue.int(len(tickets.updated)),
-            "tickets_resolved": dg.MetadataValue.int(len(tickets.resolved)),
-            "tickets_open": dg.MetadataValue.int(storage.tickets_by_status(persona_store).get("open", 0)),
-            "offers_explored": dg.MetadataValue.int(int(offers["explored"].sum()) if written else 0),
-            "emerging_needs": counts_table(needs, "kind", "flags (not for support)"),
-            "offers_by_trigger": counts_table(todays["trigger"].value_counts(), "trigger", "offers"),
-            "offers_by_service": counts_table(todays["service_id"].value_counts(), "service", "offers"),
-            "preview": markdown_table(
-                preview.assign(score=preview["score"].round(3)), max_rows=12, max_cell_chars=300
-            ),
-        },
+        check_results=[reporting.contact_policy_check(stored, day, catalog.rules)],
+        metadata=reporting.offers_metadata(day, offers, stored, tickets, open_tickets, anomalies),
     )
