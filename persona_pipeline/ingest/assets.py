@@ -6,24 +6,17 @@ from pydantic import Field
 
 from persona_pipeline.erasure.storage import read_suppression
 from persona_pipeline.erasure.subjects import Suppression
+from persona_pipeline.ingest import reporting
 from persona_pipeline.ingest.ingest import ingest_days
+from persona_pipeline.ingest.reporting import REJECT_SHARE_CHECK
 from persona_pipeline.ingest.validation import DEFAULT_MAX_LATE_DAYS
-from persona_pipeline.metadata import (
-    OWNERS,
-    add_counts_per_partition,
-    counts_table,
-    markdown_table,
-    reject_share_check,
-    table_metadata,
-)
+from persona_pipeline.metadata import OWNERS, add_counts_per_partition, table_metadata
 from persona_pipeline.partitions import daily_partitions, partition_days
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.store import tables as store_tables
 from persona_pipeline.store.tables import index_update_rejects
 from persona_pipeline.store.tables import index_updates as updates_table
-
-REJECT_SHARE_CHECK = "reject_share_within_threshold"
 
 
 class IndexUpdatesConfig(dg.Config):
@@ -46,19 +39,6 @@ def _unsuppressed(frame: pd.DataFrame, suppression: Suppression) -> pd.DataFrame
     updates is not copied for nothing)."""
     suppressed = suppression.matches(frame)
     return frame[~suppressed] if suppressed.any() else frame
-
-
-def per_day_counts(days: list[str], accepted: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:
-    """Rows accepted and rejected per partition day (index: day), zeros for a day without rows."""
-    return pd.DataFrame(
-        {
-            "rows_accepted": accepted["partition_date"].value_counts().reindex(days, fill_value=0),
-            "rows_rejected": rejects["partition_date"].value_counts().reindex(days, fill_value=0)
-            if "partition_date" in rejects
-            else 0,
-        },
-        index=pd.Index(days, name="day"),
-    ).astype(int)
 
 
 @dg.asset(
@@ -108,45 +88,17 @@ def index_updates(
     persona_store.replace_rows(updates_table, updates_table.c.partition_date.in_(days), in_index_order)
     persona_store.replace_rows(index_update_rejects, index_update_rejects.c.partition_date.in_(days), rejects)
 
-    by_day = per_day_counts(days, accepted, rejects)
+    by_day = reporting.per_day_counts(days, accepted, rejects)
     add_counts_per_partition(context, by_day)
-    share = outcome.reject_share
     return dg.MaterializeResult(
-        metadata={
-            "days": dg.MetadataValue.text(f"{days[0]} … {days[-1]}" if len(days) > 1 else days[0]),
-            "rows_read": dg.MetadataValue.int(outcome.rows_read),
-            "rows_accepted": dg.MetadataValue.int(len(accepted)),
-            "rows_by_day": markdown_table(by_day.reset_index(), max_rows=len(days)),
-            "rows_rejected": dg.MetadataValue.int(len(rejects)),
-            "reject_share": dg.MetadataValue.float(round(share, 5)),
-            "duplicates_dropped": dg.MetadataValue.int(outcome.duplicates_dropped),
-            "suppressed_rows": dg.MetadataValue.int(suppressed_rows),
-            "devices": dg.MetadataValue.int(int(accepted["device_id"].nunique())),
-            "keys": dg.MetadataValue.int(int(accepted["key"].nunique())),
-            "unknown_key_rows": dg.MetadataValue.int(outcome.unknown_key_rows),
-            "unknown_keys": dg.MetadataValue.text(", ".join(sorted(outcome.unknown_keys)) or "none"),
-            "late_rows": dg.MetadataValue.int(outcome.late_rows),
-            "rejects_by_reason": counts_table(
-                rejects["reason_code"].value_counts() if not rejects.empty else pd.Series(dtype=int),
-                "reason",
-            ),
-            "reject_examples": markdown_table(
-                rejects.drop_duplicates("reason_code")[["source_file", "source_row", "reason"]]
-                if not rejects.empty
-                else rejects
-            ),
-            "file_notes": dg.MetadataValue.text("\n".join(outcome.problems) or "none"),
-            "folder_problems": dg.MetadataValue.text("\n".join(folder_problems) or "none"),
-            "preview": markdown_table(accepted.head(5).drop(columns=["source_file", "source_row"])),
-        },
-        check_results=[
-            reject_share_check(
-                REJECT_SHARE_CHECK,
-                share,
-                config.max_reject_share,
-                len(rejects),
-                outcome.rows_read,
-                "index_update_rejects",
-            )
-        ],
+        metadata=reporting.updates_metadata(
+            days=days,
+            outcome=outcome,
+            accepted=accepted,
+            rejects=rejects,
+            by_day=by_day,
+            suppressed_rows=suppressed_rows,
+            folder_problems=folder_problems,
+        ),
+        check_results=[reporting.reject_check(outcome, rejects, config.max_reject_share)],
     )

@@ -1,0 +1,79 @@
+"""The metadata and check results index_updates shows in the UI."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+
+from persona_pipeline.ingest.ingest import IngestOutcome
+from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
+
+REJECT_SHARE_CHECK = "reject_share_within_threshold"
+
+
+def per_day_counts(days: list[str], accepted: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:
+    """Rows accepted and rejected per partition day (index: day), zeros for a day without rows."""
+    return pd.DataFrame(
+        {
+            "rows_accepted": accepted["partition_date"].value_counts().reindex(days, fill_value=0),
+            "rows_rejected": rejects["partition_date"].value_counts().reindex(days, fill_value=0)
+            if "partition_date" in rejects
+            else 0,
+        },
+        index=pd.Index(days, name="day"),
+    ).astype(int)
+
+
+def updates_metadata(
+    *,
+    days: list[str],
+    outcome: IngestOutcome,
+    accepted: pd.DataFrame,
+    rejects: pd.DataFrame,
+    by_day: pd.DataFrame,
+    suppressed_rows: int,
+    folder_problems: list[str],
+) -> dict[str, dg.MetadataValue]:
+    """The days ingested: rows read, accepted (`accepted`, per day in `by_day`) and rejected
+    (`rejects`), what validation noticed, the rows of erased subjects dropped, and a preview."""
+    return {
+        "days": dg.MetadataValue.text(f"{days[0]} … {days[-1]}" if len(days) > 1 else days[0]),
+        "rows_read": dg.MetadataValue.int(outcome.rows_read),
+        "rows_accepted": dg.MetadataValue.int(len(accepted)),
+        "rows_by_day": markdown_table(by_day.reset_index(), max_rows=len(days)),
+        "rows_rejected": dg.MetadataValue.int(len(rejects)),
+        "reject_share": dg.MetadataValue.float(round(outcome.reject_share, 5)),
+        "duplicates_dropped": dg.MetadataValue.int(outcome.duplicates_dropped),
+        "suppressed_rows": dg.MetadataValue.int(suppressed_rows),
+        "devices": dg.MetadataValue.int(int(accepted["device_id"].nunique())),
+        "keys": dg.MetadataValue.int(int(accepted["key"].nunique())),
+        "unknown_key_rows": dg.MetadataValue.int(outcome.unknown_key_rows),
+        "unknown_keys": dg.MetadataValue.text(", ".join(sorted(outcome.unknown_keys)) or "none"),
+        "late_rows": dg.MetadataValue.int(outcome.late_rows),
+        "rejects_by_reason": counts_table(
+            rejects["reason_code"].value_counts() if not rejects.empty else pd.Series(dtype=int),
+            "reason",
+        ),
+        "reject_examples": markdown_table(
+            rejects.drop_duplicates("reason_code")[["source_file", "source_row", "reason"]]
+            if not rejects.empty
+            else rejects
+        ),
+        "file_notes": dg.MetadataValue.text("\n".join(outcome.problems) or "none"),
+        "folder_problems": dg.MetadataValue.text("\n".join(folder_problems) or "none"),
+        "preview": markdown_table(accepted.head(5).drop(columns=["source_file", "source_row"])),
+    }
+
+
+def reject_check(
+    outcome: IngestOutcome, rejects: pd.DataFrame, max_reject_share: float
+) -> dg.AssetCheckResult:
+    """Fails when more than `max_reject_share` of the rows read were rejected."""
+    return reject_share_check(
+        REJECT_SHARE_CHECK,
+        outcome.reject_share,
+        max_reject_share,
+        len(rejects),
+        outcome.rows_read,
+        "index_update_rejects",
+    )
