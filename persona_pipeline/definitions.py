@@ -4,6 +4,7 @@ import os
 
 import dagster as dg
 
+from persona_pipeline import settings
 from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.automation import automation_sensor, dead_runs_sensor
 from persona_pipeline.erasure.jobs import erase_devices_job
@@ -39,6 +40,7 @@ def build_resources(resolved: bool = False) -> dict[str, dg.ConfigurableResource
             url=from_env("QDRANT_URL"),
             api_key=from_env("QDRANT_API_KEY"),
             embedded_engine=os.environ.get("PERSONA_QDRANT_ENGINE") or "edge",
+            **settings.qdrant_server_layout(os.environ),
         ),
         "landing_zone": LandingZone(
             path=from_env("PERSONA_LANDING_DIR"), source_db_url=from_env("PERSONA_SOURCE_DB_URL")

@@ -8,6 +8,7 @@ instance. Every location can be overridden on its own.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -58,3 +59,33 @@ def automation_on() -> bool:
     if value not in ("on", "off"):
         raise ValueError(f"PERSONA_AUTOMATION={value!r}: expected on or off")
     return value == "on"
+
+
+SERVER_LAYOUT_VARIABLES = {
+    "PERSONA_QDRANT_SHARDS": ("shards", int),
+    "PERSONA_QDRANT_REPLICAS": ("replicas", int),
+    "PERSONA_QDRANT_VECTORS_ON_DISK": ("vectors_on_disk", bool),
+    "PERSONA_QDRANT_QUANTIZATION": ("quantization", str),
+    "PERSONA_QDRANT_WRITE_PARALLELISM": ("write_parallelism", int),
+}
+
+
+def qdrant_server_layout(environ: Mapping[str, str]) -> dict[str, object]:
+    """The VectorIndex settings of a Qdrant server's collections that `environ` sets; a value
+    that is not of its kind is a one-line error naming the variable."""
+    found: dict[str, object] = {}
+    for variable, (field, kind) in SERVER_LAYOUT_VARIABLES.items():
+        text = (environ.get(variable) or "").strip()
+        if not text:
+            continue
+        if kind is int:
+            if not text.isdigit():
+                raise ValueError(f"{variable}={text!r} is not a whole number")
+            found[field] = int(text)
+        elif kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{variable}={text!r}: expected true or false")
+            found[field] = text.lower() in ("true", "1", "yes")
+        else:
+            found[field] = text
+    return found

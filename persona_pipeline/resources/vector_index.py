@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import numpy as np
@@ -98,6 +99,38 @@ class VectorIndex(dg.ConfigurableResource):
     timeout_seconds: int = Field(
         default=30, ge=1, le=3_600, description="Timeout of each request to a Qdrant server."
     )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Shards of a new collection on a Qdrant server or cluster (PERSONA_QDRANT_SHARDS); "
+        "Qdrant spreads them over the cluster's nodes. Not used embedded.",
+    )
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Copies of each shard on a cluster (PERSONA_QDRANT_REPLICAS): 2 keeps the index "
+        "readable and writable while one node is down. Not used embedded.",
+    )
+    vectors_on_disk: bool = Field(
+        default=False,
+        description="Keep a new collection's original vectors on disk, memory-mapped "
+        "(PERSONA_QDRANT_VECTORS_ON_DISK); with quantization the search reads the RAM copy first. "
+        "Not used embedded.",
+    )
+    quantization: Literal["none", "scalar"] = Field(
+        default="none",
+        description="`scalar`: a new collection keeps int8 copies of its vectors in RAM, a quarter "
+        "of their float32 size (PERSONA_QDRANT_QUANTIZATION). Not used embedded.",
+    )
+    write_parallelism: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Batches of points in flight at once when writing to a server "
+        "(PERSONA_QDRANT_WRITE_PARALLELISM). Embedded writes are one batch at a time.",
+    )
 
     @field_validator("embedded_engine")
     @classmethod
@@ -127,8 +160,17 @@ class VectorIndex(dg.ConfigurableResource):
 
     def _connect(self) -> VectorStore:
         if self.url:
+            from persona_pipeline.resources.vector_stores.qdrant_client_store import ServerLayout
+
+            layout = ServerLayout(
+                shards=self.shards,
+                replicas=self.replicas,
+                vectors_on_disk=self.vectors_on_disk,
+                quantization=self.quantization,
+                write_parallelism=self.write_parallelism,
+            )
             return _client_store(
-                self.location, url=self.url, api_key=self.api_key, timeout=self.timeout_seconds
+                self.location, url=self.url, api_key=self.api_key, timeout=self.timeout_seconds, layout=layout
             )
         path = Path(self.resolved_path)
         found = embedded_layout(path)

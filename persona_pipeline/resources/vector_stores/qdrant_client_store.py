@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,6 +16,33 @@ from persona_pipeline.resources.vector_stores.base import Hit, StoredPoint, Vect
 
 # What the client raises for a server's refusal or absence, and its local mode for bad requests.
 ENGINE_ERRORS = (ResponseHandlingException, UnexpectedResponse, ValueError, RuntimeError)
+# The payload fields the pipeline filters and counts on get an index on a server (local mode has
+# no payload indexes).
+PAYLOAD_INDEXES = {
+    "cluster_id": models.PayloadSchemaType.INTEGER,
+    "weights_version": models.PayloadSchemaType.INTEGER,
+}
+
+
+@dataclass(frozen=True)
+class ServerLayout:
+    """How a server lays out a new collection, and how many batches are written at once (the
+    VectorIndex resource validates the values)."""
+
+    shards: int = 1
+    replicas: int = 1
+    vectors_on_disk: bool = False
+    quantization: str = "none"
+    write_parallelism: int = 1
+
+    def quantization_config(self) -> models.ScalarQuantization | None:
+        if self.quantization == "none":
+            return None
+        # int8 copies of the vectors kept in RAM (a quarter of float32), the originals where
+        # vectors_on_disk puts them; search rescores with the originals.
+        return models.ScalarQuantization(
+            scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
+        )
 
 
 class QdrantClientStore(VectorStore):
@@ -26,8 +55,11 @@ class QdrantClientStore(VectorStore):
         api_key: str | None = None,
         path: str | None = None,
         timeout: int = 30,
+        layout: ServerLayout | None = None,
     ) -> None:
         self.location = location
+        self.server = bool(url)
+        self.layout = layout or ServerLayout()
         try:
             if url:
                 self._client = QdrantClient(url=url, api_key=api_key, timeout=timeout)
@@ -57,10 +89,20 @@ class QdrantClientStore(VectorStore):
             return self._client.get_collection(collection).config.params.vectors.size
 
     def create_collection(self, name: str, dimensions: int) -> None:
+        layout = self.layout if self.server else ServerLayout()
         with self._engine():
             self._client.create_collection(
-                name, vectors_config=models.VectorParams(size=dimensions, distance=models.Distance.EUCLID)
+                name,
+                vectors_config=models.VectorParams(
+                    size=dimensions, distance=models.Distance.EUCLID, on_disk=layout.vectors_on_disk or None
+                ),
+                shard_number=layout.shards,
+                replication_factor=layout.replicas,
+                quantization_config=layout.quantization_config(),
             )
+            if self.server:
+                for field, schema in PAYLOAD_INDEXES.items():
+                    self._client.create_payload_index(name, field, field_schema=schema, wait=True)
 
     def drop_collection(self, name: str) -> None:
         with self._engine():
@@ -72,6 +114,48 @@ class QdrantClientStore(VectorStore):
         batch = models.Batch(ids=list(ids), vectors=np.asarray(vectors).tolist(), payloads=list(payloads))
         with self._engine():
             self._client.upsert(collection, points=batch, wait=True)
+
+    def upsert(
+        self,
+        collection: str,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        payloads: Sequence[dict],
+        batch_size: int = 2048,
+    ) -> int:
+        """On a server, `layout.write_parallelism` batches in flight at once (the requests wait on
+        the network, not on this process); a failure says how many points were written."""
+        parallelism = self.layout.write_parallelism if self.server else 1
+        if parallelism <= 1:
+            return super().upsert(collection, ids, vectors, payloads, batch_size)
+        if not len(ids) == len(vectors) == len(payloads):
+            raise ValueError(f"{len(ids)} ids, {len(vectors)} vectors and {len(payloads)} payloads")
+        starts = range(0, len(ids), batch_size)
+        written, failures = 0, []
+        with ThreadPoolExecutor(max_workers=parallelism) as pool:
+            batches = {
+                pool.submit(
+                    self.upsert_batch,
+                    collection,
+                    ids[start : start + batch_size],
+                    vectors[start : start + batch_size],
+                    payloads[start : start + batch_size],
+                ): len(ids[start : start + batch_size])
+                for start in starts
+            }
+            for done in as_completed(batches):
+                try:
+                    done.result()
+                    written += batches[done]
+                except VectorIndexError as exc:
+                    failures.append(exc)
+        if failures:
+            raise VectorIndexError(
+                f"vector index at {self.location} failed after {written} of {len(ids)} points were "
+                f"written to {collection}: {failures[0].detail}",
+                detail=failures[0].detail,
+            )
+        return len(ids)
 
     def set_payload(self, collection: str, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
         with self._engine():
