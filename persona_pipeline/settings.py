@@ -62,30 +62,38 @@ def automation_on() -> bool:
 
 
 SERVER_LAYOUT_VARIABLES = {
-    "PERSONA_QDRANT_SHARDS": ("shards", int),
-    "PERSONA_QDRANT_REPLICAS": ("replicas", int),
-    "PERSONA_QDRANT_VECTORS_ON_DISK": ("vectors_on_disk", bool),
-    "PERSONA_QDRANT_QUANTIZATION": ("quantization", str),
-    "PERSONA_QDRANT_WRITE_PARALLELISM": ("write_parallelism", int),
+    "PERSONA_QDRANT_SHARDS": "shards",
+    "PERSONA_QDRANT_REPLICAS": "replicas",
+    "PERSONA_QDRANT_VECTORS_ON_DISK": "vectors_on_disk",
+    "PERSONA_QDRANT_QUANTIZATION": "quantization",
+    "PERSONA_QDRANT_WRITE_PARALLELISM": "write_parallelism",
 }
+# The bounds of the whole-number settings (VectorIndex's fields use them too) and the choices.
+QDRANT_LIMITS = {"shards": (1, 256), "replicas": (1, 16), "write_parallelism": (1, 64)}
+QDRANT_QUANTIZATIONS = ("none", "scalar")
 
 
 def qdrant_server_layout(environ: Mapping[str, str]) -> dict[str, object]:
     """The VectorIndex settings of a Qdrant server's collections that `environ` sets; a value
-    that is not of its kind is a one-line error naming the variable."""
+    that is not one of its kind is a one-line error naming the variable."""
     found: dict[str, object] = {}
-    for variable, (field, kind) in SERVER_LAYOUT_VARIABLES.items():
+    for variable, field in SERVER_LAYOUT_VARIABLES.items():
         text = (environ.get(variable) or "").strip()
         if not text:
             continue
-        if kind is int:
+        if field in QDRANT_LIMITS:
+            low, high = QDRANT_LIMITS[field]
             if not text.isdigit():
                 raise ValueError(f"{variable}={text!r} is not a whole number")
+            if not low <= int(text) <= high:
+                raise ValueError(f"{variable}={int(text)}: expected {low} to {high}")
             found[field] = int(text)
-        elif kind is bool:
+        elif field == "vectors_on_disk":
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(f"{variable}={text!r}: expected true or false")
             found[field] = text.lower() in ("true", "1", "yes")
         else:
+            if text not in QDRANT_QUANTIZATIONS:
+                raise ValueError(f"{variable}={text!r}: expected {' or '.join(QDRANT_QUANTIZATIONS)}")
             found[field] = text
     return found

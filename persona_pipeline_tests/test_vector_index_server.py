@@ -5,6 +5,7 @@ every call runs for real on the local engine, and the test reads what a server w
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -93,9 +94,22 @@ def test_a_server_collection_gets_its_shards_replicas_storage_quantization_and_p
     indexes = server["client"].arguments("create_payload_index")
     indexed = {call["args"][1]: call["field_schema"] for call in indexes}
     assert indexed == {
+        "device_id": models.PayloadSchemaType.KEYWORD,  # the lookalike query leaves devices out by it
         "cluster_id": models.PayloadSchemaType.INTEGER,
         "weights_version": models.PayloadSchemaType.INTEGER,
     }
+
+
+def test_an_existing_server_collection_gets_the_payload_indexes_it_lacks(server):
+    """A collection whose indexes were never made (a failure after it was created, or made before
+    this version) gets them from the next persona_index run."""
+    with VectorIndex(url=URL).open() as store:
+        server["client"].local.create_collection(
+            COLLECTION, vectors_config=models.VectorParams(size=4, distance=models.Distance.EUCLID)
+        )
+        assert store.ensure_collection(COLLECTION, 4) is False
+    indexed = {call["args"][1] for call in server["client"].arguments("create_payload_index")}
+    assert indexed == {"device_id", "cluster_id", "weights_version"}
 
 
 def test_a_server_collection_by_default_is_one_shard_in_ram_without_quantization(server):
@@ -128,9 +142,23 @@ def test_a_failed_batch_among_parallel_ones_says_how_many_points_were_written(se
     vectors = np.zeros((len(devices), 4), dtype=np.float32)
     with VectorIndex(url=URL, write_parallelism=4).open() as store:
         store.ensure_collection(COLLECTION, 4)
-        with pytest.raises(VectorIndexError, match=r"failed after 960 of 1024 points were written to person"):
+        with pytest.raises(VectorIndexError, match=r"failed after \d+ of 1024 points were written") as raised:
             store.upsert(COLLECTION, point_ids(devices), vectors, [{} for _ in devices], batch_size=64)
-        assert store.count(COLLECTION) == 960  # the other batches landed; a re-run writes them all again
+        written = int(re.search(r"failed after (\d+) of", str(raised.value)).group(1))
+        assert 0 < written < 1024 and written % 64 == 0
+        assert store.count(COLLECTION) == written  # what it says is what landed; a re-run writes all
+
+
+def test_parallel_writes_stop_sending_batches_after_one_fails(server):
+    """A server that refuses or times out is not sent the rest of the batches: at most the ones
+    already in flight go out after the first failure."""
+    server["failing"]["upsert"] = 1
+    devices = [f"d{i}" for i in range(40 * 64)]
+    with VectorIndex(url=URL, write_parallelism=4).open() as store:
+        store.ensure_collection(COLLECTION, 4)
+        with pytest.raises(VectorIndexError, match="failed after"):
+            store.upsert(COLLECTION, point_ids(devices), np.zeros((len(devices), 4)), [{}] * len(devices), 64)
+    assert server["client"].called("upsert") <= 4 + 4  # the first window, and those sent as it drained
 
 
 def test_the_layout_settings_come_from_the_environment_and_a_bad_value_is_named():
@@ -148,6 +176,10 @@ def test_the_layout_settings_come_from_the_environment_and_a_bad_value_is_named(
         settings.qdrant_server_layout({"PERSONA_QDRANT_SHARDS": "six"})
     with pytest.raises(ValueError, match=r"^PERSONA_QDRANT_VECTORS_ON_DISK='maybe': expected true or false$"):
         settings.qdrant_server_layout({"PERSONA_QDRANT_VECTORS_ON_DISK": "maybe"})
+    with pytest.raises(ValueError, match=r"^PERSONA_QDRANT_QUANTIZATION='binary': expected none or scalar$"):
+        settings.qdrant_server_layout({"PERSONA_QDRANT_QUANTIZATION": "binary"})
+    with pytest.raises(ValueError, match=r"^PERSONA_QDRANT_SHARDS=0: expected 1 to 256$"):
+        settings.qdrant_server_layout({"PERSONA_QDRANT_SHARDS": "0"})
     with pytest.raises(Exception, match="quantization"):
         VectorIndex(url=URL, quantization="binary")
     with pytest.raises(Exception, match="shards"):

@@ -101,15 +101,15 @@ class VectorIndex(dg.ConfigurableResource):
     )
     shards: int = Field(
         default=1,
-        ge=1,
-        le=256,
+        ge=settings.QDRANT_LIMITS["shards"][0],
+        le=settings.QDRANT_LIMITS["shards"][1],
         description="Shards of a new collection on a Qdrant server or cluster (PERSONA_QDRANT_SHARDS); "
         "Qdrant spreads them over the cluster's nodes. Not used embedded.",
     )
     replicas: int = Field(
         default=1,
-        ge=1,
-        le=16,
+        ge=settings.QDRANT_LIMITS["replicas"][0],
+        le=settings.QDRANT_LIMITS["replicas"][1],
         description="Copies of each shard on a cluster (PERSONA_QDRANT_REPLICAS): 2 keeps the index "
         "readable and writable while one node is down. Not used embedded.",
     )
@@ -126,8 +126,8 @@ class VectorIndex(dg.ConfigurableResource):
     )
     write_parallelism: int = Field(
         default=4,
-        ge=1,
-        le=64,
+        ge=settings.QDRANT_LIMITS["write_parallelism"][0],
+        le=settings.QDRANT_LIMITS["write_parallelism"][1],
         description="Batches of points in flight at once when writing to a server "
         "(PERSONA_QDRANT_WRITE_PARALLELISM). Embedded writes are one batch at a time.",
     )

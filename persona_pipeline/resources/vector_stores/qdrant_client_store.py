@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,10 @@ from persona_pipeline.resources.vector_stores.base import Hit, StoredPoint, Vect
 
 # What the client raises for a server's refusal or absence, and its local mode for bad requests.
 ENGINE_ERRORS = (ResponseHandlingException, UnexpectedResponse, ValueError, RuntimeError)
-# The payload fields the pipeline filters and counts on get an index on a server (local mode has
-# no payload indexes).
+# Payload indexes on a server (local mode has none): device_id, which the lookalike query filters
+# out by; cluster_id and weights_version, to select a segment's or a weights version's points.
 PAYLOAD_INDEXES = {
+    "device_id": models.PayloadSchemaType.KEYWORD,
     "cluster_id": models.PayloadSchemaType.INTEGER,
     "weights_version": models.PayloadSchemaType.INTEGER,
 }
@@ -100,9 +102,17 @@ class QdrantClientStore(VectorStore):
                 replication_factor=layout.replicas,
                 quantization_config=layout.quantization_config(),
             )
-            if self.server:
+
+    def ensure_collection(self, name: str, dimensions: int) -> bool:
+        """As any store's, and on a server the payload indexes too, each time: one the collection
+        lacks (a failure after it was created, or made before they were) is made; asking for an
+        index that exists changes nothing."""
+        created = super().ensure_collection(name, dimensions)
+        if self.server:
+            with self._engine():
                 for field, schema in PAYLOAD_INDEXES.items():
                     self._client.create_payload_index(name, field, field_schema=schema, wait=True)
+        return created
 
     def drop_collection(self, name: str) -> None:
         with self._engine():
@@ -130,30 +140,41 @@ class QdrantClientStore(VectorStore):
             return super().upsert(collection, ids, vectors, payloads, batch_size)
         if not len(ids) == len(vectors) == len(payloads):
             raise ValueError(f"{len(ids)} ids, {len(vectors)} vectors and {len(payloads)} payloads")
-        starts = range(0, len(ids), batch_size)
-        written, failures = 0, []
+        starts = iter(range(0, len(ids), batch_size))
+        written, failure = 0, None
         with ThreadPoolExecutor(max_workers=parallelism) as pool:
-            batches = {
-                pool.submit(
-                    self.upsert_batch,
-                    collection,
-                    ids[start : start + batch_size],
-                    vectors[start : start + batch_size],
-                    payloads[start : start + batch_size],
-                ): len(ids[start : start + batch_size])
-                for start in starts
-            }
-            for done in as_completed(batches):
-                try:
-                    done.result()
-                    written += batches[done]
-                except VectorIndexError as exc:
-                    failures.append(exc)
-        if failures:
+            in_flight: dict[Future, int] = {}
+
+            def send(count: int) -> None:
+                for start in islice(starts, count):
+                    stop = start + batch_size
+                    batch = pool.submit(
+                        self.upsert_batch,
+                        collection,
+                        ids[start:stop],
+                        vectors[start:stop],
+                        payloads[start:stop],
+                    )
+                    in_flight[batch] = len(ids[start:stop])
+
+            # At most `parallelism` batches are out at once, and none is sent after a failure.
+            send(parallelism)
+            while in_flight:
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for batch in done:
+                    size = in_flight.pop(batch)
+                    try:
+                        batch.result()
+                        written += size
+                    except VectorIndexError as exc:
+                        failure = failure or exc
+                if failure is None:
+                    send(len(done))
+        if failure is not None:
             raise VectorIndexError(
                 f"vector index at {self.location} failed after {written} of {len(ids)} points were "
-                f"written to {collection}: {failures[0].detail}",
-                detail=failures[0].detail,
+                f"written to {collection}: {failure.detail}",
+                detail=failure.detail,
             )
         return len(ids)
 
