@@ -42,15 +42,13 @@ validate: $(INSTALLED)  ## load the code location the way the UI does
 	$(BIN)/dagster definitions validate -w workspace.yaml
 
 # The UI and the daemon, as `dagster dev` starts them, without its two warnings on every start:
-# the command itself is superseded, and a dagster.yaml in the folder it starts in (this checkout's
-# root one, the template `init` copies) is not DAGSTER_HOME's. Both stop with Ctrl-C.
+# the command itself is superseded, and this checkout's root dagster.yaml (the template `init`
+# copies into DAGSTER_HOME) is not DAGSTER_HOME's. Ctrl-C stops both.
 dev: $(INSTALLED)  ## Dagster UI + daemon on 127.0.0.1:$(DEV_PORT), same instance as `make demo`
 	$(BIN)/persona-pipeline init
-	cd "$(abspath $(DAGSTER_HOME))" && export PERSONA_HOME="$(abspath $(PERSONA_HOME))" \
-		DAGSTER_HOME="$(abspath $(DAGSTER_HOME))" && \
-		{ "$(abspath $(BIN))/dagster-daemon" run -w "$(CURDIR)/workspace.yaml" & daemon=$$!; \
+	$(BIN)/dagster-daemon run -w workspace.yaml & daemon=$$!; \
 		trap 'kill $$daemon 2>/dev/null' EXIT INT TERM; \
-		"$(abspath $(BIN))/dagster-webserver" -w "$(CURDIR)/workspace.yaml" -h 127.0.0.1 -p $(DEV_PORT); }
+		$(BIN)/dagster-webserver -w workspace.yaml -h 127.0.0.1 -p $(DEV_PORT)
 
 migrate: $(INSTALLED)  ## create or upgrade the persona store's schema (PERSONA_DB_URL, default SQLite)
 	$(BIN)/persona-pipeline migrate

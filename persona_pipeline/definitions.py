@@ -12,7 +12,11 @@ from persona_pipeline.executors import executor_from_env
 from persona_pipeline.feature_schema import load_feature_schema
 from persona_pipeline.feedback.assets import key_weights, offer_feedback
 from persona_pipeline.feedback.jobs import feedback_job, weights_job
-from persona_pipeline.feedback.sensors import key_weights_sensor, offer_feedback_sensor
+from persona_pipeline.feedback.sensors import (
+    configured_weights_sensor,
+    key_weights_sensor,
+    offer_feedback_sensor,
+)
 from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.ingest.jobs import ingest_job, ingest_schedule
 from persona_pipeline.ingest.sensors import index_updates_sensor
@@ -71,6 +75,7 @@ defs = dg.Definitions(
         index_updates_sensor,
         offer_feedback_sensor,
         key_weights_sensor,
+        configured_weights_sensor,
         automation_sensor,
         dead_runs_sensor,
     ],

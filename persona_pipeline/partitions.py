@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ FALLBACK_START = "2026-01-01"
 # Partitions begin this many days before the first landed day, so a late file of the days just
 # before it has a partition to land in.
 LEAD_DAYS = 7
+DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def first_landed_day(landing_root: Path) -> str | None:
@@ -37,7 +39,9 @@ def first_landed_day(landing_root: Path) -> str | None:
 
 
 def _is_day(text: str) -> bool:
-    return pd.to_datetime(text, format="%Y-%m-%d", errors="coerce") is not pd.NaT
+    """YYYY-MM-DD, zero-padded (the partition keys' form), and a real day."""
+    real = pd.to_datetime(text, format="%Y-%m-%d", errors="coerce") is not pd.NaT
+    return bool(DAY.fullmatch(text)) and real
 
 
 def partition_start(configured: str | None, landing_root: Path | None) -> str:

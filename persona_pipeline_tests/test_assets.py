@@ -245,9 +245,8 @@ def test_new_weights_version_fills_a_new_collection_then_swaps_the_alias(landing
     first, _ = index_points(resources)
 
     store = resources["persona_store"]
-    schema = resources["persona_config"].feature_schema()
     learned = {
-        **current_weights(store, schema.initial_weights()).weights,
+        **current_weights(store).weights,
         "device.location.city": 0.4,
     }
     insert_weights(store, 2, learned, "feedback")

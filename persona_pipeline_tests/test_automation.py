@@ -76,13 +76,23 @@ def test_landing_sensor_requests_a_day_when_its_files_change_and_only_then(landi
     assert set(json.loads(fourth.cursor)) == {"2026-03-01", "2026-03-02", "2026-03-03"}
 
 
-def test_landing_sensor_ignores_days_outside_the_partitions(landing, instance):
+def test_landing_sensor_skips_days_outside_the_partitions_until_they_are_inside(
+    landing, instance, monkeypatch
+):
     settled(
         write_jsonl(landing, "2019-05-01", [update("d1", "device.model", "X", "2019-05-01T08:00:00+00:00")])
     )
     result = tick(index_updates_sensor, instance, landing, None)
     assert not result.run_requests
     assert "2019-05-01" in json.loads(result.cursor)  # warned once, not every tick
+    assert not tick(index_updates_sensor, instance, landing, result.cursor).run_requests
+
+    # After a restart whose partitions reach back to that day (PERSONA_PARTITION_START, or an
+    # earlier first landed day), the day is read: skipped is not read.
+    earlier = dg.DailyPartitionsDefinition(start_date="2019-01-01", end_offset=1)
+    monkeypatch.setattr(ingest_sensors, "daily_partitions", earlier)
+    later = tick(index_updates_sensor, instance, landing, result.cursor)
+    assert [r.partition_key for r in later.run_requests] == ["2019-05-01"]
 
 
 def test_schedule_runs_the_day_that_just_ended():
@@ -122,13 +132,11 @@ def test_new_profiles_request_the_whole_chain_in_one_tick_and_feedback_refreshes
         return result, {key.to_user_string() for key in keys if result.get_num_requested(key)}
 
     result, wanted = evaluate(None)
-    # A new deployment records the configured weights (the vectors need a version); nothing else
-    # happened upstream: nothing else to do, missing partitions or not.
-    assert wanted == {"key_weights"}
-    result, wanted = evaluate(result.cursor)
-    assert wanted == set()  # asked for once, not every tick while it is missing
-    materialized("key_weights")
+    assert wanted == set()  # nothing upstream happened: nothing to do, missing partitions or not
     materialized("index_updates", "device_profiles", partition="2026-03-02")
+    result, wanted = evaluate(result.cursor)
+    assert wanted == set()  # the vectors wait for key_weights (configured_weights_sensor asks for it)
+    materialized("key_weights")
     result, wanted = evaluate(result.cursor)
     assert wanted == set(DOWNSTREAM)  # one run, in dependency order; the weights are not part of it
     result, wanted = evaluate(result.cursor)

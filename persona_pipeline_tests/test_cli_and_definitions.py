@@ -213,7 +213,7 @@ def test_loading_the_definitions_prints_no_warning():
 def test_partitions_start_a_week_before_the_first_landed_day(tmp_path):
     landing = tmp_path / "landing"
     assert partition_start(None, landing) == FALLBACK_START  # nothing landed yet
-    for name in ("date=2026-11-20", "date=2026-11-22", "date=2026-02-30", "date=soon"):
+    for name in ("date=2026-11-20", "date=2026-11-22", "date=2026-02-30", "date=2026-1-5", "date=soon"):
         (landing / "index_updates" / name).mkdir(parents=True)
     (landing / "index_updates" / "date=2026-10-01").write_text("a file, not a day folder")
     assert first_landed_day(landing) == "2026-11-20"

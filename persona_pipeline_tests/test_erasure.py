@@ -67,7 +67,7 @@ def fleet_with_feedback(persona_home, instance):
     # A learned version that went live (whatever the gate makes of this small fleet's answers),
     # so the next run's vectors fill a second collection beside the configured weights' one.
     store = resources["persona_store"]
-    live = current_weights(store, resources["persona_config"].feature_schema().initial_weights())
+    live = current_weights(store)
     insert_weights(store, live.version + 1, {key: w * 1.1 for key, w in live.weights.items()}, "feedback")
     simulate_feedback(seed=2, batch_id=None)
     run_chain(None, None, instance=instance)

@@ -10,11 +10,18 @@ import pandas as pd
 import pytest
 
 from persona_pipeline.feedback.assets import key_weights, offer_feedback
-from persona_pipeline.feedback.sensors import offer_feedback_sensor
+from persona_pipeline.feedback.jobs import weights_job
+from persona_pipeline.feedback.sensors import configured_weights_sensor, offer_feedback_sensor
 from persona_pipeline.feedback.validation import validate_feedback
 from persona_pipeline.partitions import offer_feedback_batches
 from persona_pipeline.personas.assets import persona_vectors
-from persona_pipeline.personas.weights import WeightsNotRecorded, current_weights, record_configured_weights
+from persona_pipeline.personas.weights import (
+    WeightsNotRecorded,
+    configured_weights_recorded,
+    current_weights,
+    record_configured_weights,
+)
+from persona_pipeline.resources import PersonaConfig, PersonaStore
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
 
 # Responses to unknown offers are rejected at once instead of held (see test_feedback_hardening).
@@ -244,8 +251,9 @@ def test_reading_the_live_weights_writes_nothing_and_key_weights_records_the_con
 ):
     store = resources["persona_store"]
     configured = resources["persona_config"].feature_schema().initial_weights()
-    with pytest.raises(WeightsNotRecorded, match="not recorded yet: materialize key_weights first"):
-        current_weights(store, configured)
+    with pytest.raises(WeightsNotRecorded, match="no key weights are recorded yet: materialize key_weights"):
+        current_weights(store)
+    assert not configured_weights_recorded(store, configured)
     assert table(store, "key_weights").empty  # reading wrote nothing
 
     for _ in range(2):  # the second run finds them recorded and adds nothing
@@ -253,15 +261,15 @@ def test_reading_the_live_weights_writes_nothing_and_key_weights_records_the_con
         assert run.success
     rows = table(store, "key_weights")
     assert set(rows["version"]) == {1} and set(rows["source"]) == {"config"} and len(rows) == len(configured)
-    assert current_weights(store, configured).version == 1
+    assert current_weights(store).version == 1 and configured_weights_recorded(store, configured)
     [first, second] = run_metadata(instance, key_weights.key)
     assert first["live_version_changed"] is True and second["live_version_changed"] is False
 
     edited = {**configured, next(iter(configured)): 0.123}
-    with pytest.raises(WeightsNotRecorded, match="differ from version 1, the last recorded"):
-        current_weights(store, edited)
+    assert not configured_weights_recorded(store, edited)
+    assert current_weights(store).version == 1  # an edit stays out until it is recorded
     assert record_configured_weights(store, edited) == 2
-    assert current_weights(store, edited).weights == edited
+    assert current_weights(store).weights == edited
 
 
 def run_metadata(instance: dg.DagsterInstance, key: dg.AssetKey) -> list[dict]:
@@ -278,3 +286,51 @@ def test_vectors_before_the_weights_are_recorded_fail_saying_what_to_run(resourc
     assert table(resources["persona_store"], "key_weights").empty
     both = dg.materialize([key_weights, persona_vectors], resources=resources, instance=instance)
     assert both.success
+
+
+def test_edited_weights_keep_the_chain_going_until_the_sensor_has_them_recorded(
+    resources, instance, tmp_path
+):
+    shipped = Path(__file__).parents[1] / "persona_pipeline" / "config" / "feature_schema.yaml"
+    text = shipped.read_text()
+    (tmp_path / "feature_schema.yaml").write_text(text.replace("weight: 0.3", "weight: 0.35", 1))
+    edited = {**resources, "persona_config": PersonaConfig(config_dir=str(tmp_path))}
+    assert edited["persona_config"].feature_schema().initial_weights() != (
+        resources["persona_config"].feature_schema().initial_weights()
+    )
+    assert dg.materialize([key_weights, persona_vectors], resources=resources, instance=instance).success
+
+    vectors = dg.materialize([persona_vectors], resources=edited, instance=instance)
+    assert vectors.success  # the day's chain goes on with the live version
+    metadata = vectors.asset_materializations_for_node("persona_vectors")[0].metadata
+    assert metadata["weights_version"].value == 1
+    assert metadata["configured_weights"].value.startswith("edited, not recorded yet: v1 in use")
+
+    def tick(config: dict) -> dg.SensorResult | dg.SkipReason:
+        with dg.build_sensor_context(instance=instance, resources=config) as context:
+            return configured_weights_sensor(context)
+
+    assert isinstance(tick(resources), dg.SkipReason)  # the shipped weights are recorded
+    assert len(tick(edited).run_requests) == 1
+    weights = dg.materialize([key_weights], resources=edited, instance=instance)
+    assert weights.success
+    assert weights.asset_materializations_for_node("key_weights")[0].metadata["live_version_changed"].value
+    assert current_weights(resources["persona_store"]).version == 2
+    assert "recorded" in tick(edited).skip_message
+
+
+def test_the_weights_sensor_waits_after_a_failed_run_instead_of_asking_every_tick(
+    resources, instance, tmp_path
+):
+    def tick() -> dg.SensorResult | dg.SkipReason:
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            return configured_weights_sensor(context)
+
+    assert len(tick().run_requests) == 1  # a new store: the configured weights are not recorded
+    (tmp_path / "a-file").write_text("not a folder")
+    unreachable = PersonaStore(url=f"sqlite:///{tmp_path / 'a-file' / 'persona.db'}")
+    broken = {**resources, "persona_store": unreachable}
+    job = dg.Definitions(assets=[offer_feedback, key_weights], jobs=[weights_job], resources=broken)
+    failed = job.resolve_job_def(weights_job.name).execute_in_process(instance=instance, raise_on_error=False)
+    assert not failed.success
+    assert "failed less than" in tick().skip_message

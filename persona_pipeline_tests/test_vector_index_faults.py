@@ -180,8 +180,7 @@ def test_a_failed_rebuild_keeps_the_alias_on_the_complete_collection_and_a_rerun
     assert dg.materialize(VECTOR_ASSETS, resources=resources, instance=instance).success
     first = alias_target(index)
     store = resources["persona_store"]
-    schema = resources["persona_config"].feature_schema()
-    learned = {**current_weights(store, schema.initial_weights()).weights, "device.location.city": 0.4}
+    learned = {**current_weights(store).weights, "device.location.city": 0.4}
     insert_weights(store, 2, learned, "feedback")
 
     monkeypatch.setattr(DropsMidWrite, "failing_runs", 99)  # every attempt of the run

@@ -103,7 +103,7 @@ def compare_weights(instance: dg.DagsterInstance | None = None) -> WeightsCompar
     source: PersonaStore = resources["persona_store"]
     config: PersonaConfig = resources["persona_config"]
     initial = config.feature_schema().initial_weights()
-    newest = current_weights(source, initial)
+    newest = current_weights(source)
     day = source.read_frame(sa.select(sa.func.max(service_recommendations.c.offer_day).label("day")))["day"][
         0
     ]

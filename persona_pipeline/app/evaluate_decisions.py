@@ -579,7 +579,7 @@ def _same_day(truth: pd.DataFrame, scenario: Scenario, instance) -> SameDay:
     source = resources["persona_store"]
     config = resources["persona_config"]
     initial = config.feature_schema().initial_weights()
-    live = current_weights(source, initial)
+    live = current_weights(source)
     day = source.read_frame(sa.select(sa.func.max(service_recommendations.c.offer_day).label("d")))["d"][0]
     versions = source.read_frame(sa.select(key_weights.c.version, key_weights.c.source))
     initial_version = int(versions.loc[versions["source"] == "config", "version"].min())

@@ -200,9 +200,9 @@ def _offered_dimensions(service_ids: pd.Series, schema: FeatureSchema, catalog: 
     owners=OWNERS,
     metadata=table_metadata(store_tables.key_weights, store_tables.key_weight_refreshes),
     deps=[offer_feedback],
-    # New feedback refreshes the weights; on a new store the first evaluation records the configured
-    # weights, which persona_vectors needs.
-    automation_condition=after_upstream_updates() | dg.AutomationCondition.missing().newly_true(),
+    # New feedback refreshes the weights; configured_weights_sensor asks for a run when the
+    # configured weights are not recorded (a new store, or someone edited them).
+    automation_condition=after_upstream_updates(),
     group_name="feedback",
     kinds={"scikitlearn", "sql"},
     retry_policy=STORE_RETRY,
@@ -232,7 +232,7 @@ def key_weights(
     recorded = record_configured_weights(persona_store, schema.initial_weights())
     if recorded is not None:
         context.log.info(f"the configured key weights recorded as version {recorded}")
-    live = current_weights(persona_store, schema.initial_weights())
+    live = current_weights(persona_store)
     unlearned = storage.read_unlearned_feedback(persona_store)
     history = storage.acceptance_by_weights_version(persona_store)
     if not unlearned.batches:

@@ -9,11 +9,12 @@ import pandas as pd
 from persona_pipeline.automation import SENSOR_STATUS
 from persona_pipeline.feedback import storage
 from persona_pipeline.feedback.assets import key_weights, offer_feedback
-from persona_pipeline.feedback.jobs import feedback_job
+from persona_pipeline.feedback.jobs import feedback_job, weights_job
 from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.partitions import offer_feedback_batches
 from persona_pipeline.personas.assets import persona_vectors
-from persona_pipeline.resources import LandingZone, PersonaStore
+from persona_pipeline.personas.weights import configured_weights_recorded
+from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.settings import sensor_interval_seconds
 
 
@@ -145,3 +146,43 @@ def key_weights_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=f"weights-{record.storage_id}")], cursor=str(record.storage_id)
     )
+
+
+# A weights_job run that failed this recently is not asked for again yet (a store that is down
+# would otherwise get a failed run every tick).
+RETRY_AFTER = pd.Timedelta(minutes=10)
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+@dg.sensor(
+    job=weights_job,
+    minimum_interval_seconds=sensor_interval_seconds(60),
+    default_status=SENSOR_STATUS,
+    description="When the configured key weights are not recorded (a new store, or someone edited "
+    "them in the feature schema), runs key_weights to record them; key_weights_sensor then rebuilds "
+    "the vectors with them. Until then persona_vectors uses the live version.",
+)
+def configured_weights_sensor(
+    context: dg.SensorEvaluationContext, persona_store: PersonaStore, persona_config: PersonaConfig
+) -> dg.SensorResult | dg.SkipReason:
+    """Each tick: a weights_job run when the configured weights are not the newest configured
+    version recorded, unless such a run is under way or failed less than RETRY_AFTER ago."""
+    configured = persona_config.feature_schema().initial_weights()
+    if configured_weights_recorded(persona_store, configured):
+        return dg.SkipReason("the configured key weights are recorded")
+    runs = dg.RunsFilter(job_name=weights_job.name, statuses=IN_FLIGHT)
+    if context.instance.get_runs(filters=runs, limit=1):
+        return dg.SkipReason("a weights_job run is under way")
+    since = (pd.Timestamp.now(tz="UTC") - RETRY_AFTER).to_pydatetime()
+    failed = dg.RunsFilter(
+        job_name=weights_job.name, statuses=[dg.DagsterRunStatus.FAILURE], updated_after=since
+    )
+    if context.instance.get_runs(filters=failed, limit=1):
+        return dg.SkipReason(f"weights_job failed less than {RETRY_AFTER} ago: asked for again after that")
+    request = dg.RunRequest(tags={"persona/reason": "configured weights not recorded"})
+    return dg.SensorResult(run_requests=[request])

@@ -39,6 +39,10 @@ def _read_since_last_change(instance: dg.DagsterInstance, folder: Path, day: str
     return bool(run and run.start_time and run.start_time > _newest_change(folder))
 
 
+# The cursor's mark of a day skipped because it is outside the daily partitions.
+SKIPPED = "skipped:"
+
+
 @dg.sensor(
     job=ingest_job,
     minimum_interval_seconds=sensor_interval_seconds(30),
@@ -56,20 +60,26 @@ def index_updates_sensor(context: dg.SensorEvaluationContext, landing_zone: Land
     known_days = set(daily_partitions.get_partition_keys())
     current = landing_zone.settled_day_fingerprints(SETTLE_SECONDS)
     changed = sorted(day for day, print_ in current.items() if seen.get(day) != print_)
+    # A day outside the partitions is remembered as skipped, not as read: it is warned about once
+    # per change of its files, and read once the partitions reach it (after a restart with an
+    # earlier PERSONA_PARTITION_START or first landed day).
+    outside = [day for day in changed if day not in known_days]
+    for day in outside:
+        if seen.get(day) != SKIPPED + current[day]:
+            context.log.warning(f"landing folder date={day} {outside_partitions(day)}: skipped")
+    inside = [day for day in changed if day in known_days]
     # Days a run read after their files last changed (the command line's, or before a restart
     # without a cursor) are not read again.
     already_read = {
-        day for day in changed if _read_since_last_change(context.instance, landing_zone.day_folder(day), day)
+        day for day in inside if _read_since_last_change(context.instance, landing_zone.day_folder(day), day)
     }
-    outside = [day for day in changed if day not in known_days]
-    for day in outside:
-        context.log.warning(f"landing folder date={day} {outside_partitions(day)}: skipped")
     requests = [
         dg.RunRequest(partition_key=day, run_key=f"{day}:{current[day]}")
-        for day in changed
-        if day in known_days and day not in already_read
+        for day in inside
+        if day not in already_read
     ]
-    cursor = json.dumps({**seen, **{day: current[day] for day in changed}}, sort_keys=True)
+    remembered = {day: current[day] for day in inside} | {day: SKIPPED + current[day] for day in outside}
+    cursor = json.dumps({**seen, **remembered}, sort_keys=True)
     if not requests:
         return dg.SensorResult(skip_reason="no new or changed landing files", cursor=cursor)
     return dg.SensorResult(run_requests=requests, cursor=cursor)

@@ -18,7 +18,7 @@ from persona_pipeline.personas.profiles import (
 )
 from persona_pipeline.personas.reporting import ONE_POINT_CHECK, VECTOR_COUNT_CHECK
 from persona_pipeline.personas.vectors import build_persona_vectors
-from persona_pipeline.personas.weights import WeightsNotRecorded, current_weights
+from persona_pipeline.personas.weights import WeightsNotRecorded, configured_weights_recorded, current_weights
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.resources.persona_store import int64_fingerprint
 from persona_pipeline.resources.vector_index import (
@@ -109,7 +109,12 @@ INCREMENTAL_MAX_SHARE = 0.25
     # vectors lead to: the feedback loop. A new live version rebuilds the vectors through
     # key_weights_sensor (a refresh that keeps the live version does not).
     deps=[device_profiles, KEY_WEIGHTS],
-    automation_condition=after_upstream_updates(ignore=dg.AssetSelection.assets(KEY_WEIGHTS)),
+    # On a new deployment the vectors wait until key_weights has recorded the configured weights
+    # (configured_weights_sensor asks for it), then run once for the profiles that came meanwhile.
+    automation_condition=after_upstream_updates(ignore=dg.AssetSelection.assets(KEY_WEIGHTS))
+    & ~dg.AutomationCondition.any_deps_match(dg.AutomationCondition.missing()).allow(
+        dg.AssetSelection.assets(KEY_WEIGHTS)
+    ),
     group_name="personas",
     kinds={"numpy", "sql"},
     retry_policy=STORE_RETRY,
@@ -130,9 +135,15 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
     whose vector did change are rewritten."""
     schema = persona_config.feature_schema()
     try:
-        weights = current_weights(persona_store, schema.initial_weights())
+        weights = current_weights(persona_store)
     except WeightsNotRecorded as unrecorded:
         raise dg.Failure(str(unrecorded), allow_retries=False) from unrecorded
+    configured_recorded = configured_weights_recorded(persona_store, schema.initial_weights())
+    if not configured_recorded:
+        dg.get_dagster_logger().warning(
+            f"the configured key weights were edited and are not recorded yet: v{weights.version} is "
+            "used until key_weights records them (configured_weights_sensor asks for it)"
+        )
     space = f"{schema.version}-w{weights.version}"
     changes = storage.read_profile_changes(persona_store)
     last = storage.read_last_vector_run(persona_store)
@@ -201,6 +212,7 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
             as_of=as_of,
             changed=changed,
             dimensions=dimensions,
+            configured_recorded=configured_recorded,
         ),
     )
 

@@ -39,6 +39,7 @@ def vectors_metadata(
     as_of: pd.Timestamp,
     changed: dict[str, set[str]],
     dimensions: pd.DataFrame,
+    configured_recorded: bool,
 ) -> dict[str, dg.MetadataValue]:
     """A vectors run: the devices stored, computed (`vectors`), rewritten and removed, the feature
     space, and each dimension's weight with its share of non-zero values among the computed."""
@@ -55,6 +56,11 @@ def vectors_metadata(
         "schema_version": dg.MetadataValue.text(schema.version),
         "weights_version": dg.MetadataValue.int(weights.version),
         "weights_source": dg.MetadataValue.text(weights.source),
+        "configured_weights": dg.MetadataValue.text(
+            "recorded"
+            if configured_recorded
+            else f"edited, not recorded yet: v{weights.version} in use until key_weights records them"
+        ),
         "as_of": dg.MetadataValue.text(as_of.isoformat()),
         "moved_recently": dg.MetadataValue.int(sum(len(v) for v in changed.values())),
         # Over the devices computed in this run.

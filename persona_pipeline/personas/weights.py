@@ -38,39 +38,40 @@ def _newest(rows: pd.DataFrame) -> WeightsVersion | None:
 
 
 class WeightsNotRecorded(ValueError):
-    """The configured key weights are not a recorded version yet: the key_weights asset records
-    them, and nothing else writes that table."""
+    """No key weights version is recorded yet: the key_weights asset records the configured ones,
+    and nothing else writes that table."""
 
 
-def current_weights(store: PersonaStore, configured: dict[str, float]) -> WeightsVersion:
-    """The live weights version: the newest accepted one. Reading writes nothing; when the
-    configured weights are not the newest configured version recorded (the first run, or after
-    someone edited them), it raises WeightsNotRecorded, because vectors made with them would carry
-    a version number no row holds."""
+def current_weights(store: PersonaStore) -> WeightsVersion:
+    """The live weights version: the newest accepted one. Reading writes nothing; with no version
+    recorded at all (a new store) it raises WeightsNotRecorded: vectors made with the configured
+    weights would carry a version number no row holds. Configured weights edited since their last
+    record stay out until key_weights records them (configured_weights_recorded says whether)."""
+    versions = read_weights_versions(store)
+    live = _newest(versions[versions["status"] == ACCEPTED])
+    if live is None:
+        raise WeightsNotRecorded(
+            "no key weights are recorded yet: materialize key_weights first "
+            "(personas_job runs it before persona_vectors; configured_weights_sensor asks for it)"
+        )
+    return live
+
+
+def configured_weights_recorded(store: PersonaStore, configured: dict[str, float]) -> bool:
+    """Whether `configured` are the newest configured version recorded (False on a new store, and
+    after someone edited them)."""
     versions = read_weights_versions(store)
     last_config = _newest(versions[versions["source"] == "config"])
-    if last_config is None:
-        raise WeightsNotRecorded(
-            "the configured key weights are not recorded yet: materialize key_weights first "
-            "(personas_job runs it before persona_vectors)"
-        )
-    if last_config.weights != configured:
-        raise WeightsNotRecorded(
-            f"the configured key weights differ from version {last_config.version}, the last recorded: "
-            "materialize key_weights to record them (personas_job runs it before persona_vectors)"
-        )
-    return _newest(versions[versions["status"] == ACCEPTED])
+    return last_config is not None and last_config.weights == configured
 
 
 def record_configured_weights(store: PersonaStore, configured: dict[str, float]) -> int | None:
     """Record the configured weights as a version of their own (`source` = `config`) the first time,
     and again whenever someone edits them in the configuration; learned versions in between are
     kept and win until then. Returns the new version, or None when they were recorded already."""
-    versions = read_weights_versions(store)
-    last_config = _newest(versions[versions["source"] == "config"])
-    if last_config is not None and last_config.weights == configured:
+    if configured_weights_recorded(store, configured):
         return None
-    version = next_version(versions)
+    version = next_version(read_weights_versions(store))
     insert_weights(store, version, configured, "config")
     return version
 
