@@ -49,6 +49,12 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_point_counts(ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[dict]) -> None:
+    """One vector and one payload per id, or a ValueError saying how many of each."""
+    if not len(ids) == len(vectors) == len(payloads):
+        raise ValueError(f"{len(ids)} ids, {len(vectors)} vectors and {len(payloads)} payloads")
+
+
 class VectorStore(ABC):
     """An open session on a vector index: collections of points (id, vector, payload) with
     Euclidean distance, aliases that name a collection, and Qdrant's recommendation query.
@@ -105,19 +111,24 @@ class VectorStore(ABC):
         batch_size: int = 2048,
     ) -> int:
         """Write the points in batches of `batch_size`; a failure says how many were written."""
-        if not len(ids) == len(vectors) == len(payloads):
-            raise ValueError(f"{len(ids)} ids, {len(vectors)} vectors and {len(payloads)} payloads")
+        check_point_counts(ids, vectors, payloads)
         for start in range(0, len(ids), batch_size):
             stop = start + batch_size
             try:
                 self.upsert_batch(collection, ids[start:stop], vectors[start:stop], payloads[start:stop])
             except VectorIndexError as exc:
-                raise VectorIndexError(
-                    f"vector index at {self.location} failed after {start} of {len(ids)} points "
-                    f"were written to {collection}: {exc.detail}",
-                    detail=exc.detail,
-                ) from None
+                raise self.partial_write(collection, start, len(ids), exc) from None
         return len(ids)
+
+    def partial_write(
+        self, collection: str, written: int, total: int, exc: VectorIndexError
+    ) -> VectorIndexError:
+        """The error of a write that stopped after `written` of `total` points landed."""
+        return VectorIndexError(
+            f"vector index at {self.location} failed after {written} of {total} points were written "
+            f"to {collection}: {exc.detail}",
+            detail=exc.detail,
+        )
 
     @abstractmethod
     def set_payload(self, collection: str, ids: Sequence[str], payload: Mapping[str, Any]) -> None:

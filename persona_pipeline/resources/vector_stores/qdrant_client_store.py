@@ -13,7 +13,13 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from persona_pipeline.resources.vector_stores.base import Hit, StoredPoint, VectorIndexError, VectorStore
+from persona_pipeline.resources.vector_stores.base import (
+    Hit,
+    StoredPoint,
+    VectorIndexError,
+    VectorStore,
+    check_point_counts,
+)
 
 # What the client raises for a server's refusal or absence, and its local mode for bad requests.
 ENGINE_ERRORS = (ResponseHandlingException, UnexpectedResponse, ValueError, RuntimeError)
@@ -138,8 +144,7 @@ class QdrantClientStore(VectorStore):
         parallelism = self.layout.write_parallelism if self.server else 1
         if parallelism <= 1:
             return super().upsert(collection, ids, vectors, payloads, batch_size)
-        if not len(ids) == len(vectors) == len(payloads):
-            raise ValueError(f"{len(ids)} ids, {len(vectors)} vectors and {len(payloads)} payloads")
+        check_point_counts(ids, vectors, payloads)
         starts = iter(range(0, len(ids), batch_size))
         written, failure = 0, None
         with ThreadPoolExecutor(max_workers=parallelism) as pool:
@@ -171,11 +176,7 @@ class QdrantClientStore(VectorStore):
                 if failure is None:
                     send(len(done))
         if failure is not None:
-            raise VectorIndexError(
-                f"vector index at {self.location} failed after {written} of {len(ids)} points were "
-                f"written to {collection}: {failure.detail}",
-                detail=failure.detail,
-            )
+            raise self.partial_write(collection, written, len(ids), failure)
         return len(ids)
 
     def set_payload(self, collection: str, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
