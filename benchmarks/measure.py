@@ -1,5 +1,6 @@
 """Measuring a step in a process of its own: wall time, and the peak RSS of that process and
-every process it started (os.wait4 reports both), so each stage's peak is its own."""
+every process it started (os.wait4 reports both), so each stage's peak is its own. The step is
+started through benchmarks/launch.py, so the driver's memory is not counted in it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]  # where `python -m benchmarks.launch` finds the package
 PACKAGES = ("pandas", "numpy", "pyarrow", "SQLAlchemy", "dagster", "qdrant-client", "scikit-learn")
 
 
@@ -33,18 +35,21 @@ def run_measured(command: list[str], log: Path, env: dict[str, str] | None = Non
     """Run `command` (output appended to `log`). A child that writes JSON to the file named by
     BENCH_RESULT reports its own seconds (imports excluded) and what it did."""
     result_file = log.with_suffix(f".{time.monotonic_ns()}.json")
+    rss_file = result_file.with_suffix(".rss")
     environment = {**os.environ, **(env or {}), "BENCH_RESULT": str(result_file)}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    launched = [sys.executable, "-m", "benchmarks.launch", str(rss_file), *command]
     with log.open("ab") as out:
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment)
-        _, status, usage = os.wait4(process.pid, 0)
+        process = subprocess.run(launched, stdout=out, stderr=subprocess.STDOUT, env=environment)
         wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise StepFailed(f"{' '.join(command[-6:])} exited with {process.returncode}; see {log}")
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
+    peak = int(rss_file.read_text())
     result_file.unlink(missing_ok=True)
-    return Measured(result.get("seconds", wall), _rss_bytes(usage.ru_maxrss), result)
+    rss_file.unlink(missing_ok=True)
+    return Measured(result.get("seconds", wall), _rss_bytes(peak), result)
 
 
 def run_inline(work: Callable[[], tuple[float, dict]]) -> Measured:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from benchmarks import fleet
+from benchmarks.measure import human_bytes, run_measured
 from benchmarks.report import size_table
 from benchmarks.run import Options, benchmark, fresh_home, generate, run_stage
 from persona_pipeline.feature_schema import load_feature_schema
@@ -61,3 +64,17 @@ def test_a_stage_in_its_own_process_reports_its_time_and_peak_memory(tmp_path: P
     assert measured.result["rows_in"] == 1_000
     assert measured.peak_rss > 50 * 2**20
     assert measured.seconds > 0
+
+
+def test_a_child_is_measured_without_the_memory_of_the_process_that_started_it(tmp_path: Path):
+    """Linux gives a process the peak RSS of the one it was forked from at exec: a stage started
+    by a driver holding the fleet (gigabytes at 1M devices) would report the driver's memory."""
+    held = np.ones(600 * 2**20 // 8)  # 600 MiB in this process, touched
+    quiet = run_measured([sys.executable, "-c", "import sys"], tmp_path / "child.log")
+    assert held.sum() > 0
+    assert quiet.peak_rss < 200 * 2**20, human_bytes(quiet.peak_rss)
+    busy = run_measured(
+        [sys.executable, "-c", "import numpy as np; a = np.ones(300 * 2**20 // 8); a.sum()"],
+        tmp_path / "child.log",
+    )
+    assert 300 * 2**20 < busy.peak_rss < 500 * 2**20, human_bytes(busy.peak_rss)
