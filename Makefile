@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 # Test files spread over two processes; a file's tests (and its module fixtures) stay together.
 PYTEST_PARALLEL ?= -n 2 --dist loadfile
 
-.PHONY: install demo test lint format dev validate migrate clean bench bench-curve
+.PHONY: install demo test lint format dev validate migrate clean bench bench-curve bench-engines
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ bench: $(INSTALLED)  ## one fleet size through every stage, the naive baseline a
 
 bench-curve: $(INSTALLED)  ## the same table at 10k, 100k and 1M devices, and how each stage's cost grows
 	$(BENCH) --devices $(CURVE_DEVICES) $(if $(LARGE_REPEATS),--large-repeats $(LARGE_REPEATS))
+
+bench-engines: $(INSTALLED)  ## pandas, DuckDB and Polars on one day's updates: read, type, latest per key
+	$(BIN)/python -m pip install --quiet -e '.[dev,engines]'
+	$(BIN)/python -m benchmarks.engines --devices $(DEVICES) --repeats $(REPEATS) --work $(BENCH_WORK)/engines
 
 clean:  ## remove the demo home (landing zone, stores, Dagster runs); keeps the virtualenv
 	rm -rf $(PERSONA_HOME)
