@@ -35,10 +35,10 @@ def first_landed_day(landing_root: Path) -> str | None:
     except OSError:  # unreadable: the partitions start at FALLBACK_START
         return None
     days = [folder.name.removeprefix("date=") for folder in folders]
-    return min((day for day in days if _is_day(day)), default=None)
+    return min((day for day in days if is_day(day)), default=None)
 
 
-def _is_day(text: str) -> bool:
+def is_day(text: str) -> bool:
     """YYYY-MM-DD, zero-padded (the partition keys' form), and a real day."""
     real = pd.to_datetime(text, format="%Y-%m-%d", errors="coerce") is not pd.NaT
     return bool(DAY.fullmatch(text)) and real
@@ -50,7 +50,7 @@ def partition_start(configured: str | None, landing_root: Path | None) -> str:
     yet, or `landing_root` None: the updates come from a SQL source)."""
     configured = (configured or "").strip()
     if configured:
-        if not _is_day(configured):
+        if not is_day(configured):
             raise ValueError(f"PERSONA_PARTITION_START={configured!r} is not a day (YYYY-MM-DD)")
         return configured
     first = first_landed_day(landing_root) if landing_root is not None else None

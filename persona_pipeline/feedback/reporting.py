@@ -119,9 +119,7 @@ def refresh_metadata(
         "live_version_changed": dg.MetadataValue.bool(in_use != live_version or recorded is not None),
         "candidate_version": dg.MetadataValue.int(candidate.version if candidate else 0),
         "decision": dg.MetadataValue.text(
-            decision
-            if candidate is None
-            else f"{'accepted' if candidate.accepted else 'rejected'}: {decision}"
+            decision if candidate is None else f"{_verdict(candidate)}: {decision}"
         ),
         "evidence": markdown_table(_evidence_rows(candidate), max_rows=20),
         "weight_decisions": markdown_table(weight_decisions, max_rows=20),

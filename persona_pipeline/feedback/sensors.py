@@ -15,6 +15,7 @@ from persona_pipeline.partitions import offer_feedback_batches
 from persona_pipeline.personas.assets import persona_vectors
 from persona_pipeline.personas.weights import configured_weights_recorded
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
+from persona_pipeline.run_health import IN_PROGRESS
 from persona_pipeline.settings import sensor_interval_seconds
 
 
@@ -151,12 +152,7 @@ def key_weights_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
 # A weights_job run that failed this recently is not asked for again yet (a store that is down
 # would otherwise get a failed run every tick).
 RETRY_AFTER = pd.Timedelta(minutes=10)
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, *IN_PROGRESS]
 
 
 @dg.sensor(

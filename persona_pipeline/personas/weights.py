@@ -60,7 +60,10 @@ def current_weights(store: PersonaStore) -> WeightsVersion:
 def configured_weights_recorded(store: PersonaStore, configured: dict[str, float]) -> bool:
     """Whether `configured` are the newest configured version recorded (False on a new store, and
     after someone edited them)."""
-    versions = read_weights_versions(store)
+    return _recorded(read_weights_versions(store), configured)
+
+
+def _recorded(versions: pd.DataFrame, configured: dict[str, float]) -> bool:
     last_config = _newest(versions[versions["source"] == "config"])
     return last_config is not None and last_config.weights == configured
 
@@ -69,9 +72,10 @@ def record_configured_weights(store: PersonaStore, configured: dict[str, float])
     """Record the configured weights as a version of their own (`source` = `config`) the first time,
     and again whenever someone edits them in the configuration; learned versions in between are
     kept and win until then. Returns the new version, or None when they were recorded already."""
-    if configured_weights_recorded(store, configured):
+    versions = read_weights_versions(store)
+    if _recorded(versions, configured):
         return None
-    version = next_version(read_weights_versions(store))
+    version = next_version(versions)
     insert_weights(store, version, configured, "config")
     return version
 

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from pydantic import Field
 
 from persona_pipeline import settings
+from persona_pipeline.partitions import is_day
 from persona_pipeline.resources.landing_files import (
     FEEDBACK_FIELDS,
     FIELDS,
@@ -88,7 +89,7 @@ class LandingZone(dg.ConfigurableResource):
 
     def landed_days(self) -> list[str]:
         """Days with a well-named folder, sorted."""
-        return sorted(day for day, folder in self._date_folders() if _is_date(day) and folder.is_dir())
+        return sorted(day for day, folder in self._date_folders() if is_day(day) and folder.is_dir())
 
     def misnamed_folders(self) -> list[str]:
         """Folders under index_updates/ that are not `date=YYYY-MM-DD`: they are never read."""
@@ -97,7 +98,7 @@ class LandingZone(dg.ConfigurableResource):
         return sorted(
             f.name
             for f in self.updates_root.iterdir()
-            if f.is_dir() and not (DATE_FOLDER.match(f.name) and _is_date(f.name[5:]))
+            if f.is_dir() and not (DATE_FOLDER.match(f.name) and is_day(f.name[5:]))
         )
 
     def updates_folder_problems(self) -> list[str]:
@@ -324,9 +325,3 @@ def _not_read_all(rejects: list[tuple[str, str]]) -> ReadResult:
     if not rejects:
         return ReadResult.empty()
     return ReadResult.concat([_not_read(label, reason) for label, reason in rejects])
-
-
-def _is_date(text: str) -> bool:
-    return re.fullmatch(r"\d{4}-\d{2}-\d{2}", text) is not None and not pd.isna(
-        pd.to_datetime(text, format="%Y-%m-%d", errors="coerce")
-    )
