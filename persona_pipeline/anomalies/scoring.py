@@ -34,7 +34,7 @@ nothing deviates beyond its normal spread no device is flagged with probability 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -51,6 +51,7 @@ ROLE_ORDER = ("health", "behaviour", "context")  # ties of evidence go to the fi
 # deviation; a dimension that never varies keeps deviation 0.
 SPREAD_FALLBACKS = ((10.0, 90.0, 2.5631), (1.0, 99.0, 4.6527))
 MIN_EXTRAPOLATED = 20  # devices a fleet needs before its tail is extrapolated beyond its own ranks
+REFERENCE_POINTS = 10_001  # a role's evidence kept with the norms: every device's, or this many quantiles
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,171 @@ class AnomalyResult:
     settings: AnomalySettings
 
 
+@dataclass
+class SegmentNorms:
+    """The large segments' centres, per-dimension scales and the spread (median, MAD scale) of
+    their members' scaled distance; `large` is [NOISE] when the fleet was the only norm."""
+
+    large: np.ndarray
+    centres: np.ndarray
+    scales: np.ndarray
+    spread: np.ndarray
+
+
+@dataclass
+class DetectorNorms:
+    """The fitted detector, the robust standardisation it was fitted in, and the median and
+    spread of the fleet's detector scores (its z)."""
+
+    centre: np.ndarray
+    scale: np.ndarray
+    detector: object | None  # None for a fleet too small to fit one: every z is 0
+    score_centre: float
+    score_spread: float
+
+    @classmethod
+    def none(cls, dimensions: int) -> DetectorNorms:
+        return cls(np.zeros(dimensions), np.ones(dimensions), None, 0.0, 0.0)
+
+    def scores(self, matrix: np.ndarray) -> np.ndarray:
+        if self.detector is None:
+            return np.zeros(len(matrix))
+        return _decision_function(self.detector, (matrix - self.centre) / self.scale)
+
+    def z(self, scores: np.ndarray) -> np.ndarray:
+        if self.score_spread <= 0:
+            return np.zeros(len(scores))
+        return (np.asarray(scores, dtype=np.float64) - self.score_centre) / self.score_spread
+
+
+@dataclass
+class EvidenceReference:
+    """A role's evidence over the fleet the norms were fitted on: every device's, sorted, or for
+    a larger fleet REFERENCE_POINTS quantiles of it and its REFERENCE_POINTS largest values (the
+    ranks of the strangest devices stay exact); with the reference quantile and the tail's decay."""
+
+    sorted_evidence: np.ndarray
+    largest: np.ndarray  # sorted; empty when `sorted_evidence` holds every device
+    devices: int
+    high: float
+    tail_share: float
+    decay: float | None  # None: too few devices or no spread, no tail beyond the ranks
+
+    @classmethod
+    def of(cls, evidence: np.ndarray, reference_quantile: float) -> EvidenceReference:
+        n = len(evidence)
+        if n <= REFERENCE_POINTS:
+            kept, largest = np.sort(evidence), np.zeros(0)
+        else:
+            kept = np.quantile(evidence, np.linspace(0, 1, REFERENCE_POINTS))
+            largest = np.sort(np.partition(evidence, n - REFERENCE_POINTS)[n - REFERENCE_POINTS :])
+        median, high = np.quantile(evidence, [0.5, reference_quantile]) if n else (0.0, 0.0)
+        tail_share = 1 - reference_quantile
+        extrapolated = n >= MIN_EXTRAPOLATED and high - median > 1e-12
+        decay = float((high - median) / np.log(0.5 / tail_share)) if extrapolated else None
+        return cls(kept, largest, n, float(high), tail_share, decay)
+
+    def log_p(self, evidence: np.ndarray) -> np.ndarray:
+        """Natural log of each value's p-value among the reference fleet, counting the device
+        once (conformal: (devices at least as strange + 1) / (n + 1)), and beyond the reference
+        quantile the smaller of that and the tail."""
+        evidence = np.asarray(evidence, dtype=np.float64)
+        kept = len(self.sorted_evidence)
+        if kept == 0:
+            return np.zeros(len(evidence))
+        at_least = (kept - np.searchsorted(self.sorted_evidence, evidence, side="left")) / kept * self.devices
+        if len(self.largest):
+            among_largest = evidence >= self.largest[0]
+            at_least[among_largest] = len(self.largest) - np.searchsorted(
+                self.largest, evidence[among_largest], side="left"
+            )
+        log_p = np.log((at_least + 1) / (self.devices + 1))
+        if self.decay is not None:
+            tail = evidence > self.high
+            log_p[tail] = np.minimum(
+                log_p[tail], np.log(self.tail_share) - (evidence[tail] - self.high) / self.decay
+            )
+        return log_p
+
+
+@dataclass
+class AnomalyNorms:
+    """What a fleet's scoring fits, kept so devices that change later are scored against the
+    same norms without the fleet: see `fit_norms` and `score_with_norms`."""
+
+    settings: AnomalySettings
+    roles: np.ndarray
+    segments: SegmentNorms
+    detector: DetectorNorms
+    health_centre: np.ndarray | None
+    health_spread: np.ndarray | None
+    references: dict[str, EvidenceReference]
+
+
+@dataclass
+class DeviceEvidence:
+    """Devices' evidence before the fleet is flagged: the Bonferroni p-value over the roles,
+    the role behind it, and the two ranking signals."""
+
+    log_p: np.ndarray
+    strongest: np.ndarray
+    role_log_p: dict[str, np.ndarray]
+    combined_z: np.ndarray
+    detector_z: np.ndarray
+    deviation: SegmentDeviation
+
+    @classmethod
+    def of(
+        cls,
+        role_log_p: dict[str, np.ndarray],
+        deviation: SegmentDeviation,
+        detector_z: np.ndarray,
+        segment_margin: float,
+    ) -> DeviceEvidence:
+        devices = len(deviation.distance_z)
+        if role_log_p:
+            stacked = np.vstack(list(role_log_p.values()))
+            log_p = np.minimum(stacked.min(axis=0) + np.log(len(role_log_p)), 0.0)
+            strongest = np.array(list(role_log_p), dtype=object)[stacked.argmin(axis=0)]
+        else:  # no dimensions
+            log_p, strongest = np.zeros(devices), np.full(devices, None, dtype=object)
+        combined = combine(deviation.distance_z, detector_z, segment_margin)
+        return cls(log_p, strongest, role_log_p, combined, detector_z, deviation)
+
+    def followed_by(self, other: DeviceEvidence) -> DeviceEvidence:
+        """One DeviceEvidence of both, these devices first."""
+        return DeviceEvidence(
+            log_p=np.concatenate([self.log_p, other.log_p]),
+            strongest=np.concatenate([self.strongest, other.strongest]),
+            role_log_p={
+                role: np.concatenate([mine, other.role_log_p[role]]) for role, mine in self.role_log_p.items()
+            },
+            combined_z=np.concatenate([self.combined_z, other.combined_z]),
+            detector_z=np.concatenate([self.detector_z, other.detector_z]),
+            deviation=SegmentDeviation(
+                reference=np.concatenate([self.deviation.reference, other.deviation.reference]),
+                deviations=np.concatenate([self.deviation.deviations, other.deviation.deviations]),
+                distance_z=np.concatenate([self.deviation.distance_z, other.deviation.distance_z]),
+                large_segments=self.deviation.large_segments,
+            ),
+        )
+
+    def result(self, is_anomaly: np.ndarray, cut: float, settings: AnomalySettings) -> AnomalyResult:
+        """The devices' result, once the fleet's flags and their cut (log p) are known."""
+        return AnomalyResult(
+            score=score_from_log_p(self.log_p, cut),
+            is_anomaly=is_anomaly,
+            p_value=np.exp(self.log_p),
+            kind=np.where(is_anomaly, self.strongest, None),
+            role_log_p=self.role_log_p,
+            combined_z=self.combined_z,
+            segment_z=self.deviation.distance_z,
+            detector_z=self.detector_z,
+            deviation=self.deviation,
+            settings=settings,
+        )
+
+
 def score_anomalies(
     matrix: np.ndarray,
     segments: np.ndarray,
@@ -107,34 +273,53 @@ def score_anomalies(
     roles: np.ndarray | None = None,
 ) -> AnomalyResult:
     """`roles`: the role of each dimension (feature schema); all `context` when not given."""
+    return fit_norms(matrix, segments, settings, roles)[1]
+
+
+def fit_norms(
+    matrix: np.ndarray,
+    segments: np.ndarray,
+    settings: AnomalySettings,
+    roles: np.ndarray | None = None,
+) -> tuple[AnomalyNorms, AnomalyResult]:
+    """The fleet's norms (what `score_with_norms` compares other devices with later) and the
+    fleet's own scores against them, each device's p-value among the fleet it belongs to."""
     matrix = np.asarray(matrix, dtype=np.float64)
     roles = np.full(matrix.shape[1], "context", dtype=object) if roles is None else np.asarray(roles)
-    deviation = segment_deviation(matrix, segments, settings.large_coverage, settings.large_ratio)
-    detector_z = robust_z(detector_scores(matrix, settings.detector, settings))
-    combined = combine(deviation.distance_z, detector_z, settings.segment_margin)
-    role_log_p = {
-        role: log_p_values(evidence, settings.reference_quantile)
-        for role, evidence in role_evidence(matrix, deviation, roles).items()
-    }
-    if role_log_p:
-        stacked = np.vstack(list(role_log_p.values()))
-        log_p = np.minimum(stacked.min(axis=0) + np.log(len(role_log_p)), 0.0)
-        strongest = np.array(list(role_log_p), dtype=object)[stacked.argmin(axis=0)]
-    else:  # no dimensions
-        log_p, strongest = np.zeros(len(matrix)), np.full(len(matrix), None, dtype=object)
-    is_anomaly, cut = calibrated_flags(log_p, settings.fdr, settings.contamination)
-    return AnomalyResult(
-        score=score_from_log_p(log_p, cut),
-        is_anomaly=is_anomaly,
-        p_value=np.exp(log_p),
-        kind=np.where(is_anomaly, strongest, None),
-        role_log_p=role_log_p,
-        combined_z=combined,
-        segment_z=deviation.distance_z,
-        detector_z=detector_z,
-        deviation=deviation,
+    segment_norms = fit_segment_norms(matrix, segments, settings.large_coverage, settings.large_ratio)
+    deviation = apply_segment_norms(segment_norms, matrix, segments)
+    detector, raw_scores = fit_detector(matrix, settings)
+    detector_z = detector.z(raw_scores)
+    health = matrix[:, roles == "health"]
+    health_centre = np.median(health, axis=0) if health.shape[1] else None
+    health_spread = robust_spread(health) if health.shape[1] else None
+    evidence = role_evidence(matrix, deviation, roles, health_centre, health_spread)
+    quantile = settings.reference_quantile
+    role_log_p = {role: log_p_values(values, quantile) for role, values in evidence.items()}
+    norms = AnomalyNorms(
         settings=settings,
+        roles=roles,
+        segments=segment_norms,
+        detector=detector,
+        health_centre=health_centre,
+        health_spread=health_spread,
+        references={role: EvidenceReference.of(values, quantile) for role, values in evidence.items()},
     )
+    scored = DeviceEvidence.of(role_log_p, deviation, detector_z, settings.segment_margin)
+    is_anomaly, cut = calibrated_flags(scored.log_p, settings.fdr, settings.contamination)
+    return norms, scored.result(is_anomaly, cut, settings)
+
+
+def score_with_norms(norms: AnomalyNorms, matrix: np.ndarray, segments: np.ndarray) -> DeviceEvidence:
+    """Devices scored against norms fitted earlier: each p-value is the device's place among the
+    fleet the norms were fitted on (conformal, the device counted once) and that fleet's tail."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    settings = norms.settings
+    deviation = apply_segment_norms(norms.segments, matrix, segments)
+    detector_z = norms.detector.z(norms.detector.scores(matrix))
+    evidence = role_evidence(matrix, deviation, norms.roles, norms.health_centre, norms.health_spread)
+    role_log_p = {role: norms.references[role].log_p(values) for role, values in evidence.items()}
+    return DeviceEvidence.of(role_log_p, deviation, detector_z, settings.segment_margin)
 
 
 def robust_spread(matrix: np.ndarray) -> np.ndarray:
@@ -150,17 +335,21 @@ def robust_spread(matrix: np.ndarray) -> np.ndarray:
 
 
 def role_evidence(
-    matrix: np.ndarray, deviation: SegmentDeviation, roles: np.ndarray
+    matrix: np.ndarray,
+    deviation: SegmentDeviation,
+    roles: np.ndarray,
+    health_centre: np.ndarray | None,
+    health_spread: np.ndarray | None,
 ) -> dict[str, np.ndarray]:
-    """Per role present: each device's deviation length over that role's dimensions."""
+    """Per role present: each device's deviation length over that role's dimensions (health
+    against the fleet's centre and spread, the others against the reference segment)."""
     evidence = {}
     for role in [*ROLE_ORDER, *sorted(set(roles) - set(ROLE_ORDER))]:
         columns = np.flatnonzero(roles == role)
         if len(columns) == 0:
             continue
         if role == "health":
-            values = matrix[:, columns]
-            scaled = (values - np.median(values, axis=0)) / robust_spread(values)
+            scaled = (matrix[:, columns] - health_centre) / health_spread
         else:
             scaled = deviation.deviations[:, columns].astype(np.float64)
         evidence[role] = np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
@@ -235,21 +424,28 @@ def flag(combined: np.ndarray, threshold: float, contamination: float | None) ->
 def robust_z(values: np.ndarray) -> np.ndarray:
     """(x - median) / (1.4826 MAD); the standard deviation when the MAD is 0."""
     values = np.asarray(values, dtype=np.float64)
+    centre, spread = robust_location(values)
+    return (values - centre) / spread if spread > 0 else np.zeros_like(values)
+
+
+def robust_location(values: np.ndarray) -> tuple[float, float]:
+    """The median and 1.4826 MAD of `values` (the standard deviation when the MAD is 0; 0 when
+    that is too)."""
     if len(values) == 0:
-        return values
-    centre = np.median(values)
-    spread = MAD_TO_SD * np.median(np.abs(values - centre))
+        return 0.0, 0.0
+    centre = float(np.median(values))
+    spread = MAD_TO_SD * float(np.median(np.abs(values - centre)))
     if spread <= 1e-12:
-        spread = values.std()
-    return (values - centre) / spread if spread > 1e-12 else np.zeros_like(values)
+        spread = float(values.std())
+    return centre, spread if spread > 1e-12 else 0.0
 
 
-def robust_standardise(matrix: np.ndarray) -> np.ndarray:
+def robust_standardisation(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: the median, and the 1.4826 MAD (else the standard deviation, else 1)."""
     centre = np.median(matrix, axis=0)
     spread = MAD_TO_SD * np.median(np.abs(matrix - centre), axis=0)
     fallback = matrix.std(axis=0)
-    scale = np.where(spread > 1e-12, spread, np.where(fallback > 1e-12, fallback, 1.0))
-    return (matrix - centre) / scale
+    return centre, np.where(spread > 1e-12, spread, np.where(fallback > 1e-12, fallback, 1.0))
 
 
 def large_segments(segments: np.ndarray, coverage: float, ratio: float) -> np.ndarray:
@@ -270,10 +466,16 @@ def large_segments(segments: np.ndarray, coverage: float, ratio: float) -> np.nd
 def segment_deviation(
     matrix: np.ndarray, segments: np.ndarray, coverage: float = 0.9, ratio: float = 5.0
 ) -> SegmentDeviation:
+    return apply_segment_norms(fit_segment_norms(matrix, segments, coverage, ratio), matrix, segments)
+
+
+def fit_segment_norms(
+    matrix: np.ndarray, segments: np.ndarray, coverage: float = 0.9, ratio: float = 5.0
+) -> SegmentNorms:
     large = large_segments(segments, coverage, ratio)
-    n, dims = matrix.shape
+    dims = matrix.shape[1]
     if len(large) == 0:  # every device is density noise: the fleet is the only norm
-        segments = np.full(n, NOISE, dtype=np.int64)
+        segments = np.full(len(matrix), NOISE, dtype=np.int64)
         large = np.array([NOISE])
     fleet_sd = matrix.std(axis=0)
     centres = np.empty((len(large), dims))
@@ -286,7 +488,15 @@ def segment_deviation(
         scales[i] = np.maximum(np.maximum(mad, fleet_sd), 1e-9)
         distance = np.linalg.norm((members - centres[i]) / scales[i], axis=1)
         spread[i] = _median_and_spread(distance)
+    return SegmentNorms(large=large, centres=centres, scales=scales, spread=spread)
 
+
+def apply_segment_norms(norms: SegmentNorms, matrix: np.ndarray, segments: np.ndarray) -> SegmentDeviation:
+    """Each device against its segment when that is a large one, else against the nearest large one."""
+    large, centres, scales, spread = norms.large, norms.centres, norms.scales, norms.spread
+    n = len(matrix)
+    if large.tolist() == [NOISE]:
+        segments = np.full(n, NOISE, dtype=np.int64)
     position = np.full(n, -1, dtype=np.int64)
     in_large = np.isin(segments, large)
     position[in_large] = np.searchsorted(large, segments[in_large])
@@ -328,19 +538,35 @@ def _median_and_spread(values: np.ndarray) -> tuple[float, float]:
 def detector_scores(matrix: np.ndarray, name: Detector, settings: AnomalySettings) -> np.ndarray:
     """Outlier scores (higher is stranger) of `name`, fitted on at most
     `detector_sample_size` devices and applied to all."""
+    return fit_detector(matrix, replace(settings, detector=name))[1]
+
+
+def fit_detector(matrix: np.ndarray, settings: AnomalySettings) -> tuple[DetectorNorms, np.ndarray]:
+    """The detector fitted on at most `detector_sample_size` robust-standardised devices, and its
+    scores of every device (higher is stranger)."""
     if len(matrix) < 3:
-        return np.zeros(len(matrix))
-    standardised = robust_standardise(matrix)
-    detector = make_detector(name, settings.random_seed, len(matrix))
+        return DetectorNorms.none(matrix.shape[1]), np.zeros(len(matrix))
+    centre, scale = robust_standardisation(matrix)
+    standardised = (matrix - centre) / scale
+    detector = make_detector(settings.detector, settings.random_seed, len(matrix))
     if len(standardised) <= settings.detector_sample_size:
         detector.fit(standardised)
-        return np.asarray(detector.decision_scores_, dtype=np.float64)
-    rng = np.random.default_rng(settings.random_seed)
-    sample = np.sort(rng.choice(len(standardised), size=settings.detector_sample_size, replace=False))
-    detector.fit(standardised[sample])
+        scores = np.asarray(detector.decision_scores_, dtype=np.float64)
+    else:
+        rng = np.random.default_rng(settings.random_seed)
+        sample = np.sort(rng.choice(len(standardised), size=settings.detector_sample_size, replace=False))
+        detector.fit(standardised[sample])
+        scores = _decision_function(detector, standardised)
+    score_centre, score_spread = robust_location(scores)
+    return DetectorNorms(centre, scale, detector, score_centre, score_spread), scores
+
+
+def _decision_function(detector, standardised: np.ndarray) -> np.ndarray:
+    if len(standardised) == 0:
+        return np.zeros(0)
     return np.concatenate(
         [
-            detector.decision_function(standardised[start : start + 100_000])
+            np.asarray(detector.decision_function(standardised[start : start + 100_000]), dtype=np.float64)
             for start in range(0, len(standardised), 100_000)
         ]
     )

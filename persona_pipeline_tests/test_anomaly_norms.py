@@ -1,0 +1,91 @@
+"""Anomaly norms: fitted on the fleet, applied to the devices that change between fits. Pure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from persona_pipeline.anomalies.scoring import (
+    REFERENCE_POINTS,
+    AnomalySettings,
+    EvidenceReference,
+    calibrated_flags,
+    fit_norms,
+    log_p_values,
+    score_with_norms,
+)
+
+ROLES = np.array(["health"] * 3 + ["behaviour"] * 3 + ["context"] * 2, dtype=object)
+
+
+def healthy_fleet(devices: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    segments = rng.integers(0, 4, devices)
+    centres = rng.normal(scale=4.0, size=(4, len(ROLES)))
+    centres[:, :3] = 0.0  # health keys do not depend on the segment
+    return centres[segments] + rng.normal(size=(devices, len(ROLES))), segments
+
+
+@pytest.mark.parametrize("detector", ["hbos", "iforest"])
+def test_the_fleet_scored_against_its_own_norms_gets_its_own_signals_back(detector):
+    matrix, segments = healthy_fleet(2000, seed=1)
+    matrix[:8, :3] += 9.0  # eight faults
+    settings = AnomalySettings(detector=detector)
+    norms, fitted = fit_norms(matrix, segments, settings, roles=ROLES)
+
+    again = score_with_norms(norms, matrix, segments)
+
+    assert np.allclose(again.deviation.distance_z, fitted.segment_z)
+    assert np.allclose(again.detector_z, fitted.detector_z)
+    assert np.array_equal(again.deviation.reference, fitted.deviation.reference)
+    # Out of sample, a device's p-value counts it once more among n + 1: never smaller, and at
+    # most (n + 1) / n larger where the ranks decide.
+    ratio = np.exp(again.log_p - np.log(fitted.p_value))
+    assert (ratio >= 1 - 1e-9).all() and (ratio <= 2 * 2001 / 2000).all()
+    flagged, _ = calibrated_flags(again.log_p, settings.fdr, None)
+    assert np.array_equal(flagged, fitted.is_anomaly)
+    assert set(np.flatnonzero(flagged)) == set(range(8))
+
+
+def test_a_device_that_fails_after_the_fit_is_flagged_and_one_that_varies_normally_is_not():
+    matrix, segments = healthy_fleet(3000, seed=2)
+    settings = AnomalySettings()
+    norms, fitted = fit_norms(matrix, segments, settings, roles=ROLES)
+    assert not fitted.is_anomaly.any()
+
+    changed = matrix[:2].copy()
+    changed[0, :3] += 10.0  # a fault in every health key
+    changed[1] += np.random.default_rng(5).normal(scale=0.5, size=len(ROLES))  # ordinary drift
+    scored = score_with_norms(norms, changed, segments[:2])
+
+    fleet_log_p = np.log(fitted.p_value)
+    fleet_log_p[:2] = scored.log_p
+    flagged, cut = calibrated_flags(fleet_log_p, settings.fdr, None)
+    assert np.flatnonzero(flagged).tolist() == [0]
+    result = scored.result(flagged[:2], cut, settings)
+    assert result.kind.tolist() == ["health", None]
+    assert result.score[0] >= 0.5 > result.score[1]
+
+
+def test_a_device_in_a_segment_the_norms_do_not_know_is_compared_with_the_nearest_large_one():
+    matrix, segments = healthy_fleet(1000, seed=3)
+    norms, _ = fit_norms(matrix, segments, AnomalySettings(), roles=ROLES)
+    scored = score_with_norms(norms, matrix[:5], np.full(5, 99))
+    assert set(scored.deviation.reference.tolist()) <= set(norms.segments.large.tolist())
+    assert np.isfinite(scored.log_p).all()
+
+
+@pytest.mark.parametrize("devices", [500, 50_000])
+def test_the_kept_reference_gives_the_fleets_p_values_within_its_resolution(devices):
+    evidence = np.random.default_rng(4).gamma(2.0, size=devices)
+    reference = EvidenceReference.of(evidence, 0.9)
+    assert len(reference.sorted_evidence) == min(devices, REFERENCE_POINTS)
+    in_sample = log_p_values(evidence, 0.9)
+    out_of_sample = reference.log_p(evidence)
+    resolution = 1 / min(devices, REFERENCE_POINTS - 1)
+    body = evidence <= reference.high
+    assert np.allclose(np.exp(out_of_sample[body]), np.exp(in_sample[body]), atol=resolution + 1 / devices)
+    # Beyond the reference quantile both follow the same tail.
+    far = evidence > np.quantile(evidence, 0.999)
+    assert np.allclose(out_of_sample[far], in_sample[far], atol=np.log(2))
+    assert reference.log_p(np.array([evidence.max() * 3]))[0] < np.log(1 / devices)
