@@ -1,5 +1,7 @@
 """Anomalies: a score, a flag and a reason per device, from its segment and a PyOD detector."""
 
+import json
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import dagster as dg
@@ -10,8 +12,16 @@ from pydantic import Field
 from persona_pipeline.anomalies import reporting, storage
 from persona_pipeline.anomalies.reasons import explain_with_causes
 from persona_pipeline.anomalies.reporting import RATE_CHECK
-from persona_pipeline.anomalies.scoring import AnomalySettings, score_anomalies
+from persona_pipeline.anomalies.scoring import (
+    AnomalyResult,
+    AnomalySettings,
+    DeviceEvidence,
+    calibrated_flags,
+    fit_norms,
+    score_with_norms,
+)
 from persona_pipeline.automation import AFTER_UPSTREAM
+from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.metadata import OWNERS, table_metadata
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.resources import PersonaConfig, PersonaStore
@@ -90,6 +100,13 @@ class AnomalyScoresConfig(dg.Config):
         default=0.05, ge=0, le=1, description="Upper end of the expected anomaly rate (check warns above)."
     )
     random_seed: int = Field(default=0, description="Seed of the detector and its sample.")
+    rescore_all: bool = Field(
+        default=False,
+        description="Score every device anew on this run and fit the norms again. Otherwise that "
+        "happens when the segments were fitted anew (weekly by default) or these settings changed; "
+        "the runs in between score only the devices whose vector or segment changed against the "
+        "stored norms, and flag the fleet from every device's stored p-value.",
+    )
 
     def settings(self) -> AnomalySettings:
         return AnomalySettings(
@@ -131,24 +148,29 @@ def anomaly_scores(
     the flag's `kind` (the role of the keys that drove it: health, behaviour or context), `score` in
     [0, 1] (0.5 at the fleet's cut-off) and a `reason` naming the keys that deviate most, with the
     device's value against its segment's. The segment distance and a PyOD detector are kept beside
-    them as `segment_z` and `detector_z` (see anomalies/scoring.py)."""
-    vectors = persona_storage.read_stored_vectors(persona_store)
+    them as `segment_z` and `detector_z` (see anomalies/scoring.py).
+
+    Every device is scored, and the norms fitted (segment centres and spreads, the detector, each
+    role's reference evidence, the segments' typical values), when the segments were fitted anew
+    (weekly by default), the settings changed or when asked; the runs in between score only the
+    devices whose vector or segment changed against those norms and flag the fleet again from
+    every device's stored p-value. A device's `score` is relative to the cut of the run that last
+    scored it; its flag is always the current run's."""
     schema = persona_config.feature_schema()
+    now = pd.Timestamp.now(tz="UTC")
+    reason, plan = _rescore_reason(context, config, persona_store, schema)
+    if reason is None:
+        return _score_changed(context, config, persona_store, schema, plan, now)
+    context.log.info(f"scoring every device anew: {reason}")
+    vectors = persona_storage.read_stored_vectors(persona_store)
     if len(vectors.device_ids):
         require_current_space(vectors, schema)
-    assignments = segment_storage.read_assignments(persona_store)
-    segments = assignments.reindex(vectors.device_ids).fillna(UNKNOWN).to_numpy(dtype=np.int64)
-    if (segments == UNKNOWN).any():
-        missing = int((segments == UNKNOWN).sum())
-        raise dg.Failure(
-            f"{missing} devices have a vector but no segment: materialize device_clusters first",
-            allow_retries=False,
-        )
+    segments = _segments_of(segment_storage.read_assignments(persona_store), vectors.device_ids)
     if len(vectors.device_ids) == 0:
         return reporting.no_devices_result()
 
     settings = config.settings()
-    result = score_anomalies(vectors.matrix, segments, settings, roles=schema.dimension_roles)
+    norms, result = fit_norms(vectors.matrix, segments, settings, roles=schema.dimension_roles)
     values = readable_values(
         persona_storage.read_profiles(persona_store, columns=READABLE_COLUMNS),
         schema,
@@ -157,33 +179,179 @@ def anomaly_scores(
     )
     stats = segment_stats(values, segments)
     strangest = np.lexsort((-result.combined_z, -result.score))
-    top = strangest[: config.explained_top]
-    explained = np.union1d(np.flatnonzero(result.is_anomaly), top)
+    explained = np.union1d(np.flatnonzero(result.is_anomaly), strangest[: config.explained_top])
     reasons = explain_with_causes(
         explained, result, dimension_groups(schema), values, stats, keys=config.reason_keys
     )
-
-    scores = pd.DataFrame(
-        {
-            "device_id": vectors.device_ids,
-            "score": result.score,
-            "is_anomaly": result.is_anomaly,
-            "reason": reasons["reason"].reindex(np.arange(len(vectors.device_ids))).to_numpy(),
-            "cause": reasons["cause"].reindex(np.arange(len(vectors.device_ids))).to_numpy(),
-            "cluster_id": result.deviation.reference,
-            "segment_z": result.segment_z,
-            "detector": settings.detector,
-            "detector_z": result.detector_z,
-            "scored_at": pd.Timestamp.now(tz="UTC"),
-            "kind": result.kind,
-            "p_value": result.p_value,
-        }
+    scores = _score_rows(vectors.device_ids, result, reasons, now)
+    stored = storage.StoredNorms(
+        space=str(vectors.space),
+        segments_fitted_at=segment_storage.read_fitted_at(persona_store, str(vectors.space)) or now,
+        settings=_settings_key(config),
+        fitted_at=now,
+        devices=len(scores),
+        norms=norms,
+        stats=stats,
     )
-    storage.write_scores(persona_store, scores)
+    storage.write_scores(persona_store, scores, stored)
 
     rate = float(result.is_anomaly.mean())
     context.log.info(f"{int(result.is_anomaly.sum())} anomalies of {len(scores)} devices ({rate:.2%})")
     return dg.MaterializeResult(
-        metadata=reporting.scores_metadata(scores, result, settings, strangest),
+        metadata={
+            **reporting.scores_metadata(scores, result, settings, strangest),
+            **reporting.mode_metadata(reason, len(scores), stored.fitted_at),
+        },
         check_results=[reporting.rate_check(rate, config.expected_rate_min, config.expected_rate_max)],
+    )
+
+
+@dataclass
+class _Rescoring:
+    """What a run between fits works on."""
+
+    norms: storage.StoredNorms
+    changed: list[str]
+    gone: list[str]
+
+
+def _settings_key(config: AnomalyScoresConfig) -> str:
+    """The settings that shape the scores; norms fitted with others are not applied."""
+    return json.dumps(config.model_dump(exclude={"rescore_all"}), sort_keys=True)
+
+
+def _rescore_reason(
+    context: dg.AssetExecutionContext, config: AnomalyScoresConfig, store: PersonaStore, schema: FeatureSchema
+) -> tuple[str | None, _Rescoring | None]:
+    """Why this run scores every device (fitting the norms again), or None and what to score."""
+    if config.rescore_all:
+        return "asked (rescore_all)", None
+    spaces = persona_storage.read_vector_spaces(store)
+    if len(spaces) != 1:
+        return "no single feature space", None
+    try:
+        stored = storage.read_norms(store)
+    except storage.NormsUnreadable as error:
+        context.log.warning(f"the stored anomaly norms cannot be read ({error})")
+        return "the stored norms cannot be read", None
+    if stored is None:
+        return "no norms stored yet", None
+    if stored.space != spaces[0]:
+        return "the feature space changed", None
+    if persona_storage.read_dimension_names(store, spaces[0]) != schema.dimension_names:
+        return "the feature schema changed", None
+    if stored.segments_fitted_at != segment_storage.read_fitted_at(store, spaces[0]):
+        return "the segments were fitted anew", None
+    if stored.settings != _settings_key(config):
+        return "the anomaly settings changed", None
+    if storage.count_without_p_value(store):
+        return "scores from before p-values were stored", None
+    changed, gone = storage.read_unscored(store)
+    return None, _Rescoring(stored, changed, gone)
+
+
+def _score_changed(
+    context: dg.AssetExecutionContext,
+    config: AnomalyScoresConfig,
+    store: PersonaStore,
+    schema: FeatureSchema,
+    plan: _Rescoring,
+    now: pd.Timestamp,
+) -> dg.MaterializeResult:
+    """Between fits: the devices whose vector or segment changed are scored against the stored
+    norms; the fleet is flagged again from every device's p-value, and devices whose flag that
+    turns are scored again too (for their score and reason). Nothing else is written."""
+    stored, gone = plan.norms, set(plan.gone)
+    settings = stored.norms.settings
+    fleet = storage.read_fleet_flags(store)
+    fleet = fleet[~fleet["device_id"].isin([*plan.changed, *plan.gone])].reset_index(drop=True)
+    changed_matrix, changed = _evidence_of(store, stored, plan.changed)
+    log_p = np.concatenate([np.log(np.maximum(fleet["p_value"].to_numpy(), MIN_P_VALUE)), changed.log_p])
+    flags, cut = calibrated_flags(log_p, settings.fdr, settings.contamination)
+    turned = fleet.loc[flags[: len(fleet)] != fleet["is_anomaly"].to_numpy(), "device_id"].tolist()
+    rescored_ids = np.array([*plan.changed, *turned], dtype=object)
+    turned_matrix, turned_evidence = _evidence_of(store, stored, turned)
+    # A turned device's p-value is the one its flag was decided on.
+    turned_log_p = pd.Series(log_p[: len(fleet)], index=fleet["device_id"]).reindex(turned).to_numpy()
+    evidence = changed.followed_by(replace(turned_evidence, log_p=turned_log_p))
+    matrix = np.concatenate([changed_matrix, turned_matrix])
+    turned_flags = ~fleet.set_index("device_id")["is_anomaly"].reindex(turned).to_numpy(dtype=bool)
+    result = evidence.result(np.concatenate([flags[len(fleet) :], turned_flags]), cut, settings)
+
+    top_scores = np.sort(np.concatenate([fleet["score"].to_numpy(), result.score]))[::-1]
+    top_cut = top_scores[config.explained_top - 1] if 0 < config.explained_top <= len(top_scores) else np.inf
+    explained = np.flatnonzero(result.is_anomaly | (result.score >= top_cut))
+    values = readable_values(
+        persona_storage.read_profiles_of(store, rescored_ids.tolist())[list(READABLE_COLUMNS)],
+        schema,
+        rescored_ids,
+        pd.DataFrame(matrix, index=rescored_ids, columns=schema.dimension_names),
+    )
+    reasons = explain_with_causes(
+        explained, result, dimension_groups(schema), values, stored.stats, keys=config.reason_keys
+    )
+    scores = _score_rows(rescored_ids, result, reasons, now)
+    storage.write_rescored(store, scores, sorted(gone))
+
+    devices = len(fleet) + len(plan.changed)
+    flagged = int(flags.sum())
+    rate = flagged / devices if devices else 0.0
+    context.log.info(
+        f"scored {len(plan.changed):,} changed devices against the norms fitted at "
+        f"{stored.fitted_at:%Y-%m-%d %H:%M} UTC; {len(turned):,} devices' flag turned, "
+        f"{len(gone):,} devices left; {flagged} anomalies of {devices} devices ({rate:.2%})"
+    )
+    return dg.MaterializeResult(
+        metadata=reporting.rescored_metadata(
+            scores, devices, flagged, len(plan.changed), len(turned), len(gone), stored.fitted_at, settings
+        ),
+        check_results=[reporting.rate_check(rate, config.expected_rate_min, config.expected_rate_max)],
+    )
+
+
+MIN_P_VALUE = 1e-300  # a stored p-value of 0 (underflow) read as the smallest positive one
+
+
+def _segments_of(assignments: pd.Series, device_ids: np.ndarray) -> np.ndarray:
+    """Each device's segment; a Failure naming how many have none."""
+    segments = assignments.reindex(device_ids).fillna(UNKNOWN).to_numpy(dtype=np.int64)
+    if (segments == UNKNOWN).any():
+        missing = int((segments == UNKNOWN).sum())
+        raise dg.Failure(
+            f"{missing} devices have a vector but no segment: materialize device_clusters first",
+            allow_retries=False,
+        )
+    return segments
+
+
+def _evidence_of(
+    store: PersonaStore, stored: storage.StoredNorms, device_ids: list[str]
+) -> tuple[np.ndarray, DeviceEvidence]:
+    """The devices' vectors and their evidence against the stored norms."""
+    blobs = persona_storage.read_vector_blobs(store, device_ids)
+    matrix = persona_storage.decode_vectors(blobs, len(stored.norms.roles)).astype(np.float64)
+    ids = np.array(device_ids, dtype=object)
+    segments = _segments_of(segment_storage.read_assignments(store, device_ids), ids)
+    return matrix, score_with_norms(stored.norms, matrix, segments)
+
+
+def _score_rows(
+    device_ids: np.ndarray, result: AnomalyResult, reasons: pd.DataFrame, now: pd.Timestamp
+) -> pd.DataFrame:
+    positions = np.arange(len(device_ids))
+    return pd.DataFrame(
+        {
+            "device_id": device_ids,
+            "score": result.score,
+            "is_anomaly": result.is_anomaly,
+            "reason": reasons["reason"].reindex(positions).to_numpy(),
+            "cause": reasons["cause"].reindex(positions).to_numpy(),
+            "cluster_id": result.deviation.reference,
+            "segment_z": result.segment_z,
+            "detector": result.settings.detector,
+            "detector_z": result.detector_z,
+            "scored_at": now,
+            "kind": result.kind,
+            "p_value": result.p_value,
+        }
     )

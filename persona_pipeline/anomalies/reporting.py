@@ -60,6 +60,50 @@ def scores_metadata(
     }
 
 
+def mode_metadata(reason: str, devices_scored: int, fitted_at: pd.Timestamp) -> dict[str, dg.MetadataValue]:
+    """How a run that scored every device came to, and the norms it fitted."""
+    return {
+        "scoring": dg.MetadataValue.text(f"every device: {reason}"),
+        "devices_scored": dg.MetadataValue.int(devices_scored),
+        "norms_fitted_at": dg.MetadataValue.timestamp(fitted_at.to_pydatetime()),
+    }
+
+
+def rescored_metadata(
+    scores: pd.DataFrame,
+    devices: int,
+    flagged: int,
+    changed: int,
+    turned: int,
+    left: int,
+    fitted_at: pd.Timestamp,
+    settings: AnomalySettings,
+) -> dict[str, dg.MetadataValue]:
+    """A run between fits: the fleet's counts, and what it scored against the stored norms."""
+    ranked = scores.sort_values("score", ascending=False).head(TOP_SHOWN)
+    return {
+        "devices": dg.MetadataValue.int(devices),
+        "anomalies": dg.MetadataValue.int(flagged),
+        "anomaly_rate": dg.MetadataValue.float(round(flagged / devices, 5) if devices else 0.0),
+        "detector": dg.MetadataValue.text(settings.detector),
+        "scoring": dg.MetadataValue.text(
+            "the devices whose vector or segment changed, against the norms of the last full scoring"
+        ),
+        "devices_scored": dg.MetadataValue.int(len(scores)),
+        "devices_changed": dg.MetadataValue.int(changed),
+        "flags_turned": dg.MetadataValue.int(turned),
+        "devices_left": dg.MetadataValue.int(left),
+        "norms_fitted_at": dg.MetadataValue.timestamp(fitted_at.to_pydatetime()),
+        "top_scored_now": markdown_table(
+            ranked[TOP_COLUMNS].assign(
+                score=ranked["score"].round(3), p_value=ranked["p_value"].map(lambda p: f"{p:.1e}")
+            ),
+            max_rows=TOP_SHOWN,
+            max_cell_chars=400,
+        ),
+    }
+
+
 def rate_check(rate: float, rate_min: float, rate_max: float) -> dg.AssetCheckResult:
     """Warns when the share of devices flagged is outside `rate_min` .. `rate_max`."""
     in_band = rate_min <= rate <= rate_max

@@ -2,18 +2,128 @@
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from persona_pipeline.resources.persona_store import PersonaStore
-from persona_pipeline.store.tables import anomaly_scores
+from persona_pipeline.anomalies.scoring import AnomalyNorms
+from persona_pipeline.resources.persona_store import PersonaStore, as_utc
+from persona_pipeline.segments.key_stats import SegmentStats
+from persona_pipeline.store.tables import anomaly_norms, anomaly_scores, device_clusters, persona_vectors
 
 
-def write_scores(store: PersonaStore, frame: pd.DataFrame) -> None:
-    """Replace the whole table (every device is scored each run) in one transaction."""
+@dataclass
+class StoredNorms:
+    """The norms of the last scoring of the whole fleet and what they were fitted for."""
+
+    space: str
+    segments_fitted_at: pd.Timestamp
+    settings: str
+    fitted_at: pd.Timestamp
+    devices: int
+    norms: AnomalyNorms
+    stats: SegmentStats  # the segments' typical values the reasons compare with
+
+
+class NormsUnreadable(Exception):
+    """The stored norms cannot be loaded (written by another version of a library)."""
+
+
+def write_scores(store: PersonaStore, frame: pd.DataFrame, norms: StoredNorms) -> None:
+    """Replace the whole table (every device was scored) and the norms, in one transaction."""
+    row = {
+        "space": norms.space,
+        "segments_fitted_at": norms.segments_fitted_at,
+        "settings": norms.settings,
+        "fitted_at": norms.fitted_at,
+        "devices": norms.devices,
+        "norms": pickle.dumps((norms.norms, norms.stats), protocol=pickle.HIGHEST_PROTOCOL),
+    }
     with store.begin() as connection:
         connection.execute(anomaly_scores.delete())
         store.insert_frame(connection, anomaly_scores, frame)
+        connection.execute(anomaly_norms.delete())
+        connection.execute(anomaly_norms.insert(), [row])
+
+
+def write_rescored(store: PersonaStore, frame: pd.DataFrame, gone: list[str]) -> None:
+    """Between fits: replace the rows of the devices scored again and delete those of the
+    devices without a vector, in one transaction."""
+    with store.begin() as connection:
+        store.delete_in(
+            connection, anomaly_scores, anomaly_scores.c.device_id, [*frame["device_id"].tolist(), *gone]
+        )
+        store.insert_frame(connection, anomaly_scores, frame)
+
+
+def read_norms(store: PersonaStore) -> StoredNorms | None:
+    """The stored norms, None when there are none; NormsUnreadable when they cannot be loaded."""
+    frame = store.read_frame(sa.select(anomaly_norms))
+    if frame.empty:
+        return None
+    row = frame.iloc[0]
+    try:
+        norms, stats = pickle.loads(row["norms"])
+    except Exception as error:  # an unpickling failure can be of any type
+        raise NormsUnreadable(f"{type(error).__name__}: {error}") from error
+    return StoredNorms(
+        space=str(row["space"]),
+        segments_fitted_at=as_utc(frame["segments_fitted_at"]).iloc[0],
+        settings=str(row["settings"]),
+        fitted_at=as_utc(frame["fitted_at"]).iloc[0],
+        devices=int(row["devices"]),
+        norms=norms,
+        stats=stats,
+    )
+
+
+def read_unscored(store: PersonaStore) -> tuple[list[str], list[str]]:
+    """Devices whose vector or segment is newer than their score (or that have none), and
+    devices with a score but no vector any more. Joins on primary keys, in the database."""
+    v, c, a = persona_vectors.c, device_clusters.c, anomaly_scores.c
+    changed = store.read_frame(
+        sa.select(v.device_id)
+        .select_from(
+            persona_vectors.outerjoin(anomaly_scores, v.device_id == a.device_id).outerjoin(
+                device_clusters, v.device_id == c.device_id
+            )
+        )
+        .where(
+            sa.or_(
+                a.device_id.is_(None),
+                c.device_id.is_(None),
+                v.computed_at > a.scored_at,
+                c.clustered_at > a.scored_at,
+            )
+        )
+        .order_by(v.device_id)
+    )
+    gone = store.read_frame(
+        sa.select(a.device_id)
+        .select_from(anomaly_scores.outerjoin(persona_vectors, v.device_id == a.device_id))
+        .where(v.device_id.is_(None))
+    )
+    return changed["device_id"].tolist(), gone["device_id"].tolist()
+
+
+def read_fleet_flags(store: PersonaStore) -> pd.DataFrame:
+    """device_id, p_value, is_anomaly and score of every scored device."""
+    a = anomaly_scores.c
+    frame = store.read_frame(sa.select(a.device_id, a.p_value, a.is_anomaly, a.score))
+    return frame.astype({"is_anomaly": bool, "score": np.float64, "p_value": np.float64})
+
+
+def count_without_p_value(store: PersonaStore) -> int:
+    """Rows scored before p-values were stored."""
+    return int(
+        store.scalar(
+            sa.select(sa.func.count()).select_from(anomaly_scores).where(anomaly_scores.c.p_value.is_(None))
+        )
+        or 0
+    )
 
 
 def read_scores(store: PersonaStore) -> pd.DataFrame:

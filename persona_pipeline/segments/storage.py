@@ -105,6 +105,13 @@ def read_fit(store: PersonaStore, space: str, dimensions: int) -> StoredFit | No
     )
 
 
+def read_fitted_at(store: PersonaStore, space: str) -> pd.Timestamp | None:
+    """When the segments of `space` were last fitted (None: never)."""
+    c = segment_centres.c
+    fitted_at = store.scalar(sa.select(sa.func.min(c.fitted_at)).where(c.space == space))
+    return None if fitted_at is None else as_utc(pd.Series([fitted_at])).iloc[0]
+
+
 def read_last_fit_space(store: PersonaStore) -> str | None:
     """The feature space of the newest full fit, if any."""
     c = segment_centres.c

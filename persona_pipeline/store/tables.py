@@ -192,6 +192,20 @@ anomaly_scores = sa.Table(
     sa.Index("ix_anomaly_scores_flag", "is_anomaly"),
 )
 
+# What anomaly_scores fitted at its last scoring of the whole fleet (pickled: the segment norms,
+# the fitted detector, each role's reference evidence and the segments' typical values), so the
+# days between segment fits score only the devices that changed (revision 0009). One row.
+anomaly_norms = sa.Table(
+    "anomaly_norms",
+    metadata,
+    sa.Column("space", sa.String(64), primary_key=True),
+    sa.Column("segments_fitted_at", UtcDateTime, nullable=False),  # the segment fit they belong to
+    sa.Column("settings", sa.Text, nullable=False),  # anomaly_scores' config, as JSON
+    sa.Column("fitted_at", UtcDateTime, nullable=False),
+    sa.Column("devices", sa.Integer, nullable=False),
+    sa.Column("norms", sa.LargeBinary, nullable=False),
+)
+
 service_recommendations = sa.Table(
     "service_recommendations",
     metadata,

@@ -1,0 +1,180 @@
+"""anomaly_scores between segment fits: only the devices whose vector or segment changed are
+scored, against the norms stored with the last scoring of every device."""
+
+from __future__ import annotations
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from persona_pipeline.anomalies.assets import anomaly_scores
+from persona_pipeline.anomalies.scoring import ROLE_ORDER
+from persona_pipeline.resources import PersonaConfig
+from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.store.tables import anomaly_norms, persona_vectors
+from persona_pipeline.store.tables import anomaly_scores as scores_table
+from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    yield from evaluated_fleet(tmp_path_factory.mktemp("incremental"), devices=1200, days=4, seed=11)
+
+
+def vectors(store) -> pd.DataFrame:
+    frame = table(store, "persona_vectors", order_by=["device_id"]).set_index("device_id")
+    dimensions = len(PersonaConfig().feature_schema().dimension_names)
+    matrix = np.frombuffer(b"".join(frame["vector"].tolist()), dtype="<f4").reshape(len(frame), dimensions)
+    return pd.DataFrame(matrix.astype(np.float64), index=frame.index)
+
+
+def set_vectors(store, rows: pd.DataFrame) -> None:
+    """Store new vectors for `rows`' devices, as persona_vectors would after their profile changed."""
+    now = pd.Timestamp.now(tz="UTC").to_pydatetime()
+    with store.begin() as connection:
+        for device_id, values in rows.iterrows():
+            connection.execute(
+                persona_vectors.update()
+                .where(persona_vectors.c.device_id == device_id)
+                .values(vector=values.to_numpy(dtype="<f4").tobytes(), computed_at=now)
+            )
+
+
+def materialize(resources, config: dict | None = None) -> dict:
+    run_config = {"ops": {"anomaly_scores": {"config": config}}} if config else None
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [device_clusters, anomaly_scores], resources=resources, instance=instance, run_config=run_config
+        )
+    return result.asset_materializations_for_node("anomaly_scores")[0].metadata
+
+
+def test_between_fits_only_changed_devices_are_scored_and_the_fleet_is_flagged_again(fleet):
+    resources = resources_for(fleet.home)
+    store = resources["persona_store"]
+    first = materialize(resources, {"rescore_all": True})
+    assert first["scoring"].value == "every device: asked (rescore_all)"
+    assert store.scalar(sa.select(sa.func.count()).select_from(anomaly_norms)) == 1
+    before = table(store, "anomaly_scores").set_index("device_id")
+    assert before["is_anomaly"].any()
+
+    matrix = vectors(store)
+    health = np.flatnonzero(PersonaConfig().feature_schema().dimension_roles == "health")
+    healthy = before.index[~before["is_anomaly"].astype(bool)]
+    failing, drifting = healthy[0], healthy[1]
+    healed = before.index[before["is_anomaly"].astype(bool)][0]
+    changed = matrix.loc[[failing, drifting, healed]].copy()
+    changed.loc[failing, health] = matrix[health].max() + 10 * matrix[health].std()
+    changed.loc[drifting] = matrix.loc[drifting] * 1.01
+    same_segment = before.index[
+        (before["cluster_id"] == before.loc[healed, "cluster_id"]) & ~before["is_anomaly"]
+    ]
+    changed.loc[healed] = matrix.loc[same_segment].median()
+    set_vectors(store, changed)
+
+    metadata = materialize(resources)
+
+    assert metadata["devices_changed"].value == 3
+    assert metadata["scoring"].value.startswith("the devices whose vector or segment changed")
+    after = table(store, "anomaly_scores").set_index("device_id")
+    assert len(after) == len(before)
+    after = after.reindex(before.index)
+    assert bool(after.loc[failing, "is_anomaly"]) and after.loc[failing, "kind"] == "health"
+    assert after.loc[failing, "score"] >= 0.5 and isinstance(after.loc[failing, "reason"], str)
+    assert not after.loc[drifting, "is_anomaly"] and not after.loc[healed, "is_anomaly"]
+    rescored = after["scored_at"] > before["scored_at"]
+    turned = after["is_anomaly"].astype(bool) != before["is_anomaly"].astype(bool)
+    # Only the changed devices and those whose flag turned were written again.
+    assert set(after.index[rescored]) == {failing, drifting, healed} | set(after.index[turned])
+    assert metadata["devices_scored"].value == rescored.sum()
+    assert metadata["anomalies"].value == after["is_anomaly"].sum()
+    flagged = after["is_anomaly"].astype(bool)
+    assert (after.loc[flagged, "score"] >= 0.5).all() and (after.loc[~flagged, "score"] < 0.5).all()
+    assert after.loc[flagged, "reason"].notna().all()
+
+    # Scoring every device anew flags the same devices.
+    full = materialize(resources, {"rescore_all": True})
+    again = table(store, "anomaly_scores").set_index("device_id")
+    assert set(again.index[again["is_anomaly"].astype(bool)]) == set(after.index[flagged])
+    assert full["anomalies"].value == metadata["anomalies"].value
+
+
+def test_a_device_without_a_vector_leaves_and_nothing_changed_writes_nothing(fleet):
+    resources = resources_for(fleet.home)
+    store = resources["persona_store"]
+    materialize(resources, {"rescore_all": True})
+    before = table(store, "anomaly_scores").set_index("device_id")
+    gone = before.index[5]
+    with store.begin() as connection:
+        connection.execute(persona_vectors.delete().where(persona_vectors.c.device_id == gone))
+
+    metadata = materialize(resources)
+
+    after = table(store, "anomaly_scores").set_index("device_id")
+    assert gone not in after.index and metadata["devices_left"].value == 1
+    assert metadata["devices_scored"].value == 0
+    kept = before.drop(index=gone)
+    assert after.reindex(kept.index)["scored_at"].equals(kept["scored_at"])
+    unchanged = materialize(resources)
+    assert unchanged["devices_scored"].value == 0 and unchanged["devices_left"].value == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [({"fdr": 0.01}, "the anomaly settings changed"), ({"detector": "ecod"}, "the anomaly settings changed")],
+)
+def test_new_settings_or_new_segments_score_every_device(fleet, config, reason):
+    resources = resources_for(fleet.home)
+    materialize(resources)
+    assert materialize(resources, config)["scoring"].value == f"every device: {reason}"
+    assert materialize(resources, config)["devices_changed"].value == 0
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [device_clusters, anomaly_scores],
+            resources=resources,
+            instance=instance,
+            run_config={
+                "ops": {"device_clusters": {"config": {"refit": True}}, "anomaly_scores": {"config": config}}
+            },
+        )
+    metadata = result.asset_materializations_for_node("anomaly_scores")[0].metadata
+    assert metadata["scoring"].value == "every device: the segments were fitted anew"
+
+
+def test_norms_a_new_library_cannot_read_mean_scoring_every_device(fleet):
+    resources = resources_for(fleet.home)
+    store = resources["persona_store"]
+    materialize(resources, {"rescore_all": True})
+    with store.begin() as connection:
+        connection.execute(anomaly_norms.update().values(norms=b"not a pickle"))
+    assert materialize(resources)["scoring"].value == "every device: the stored norms cannot be read"
+    assert materialize(resources)["devices_changed"].value == 0
+
+
+def test_devices_whose_flag_the_fleet_turns_are_written_again_with_their_p_value(fleet):
+    resources = resources_for(fleet.home)
+    store = resources["persona_store"]
+    materialize(resources, {"rescore_all": True})
+    before = table(store, "anomaly_scores").set_index("device_id")
+    flagged = before["is_anomaly"].astype(bool)
+    raised, lowered = before.index[~flagged][0], before.index[flagged][0]
+    scores = scores_table
+    with store.begin() as connection:  # as if an earlier run had found these p-values
+        connection.execute(scores.update().where(scores.c.device_id == raised).values(p_value=1e-12))
+        connection.execute(scores.update().where(scores.c.device_id == lowered).values(p_value=0.9))
+
+    metadata = materialize(resources)
+
+    after = table(store, "anomaly_scores").set_index("device_id")
+    assert metadata["devices_changed"].value == 0 and metadata["flags_turned"].value == 2
+    assert bool(after.loc[raised, "is_anomaly"]) and after.loc[raised, "score"] >= 0.5
+    assert after.loc[raised, "p_value"] == pytest.approx(1e-12)
+    assert isinstance(after.loc[raised, "reason"], str) and after.loc[raised, "kind"] in ROLE_ORDER
+    assert not after.loc[lowered, "is_anomaly"] and after.loc[lowered, "score"] < 0.5
+    assert pd.isna(after.loc[lowered, "kind"])
+    assert set(after.index[after["scored_at"] > before["scored_at"].reindex(after.index)]) == {
+        raised,
+        lowered,
+    }
