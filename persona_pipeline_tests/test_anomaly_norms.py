@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -89,3 +93,24 @@ def test_the_kept_reference_gives_the_fleets_p_values_within_its_resolution(devi
     far = evidence > np.quantile(evidence, 0.999)
     assert np.allclose(out_of_sample[far], in_sample[far], atol=np.log(2))
     assert reference.log_p(np.array([evidence.max() * 3]))[0] < np.log(1 / devices)
+
+
+def test_a_detector_loaded_in_a_new_process_uses_the_cached_compilation(tmp_path):
+    """HBOS's scoring loop is compiled in every process unless it goes through the on-disk cache
+    (seconds per run); norms loaded from the store must take the cached path too."""
+    matrix, segments = healthy_fleet(500, seed=6)
+    norms, _ = fit_norms(matrix, segments, AnomalySettings(detector="hbos"), roles=ROLES)
+    saved = tmp_path / "norms.pickle"
+    saved.write_bytes(pickle.dumps((norms, matrix[:5], segments[:5])))
+    script = (
+        "import pickle, sys\n"
+        "from pyod.models import hbos\n"
+        "from persona_pipeline.anomalies.scoring import score_with_norms\n"
+        "norms, matrix, segments = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "score_with_norms(norms, matrix, segments)\n"
+        "print(getattr(hbos._calculate_outlier_scores, '_disk_cached', False))\n"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", script, str(saved)], capture_output=True, text=True, check=True
+    ).stdout
+    assert shown.strip() == "True"

@@ -117,6 +117,7 @@ class DetectorNorms:
     """The fitted detector, the robust standardisation it was fitted in, and the median and
     spread of the fleet's detector scores (its z)."""
 
+    name: Detector
     centre: np.ndarray
     scale: np.ndarray
     detector: object | None  # None for a fleet too small to fit one: every z is 0
@@ -124,12 +125,16 @@ class DetectorNorms:
     score_spread: float
 
     @classmethod
-    def none(cls, dimensions: int) -> DetectorNorms:
-        return cls(np.zeros(dimensions), np.ones(dimensions), None, 0.0, 0.0)
+    def none(cls, name: Detector, dimensions: int) -> DetectorNorms:
+        return cls(name, np.zeros(dimensions), np.ones(dimensions), None, 0.0, 0.0)
 
     def scores(self, matrix: np.ndarray) -> np.ndarray:
         if self.detector is None:
             return np.zeros(len(matrix))
+        if self.name == "hbos":  # a detector loaded from the store: its scoring loop compiled once
+            from pyod.models import hbos
+
+            _cache_hbos_compilation(hbos)
         return _decision_function(self.detector, (matrix - self.centre) / self.scale)
 
     def z(self, scores: np.ndarray) -> np.ndarray:
@@ -545,7 +550,7 @@ def fit_detector(matrix: np.ndarray, settings: AnomalySettings) -> tuple[Detecto
     """The detector fitted on at most `detector_sample_size` robust-standardised devices, and its
     scores of every device (higher is stranger)."""
     if len(matrix) < 3:
-        return DetectorNorms.none(matrix.shape[1]), np.zeros(len(matrix))
+        return DetectorNorms.none(settings.detector, matrix.shape[1]), np.zeros(len(matrix))
     centre, scale = robust_standardisation(matrix)
     standardised = (matrix - centre) / scale
     detector = make_detector(settings.detector, settings.random_seed, len(matrix))
@@ -558,7 +563,7 @@ def fit_detector(matrix: np.ndarray, settings: AnomalySettings) -> tuple[Detecto
         detector.fit(standardised[sample])
         scores = _decision_function(detector, standardised)
     score_centre, score_spread = robust_location(scores)
-    return DetectorNorms(centre, scale, detector, score_centre, score_spread), scores
+    return DetectorNorms(settings.detector, centre, scale, detector, score_centre, score_spread), scores
 
 
 def _decision_function(detector, standardised: np.ndarray) -> np.ndarray:
