@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,24 @@ def test_shares_and_seed_keys_only_shape_the_fleet():
     assert "device.location.city" in keys and "device.usage.app_maps_duration" in keys
     with pytest.raises(ValueError, match="between 0 and 1"):
         FleetParameters(failing=1.5)
+
+
+@pure
+def test_a_sparse_fleet_reports_a_share_of_devices_a_day_and_every_move_and_failure_on_its_day():
+    parameters = FleetParameters(movers=0.1, heavy=0.05, failing=0.1, reporting=0.05)
+    sparse = generate_fleet(2000, 6, seed=5, start="2026-03-01", parameters=parameters)
+    full = generate_fleet(2000, 6, seed=5, start="2026-03-01", parameters=replace(parameters, reporting=1.0))
+    assert sparse.devices.equals(full.devices)
+    truth = sparse.devices.set_index("device_id")
+    assert set(truth.index) <= set(sparse.updates["2026-03-01"]["device_id"])  # all on the first day
+    for number, day in enumerate(sorted(sparse.updates)[1:], start=1):
+        reported = set(sparse.updates[day]["device_id"]) & set(truth.index)
+        events = truth.index[(truth["move_day"] == number) | (truth["failure_start_day"] == number)]
+        assert set(events) <= reported
+        assert len(reported - set(events)) == pytest.approx(0.05 * 2000, abs=40)
+        # What a device reports is what it would have reported on a full day.
+        kept = full.updates[day][full.updates[day]["device_id"].isin(reported)]
+        assert len(kept) >= len(sparse.updates[day]) * 0.95
 
 
 @pure

@@ -150,6 +150,17 @@ SCENARIOS: dict[str, Scenario] = {
             seed=35,
         ),
         Scenario(
+            "sparse_reports",
+            "5 % of devices report on a day (and each on the day it moves or fails); 5 % movers, "
+            "5 % heavy, 3 % failing: segments and anomalies work between fits",
+            2_000,
+            8,
+            FleetParameters(movers=0.05, heavy=0.05, failing=0.03, reporting=0.05),
+            "need",
+            REPORT,
+            seed=37,
+        ),
+        Scenario(
             "large",
             "50,000 devices with the demo's shares, 5 days (not run by default: name it)",
             50_000,

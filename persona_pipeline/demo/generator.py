@@ -79,9 +79,12 @@ class FleetParameters:
     failing: float = FAILING_SHARE  # share (among the rest) failing from a day in the second half
     latent: float = 0.0  # share with a latent interest in one app, used LATENT_USAGE_LIFT x more
     seed_keys_only: bool = False  # report only the SEED_KEY_FAMILIES
+    # Share of devices that report on a day after the first (all report on the first day, and a
+    # device reports on the day it moves or starts failing); the others send nothing that day.
+    reporting: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("movers", "heavy", "failing", "latent"):
+        for name in ("movers", "heavy", "failing", "latent", "reporting"):
             share = getattr(self, name)
             if not 0.0 <= share <= 1.0:
                 raise ValueError(f"FleetParameters.{name}={share}: a share between 0 and 1")
@@ -273,6 +276,16 @@ def seed_keys_mask(keys: pd.Series) -> np.ndarray:
     return keys.astype(str).str.fullmatch(pattern).to_numpy(dtype=bool)
 
 
+def reporting_devices(truth: pd.DataFrame, day_number: int, share: float, seed: int) -> pd.Series:
+    """The devices that report on `day_number`: a draw of `share` (its own random stream, so the
+    fleet's other draws stay as they are), and every device that moves or starts failing that day."""
+    drawn = np.random.default_rng([seed, day_number]).random(len(truth)) < share
+    moves = truth["move_day"].to_numpy() == day_number
+    fails = truth["failure_start_day"].to_numpy() == day_number
+    event = moves | fails
+    return truth.loc[drawn | event, "device_id"]
+
+
 def generate_fleet(
     devices: int, days: int, seed: int, start: str, parameters: FleetParameters = FleetParameters()
 ) -> DemoFleet:
@@ -286,6 +299,9 @@ def generate_fleet(
         day = first + pd.Timedelta(days=day_number)
         label = day.strftime("%Y-%m-%d")
         rows = day_updates(truth, day_number, day, rng)
+        if parameters.reporting < 1.0 and day_number > 0:
+            reporting = reporting_devices(truth, day_number, parameters.reporting, seed)
+            rows = rows[rows["device_id"].isin(reporting)].reset_index(drop=True)
         if parameters.seed_keys_only:
             rows = rows[seed_keys_mask(rows["key"])].reset_index(drop=True)
         duplicates = rows.sample(frac=DUPLICATE_SHARE, random_state=int(rng.integers(0, 2**31)))
