@@ -178,3 +178,25 @@ def test_devices_whose_flag_the_fleet_turns_are_written_again_with_their_p_value
         raised,
         lowered,
     }
+
+
+def test_devices_that_change_alike_at_once_are_judged_with_the_whole_fleet_not_the_old_norms(fleet):
+    """A new behaviour many devices share (a wave of moves, a new app) is normal for the fleet
+    that has it; norms fitted before it would flag every one of them."""
+    resources = resources_for(fleet.home)
+    store = resources["persona_store"]
+    materialize(resources, {"rescore_all": True})
+    before = table(store, "anomaly_scores").set_index("device_id")
+    matrix = vectors(store)
+    context = np.flatnonzero(PersonaConfig().feature_schema().dimension_roles == "context")[0]
+    wave = before.index[~before["is_anomaly"].astype(bool)][:60]
+    changed = matrix.loc[wave].copy()
+    changed[context] = matrix[context].max() + 5 * matrix[context].std()
+    set_vectors(store, changed)
+
+    metadata = materialize(resources)
+
+    assert metadata["scoring"].value.startswith("every device: ")
+    assert metadata["scoring"].value.endswith("the fleet moved")
+    after = table(store, "anomaly_scores").set_index("device_id")
+    assert after.loc[wave, "is_anomaly"].astype(bool).sum() < 10

@@ -14,6 +14,7 @@ from persona_pipeline.anomalies.scoring import (
     AnomalySettings,
     EvidenceReference,
     calibrated_flags,
+    drift,
     fit_norms,
     log_p_values,
     score_with_norms,
@@ -114,3 +115,17 @@ def test_a_detector_loaded_in_a_new_process_uses_the_cached_compilation(tmp_path
         [sys.executable, "-c", script, str(saved)], capture_output=True, text=True, check=True
     ).stdout
     assert shown.strip() == "True"
+
+
+def test_changed_devices_like_the_fleet_show_no_drift_and_a_shared_new_behaviour_does():
+    everyone, segments = healthy_fleet(3400, seed=7)
+    norms, _ = fit_norms(everyone[:3000], segments[:3000], AnomalySettings(), roles=ROLES)
+    like_the_fleet, their_segments = everyone[3000:], segments[3000:]
+    calm = drift(score_with_norms(norms, like_the_fleet, their_segments).log_p)
+    assert calm.devices == 400 and calm.strange <= calm.expected + 4 and calm.chance > 0.01
+
+    moved = like_the_fleet.copy()
+    moved[:40, 6] += 12.0  # a tenth of the changed devices share a new context value
+    shifted = drift(score_with_norms(norms, moved, their_segments).log_p)
+    assert shifted.strange >= 40 and shifted.chance < 1e-6
+    assert drift(np.zeros(0)).chance == 1.0

@@ -17,6 +17,7 @@ from persona_pipeline.anomalies.scoring import (
     AnomalySettings,
     DeviceEvidence,
     calibrated_flags,
+    drift,
     fit_norms,
     score_with_norms,
 )
@@ -100,6 +101,15 @@ class AnomalyScoresConfig(dg.Config):
         default=0.05, ge=0, le=1, description="Upper end of the expected anomaly rate (check warns above)."
     )
     random_seed: int = Field(default=0, description="Seed of the detector and its sample.")
+    drift_level: float = Field(
+        default=0.001,
+        gt=0,
+        lt=1,
+        description="Between fits, the changed devices are scored against the stored norms only "
+        "while they look like the fleet the norms were fitted on: when more of them have a p-value "
+        "at most 1 % than chance allows at this level (binomial), the fleet moved (a new behaviour "
+        "many devices share) and every device is scored anew.",
+    )
     rescore_all: bool = Field(
         default=False,
         description="Score every device anew on this run and fit the norms again. Otherwise that "
@@ -152,7 +162,8 @@ def anomaly_scores(
 
     Every device is scored, and the norms fitted (segment centres and spreads, the detector, each
     role's reference evidence, the segments' typical values), when the segments were fitted anew
-    (weekly by default), the settings changed or when asked; the runs in between score only the
+    (weekly by default), the settings changed, when asked, or when the changed devices do not look
+    like the fleet the norms were fitted on (`drift_level`); the runs in between score only the
     devices whose vector or segment changed against those norms and flag the fleet again from
     every device's stored p-value. A device's `score` is relative to the cut of the run that last
     scored it; its flag is always the current run's."""
@@ -160,7 +171,10 @@ def anomaly_scores(
     now = pd.Timestamp.now(tz="UTC")
     reason, plan = _rescore_reason(context, config, persona_store, schema)
     if reason is None:
-        return _score_changed(context, config, persona_store, schema, plan, now)
+        changed = _evidence_of(persona_store, plan.norms, plan.changed)
+        reason = _drift_reason(changed[1].log_p, config.drift_level)
+        if reason is None:
+            return _score_changed(context, config, persona_store, schema, plan, changed, now)
     context.log.info(f"scoring every device anew: {reason}")
     vectors = persona_storage.read_stored_vectors(persona_store)
     if len(vectors.device_ids):
@@ -250,12 +264,24 @@ def _rescore_reason(
     return None, _Rescoring(stored, changed, gone)
 
 
+def _drift_reason(log_p: np.ndarray, level: float) -> str | None:
+    """Why the changed devices cannot be judged by the stored norms, if they cannot."""
+    found = drift(log_p)
+    if found.chance >= level:
+        return None
+    return (
+        f"{found.strange} of the {found.devices} changed devices have a p-value at most 1 % against "
+        f"the norms (about {found.expected:.0f} expected; chance {found.chance:.0e}): the fleet moved"
+    )
+
+
 def _score_changed(
     context: dg.AssetExecutionContext,
     config: AnomalyScoresConfig,
     store: PersonaStore,
     schema: FeatureSchema,
     plan: _Rescoring,
+    changed_evidence: tuple[np.ndarray, DeviceEvidence],
     now: pd.Timestamp,
 ) -> dg.MaterializeResult:
     """Between fits: the devices whose vector or segment changed are scored against the stored
@@ -265,7 +291,7 @@ def _score_changed(
     settings = stored.norms.settings
     fleet = storage.read_fleet_flags(store)
     fleet = fleet[~fleet["device_id"].isin([*plan.changed, *plan.gone])].reset_index(drop=True)
-    changed_matrix, changed = _evidence_of(store, stored, plan.changed)
+    changed_matrix, changed = changed_evidence
     log_p = np.concatenate([np.log(np.maximum(fleet["p_value"].to_numpy(), MIN_P_VALUE)), changed.log_p])
     flags, cut = calibrated_flags(log_p, settings.fdr, settings.contamination)
     turned = fleet.loc[flags[: len(fleet)] != fleet["is_anomaly"].to_numpy(), "device_id"].tolist()

@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
+from scipy.stats import binom
 
 from persona_pipeline.segments.clustering import NOISE
 
@@ -325,6 +326,28 @@ def score_with_norms(norms: AnomalyNorms, matrix: np.ndarray, segments: np.ndarr
     evidence = role_evidence(matrix, deviation, norms.roles, norms.health_centre, norms.health_spread)
     role_log_p = {role: norms.references[role].log_p(values) for role, values in evidence.items()}
     return DeviceEvidence.of(role_log_p, deviation, detector_z, settings.segment_margin)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How the devices scored against stored norms compare with the fleet the norms were fitted
+    on: how many have a p-value at most `share`, how many such a fleet would have, and the chance
+    of at least that many if they were like it (binomial tail)."""
+
+    devices: int
+    strange: int
+    expected: float
+    chance: float
+
+
+def drift(log_p: np.ndarray, share: float = 0.01) -> Drift:
+    """Devices like the reference fleet have p-values at most `share` for about `share` of them
+    (Bonferroni over the roles makes that fewer); many more say the fleet moved since the fit:
+    a new behaviour that many share, which the fleet itself would call normal."""
+    devices = len(log_p)
+    strange = int((np.asarray(log_p) <= np.log(share)).sum())
+    chance = float(binom.sf(strange - 1, devices, share)) if devices else 1.0
+    return Drift(devices, strange, share * devices, chance)
 
 
 def robust_spread(matrix: np.ndarray) -> np.ndarray:
