@@ -200,3 +200,27 @@ def test_devices_that_change_alike_at_once_are_judged_with_the_whole_fleet_not_t
     assert metadata["scoring"].value.endswith("the fleet moved")
     after = table(store, "anomaly_scores").set_index("device_id")
     assert after.loc[wave, "is_anomaly"].astype(bool).sum() < 10
+
+
+def test_a_fleet_larger_than_the_sample_is_scored_against_norms_of_a_sample_page_by_page(fleet):
+    resources = resources_for(fleet.home)
+    store = resources["persona_store"]
+    materialize(resources, {"rescore_all": True})
+    exact = table(store, "anomaly_scores").set_index("device_id")
+    failing = pd.read_csv(fleet.home / "ground_truth" / "devices.csv").set_index("device_id")["failing"]
+
+    sampled = {"rescore_all": True, "norms_sample_size": 1_000}
+    one_page = materialize(resources, {**sampled, "page_rows": 5_000})
+    by_page = table(store, "anomaly_scores").set_index("device_id").sort_index()
+    materialize(resources, {**sampled, "page_rows": 1_000})  # 1,200 devices: two pages
+    two_pages = table(store, "anomaly_scores").set_index("device_id").sort_index()
+
+    columns = ["score", "is_anomaly", "p_value", "kind", "reason", "cluster_id", "segment_z", "detector_z"]
+    pd.testing.assert_frame_equal(by_page[columns], two_pages[columns])
+    assert one_page["devices"].value == len(exact) == len(by_page)
+    assert 900 <= one_page["norms_fitted_on"].value <= 1_100
+    flagged = by_page.index[by_page["is_anomaly"].astype(bool)]
+    assert by_page.loc[flagged, "reason"].notna().all() and (by_page.loc[flagged, "score"] >= 0.5).all()
+    found_exactly = set(exact.index[exact["is_anomaly"].astype(bool)]) & set(failing.index[failing])
+    assert found_exactly and found_exactly <= set(flagged)
+    assert failing.reindex(flagged).fillna(False).mean() >= 0.8

@@ -18,6 +18,7 @@ from persona_pipeline.anomalies.scoring import (
     fit_norms,
     log_p_values,
     score_with_norms,
+    stratified_sample,
 )
 
 ROLES = np.array(["health"] * 3 + ["behaviour"] * 3 + ["context"] * 2, dtype=object)
@@ -129,3 +130,15 @@ def test_changed_devices_like_the_fleet_show_no_drift_and_a_shared_new_behaviour
     shifted = drift(score_with_norms(norms, moved, their_segments).log_p)
     assert shifted.strange >= 40 and shifted.chance < 1e-6
     assert drift(np.zeros(0)).chance == 1.0
+
+
+def test_a_stratified_sample_keeps_each_segment_in_proportion_and_small_ones_whole():
+    segments = np.repeat([0, 1, 2, 3], [60_000, 30_000, 3_000, 300])
+    sample = stratified_sample(segments, 20_000, seed=1)
+    assert np.array_equal(sample, np.sort(sample)) and len(np.unique(sample)) == len(sample)
+    taken = np.bincount(segments[sample], minlength=4)
+    assert taken[0] == 60_000 * 20_000 // 93_300 and taken[1] == 30_000 * 20_000 // 93_300
+    assert taken[2] == 1_000 and taken[3] == 300  # at least 1,000 of a segment, or all of a smaller one
+    assert np.array_equal(stratified_sample(segments, 20_000, seed=1), sample)
+    assert not np.array_equal(stratified_sample(segments, 20_000, seed=2), sample)
+    assert np.array_equal(stratified_sample(segments[:500], 20_000, seed=1), np.arange(500))

@@ -13,6 +13,7 @@ from persona_pipeline.anomalies import reporting, storage
 from persona_pipeline.anomalies.reasons import explain_with_causes
 from persona_pipeline.anomalies.reporting import RATE_CHECK
 from persona_pipeline.anomalies.scoring import (
+    AnomalyNorms,
     AnomalyResult,
     AnomalySettings,
     DeviceEvidence,
@@ -20,6 +21,7 @@ from persona_pipeline.anomalies.scoring import (
     drift,
     fit_norms,
     score_with_norms,
+    stratified_sample,
 )
 from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.feature_schema import FeatureSchema
@@ -31,6 +33,8 @@ from persona_pipeline.segments import storage as segment_storage
 from persona_pipeline.segments.assets import device_clusters, require_current_space
 from persona_pipeline.segments.key_stats import (
     READABLE_COLUMNS,
+    ReadableValues,
+    SegmentStats,
     dimension_groups,
     readable_values,
     segment_stats,
@@ -80,6 +84,19 @@ class AnomalyScoresConfig(dg.Config):
         le=1,
         description="Segments that together hold this share of devices are norms of their own; devices "
         "in the smaller ones are compared with the nearest large segment.",
+    )
+    norms_sample_size: int = Field(
+        default=200_000,
+        ge=1_000,
+        description="A fleet larger than this is scored against norms fitted on a sample of this "
+        "many devices (stratified by segment, every segment at least 1,000 or all of it), every "
+        "device then scored against them page_rows at a time; a smaller fleet is its own reference.",
+    )
+    page_rows: int = Field(
+        default=100_000,
+        ge=1_000,
+        description="Devices scored at a time against norms fitted on a sample: the memory of a "
+        "large fleet's scoring follows this and the sample, not the fleet.",
     )
     detector_sample_size: int = Field(
         default=200_000, ge=1_000, description="Devices the detector is fitted on; it then scores all."
@@ -176,6 +193,8 @@ def anomaly_scores(
         if reason is None:
             return _score_changed(context, config, persona_store, schema, plan, changed, now)
     context.log.info(f"scoring every device anew: {reason}")
+    if persona_storage.read_vector_overview(persona_store)[0] > config.norms_sample_size:
+        return _score_fleet_from_sample(context, config, persona_store, schema, reason, now)
     vectors = persona_storage.read_stored_vectors(persona_store)
     if len(vectors.device_ids):
         require_current_space(vectors, schema)
@@ -198,26 +217,148 @@ def anomaly_scores(
         explained, result, dimension_groups(schema), values, stats, keys=config.reason_keys
     )
     scores = _score_rows(vectors.device_ids, result, reasons, now)
+    return _write_fleet(
+        context,
+        config,
+        persona_store,
+        str(vectors.space),
+        scores,
+        norms,
+        len(scores),
+        stats,
+        strangest,
+        reason,
+        now,
+    )
+
+
+def _write_fleet(
+    context: dg.AssetExecutionContext,
+    config: AnomalyScoresConfig,
+    store: PersonaStore,
+    space: str,
+    scores: pd.DataFrame,
+    norms: AnomalyNorms,
+    norms_devices: int,
+    stats: SegmentStats,
+    strangest: np.ndarray,
+    reason: str,
+    now: pd.Timestamp,
+) -> dg.MaterializeResult:
+    """Store every device's scores with the norms they were scored against (fitted on
+    `norms_devices`), and report."""
     stored = storage.StoredNorms(
-        space=str(vectors.space),
-        segments_fitted_at=segment_storage.read_fitted_at(persona_store, str(vectors.space)) or now,
+        space=space,
+        segments_fitted_at=segment_storage.read_fitted_at(store, space) or now,
         settings=_settings_key(config),
         fitted_at=now,
         devices=len(scores),
         norms=norms,
         stats=stats,
     )
-    storage.write_scores(persona_store, scores, stored)
-
-    rate = float(result.is_anomaly.mean())
-    context.log.info(f"{int(result.is_anomaly.sum())} anomalies of {len(scores)} devices ({rate:.2%})")
+    storage.write_scores(store, scores, stored)
+    flagged = scores["is_anomaly"].to_numpy(dtype=bool)
+    rate = float(flagged.mean())
+    context.log.info(f"{int(flagged.sum())} anomalies of {len(scores)} devices ({rate:.2%})")
     return dg.MaterializeResult(
         metadata={
-            **reporting.scores_metadata(scores, result, settings, strangest),
-            **reporting.mode_metadata(reason, len(scores), stored.fitted_at),
+            **reporting.scores_metadata(scores, norms.settings, strangest),
+            **reporting.mode_metadata(reason, len(scores), norms_devices, stored.fitted_at),
         },
         check_results=[reporting.rate_check(rate, config.expected_rate_min, config.expected_rate_max)],
     )
+
+
+def _score_fleet_from_sample(
+    context: dg.AssetExecutionContext,
+    config: AnomalyScoresConfig,
+    store: PersonaStore,
+    schema: FeatureSchema,
+    reason: str,
+    now: pd.Timestamp,
+) -> dg.MaterializeResult:
+    """Every device of a fleet larger than `norms_sample_size`: the norms fitted on a sample
+    stratified by segment, then every device scored against them a page at a time (memory
+    follows the page and the sample, not the fleet) and the fleet flagged at once."""
+    spaces = persona_storage.read_vector_spaces(store)
+    if len(spaces) != 1 or persona_storage.read_dimension_names(store, spaces[0]) != schema.dimension_names:
+        raise dg.Failure(
+            f"persona_vectors were built in feature space(s) {spaces}, not in the configured "
+            f"schema's ({schema.version}, {len(schema.dimension_names)} dimensions): "
+            "materialize persona_vectors first",
+            allow_retries=False,
+        )
+    settings = config.settings()
+    device_ids = persona_storage.read_vector_ids(store)
+    assignments = segment_storage.read_assignments(store)
+    segments = _segments_of(assignments, device_ids)
+    sample = stratified_sample(segments, config.norms_sample_size, config.random_seed)
+    sample_ids = device_ids[sample]
+    sample_matrix = _vectors_of(store, schema, sample_ids.tolist())
+    norms, _ = fit_norms(sample_matrix, segments[sample], settings, roles=schema.dimension_roles)
+    sample_values = _readable_values_of(store, schema, sample_ids, sample_matrix)
+    stats = segment_stats(sample_values, segments[sample])
+    context.log.info(f"norms fitted on {len(sample):,} of {len(device_ids):,} devices, stratified by segment")
+
+    parts = []
+    for page in persona_storage.read_vector_pages(store, config.page_rows):
+        ids = page["device_id"].to_numpy(dtype=object)
+        matrix = persona_storage.decode_vectors(page["vector"], len(schema.dimension_names))
+        evidence = score_with_norms(norms, matrix.astype(np.float64), _segments_of(assignments, ids))
+        parts.append((ids, evidence.without_deviations()))
+    ids = np.concatenate([ids for ids, _ in parts])
+    evidence = DeviceEvidence.joined([part for _, part in parts])
+    is_anomaly, cut = calibrated_flags(evidence.log_p, settings.fdr, settings.contamination)
+    result = evidence.result(is_anomaly, cut, settings)
+    strangest = np.lexsort((-result.combined_z, -result.score))
+    explained = np.union1d(np.flatnonzero(result.is_anomaly), strangest[: config.explained_top])
+    explained_segments = _segments_of(assignments, ids[explained])
+    reasons = _reasons_of(
+        store, schema, config, norms, stats, ids[explained], explained_segments, result, explained, cut
+    )
+    scores = _score_rows(ids, result, reasons, now)
+    return _write_fleet(
+        context, config, store, spaces[0], scores, norms, len(sample), stats, strangest, reason, now
+    )
+
+
+def _vectors_of(store: PersonaStore, schema: FeatureSchema, device_ids: list[str]) -> np.ndarray:
+    blobs = persona_storage.read_vector_blobs(store, device_ids)
+    return persona_storage.decode_vectors(blobs, len(schema.dimension_names)).astype(np.float64)
+
+
+def _readable_values_of(
+    store: PersonaStore, schema: FeatureSchema, device_ids: np.ndarray, matrix: np.ndarray
+) -> ReadableValues:
+    profiles = persona_storage.read_profiles_of(store, device_ids.tolist())[list(READABLE_COLUMNS)]
+    frame = pd.DataFrame(matrix, index=device_ids, columns=schema.dimension_names)
+    return readable_values(profiles, schema, device_ids, frame)
+
+
+def _reasons_of(
+    store: PersonaStore,
+    schema: FeatureSchema,
+    config: AnomalyScoresConfig,
+    norms: AnomalyNorms,
+    stats: SegmentStats,
+    device_ids: np.ndarray,
+    segments: np.ndarray,
+    fleet_result: AnomalyResult,
+    rows: np.ndarray,
+    cut: float,
+) -> pd.DataFrame:
+    """Reasons of the fleet's `rows` (their `device_ids` and `segments`), whose deviations are
+    scored again; their p-values, flags and cut are the fleet's."""
+    matrix = _vectors_of(store, schema, device_ids.tolist())
+    evidence = score_with_norms(norms, matrix, segments)
+    log_p = np.log(np.maximum(fleet_result.p_value[rows], MIN_P_VALUE))
+    result = replace(evidence, log_p=log_p).result(fleet_result.is_anomaly[rows], cut, norms.settings)
+    values = _readable_values_of(store, schema, device_ids, matrix)
+    positions = np.arange(len(rows))
+    reasons = explain_with_causes(
+        positions, result, dimension_groups(schema), values, stats, keys=config.reason_keys
+    )
+    return reasons.set_axis(rows)
 
 
 @dataclass
@@ -231,7 +372,7 @@ class _Rescoring:
 
 def _settings_key(config: AnomalyScoresConfig) -> str:
     """The settings that shape the scores; norms fitted with others are not applied."""
-    return json.dumps(config.model_dump(exclude={"rescore_all"}), sort_keys=True)
+    return json.dumps(config.model_dump(exclude={"rescore_all", "page_rows"}), sort_keys=True)
 
 
 def _rescore_reason(

@@ -8,7 +8,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from persona_pipeline.anomalies.scoring import AnomalyResult, AnomalySettings
+from persona_pipeline.anomalies.scoring import AnomalySettings
 from persona_pipeline.metadata import markdown_table
 
 RATE_CHECK = "anomaly_rate_within_band"
@@ -25,25 +25,26 @@ def no_devices_result() -> dg.MaterializeResult:
 
 
 def scores_metadata(
-    scores: pd.DataFrame, result: AnomalyResult, settings: AnomalySettings, strangest: np.ndarray
+    scores: pd.DataFrame, settings: AnomalySettings, strangest: np.ndarray
 ) -> dict[str, dg.MetadataValue]:
     """Counts, how devices were flagged, the score distribution, the strangest devices (`strangest`:
     row positions, strangest first) and the flags per segment."""
     ranked = scores.iloc[strangest[:TOP_SHOWN]]
-    kinds = scores.loc[scores["is_anomaly"], "kind"].value_counts()
+    flagged = scores["is_anomaly"].to_numpy(dtype=bool)
+    kinds = scores.loc[flagged, "kind"].value_counts()
     return {
         "devices": dg.MetadataValue.int(len(scores)),
-        "anomalies": dg.MetadataValue.int(int(result.is_anomaly.sum())),
-        "anomaly_rate": dg.MetadataValue.float(round(float(result.is_anomaly.mean()), 5)),
+        "anomalies": dg.MetadataValue.int(int(flagged.sum())),
+        "anomaly_rate": dg.MetadataValue.float(round(float(flagged.mean()), 5)),
         "detector": dg.MetadataValue.text(settings.detector),
         "flagged_by": dg.MetadataValue.text(
             f"the {settings.contamination:.2%} of devices with the smallest p-values"
             if settings.contamination
             else f"Benjamini-Hochberg at a false-discovery rate of {settings.fdr:.1%} "
-            f"(p-value <= {_largest_flagged_p(result)}; score >= 0.5)"
+            f"(p-value <= {_largest_flagged_p(scores['p_value'].to_numpy()[flagged])}; score >= 0.5)"
         ),
         "anomalies_by_kind": dg.MetadataValue.json({str(k): int(v) for k, v in kinds.items()}),
-        "score_distribution": markdown_table(_distribution(result.score), max_rows=20),
+        "score_distribution": markdown_table(_distribution(scores["score"].to_numpy()), max_rows=20),
         "top_anomalies": markdown_table(
             ranked[TOP_COLUMNS].assign(
                 score=ranked["score"].round(3), p_value=ranked["p_value"].map(lambda p: f"{p:.1e}")
@@ -60,11 +61,14 @@ def scores_metadata(
     }
 
 
-def mode_metadata(reason: str, devices_scored: int, fitted_at: pd.Timestamp) -> dict[str, dg.MetadataValue]:
-    """How a run that scored every device came to, and the norms it fitted."""
+def mode_metadata(
+    reason: str, devices_scored: int, norms_devices: int, fitted_at: pd.Timestamp
+) -> dict[str, dg.MetadataValue]:
+    """How a run that scored every device came to, and the norms it fitted (on how many devices)."""
     return {
         "scoring": dg.MetadataValue.text(f"every device: {reason}"),
         "devices_scored": dg.MetadataValue.int(devices_scored),
+        "norms_fitted_on": dg.MetadataValue.int(norms_devices),
         "norms_fitted_at": dg.MetadataValue.timestamp(fitted_at.to_pydatetime()),
     }
 
@@ -117,9 +121,8 @@ def rate_check(rate: float, rate_min: float, rate_max: float) -> dg.AssetCheckRe
     )
 
 
-def _largest_flagged_p(result: AnomalyResult) -> str:
-    flagged = result.p_value[result.is_anomaly]
-    return f"{flagged.max():.1e}" if len(flagged) else "none flagged"
+def _largest_flagged_p(flagged_p_values: np.ndarray) -> str:
+    return f"{flagged_p_values.max():.1e}" if len(flagged_p_values) else "none flagged"
 
 
 def _distribution(score: np.ndarray) -> pd.DataFrame:

@@ -240,21 +240,33 @@ class DeviceEvidence:
 
     def followed_by(self, other: DeviceEvidence) -> DeviceEvidence:
         """One DeviceEvidence of both, these devices first."""
+        return DeviceEvidence.joined([self, other])
+
+    @staticmethod
+    def joined(parts: list[DeviceEvidence]) -> DeviceEvidence:
+        """One DeviceEvidence of all `parts`, in their order."""
+        first = parts[0]
         return DeviceEvidence(
-            log_p=np.concatenate([self.log_p, other.log_p]),
-            strongest=np.concatenate([self.strongest, other.strongest]),
+            log_p=np.concatenate([part.log_p for part in parts]),
+            strongest=np.concatenate([part.strongest for part in parts]),
             role_log_p={
-                role: np.concatenate([mine, other.role_log_p[role]]) for role, mine in self.role_log_p.items()
+                role: np.concatenate([part.role_log_p[role] for part in parts]) for role in first.role_log_p
             },
-            combined_z=np.concatenate([self.combined_z, other.combined_z]),
-            detector_z=np.concatenate([self.detector_z, other.detector_z]),
+            combined_z=np.concatenate([part.combined_z for part in parts]),
+            detector_z=np.concatenate([part.detector_z for part in parts]),
             deviation=SegmentDeviation(
-                reference=np.concatenate([self.deviation.reference, other.deviation.reference]),
-                deviations=np.concatenate([self.deviation.deviations, other.deviation.deviations]),
-                distance_z=np.concatenate([self.deviation.distance_z, other.deviation.distance_z]),
-                large_segments=self.deviation.large_segments,
+                reference=np.concatenate([part.deviation.reference for part in parts]),
+                deviations=np.concatenate([part.deviation.deviations for part in parts]),
+                distance_z=np.concatenate([part.deviation.distance_z for part in parts]),
+                large_segments=first.deviation.large_segments,
             ),
         )
+
+    def without_deviations(self) -> DeviceEvidence:
+        """The same evidence without the per-dimension deviations (devices x 0): what a fleet
+        scored a page at a time keeps of each page."""
+        kept = replace(self.deviation, deviations=np.zeros((len(self.log_p), 0), dtype=np.float32))
+        return replace(self, deviation=kept)
 
     def result(self, is_anomaly: np.ndarray, cut: float, settings: AnomalySettings) -> AnomalyResult:
         """The devices' result, once the fleet's flags and their cut (log p) are known."""
@@ -348,6 +360,23 @@ def drift(log_p: np.ndarray, share: float = 0.01) -> Drift:
     strange = int((np.asarray(log_p) <= np.log(share)).sum())
     chance = float(binom.sf(strange - 1, devices, share)) if devices else 1.0
     return Drift(devices, strange, share * devices, chance)
+
+
+def stratified_sample(segments: np.ndarray, size: int, seed: int, minimum: int = 1_000) -> np.ndarray:
+    """Sorted positions of about `size` devices: each segment in proportion to its share of the
+    fleet but at least `minimum` of it (or a twentieth of `size`, if less; all of a smaller
+    segment), drawn with `seed`. Every position when the fleet holds at most `size` devices."""
+    devices = len(segments)
+    if devices <= size:
+        return np.arange(devices)
+    _, group, counts = np.unique(segments, return_inverse=True, return_counts=True)
+    floor = min(minimum, size // 20)
+    quota = np.minimum(counts, np.maximum(counts * size // devices, floor))
+    order = np.lexsort((np.random.default_rng(seed).random(devices), group))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    place = np.empty(devices, dtype=np.int64)
+    place[order] = np.arange(devices) - np.repeat(starts, counts)
+    return np.flatnonzero(place < quota[group])
 
 
 def robust_spread(matrix: np.ndarray) -> np.ndarray:

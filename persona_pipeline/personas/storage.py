@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -253,6 +254,25 @@ def read_vector_blobs(store: PersonaStore, device_ids: list[str]) -> pd.Series:
     v = persona_vectors.c
     frame = store.read_frame_in(sa.select(v.device_id, v.vector), v.device_id, device_ids)
     return frame.set_index("device_id")["vector"].reindex(device_ids)
+
+
+def read_vector_pages(store: PersonaStore, rows: int) -> Iterator[pd.DataFrame]:
+    """Every device's vector (device_id, vector), `rows` at a time in device_id order."""
+    v = persona_vectors.c
+    last = None
+    while True:
+        query = sa.select(v.device_id, v.vector).order_by(v.device_id).limit(rows)
+        page = store.read_frame(query if last is None else query.where(v.device_id > last))
+        if page.empty:
+            return
+        yield page
+        last = page["device_id"].iloc[-1]
+
+
+def read_vector_ids(store: PersonaStore) -> np.ndarray:
+    """The devices with a vector, in device_id order."""
+    v = persona_vectors.c
+    return store.read_frame(sa.select(v.device_id).order_by(v.device_id))["device_id"].to_numpy(dtype=object)
 
 
 def read_vector_spaces(store: PersonaStore) -> list[str]:
