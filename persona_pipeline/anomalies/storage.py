@@ -130,6 +130,12 @@ def read_scores(store: PersonaStore) -> pd.DataFrame:
     return store.read_frame(sa.select(anomaly_scores).order_by(anomaly_scores.c.score.desc()))
 
 
+def read_flagged(store: PersonaStore) -> pd.DataFrame:
+    """The rows of the flagged devices, the highest score first (what offers and tickets act on)."""
+    a = anomaly_scores.c
+    return store.read_frame(sa.select(anomaly_scores).where(a.is_anomaly).order_by(a.score.desc()))
+
+
 def flags_by_kind(store: PersonaStore) -> list[tuple[str | None, int]]:
     """(kind, devices) of the devices flagged, the most frequent kind first."""
     a = anomaly_scores.c

@@ -4,7 +4,7 @@ import dagster as dg
 import pandas as pd
 
 from persona_pipeline.anomalies.assets import anomaly_scores
-from persona_pipeline.anomalies.storage import read_scores
+from persona_pipeline.anomalies.storage import read_flagged
 from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.metadata import OWNERS, table_metadata
 from persona_pipeline.offers import reporting, storage
@@ -84,7 +84,7 @@ def service_recommendations(
     day = as_of.strftime("%Y-%m-%d")
     since = pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1 - catalog.rules.location_window_days)
     history = persona_storage.read_key_history(persona_store, CITY_KEY, since.to_pydatetime())
-    anomalies = read_scores(persona_store)
+    anomalies = read_flagged(persona_store)
     since_day = _history_start(day, catalog)
     inputs = OfferInputs(
         day=day,
@@ -98,8 +98,9 @@ def service_recommendations(
     )
     lookalikes = lookalike_hits(persona_store, vector_index, inputs.history, day, catalog)
     offers = recommend(inputs, catalog, lookalikes)
-    summaries = persona_storage.read_vector_summaries(persona_store).set_index("device_id")
-    blobs = persona_storage.read_vector_blobs(persona_store, offers["device_id"].unique().tolist())
+    offered = offers["device_id"].unique().tolist()
+    summaries = persona_storage.read_vector_summaries(persona_store, offered).set_index("device_id")
+    blobs = persona_storage.read_vector_blobs(persona_store, offered)
     now = pd.Timestamp.now(tz="UTC")
     offers = storage.write_offers(
         persona_store,

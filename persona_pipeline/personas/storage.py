@@ -243,10 +243,13 @@ def read_dimension_count(store: PersonaStore, space: str) -> int:
     return int(store.scalar(query) or 0)
 
 
-def read_vector_summaries(store: PersonaStore) -> pd.DataFrame:
-    """Every device's vector row without the vector itself (cheap to read whole)."""
+def read_vector_summaries(store: PersonaStore, device_ids: list[str] | None = None) -> pd.DataFrame:
+    """Every device's vector row without the vector itself (of `device_ids` only, when given)."""
     v = persona_vectors.c
-    return store.read_frame(sa.select(v.device_id, v.customer_id, v.space, v.weights_version, v.fingerprint))
+    query = sa.select(v.device_id, v.customer_id, v.space, v.weights_version, v.fingerprint)
+    if device_ids is None:
+        return store.read_frame(query)
+    return store.read_frame_in(query, v.device_id, device_ids)
 
 
 def read_vector_blobs(store: PersonaStore, device_ids: list[str]) -> pd.Series:
