@@ -120,9 +120,12 @@ def test_erased_devices_are_gone_from_every_store_and_reingest_does_not_bring_th
     assert points_of(resources, erased) > 0
     devices_before = profiles["device_id"].nunique()
 
+    assert len(table(store, "anomaly_norms")) == 1
+
     result = erase(resources, instance, devices=[with_everything[0], rejected[0]], customers=[customer])
     assert result.success
     assert set(stored_rows_of(resources, erased, their_offers).values()) == {0}
+    assert table(store, "anomaly_norms").empty  # fitted with their vectors: fitted anew next run
     assert points_of(resources, erased) == 0
     assert table(store, "device_profiles")["device_id"].nunique() == devices_before - len(erased)
 

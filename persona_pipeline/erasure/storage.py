@@ -87,6 +87,9 @@ def delete_device_rows(connection: sa.Connection, devices: list[str]) -> dict[st
     deleted["index_update_rejects"] = deleted.get("index_update_rejects", 0) + unparsed
     # The newest event time may have gone with them: the next persona_vectors computes every device.
     connection.execute(tables.profile_changes.insert().values(device_id=None))
+    # The anomaly norms were fitted with their vectors (a detector may keep its training sample):
+    # the next anomaly_scores scores every device and fits them without.
+    connection.execute(tables.anomaly_norms.delete())
     return deleted
 
 
