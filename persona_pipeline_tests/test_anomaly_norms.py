@@ -18,8 +18,8 @@ from persona_pipeline.anomalies.scoring import (
     fit_norms,
     log_p_values,
     score_with_norms,
-    stratified_sample,
 )
+from persona_pipeline.segments.sampling import stratified_sample
 
 ROLES = np.array(["health"] * 3 + ["behaviour"] * 3 + ["context"] * 2, dtype=object)
 

@@ -21,7 +21,6 @@ from persona_pipeline.anomalies.scoring import (
     drift,
     fit_norms,
     score_with_norms,
-    stratified_sample,
 )
 from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.feature_schema import FeatureSchema
@@ -39,6 +38,7 @@ from persona_pipeline.segments.key_stats import (
     readable_values,
     segment_stats,
 )
+from persona_pipeline.segments.sampling import stratified_sample
 from persona_pipeline.segments.stable_ids import UNKNOWN
 from persona_pipeline.store import tables as store_tables
 

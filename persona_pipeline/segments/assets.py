@@ -1,7 +1,7 @@
 """Segments: devices clustered by persona vector, with stable ids and readable profiles."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import dagster as dg
@@ -25,9 +25,16 @@ from persona_pipeline.segments.clustering import (
     nearest_centre,
     refit_reason,
 )
-from persona_pipeline.segments.key_stats import READABLE_COLUMNS, readable_values, segment_stats
+from persona_pipeline.segments.key_stats import (
+    READABLE_COLUMNS,
+    ReadableValues,
+    SegmentStats,
+    readable_values,
+    segment_stats,
+)
 from persona_pipeline.segments.profile import describe_segments, segment_traits
 from persona_pipeline.segments.reporting import STABILITY_CHECK, stability_check
+from persona_pipeline.segments.sampling import stratified_sample
 from persona_pipeline.segments.stable_ids import (
     UNKNOWN,
     match_segment_ids,
@@ -91,6 +98,13 @@ class DeviceClustersConfig(dg.Config):
     )
     hdbscan_min_cluster_size: int = Field(default=25, ge=2, description="HDBSCAN: smallest segment.")
     profile_traits: int = Field(default=3, ge=1, le=10, description="Keys shown per segment in its profile.")
+    profile_sample_size: int = Field(
+        default=200_000,
+        ge=1_000,
+        description="On a larger fleet, the segments' profiles (typical values and traits) come from "
+        "a sample of this many devices stratified by segment (every segment at least 1,000 or all of "
+        "it), not from every device's profile; device counts are always the whole fleet's.",
+    )
     random_seed: int = Field(default=0, description="Seed of sampling and K-means initialisation.")
     refit_every_days: int = Field(
         default=7,
@@ -195,9 +209,7 @@ def device_clusters(
     )
     cluster_ids = stable_labels(fit.labels, matching.ids)
 
-    profiles = persona_storage.read_profiles(persona_store, columns=READABLE_COLUMNS)
-    values = readable_values(profiles, schema, vectors.device_ids, vectors.frame())
-    stats = segment_stats(values, cluster_ids)
+    stats, values = _profile_stats(persona_store, schema, vectors, cluster_ids, config)
     described = describe_segments(stats, segment_traits(values, stats, top=config.profile_traits))
     described = described[described["segment"] != NOISE]
 
@@ -232,6 +244,28 @@ def device_clusters(
     )
 
 
+def _profile_stats(
+    store: PersonaStore,
+    schema: FeatureSchema,
+    vectors: persona_storage.StoredVectors,
+    cluster_ids: np.ndarray,
+    config: DeviceClustersConfig,
+) -> tuple[SegmentStats, ReadableValues]:
+    """The segments' typical values, from every device's profile or, on a fleet larger than
+    `profile_sample_size`, from a sample stratified by segment; sizes are the fleet's."""
+    sample = stratified_sample(cluster_ids, config.profile_sample_size, config.random_seed)
+    if len(sample) == len(cluster_ids):
+        profiles = persona_storage.read_profiles(store, columns=READABLE_COLUMNS)
+    else:
+        sampled = vectors.device_ids[sample].tolist()
+        profiles = persona_storage.read_profiles_of(store, sampled)[list(READABLE_COLUMNS)]
+    frame = vectors.frame().iloc[sample]
+    values = readable_values(profiles, schema, vectors.device_ids[sample], frame)
+    stats = segment_stats(values, cluster_ids[sample])
+    sizes = pd.Series(cluster_ids).value_counts().sort_index()
+    return replace(stats, sizes=sizes.rename_axis(stats.sizes.index.name).rename(stats.sizes.name)), values
+
+
 @dataclass
 class _Assignment:
     """What a run between fits works on."""
@@ -245,7 +279,14 @@ class _Assignment:
 def _fit_settings(config: DeviceClustersConfig) -> str:
     """The settings that shape a fit; a fit made with others is not assigned to."""
     shaping = config.model_dump(
-        exclude={"refit", "refit_every_days", "refit_changed_share", "profile_traits", "min_stable_ari"}
+        exclude={
+            "refit",
+            "refit_every_days",
+            "refit_changed_share",
+            "profile_traits",
+            "profile_sample_size",
+            "min_stable_ari",
+        }
     )
     return json.dumps(shaping, sort_keys=True)
 
