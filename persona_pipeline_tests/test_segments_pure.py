@@ -50,6 +50,19 @@ def test_choosing_k_on_a_sample_still_fits_every_device():
     assert same_partition(fit.labels, truth)
 
 
+def test_a_fleet_larger_than_the_fit_sample_is_fitted_on_a_sample_and_every_device_joins_a_segment():
+    matrix, truth = blobs(per_blob=2_000)
+    whole = fit_segments(matrix, ClusteringSettings(k_min=2, k_max=6, selection_sample_size=300))
+    sampled = fit_segments(
+        matrix, ClusteringSettings(k_min=2, k_max=6, selection_sample_size=300, fit_sample_size=1_000)
+    )
+    assert "fitted on 1,000 devices" in sampled.note and "fitted on" not in whole.note
+    assert len(sampled.labels) == len(matrix) and same_partition(sampled.labels, truth)
+    assert np.array_equal(sampled.labels, whole.labels)
+    assert np.allclose(sampled.centres, whole.centres)  # the means of every member, either way
+    assert np.allclose(sampled.distances, np.linalg.norm(matrix - sampled.centres[sampled.labels], axis=1))
+
+
 def test_fixed_number_of_segments_and_minibatch_kmeans():
     matrix, _ = blobs()
     fixed = fit_segments(matrix, ClusteringSettings(n_clusters=5))

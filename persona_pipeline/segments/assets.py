@@ -74,6 +74,13 @@ class DeviceClustersConfig(dg.Config):
     silhouette_sample_size: int = Field(
         default=5_000, ge=100, description="Devices sampled for each silhouette score."
     )
+    fit_sample_size: int = Field(
+        default=200_000,
+        ge=1_000,
+        description="K-means: on a larger fleet the final fit runs on a sample of this many devices "
+        "and every device joins its nearest centre (memory and time follow the sample). Takes "
+        "effect at the next fit.",
+    )
     match_radius: float = Field(
         default=1.0,
         gt=0,
@@ -131,6 +138,7 @@ class DeviceClustersConfig(dg.Config):
             k_switch_margin=self.k_switch_margin,
             selection_sample_size=self.selection_sample_size,
             silhouette_sample_size=self.silhouette_sample_size,
+            fit_sample_size=self.fit_sample_size,
             dbscan_eps=self.dbscan_eps,
             dbscan_min_samples=self.dbscan_min_samples,
             hdbscan_min_cluster_size=self.hdbscan_min_cluster_size,
@@ -285,6 +293,7 @@ def _fit_settings(config: DeviceClustersConfig) -> str:
             "refit_changed_share",
             "profile_traits",
             "profile_sample_size",
+            "fit_sample_size",
             "min_stable_ari",
         }
     )

@@ -2,7 +2,9 @@
 
 The number of segments is chosen on a sample (silhouette over a range of k), so
 the cost of choosing does not grow with the fleet; the final fit runs on every
-device, started from the sample's (or the previous run's) centres.
+device (on a fleet larger than `fit_sample_size`, on a sample of that many, every
+device then joining its nearest centre), started from the sample's (or the previous
+run's) centres.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class ClusteringSettings:
     k_switch_margin: float = 0.01
     selection_sample_size: int = 20_000
     silhouette_sample_size: int = 5_000
+    fit_sample_size: int = 200_000
     n_init: int = 3
     dbscan_eps: float | None = None
     dbscan_min_samples: int = 10
@@ -114,13 +117,18 @@ def _fit_kmeans(
             k, note = previous_k, "k kept from the previous run (no clearly better k)"
 
     warm = previous is not None and len(previous) == k
+    fit_on = matrix
+    if len(matrix) > settings.fit_sample_size:
+        fit_on = matrix[_sample_rows(np.arange(len(matrix)), settings.fit_sample_size, rng)]
+        note += f"; fitted on {len(fit_on):,} devices, each device joining its nearest centre"
     if warm:
-        model = _kmeans(settings, k, 1, init=previous).fit(matrix)
-    elif k in sample_fits and len(sample) < len(matrix):
-        model = _kmeans(settings, k, 1, init=sample_fits[k]).fit(matrix)
+        model = _kmeans(settings, k, 1, init=previous).fit(fit_on)
+    elif k in sample_fits and len(sample) < len(fit_on):
+        model = _kmeans(settings, k, 1, init=sample_fits[k]).fit(fit_on)
     else:
-        model = _kmeans(settings, k, settings.n_init).fit(matrix)
-    labels = _relabel_by_size(model.labels_)
+        model = _kmeans(settings, k, settings.n_init).fit(fit_on)
+    raw = model.labels_ if fit_on is matrix else nearest_centre(matrix, model.cluster_centers_)[0]
+    labels = _relabel_by_size(raw)
     silhouette = _silhouette(matrix, labels, settings, rng)
     fit = _finish(matrix, labels, settings.algorithm, silhouette, k_scores, note=note)
     fit.warm_started = warm
