@@ -25,6 +25,35 @@ def persona_db_url() -> str:
     return os.environ.get("PERSONA_DB_URL") or f"sqlite:///{persona_home() / 'persona.db'}"
 
 
+NORMS_KEY_MIN_CHARACTERS = 32
+
+
+def norms_signing_key() -> bytes | None:
+    """The key that signs the anomaly norms kept in the persona store (they are loaded with
+    pickle, so only what this deployment signed is ever loaded). PERSONA_NORMS_KEY (a secret of
+    at least 32 characters, the same for every process of a deployment); unset on the embedded
+    default, a key file made once in the home folder; unset beside PERSONA_DB_URL, no key: the
+    norms are not kept and every run scores every device."""
+    configured = os.environ.get("PERSONA_NORMS_KEY")
+    if configured is not None:
+        if len(configured.strip()) < NORMS_KEY_MIN_CHARACTERS:
+            raise ValueError(f"PERSONA_NORMS_KEY: expected at least {NORMS_KEY_MIN_CHARACTERS} characters")
+        return configured.strip().encode()
+    if os.environ.get("PERSONA_DB_URL"):
+        return None
+    path = persona_home() / "norms.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            pass
+        else:
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(os.urandom(32).hex())
+    return path.read_text().strip().encode()
+
+
 def qdrant_path() -> Path:
     return persona_home() / "qdrant"
 

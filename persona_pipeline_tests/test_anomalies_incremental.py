@@ -3,6 +3,11 @@ scored, against the norms stored with the last scoring of every device."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import pickle
+from pathlib import Path
+
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -13,6 +18,7 @@ from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.anomalies.scoring import ROLE_ORDER
 from persona_pipeline.resources import PersonaConfig
 from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.settings import norms_signing_key
 from persona_pipeline.store.tables import anomaly_norms, persona_vectors
 from persona_pipeline.store.tables import anomaly_scores as scores_table
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
@@ -123,7 +129,10 @@ def test_a_device_without_a_vector_leaves_and_nothing_changed_writes_nothing(fle
 
 @pytest.mark.parametrize(
     ("config", "reason"),
-    [({"fdr": 0.01}, "the anomaly settings changed"), ({"detector": "ecod"}, "the anomaly settings changed")],
+    [
+        ({"fdr": 0.01}, "the anomaly settings changed"),
+        ({"detector": "iforest"}, "the anomaly settings changed"),
+    ],
 )
 def test_new_settings_or_new_segments_score_every_device(fleet, config, reason):
     resources = resources_for(fleet.home)
@@ -247,5 +256,104 @@ def test_segment_profiles_of_a_fleet_larger_than_the_sample_come_from_a_sample_a
     assert sampled["devices"].tolist() == whole["devices"].tolist()
     assert sampled["devices"].sum() == len(table(store, "device_clusters"))
     assert (sampled["traits"] != "").all() and sampled["name"].notna().all()
-    # Typical values from 1,000 of 1,200 devices read much like the fleet's.
-    assert (sampled["name"] == whole["name"]).mean() >= 0.5
+
+
+def test_a_few_failing_devices_among_the_changed_ones_stay_between_fits(fleet):
+    """Health is judged against the fleet's norm: faults do not make the fleet 'move'."""
+    resources = resources_for(fleet.home)
+    store = resources["persona_store"]
+    materialize(resources, {"rescore_all": True})
+    before = table(store, "anomaly_scores").set_index("device_id")
+    matrix = vectors(store)
+    health = np.flatnonzero(PersonaConfig().feature_schema().dimension_roles == "health")
+    failing = before.index[~before["is_anomaly"].astype(bool)][:6]
+    changed = matrix.loc[failing].copy()
+    changed.loc[:, health] = (matrix[health].max() + 10 * matrix[health].std()).to_numpy()
+    set_vectors(store, changed)
+
+    metadata = materialize(resources)
+
+    assert metadata["devices_changed"].value == 6  # scored between fits, not anew
+    after = table(store, "anomaly_scores").set_index("device_id")
+    assert after.loc[failing, "is_anomaly"].astype(bool).all()
+    assert (after.loc[failing, "kind"] == "health").all()
+    assert metadata["anomalies_by_kind"].value["health"] >= 6
+
+
+def resign(store, change) -> None:
+    """Rewrite the stored norms after `change(norms)`, signed with this deployment's key."""
+    row = store.read_frame(sa.select(anomaly_norms.c.norms))
+    norms, stats = pickle.loads(bytes(row["norms"].iloc[0]))
+    change(norms)
+    blob = pickle.dumps((norms, stats))
+    signature = hmac.new(norms_signing_key(), blob, hashlib.sha256).hexdigest()
+    with store.begin() as connection:
+        connection.execute(anomaly_norms.update().values(norms=blob, signature=signature))
+
+
+class LeavesAMark:
+    """Unpickling it writes a file: proof that a blob was loaded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path(self.path).write_text, ("loaded",))
+
+
+def test_norms_that_no_longer_fit_the_schema_or_were_not_signed_here_are_never_applied(fleet, tmp_path):
+    resources = resources_for(fleet.home)
+    store = resources["persona_store"]
+    materialize(resources, {"rescore_all": True})
+
+    def other_roles(norms) -> None:  # as if the feature schema's roles had been edited since
+        norms.roles = np.where(norms.roles == "health", "context", norms.roles)
+
+    resign(store, other_roles)
+    assert materialize(resources)["scoring"].value == "every device: the keys' roles changed"
+
+    mark = tmp_path / "mark"
+    with store.begin() as connection:  # a blob someone without the key put there
+        connection.execute(anomaly_norms.update().values(norms=pickle.dumps(LeavesAMark(str(mark)))))
+    assert materialize(resources)["scoring"].value == "every device: the stored norms cannot be read"
+    assert not mark.exists()
+
+    with store.begin() as connection:
+        connection.execute(anomaly_norms.update().values(versions='{"pyod": "0.0"}'))
+    reason = materialize(resources)["scoring"].value
+    assert reason == "every device: the norms were stored by other library versions"
+    assert materialize(resources)["devices_changed"].value == 0
+
+
+def test_a_detector_that_keeps_its_training_data_keeps_no_norms(fleet):
+    resources = resources_for(fleet.home)
+    store = resources["persona_store"]
+    metadata = materialize(resources, {"detector": "ecod"})
+    assert metadata["norms_kept"].value is False and table(store, "anomaly_norms").empty
+    again = materialize(resources, {"detector": "ecod"})
+    assert (
+        again["scoring"].value
+        == "every device: the ecod detector keeps its training data, so no norms are kept"
+    )
+    assert materialize(resources)["norms_kept"].value is True
+
+
+def test_without_a_signing_key_beside_a_shared_store_no_norms_are_kept(fleet, monkeypatch):
+    resources = resources_for(fleet.home)
+    store = resources["persona_store"]
+    monkeypatch.setenv("PERSONA_DB_URL", resources["persona_store"].url)
+    materialize(resources, {"rescore_all": True})
+    assert table(store, "anomaly_norms").empty
+    reason = materialize(resources)["scoring"].value
+    assert reason == "every device: no key signs the norms (set PERSONA_NORMS_KEY), so none are kept"
+    monkeypatch.setenv("PERSONA_NORMS_KEY", "too short")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [anomaly_scores], resources=resources, instance=instance, raise_on_error=False
+        )
+    failure = result.get_step_failure_events()[0].step_failure_data.error
+    assert "PERSONA_NORMS_KEY: expected at least 32 characters" in failure.message
+    assert "too short" not in failure.message
+    monkeypatch.setenv("PERSONA_NORMS_KEY", "k" * 40)
+    materialize(resources, {"rescore_all": True})
+    assert materialize(resources)["devices_changed"].value == 0

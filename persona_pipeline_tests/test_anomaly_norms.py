@@ -45,7 +45,7 @@ def test_the_fleet_scored_against_its_own_norms_gets_its_own_signals_back(detect
     assert np.allclose(again.detector_z, fitted.detector_z)
     assert np.array_equal(again.deviation.reference, fitted.deviation.reference)
     # Out of sample, a device's p-value counts it once more among n + 1: never smaller, and at
-    # most (n + 1) / n larger where the ranks decide.
+    # most twice as large (a device alone at its rank: 2 / (n + 1) against 1 / n).
     ratio = np.exp(again.log_p - np.log(fitted.p_value))
     assert (ratio >= 1 - 1e-9).all() and (ratio <= 2 * 2001 / 2000).all()
     flagged, _ = calibrated_flags(again.log_p, settings.fdr, None)

@@ -40,6 +40,7 @@ from persona_pipeline.segments.key_stats import (
 )
 from persona_pipeline.segments.sampling import stratified_sample
 from persona_pipeline.segments.stable_ids import UNKNOWN
+from persona_pipeline.settings import norms_signing_key
 from persona_pipeline.store import tables as store_tables
 
 
@@ -186,18 +187,24 @@ def anomaly_scores(
     scored it; its flag is always the current run's."""
     schema = persona_config.feature_schema()
     now = pd.Timestamp.now(tz="UTC")
-    reason, plan = _rescore_reason(context, config, persona_store, schema)
+    try:
+        key = norms_signing_key()
+    except ValueError as error:
+        raise dg.Failure(str(error), allow_retries=False) from None
+    reason, plan = _rescore_reason(context, config, persona_store, schema, key)
     if reason is None:
         changed = _evidence_of(persona_store, plan.norms, plan.changed)
-        reason = _drift_reason(changed[1].log_p, config.drift_level)
+        reason = _drift_reason(changed[1], config.drift_level)
         if reason is None:
             return _score_changed(context, config, persona_store, schema, plan, changed, now)
     context.log.info(f"scoring every device anew: {reason}")
     if persona_storage.read_vector_overview(persona_store)[0] > config.norms_sample_size:
-        return _score_fleet_from_sample(context, config, persona_store, schema, reason, now)
+        return _score_fleet_from_sample(context, config, persona_store, schema, key, reason, now)
     vectors = persona_storage.read_stored_vectors(persona_store)
     if len(vectors.device_ids):
         require_current_space(vectors, schema)
+    # Read before the segments: a refit committed meanwhile must not pass for the one scored.
+    segments_fitted_at = segment_storage.read_fitted_at(persona_store, str(vectors.space)) or now
     segments = _segments_of(segment_storage.read_assignments(persona_store), vectors.device_ids)
     if len(vectors.device_ids) == 0:
         return reporting.no_devices_result()
@@ -217,53 +224,50 @@ def anomaly_scores(
         explained, result, dimension_groups(schema), values, stats, keys=config.reason_keys
     )
     scores = _score_rows(vectors.device_ids, result, reasons, now)
-    return _write_fleet(
-        context,
-        config,
-        persona_store,
-        str(vectors.space),
-        scores,
-        norms,
-        len(scores),
-        stats,
-        strangest,
-        reason,
-        now,
-    )
+    fitted = _FittedNorms(str(vectors.space), segments_fitted_at, norms, len(scores), stats)
+    return _write_fleet(context, config, persona_store, key, scores, fitted, strangest, reason, now)
+
+
+@dataclass
+class _FittedNorms:
+    space: str
+    segments_fitted_at: pd.Timestamp
+    norms: AnomalyNorms
+    devices: int  # fitted on
+    stats: SegmentStats
 
 
 def _write_fleet(
     context: dg.AssetExecutionContext,
     config: AnomalyScoresConfig,
     store: PersonaStore,
-    space: str,
+    key: bytes | None,
     scores: pd.DataFrame,
-    norms: AnomalyNorms,
-    norms_devices: int,
-    stats: SegmentStats,
+    fitted: _FittedNorms,
     strangest: np.ndarray,
     reason: str,
     now: pd.Timestamp,
 ) -> dg.MaterializeResult:
-    """Store every device's scores with the norms they were scored against (fitted on
-    `norms_devices`), and report."""
+    """Store every device's scores with the norms they were scored against (kept only for a
+    detector in KEPT_DETECTORS and with a signing key), and report."""
     stored = storage.StoredNorms(
-        space=space,
-        segments_fitted_at=segment_storage.read_fitted_at(store, space) or now,
+        space=fitted.space,
+        segments_fitted_at=fitted.segments_fitted_at,
         settings=_settings_key(config),
         fitted_at=now,
-        devices=len(scores),
-        norms=norms,
-        stats=stats,
+        devices=fitted.devices,
+        norms=fitted.norms,
+        stats=fitted.stats,
     )
-    storage.write_scores(store, scores, stored)
+    kept = config.detector in KEPT_DETECTORS and key is not None
+    storage.write_scores(store, scores, stored if kept else None, key)
     flagged = scores["is_anomaly"].to_numpy(dtype=bool)
     rate = float(flagged.mean())
     context.log.info(f"{int(flagged.sum())} anomalies of {len(scores)} devices ({rate:.2%})")
     return dg.MaterializeResult(
         metadata={
-            **reporting.scores_metadata(scores, norms.settings, strangest),
-            **reporting.mode_metadata(reason, len(scores), norms_devices, stored.fitted_at),
+            **reporting.scores_metadata(scores, fitted.norms.settings, strangest),
+            **reporting.mode_metadata(reason, len(scores), fitted.devices, now, kept),
         },
         check_results=[reporting.rate_check(rate, config.expected_rate_min, config.expected_rate_max)],
     )
@@ -274,6 +278,7 @@ def _score_fleet_from_sample(
     config: AnomalyScoresConfig,
     store: PersonaStore,
     schema: FeatureSchema,
+    key: bytes | None,
     reason: str,
     now: pd.Timestamp,
 ) -> dg.MaterializeResult:
@@ -289,6 +294,7 @@ def _score_fleet_from_sample(
             allow_retries=False,
         )
     settings = config.settings()
+    segments_fitted_at = segment_storage.read_fitted_at(store, spaces[0]) or now  # before the segments
     device_ids = persona_storage.read_vector_ids(store)
     assignments = segment_storage.read_assignments(store)
     segments = _segments_of(assignments, device_ids)
@@ -317,9 +323,8 @@ def _score_fleet_from_sample(
         store, schema, config, norms, stats, ids[explained], explained_segments, result, explained, cut
     )
     scores = _score_rows(ids, result, reasons, now)
-    return _write_fleet(
-        context, config, store, spaces[0], scores, norms, len(sample), stats, strangest, reason, now
-    )
+    fitted = _FittedNorms(spaces[0], segments_fitted_at, norms, len(sample), stats)
+    return _write_fleet(context, config, store, key, scores, fitted, strangest, reason, now)
 
 
 def _vectors_of(store: PersonaStore, schema: FeatureSchema, device_ids: list[str]) -> np.ndarray:
@@ -375,44 +380,70 @@ def _settings_key(config: AnomalyScoresConfig) -> str:
     return json.dumps(config.model_dump(exclude={"rescore_all", "page_rows"}), sort_keys=True)
 
 
+# Detectors whose fitted model is small enough to keep with the norms; ecod, copod and knn keep
+# their training sample (every sampled device's vector), so with them every run scores every device.
+KEPT_DETECTORS = ("hbos", "iforest")
+
+
 def _rescore_reason(
-    context: dg.AssetExecutionContext, config: AnomalyScoresConfig, store: PersonaStore, schema: FeatureSchema
+    context: dg.AssetExecutionContext,
+    config: AnomalyScoresConfig,
+    store: PersonaStore,
+    schema: FeatureSchema,
+    key: bytes | None,
 ) -> tuple[str | None, _Rescoring | None]:
-    """Why this run scores every device (fitting the norms again), or None and what to score."""
+    """Why this run scores every device (fitting the norms again), or None and what to score.
+    The cheap checks come first; the norms are loaded last, and only when signed with `key`."""
     if config.rescore_all:
         return "asked (rescore_all)", None
+    if config.detector not in KEPT_DETECTORS:
+        return f"the {config.detector} detector keeps its training data, so no norms are kept", None
+    if key is None:
+        return "no key signs the norms (set PERSONA_NORMS_KEY), so none are kept", None
     spaces = persona_storage.read_vector_spaces(store)
     if len(spaces) != 1:
         return "no single feature space", None
-    try:
-        stored = storage.read_norms(store)
-    except storage.NormsUnreadable as error:
-        context.log.warning(f"the stored anomaly norms cannot be read ({error})")
-        return "the stored norms cannot be read", None
-    if stored is None:
+    row = storage.read_norms_row(store)
+    if row is None:
         return "no norms stored yet", None
-    if stored.space != spaces[0]:
+    if row.space != spaces[0]:
         return "the feature space changed", None
     if persona_storage.read_dimension_names(store, spaces[0]) != schema.dimension_names:
         return "the feature schema changed", None
-    if stored.segments_fitted_at != segment_storage.read_fitted_at(store, spaces[0]):
+    if row.segments_fitted_at != segment_storage.read_fitted_at(store, spaces[0]):
         return "the segments were fitted anew", None
-    if stored.settings != _settings_key(config):
+    if row.settings != _settings_key(config):
         return "the anomaly settings changed", None
+    if row.versions != storage.library_versions():
+        return "the norms were stored by other library versions", None
     if storage.count_without_p_value(store):
         return "scores from before p-values were stored", None
+    try:
+        stored = storage.load_norms(store, row, key)
+    except storage.NormsUnreadable as error:
+        context.log.warning(f"the stored anomaly norms are not loaded: {error}")
+        return "the stored norms cannot be read", None
+    if list(stored.norms.roles) != list(schema.dimension_roles):
+        return "the keys' roles changed", None
     changed, gone = storage.read_unscored(store)
     return None, _Rescoring(stored, changed, gone)
 
 
-def _drift_reason(log_p: np.ndarray, level: float) -> str | None:
-    """Why the changed devices cannot be judged by the stored norms, if they cannot."""
-    found = drift(log_p)
+def _drift_reason(evidence: DeviceEvidence, level: float) -> str | None:
+    """Why the changed devices cannot be judged by the stored norms, if they cannot: their
+    behaviour or context (health is judged against the fleet's norm: a fault is a fault however
+    many devices fail) is stranger than chance allows against the fleet the norms were fitted on."""
+    roles = [role for role in evidence.role_log_p if role != "health"]
+    if not roles:
+        return None
+    log_p = np.vstack([evidence.role_log_p[role] for role in roles]).min(axis=0) + np.log(len(roles))
+    found = drift(np.minimum(log_p, 0.0))
     if found.chance >= level:
         return None
     return (
-        f"{found.strange} of the {found.devices} changed devices have a p-value at most 1 % against "
-        f"the norms (about {found.expected:.0f} expected; chance {found.chance:.0e}): the fleet moved"
+        f"{found.strange} of the {found.devices} changed devices' behaviour or context has a p-value "
+        f"at most 1 % against the norms (about {found.expected:.0f} expected; chance "
+        f"{found.chance:.0e}): the fleet moved"
     )
 
 
@@ -470,7 +501,15 @@ def _score_changed(
     )
     return dg.MaterializeResult(
         metadata=reporting.rescored_metadata(
-            scores, devices, flagged, len(plan.changed), len(turned), len(gone), stored.fitted_at, settings
+            scores,
+            devices,
+            flagged,
+            storage.flags_by_kind(store),
+            len(plan.changed),
+            len(turned),
+            len(gone),
+            stored.fitted_at,
+            settings,
         ),
         check_results=[reporting.rate_check(rate, config.expected_rate_min, config.expected_rate_max)],
     )

@@ -62,14 +62,16 @@ def scores_metadata(
 
 
 def mode_metadata(
-    reason: str, devices_scored: int, norms_devices: int, fitted_at: pd.Timestamp
+    reason: str, devices_scored: int, norms_devices: int, fitted_at: pd.Timestamp, norms_kept: bool
 ) -> dict[str, dg.MetadataValue]:
-    """How a run that scored every device came to, and the norms it fitted (on how many devices)."""
+    """How a run that scored every device came to, and the norms it fitted (on how many devices,
+    and whether they were kept for the runs between fits)."""
     return {
         "scoring": dg.MetadataValue.text(f"every device: {reason}"),
         "devices_scored": dg.MetadataValue.int(devices_scored),
         "norms_fitted_on": dg.MetadataValue.int(norms_devices),
         "norms_fitted_at": dg.MetadataValue.timestamp(fitted_at.to_pydatetime()),
+        "norms_kept": dg.MetadataValue.bool(norms_kept),
     }
 
 
@@ -77,6 +79,7 @@ def rescored_metadata(
     scores: pd.DataFrame,
     devices: int,
     flagged: int,
+    by_kind: list[tuple[str | None, int]],
     changed: int,
     turned: int,
     left: int,
@@ -89,6 +92,7 @@ def rescored_metadata(
         "devices": dg.MetadataValue.int(devices),
         "anomalies": dg.MetadataValue.int(flagged),
         "anomaly_rate": dg.MetadataValue.float(round(flagged / devices, 5) if devices else 0.0),
+        "anomalies_by_kind": dg.MetadataValue.json({str(kind): count for kind, count in by_kind}),
         "detector": dg.MetadataValue.text(settings.detector),
         "scoring": dg.MetadataValue.text(
             "the devices whose vector or segment changed, against the norms of the last full scoring"

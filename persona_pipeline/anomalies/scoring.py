@@ -35,7 +35,8 @@ nothing deviates beyond its normal spread no device is flagged with probability 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from types import ModuleType
+from typing import Any, Literal
 
 import numpy as np
 from scipy.stats import binom
@@ -601,7 +602,7 @@ def fit_detector(matrix: np.ndarray, settings: AnomalySettings) -> tuple[Detecto
     return DetectorNorms(settings.detector, centre, scale, detector, score_centre, score_spread), scores
 
 
-def _decision_function(detector, standardised: np.ndarray) -> np.ndarray:
+def _decision_function(detector: Any, standardised: np.ndarray) -> np.ndarray:
     if len(standardised) == 0:
         return np.zeros(0)
     return np.concatenate(
@@ -612,7 +613,7 @@ def _decision_function(detector, standardised: np.ndarray) -> np.ndarray:
     )
 
 
-def make_detector(name: Detector, random_seed: int, rows: int):
+def make_detector(name: Detector, random_seed: int, rows: int) -> Any:
     if name == "hbos":
         from pyod.models import hbos
 
@@ -637,7 +638,7 @@ def make_detector(name: Detector, random_seed: int, rows: int):
     raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
 
 
-def _cache_hbos_compilation(module) -> None:
+def _cache_hbos_compilation(module: ModuleType) -> None:
     """PyOD compiles HBOS's scoring loop with numba in every process (about 5 s, more than the
     scoring itself on a fleet of thousands) and does not cache it; recompile it once with numba's
     on-disk cache. Left alone if a PyOD version no longer has that function."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import pickle
 from dataclasses import dataclass
 
@@ -13,6 +16,18 @@ from persona_pipeline.anomalies.scoring import AnomalyNorms
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
 from persona_pipeline.segments.key_stats import SegmentStats
 from persona_pipeline.store.tables import anomaly_norms, anomaly_scores, device_clusters, persona_vectors
+
+
+@dataclass
+class NormsRow:
+    """What the stored norms were fitted for, read without loading them."""
+
+    space: str
+    segments_fitted_at: pd.Timestamp
+    settings: str
+    fitted_at: pd.Timestamp
+    devices: int
+    versions: str
 
 
 @dataclass
@@ -29,23 +44,58 @@ class StoredNorms:
 
 
 class NormsUnreadable(Exception):
-    """The stored norms cannot be loaded (written by another version of a library)."""
+    """The stored norms cannot be loaded: not signed with this deployment's key, or written by
+    code this one cannot read."""
 
 
-def write_scores(store: PersonaStore, frame: pd.DataFrame, norms: StoredNorms) -> None:
-    """Replace the whole table (every device was scored) and the norms, in one transaction."""
-    row = {
-        "space": norms.space,
-        "segments_fitted_at": norms.segments_fitted_at,
-        "settings": norms.settings,
-        "fitted_at": norms.fitted_at,
-        "devices": norms.devices,
-        "norms": pickle.dumps((norms.norms, norms.stats), protocol=pickle.HIGHEST_PROTOCOL),
+def library_versions() -> str:
+    """The libraries whose objects the norms pickle, as JSON: norms pickled by others are not
+    loaded (an upgraded detector would load and silently score with the old one)."""
+    import platform
+
+    import pyod
+    import sklearn
+
+    versions = {
+        "format": NORMS_FORMAT,
+        "python": ".".join(platform.python_version_tuple()[:2]),
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "scikit-learn": sklearn.__version__,
+        "pyod": pyod.__version__,
     }
+    return json.dumps(versions, sort_keys=True)
+
+
+NORMS_FORMAT = 1  # raise when AnomalyNorms or SegmentStats change shape
+
+
+def _signature(key: bytes, blob: bytes) -> str:
+    return hmac.new(key, blob, hashlib.sha256).hexdigest()
+
+
+def write_scores(
+    store: PersonaStore, frame: pd.DataFrame, norms: StoredNorms | None, key: bytes | None
+) -> None:
+    """Replace the whole table (every device was scored) and the norms, in one transaction. The
+    norms are kept only when given and signed with `key`; otherwise none are left."""
     with store.begin() as connection:
         connection.execute(anomaly_scores.delete())
         store.insert_frame(connection, anomaly_scores, frame)
         connection.execute(anomaly_norms.delete())
+        if norms is None or key is None:
+            return
+        blob = pickle.dumps((norms.norms, norms.stats), protocol=pickle.HIGHEST_PROTOCOL)
+        row = {
+            "space": norms.space,
+            "segments_fitted_at": norms.segments_fitted_at,
+            "settings": norms.settings,
+            "fitted_at": norms.fitted_at,
+            "devices": norms.devices,
+            "versions": library_versions(),
+            "signature": _signature(key, blob),
+            "norms": blob,
+        }
         connection.execute(anomaly_norms.insert(), [row])
 
 
@@ -59,22 +109,46 @@ def write_rescored(store: PersonaStore, frame: pd.DataFrame, gone: list[str]) ->
         store.insert_frame(connection, anomaly_scores, frame)
 
 
-def read_norms(store: PersonaStore) -> StoredNorms | None:
-    """The stored norms, None when there are none; NormsUnreadable when they cannot be loaded."""
-    frame = store.read_frame(sa.select(anomaly_norms))
+def read_norms_row(store: PersonaStore) -> NormsRow | None:
+    """What the stored norms were fitted for (None when none are stored), without loading them."""
+    n = anomaly_norms.c
+    frame = store.read_frame(
+        sa.select(n.space, n.segments_fitted_at, n.settings, n.fitted_at, n.devices, n.versions)
+    )
     if frame.empty:
         return None
     row = frame.iloc[0]
-    try:
-        norms, stats = pickle.loads(row["norms"])
-    except Exception as error:  # an unpickling failure can be of any type
-        raise NormsUnreadable(f"{type(error).__name__}: {error}") from error
-    return StoredNorms(
+    return NormsRow(
         space=str(row["space"]),
         segments_fitted_at=as_utc(frame["segments_fitted_at"]).iloc[0],
         settings=str(row["settings"]),
         fitted_at=as_utc(frame["fitted_at"]).iloc[0],
         devices=int(row["devices"]),
+        versions=str(row["versions"]),
+    )
+
+
+def load_norms(store: PersonaStore, row: NormsRow, key: bytes) -> StoredNorms:
+    """The stored norms, unpickled only when their signature is this deployment's."""
+    n = anomaly_norms.c
+    frame = store.read_frame(sa.select(n.norms, n.signature))
+    if frame.empty:
+        raise NormsUnreadable("they were removed meanwhile")
+    blob, signature = bytes(frame["norms"].iloc[0]), str(frame["signature"].iloc[0])
+    if not hmac.compare_digest(_signature(key, blob), signature):
+        raise NormsUnreadable(
+            "their signature is not this deployment's (another PERSONA_NORMS_KEY, or altered)"
+        )
+    try:
+        norms, stats = pickle.loads(blob)  # signed with this deployment's key: checked above
+    except Exception as error:  # an unpickling failure can be of any type
+        raise NormsUnreadable(f"{type(error).__name__}: {error}") from error
+    return StoredNorms(
+        space=row.space,
+        segments_fitted_at=row.segments_fitted_at,
+        settings=row.settings,
+        fitted_at=row.fitted_at,
+        devices=row.devices,
         norms=norms,
         stats=stats,
     )
@@ -112,7 +186,7 @@ def read_unscored(store: PersonaStore) -> tuple[list[str], list[str]]:
 def read_fleet_flags(store: PersonaStore) -> pd.DataFrame:
     """device_id, p_value, is_anomaly and score of every scored device."""
     a = anomaly_scores.c
-    frame = store.read_frame(sa.select(a.device_id, a.p_value, a.is_anomaly, a.score))
+    frame = store.read_frame(sa.select(a.device_id, a.p_value, a.is_anomaly, a.score).order_by(a.device_id))
     return frame.astype({"is_anomaly": bool, "score": np.float64, "p_value": np.float64})
 
 

@@ -194,7 +194,8 @@ anomaly_scores = sa.Table(
 
 # What anomaly_scores fitted at its last scoring of the whole fleet (pickled: the segment norms,
 # the fitted detector, each role's reference evidence and the segments' typical values), so the
-# days between segment fits score only the devices that changed (revision 0009). One row.
+# days between segment fits score only the devices that changed (revision 0009). One row, signed
+# with the deployment's key: an unsigned or foreign blob is never unpickled.
 anomaly_norms = sa.Table(
     "anomaly_norms",
     metadata,
@@ -203,6 +204,8 @@ anomaly_norms = sa.Table(
     sa.Column("settings", sa.Text, nullable=False),  # anomaly_scores' config, as JSON
     sa.Column("fitted_at", UtcDateTime, nullable=False),
     sa.Column("devices", sa.Integer, nullable=False),
+    sa.Column("versions", sa.Text, nullable=False),  # the libraries that pickled them, as JSON
+    sa.Column("signature", sa.String(64), nullable=False),  # HMAC-SHA256 of `norms`, hex
     sa.Column("norms", sa.LargeBinary, nullable=False),
 )
 

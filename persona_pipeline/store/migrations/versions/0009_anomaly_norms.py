@@ -25,6 +25,8 @@ def upgrade() -> None:
         sa.Column("settings", sa.Text(), nullable=False),
         sa.Column("fitted_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("devices", sa.Integer(), nullable=False),
+        sa.Column("versions", sa.Text(), nullable=False),
+        sa.Column("signature", sa.String(length=64), nullable=False),
         sa.Column("norms", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("space"),
     )
