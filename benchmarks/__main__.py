@@ -33,6 +33,12 @@ def main() -> None:
         "(default 0: every device)",
     )
     parser.add_argument("--changed-share", type=float, default=0.01, help="devices changing on day 2")
+    parser.add_argument(
+        "--moved-share",
+        type=float,
+        default=0.2,
+        help="of the devices changing on day 2, those that move city",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--day", help="day 1, YYYY-MM-DD (default: three days ago)")
     parser.add_argument("--work", type=Path, default=Path(".bench"), help="data and homes (default .bench)")
@@ -53,6 +59,7 @@ def main() -> None:
             repeats=args.large_repeats if devices >= LARGE and args.large_repeats else args.repeats,
             index_sample=args.index_sample or None,
             changed_share=args.changed_share,
+            moved_share=args.moved_share,
             seed=args.seed,
             work=args.work,
             dagster=not args.no_dagster,

@@ -40,6 +40,7 @@ class Options:
     repeats: int = 1
     index_sample: int | None = None  # None: the index stage writes every device
     changed_share: float = 0.01
+    moved_share: float = 0.2  # of the changed devices, those that move city on day 2
     seed: int = 7
     day: str = field(default_factory=lambda: (date.today() - timedelta(days=3)).isoformat())
     work: Path = Path(".bench")
@@ -104,7 +105,9 @@ def generate(options: Options) -> dict:
     """The two days' Parquet files, once per size and seed (kept for later runs)."""
     landing = options.folder / "landing"
     o = options
-    marker = o.folder / f"generated-{o.seed}-{o.updates_per_device}-{o.changed_share}-{o.day}.json"
+    marker = (
+        o.folder / f"generated-{o.seed}-{o.updates_per_device}-{o.changed_share}-{o.moved_share}-{o.day}.json"
+    )
     if marker.exists() and (landing / "index_updates" / f"date={options.day}").is_dir():
         return json.loads(marker.read_text())
     shutil.rmtree(options.folder, ignore_errors=True)
@@ -114,7 +117,12 @@ def generate(options: Options) -> dict:
     files = fleet.write_day(day1, landing, options.day)
     changed = fleet.changed_devices(options.devices, options.changed_share, options.seed)
     day2 = fleet.day_updates(
-        devices, options.next_day, options.updates_per_device, options.seed, rows=changed, moved_share=0.2
+        devices,
+        options.next_day,
+        options.updates_per_device,
+        options.seed,
+        rows=changed,
+        moved_share=options.moved_share,
     )
     fleet.write_day(day2, landing, options.next_day)
     generated = {
