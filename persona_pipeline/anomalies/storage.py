@@ -13,6 +13,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from persona_pipeline.anomalies.scoring import AnomalyNorms
+from persona_pipeline.personas.storage import devices_without_a_vector
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
 from persona_pipeline.segments.key_stats import SegmentStats
 from persona_pipeline.store.tables import anomaly_norms, anomaly_scores, device_clusters, persona_vectors
@@ -175,12 +176,7 @@ def read_unscored(store: PersonaStore) -> tuple[list[str], list[str]]:
         )
         .order_by(v.device_id)
     )
-    gone = store.read_frame(
-        sa.select(a.device_id)
-        .select_from(anomaly_scores.outerjoin(persona_vectors, v.device_id == a.device_id))
-        .where(v.device_id.is_(None))
-    )
-    return changed["device_id"].tolist(), gone["device_id"].tolist()
+    return changed["device_id"].tolist(), devices_without_a_vector(store, anomaly_scores)
 
 
 def read_fleet_flags(store: PersonaStore) -> pd.DataFrame:

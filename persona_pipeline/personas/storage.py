@@ -272,6 +272,17 @@ def read_vector_pages(store: PersonaStore, rows: int) -> Iterator[pd.DataFrame]:
         last = page["device_id"].iloc[-1]
 
 
+def devices_without_a_vector(store: PersonaStore, table: sa.Table) -> list[str]:
+    """The devices `table` holds a row of that have no vector any more (a join on primary keys)."""
+    v, t = persona_vectors.c, table.c
+    query = (
+        sa.select(t.device_id)
+        .select_from(table.outerjoin(persona_vectors, v.device_id == t.device_id))
+        .where(v.device_id.is_(None))
+    )
+    return store.read_frame(query)["device_id"].tolist()
+
+
 def read_vector_ids(store: PersonaStore) -> np.ndarray:
     """The devices with a vector, in device_id order."""
     v = persona_vectors.c

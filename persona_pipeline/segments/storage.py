@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from persona_pipeline.personas.storage import devices_without_a_vector
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
 from persona_pipeline.store.tables import (
     device_clusters,
@@ -129,12 +130,7 @@ def read_unassigned(store: PersonaStore) -> tuple[list[str], list[str]]:
         .where(sa.or_(c.device_id.is_(None), v.computed_at > c.clustered_at, v.space != c.space))
         .order_by(v.device_id)
     )
-    gone = store.read_frame(
-        sa.select(c.device_id)
-        .select_from(device_clusters.outerjoin(persona_vectors, v.device_id == c.device_id))
-        .where(v.device_id.is_(None))
-    )
-    return changed["device_id"].tolist(), gone["device_id"].tolist()
+    return changed["device_id"].tolist(), devices_without_a_vector(store, device_clusters)
 
 
 def count_devices(store: PersonaStore) -> int:
