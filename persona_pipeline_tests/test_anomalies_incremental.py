@@ -357,3 +357,24 @@ def test_without_a_signing_key_beside_a_shared_store_no_norms_are_kept(fleet, mo
     monkeypatch.setenv("PERSONA_NORMS_KEY", "k" * 40)
     materialize(resources, {"rescore_all": True})
     assert materialize(resources)["devices_changed"].value == 0
+
+
+def test_a_rare_new_behaviour_on_a_few_devices_is_flagged_between_fits(fleet):
+    """Five devices (0.4 % of the fleet) with a value no device had: rare whatever the norms, so
+    the run stays between fits and flags them."""
+    resources = resources_for(fleet.home)
+    store = resources["persona_store"]
+    materialize(resources, {"rescore_all": True})
+    before = table(store, "anomaly_scores").set_index("device_id")
+    matrix = vectors(store)
+    context = np.flatnonzero(PersonaConfig().feature_schema().dimension_roles == "context")[0]
+    odd = before.index[~before["is_anomaly"].astype(bool)][:5]
+    changed = matrix.loc[odd].copy()
+    changed[context] = matrix[context].max() + 5 * matrix[context].std()
+    set_vectors(store, changed)
+
+    metadata = materialize(resources)
+
+    assert metadata["devices_changed"].value == 5
+    after = table(store, "anomaly_scores").set_index("device_id")
+    assert after.loc[odd, "is_anomaly"].astype(bool).all()

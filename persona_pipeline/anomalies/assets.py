@@ -13,6 +13,7 @@ from persona_pipeline.anomalies import reporting, storage
 from persona_pipeline.anomalies.reasons import explain_with_causes
 from persona_pipeline.anomalies.reporting import RATE_CHECK
 from persona_pipeline.anomalies.scoring import (
+    COMMON_SHARE,
     AnomalyNorms,
     AnomalyResult,
     AnomalySettings,
@@ -194,7 +195,8 @@ def anomaly_scores(
     reason, plan = _rescore_reason(context, config, persona_store, schema, key)
     if reason is None:
         changed = _evidence_of(persona_store, plan.norms, plan.changed)
-        reason = _drift_reason(changed[1], config.drift_level)
+        fleet = persona_storage.read_vector_overview(persona_store)[0]
+        reason = _drift_reason(changed[1], config.drift_level, fleet)
         if reason is None:
             return _score_changed(context, config, persona_store, schema, plan, changed, now)
     context.log.info(f"scoring every device anew: {reason}")
@@ -429,21 +431,23 @@ def _rescore_reason(
     return None, _Rescoring(stored, changed, gone)
 
 
-def _drift_reason(evidence: DeviceEvidence, level: float) -> str | None:
-    """Why the changed devices cannot be judged by the stored norms, if they cannot: their
-    behaviour or context (health is judged against the fleet's norm: a fault is a fault however
-    many devices fail) is stranger than chance allows against the fleet the norms were fitted on."""
+def _drift_reason(evidence: DeviceEvidence, level: float, fleet: int) -> str | None:
+    """Why the changed devices cannot be judged by the stored norms, if they cannot: more of them
+    are strange in behaviour or context than chance allows (binomial tail below `level`), and the
+    excess is common enough, over COMMON_SHARE of the fleet, that a fit including them would
+    count it as normal. Health is judged against the fleet's norm (a fault is a fault however many
+    devices fail), and a rarer new behaviour stays strange either way."""
     roles = [role for role in evidence.role_log_p if role != "health"]
     if not roles:
         return None
     log_p = np.vstack([evidence.role_log_p[role] for role in roles]).min(axis=0) + np.log(len(roles))
     found = drift(np.minimum(log_p, 0.0))
-    if found.chance >= level:
+    if found.chance >= level or found.strange - found.expected < COMMON_SHARE * fleet:
         return None
     return (
         f"{found.strange} of the {found.devices} changed devices' behaviour or context has a p-value "
         f"at most 1 % against the norms (about {found.expected:.0f} expected; chance "
-        f"{found.chance:.0e}): the fleet moved"
+        f"{found.chance:.0e}), more than {COMMON_SHARE:.0%} of the fleet: the fleet moved"
     )
 
 

@@ -52,6 +52,9 @@ ROLE_ORDER = ("health", "behaviour", "context")  # ties of evidence go to the fi
 # interdecile and the 1st-99th percentile range in standard-deviation units, else the standard
 # deviation; a dimension that never varies keeps deviation 0.
 SPREAD_FALLBACKS = ((10.0, 90.0, 2.5631), (1.0, 99.0, 4.6527))
+# A value more than this share of the fleet holds enters the last fallback's percentile range at
+# the next fit and becomes part of the fleet's normal spread; a rarer one stays strange.
+COMMON_SHARE = 1 - SPREAD_FALLBACKS[-1][1] / 100
 MIN_EXTRAPOLATED = 20  # devices a fleet needs before its tail is extrapolated beyond its own ranks
 REFERENCE_POINTS = 10_001  # a role's evidence kept with the norms: every device's, or this many quantiles
 
