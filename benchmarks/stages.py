@@ -61,7 +61,9 @@ class Home:
 
     def resources(self) -> dict[str, dg.ConfigurableResource]:
         return {
-            "persona_store": PersonaStore(url=f"sqlite:///{self.root / 'persona.db'}"),
+            "persona_store": PersonaStore(
+                url=f"sqlite:///{self.root / 'persona.db'}", history_dir=str(self.root / "history")
+            ),
             "vector_index": VectorIndex(path=str(self.root / "qdrant")),
             "landing_zone": LandingZone(path=str(self.root / "landing")),
             "persona_config": PersonaConfig(),

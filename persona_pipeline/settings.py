@@ -54,6 +54,24 @@ def norms_signing_key() -> bytes | None:
     return path.read_text().strip().encode()
 
 
+def history_dir() -> Path:
+    """The update history's root (PERSONA_HISTORY_DIR, default $PERSONA_HOME/history)."""
+    override = os.environ.get("PERSONA_HISTORY_DIR")
+    return Path(override).expanduser().resolve() if override else persona_home() / "history"
+
+
+HISTORY_SHARD_LIMITS = (1, 1024)
+
+
+def history_shards() -> int:
+    """Files per day of the update history (PERSONA_HISTORY_SHARDS, default 1)."""
+    text = (os.environ.get("PERSONA_HISTORY_SHARDS") or "1").strip()
+    low, high = HISTORY_SHARD_LIMITS
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ValueError(f"PERSONA_HISTORY_SHARDS={text!r}: expected a whole number from {low} to {high}")
+    return int(text)
+
+
 def qdrant_path() -> Path:
     return persona_home() / "qdrant"
 

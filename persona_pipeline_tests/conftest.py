@@ -220,6 +220,11 @@ def table(store: PersonaStore, name: str, order_by: list[str] | None = None) -> 
     return frame
 
 
+def accepted_updates(store: PersonaStore) -> pd.DataFrame:
+    """Every row of the update history (the accepted updates) beside `store`."""
+    return store.history.read()
+
+
 @pytest.fixture
 def postgres_database() -> Callable[[str], str]:
     """Makes fresh databases on the loopback PostgreSQL, which trusts any password (dropped at

@@ -15,7 +15,15 @@ from persona_pipeline.personas.assets import (
     persona_vectors,
 )
 from persona_pipeline.resources.vector_index import StoredPoint, point_id
-from persona_pipeline_tests.conftest import ENGINES, check_named, store_url, table, update, write_jsonl
+from persona_pipeline_tests.conftest import (
+    ENGINES,
+    accepted_updates,
+    check_named,
+    store_url,
+    table,
+    update,
+    write_jsonl,
+)
 
 # key_weights records the configured weights the vectors are built with.
 VECTOR_ASSETS = [key_weights, persona_vectors, persona_index]
@@ -106,7 +114,7 @@ def test_range_run_equals_day_by_day(landing, resources, instance, tmp_path):
     )
     assert result.success
     ranged = table(resources["persona_store"], "device_profiles", ["device_id", "key"])
-    updates = table(resources["persona_store"], "index_updates")
+    updates = accepted_updates(resources["persona_store"])
     assert sorted(updates["partition_date"].unique()) == DAYS
     # Each partition's materialization shows its own counts, not the range's.
     accepted = per_partition(result, "index_updates", "rows_accepted")
@@ -166,7 +174,7 @@ def test_mixed_file_reaches_profiles_and_rejects_and_reports_metadata(landing, r
     # Re-ingesting the same day replaces its rows instead of adding to them.
     assert materialize(INGEST, resources, instance, partition_key="2026-03-01").success
     assert len(table(store, "index_update_rejects")) == 2
-    assert len(table(store, "index_updates")) == 3
+    assert len(accepted_updates(store)) == 3
 
 
 def test_reject_check_passes_under_the_threshold_and_threshold_is_configurable(landing, resources, instance):

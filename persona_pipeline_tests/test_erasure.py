@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
@@ -37,7 +40,19 @@ def stored_rows_of(resources, devices: set[str], offer_ids: set[str]) -> dict[st
     for name in ("index_update_rejects", "offer_feedback_rejects"):
         raw = table(store, name)["raw"]
         found[f"{name}.raw"] = int(sum(raw.str.contains(v, regex=False).sum() for v in devices | offer_ids))
+    found["update_history"] = history_rows_of(store.history.root, devices)
     return found
+
+
+def history_rows_of(root: Path, devices: set[str]) -> int:
+    """Rows of `devices` in any Parquet file under the update history's root, read file by file
+    (not through the history's own reader): a row left in any file counts."""
+    files = sorted(root.rglob("*.parquet"))
+    assert files, f"no update history under {root}"
+    return sum(
+        int(pq.read_table(path, columns=["device_id"]).column("device_id").to_pandas().isin(devices).sum())
+        for path in files
+    )
 
 
 def points_of(resources, devices: set[str]) -> int:
@@ -117,6 +132,7 @@ def test_erased_devices_are_gone_from_every_store_and_reingest_does_not_bring_th
     before = stored_rows_of(resources, erased, their_offers)
     assert before["offer_feedback_held"] == 1
     assert before["support_tickets"] and before["offer_feedback"] and before["index_update_rejects"]
+    assert before["update_history"]
     assert points_of(resources, erased) > 0
     devices_before = profiles["device_id"].nunique()
 
@@ -138,7 +154,10 @@ def test_erased_devices_are_gone_from_every_store_and_reingest_does_not_bring_th
         1,
     )
     assert row["rows_deleted"] == (
-        sum(before[t.name] for t in DEVICE_TABLES) + before["offer_feedback"] + before["offer_feedback_held"]
+        sum(before[t.name] for t in DEVICE_TABLES)
+        + before["offer_feedback"]
+        + before["offer_feedback_held"]
+        + before["update_history"]
     )
     assert row["points_deleted"] > 0
     audit_text = audit.astype(str).to_json() + table(store, "suppressed_subjects").astype(str).to_json()

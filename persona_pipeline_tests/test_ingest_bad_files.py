@@ -13,7 +13,14 @@ import pytest
 from persona_pipeline.ingest.assets import REJECT_SHARE_CHECK, index_updates
 from persona_pipeline.personas.assets import device_profiles
 from persona_pipeline.resources import PersonaStore
-from persona_pipeline_tests.conftest import check_named, table, update, write_file, write_jsonl
+from persona_pipeline_tests.conftest import (
+    accepted_updates,
+    check_named,
+    table,
+    update,
+    write_file,
+    write_jsonl,
+)
 
 # Both backends are parametrized inside.
 pytestmark = pytest.mark.store_agnostic
@@ -90,7 +97,7 @@ def test_bad_files_lose_no_good_row_and_every_bad_row_has_a_reason(landing, stor
 
     assert result.success
     store = store_resources["persona_store"]
-    assert sorted(table(store, "index_updates")["device_id"]) == ACCEPTED
+    assert sorted(accepted_updates(store)["device_id"]) == ACCEPTED
     assert sorted(table(store, "device_profiles")["device_id"].unique()) == ACCEPTED
     rejects = table(store, "index_update_rejects")
     found = {

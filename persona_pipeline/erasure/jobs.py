@@ -6,7 +6,13 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from persona_pipeline.erasure.storage import delete_device_rows, devices_of, suppress
+from persona_pipeline.erasure.storage import (
+    HISTORY,
+    delete_device_rows,
+    delete_history_rows,
+    devices_of,
+    suppress,
+)
 from persona_pipeline.erasure.subjects import unique_ids
 from persona_pipeline.resources import PersonaStore, VectorIndex
 from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL, persona_collections, point_ids
@@ -53,8 +59,11 @@ def erase_devices(
             points += len(index.retrieve(collection, ids))
             index.delete(collection, ids)
 
+    # Then the update history's files, before the rows that link a customer to its devices go.
+    history_rows = delete_history_rows(persona_store, devices)
+
     with persona_store.begin() as connection:
-        rows = delete_device_rows(connection, devices)
+        rows = {HISTORY: history_rows, **delete_device_rows(connection, devices)}
         suppressed = suppress(persona_store, connection, devices, customer_ids, request_id, requested_at)
         audit = {
             "request_id": request_id,

@@ -15,7 +15,8 @@ from persona_pipeline.store import tables
 # SQLite allows 32,766 bound parameters per statement; stay far below on every backend.
 ID_CHUNK = 900
 
-# Every table with a device_id column, children before the rows they point to.
+# Every table with a device_id column, children before the rows they point to. The update
+# history's files are rewritten by `delete_history_rows`.
 DEVICE_TABLES: tuple[sa.Table, ...] = (
     tables.index_updates,
     tables.index_update_rejects,
@@ -37,12 +38,20 @@ def _chunks(values: Sequence[str]) -> list[Sequence[str]]:
 
 def devices_of(store: PersonaStore, device_ids: list[str], customer_ids: list[str]) -> list[str]:
     """The requested devices plus every device any store links to a requested customer."""
-    found = set(device_ids)
+    found = set(device_ids) | store.history.devices_of_customers(customer_ids)
     for chunk in _chunks(customer_ids):
-        for table in (tables.index_updates, tables.device_profiles, tables.persona_vectors):
+        for table in (tables.device_profiles, tables.persona_vectors):
             query = sa.select(table.c.device_id).where(table.c.customer_id.in_(chunk)).distinct()
             found.update(store.read_frame(query)["device_id"].tolist())
     return sorted(found)
+
+
+HISTORY = "update_history"  # the update history's rows in an erasure's counts
+
+
+def delete_history_rows(store: PersonaStore, devices: list[str]) -> int:
+    """Rewrite the update history's files without the rows of `devices`; rows removed."""
+    return store.history.remove_devices(devices)
 
 
 def delete_device_rows(connection: sa.Connection, devices: list[str]) -> dict[str, int]:

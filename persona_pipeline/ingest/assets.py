@@ -10,13 +10,11 @@ from persona_pipeline.ingest import reporting
 from persona_pipeline.ingest.ingest import ingest_days
 from persona_pipeline.ingest.reporting import REJECT_SHARE_CHECK
 from persona_pipeline.ingest.validation import DEFAULT_MAX_LATE_DAYS
-from persona_pipeline.metadata import OWNERS, add_counts_per_partition, table_metadata
+from persona_pipeline.metadata import OWNERS, add_counts_per_partition
 from persona_pipeline.partitions import daily_partitions, partition_days
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
-from persona_pipeline.store import tables as store_tables
 from persona_pipeline.store.tables import index_update_rejects
-from persona_pipeline.store.tables import index_updates as updates_table
 
 
 class IndexUpdatesConfig(dg.Config):
@@ -43,11 +41,11 @@ def _unsuppressed(frame: pd.DataFrame, suppression: Suppression) -> pd.DataFrame
 
 @dg.asset(
     owners=OWNERS,
-    metadata=table_metadata(store_tables.index_updates, store_tables.index_update_rejects),
+    metadata=reporting.definition_metadata(),
     partitions_def=daily_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="ingest",
-    kinds={"pandas", "sql"},
+    kinds={"pandas", "parquet", "sql"},
     retry_policy=STORE_RETRY,
     check_specs=[
         dg.AssetCheckSpec(
@@ -65,8 +63,9 @@ def index_updates(
     persona_config: PersonaConfig,
 ) -> dg.MaterializeResult:
     """Device key-value updates of each day, validated against the contract and the feature
-    schema. Good rows go to `index_updates`, bad ones to `index_update_rejects` with a reason;
-    exact duplicates are dropped. Re-running a day replaces that day's rows."""
+    schema. Good rows go to the update history (Parquet files per day and shard), bad ones to
+    `index_update_rejects` with a reason; exact duplicates are dropped. Re-running a day replaces
+    that day's files and rows."""
     days = partition_days(context.partition_time_window)
     schema = persona_config.feature_schema()
     outcome = ingest_days(days, landing_zone.read_day_files, schema, config.max_late_days)
@@ -82,10 +81,7 @@ def index_updates(
     if suppressed_rows:
         context.log.info(f"{suppressed_rows} rows of erased devices or customers dropped (suppression list)")
     rejects = rejects.assign(rejected_at=pd.Timestamp.now(tz="UTC"))
-    # Written in the order of the (key, device_id, observed_at) index: SQLite inserts a day in
-    # about half the time when the index grows in its own order.
-    in_index_order = accepted.sort_values(["key", "device_id", "observed_at"], kind="stable")
-    persona_store.replace_rows(updates_table, updates_table.c.partition_date.in_(days), in_index_order)
+    persona_store.history.write_days(days, accepted)
     persona_store.replace_rows(index_update_rejects, index_update_rejects.c.partition_date.in_(days), rejects)
 
     by_day = reporting.per_day_counts(days, accepted, rejects)

@@ -6,9 +6,29 @@ import dagster as dg
 import pandas as pd
 
 from persona_pipeline.ingest.ingest import IngestOutcome
-from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check
+from persona_pipeline.metadata import counts_table, markdown_table, reject_share_check, table_metadata
+from persona_pipeline.resources.update_history import SCHEMA as HISTORY_SCHEMA
+from persona_pipeline.store.tables import index_update_rejects
 
 REJECT_SHARE_CHECK = "reject_share_within_threshold"
+
+
+def definition_metadata() -> dict[str, object]:
+    """The update history's columns (what the asset mainly writes) and the table it writes."""
+    return {
+        **table_metadata(index_update_rejects),
+        "dagster/column_schema": dg.TableSchema(
+            columns=[
+                dg.TableColumn(
+                    name=field.name,
+                    type=str(field.type),
+                    constraints=dg.TableColumnConstraints(nullable=field.nullable),
+                )
+                for field in HISTORY_SCHEMA
+            ]
+        ),
+        "files_written": "update history: index_updates/date=YYYY-MM-DD/shard=N/part-0.parquet",
+    }
 
 
 def per_day_counts(days: list[str], accepted: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:

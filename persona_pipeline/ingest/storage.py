@@ -1,17 +1,17 @@
-"""Reads of the ingest domain's tables in the persona store (the index_updates asset writes them)."""
+"""Reads of the ingest domain's data: the update history and the rejects table (the index_updates
+asset writes both)."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
 from persona_pipeline.resources.persona_store import PersonaStore
-from persona_pipeline.store.tables import index_update_rejects, index_updates
+from persona_pipeline.store.tables import index_update_rejects
 
 
 def count_accepted(store: PersonaStore, days: list[str]) -> int:
-    with store.engine.connect() as connection:
-        query = sa.select(sa.func.count()).where(index_updates.c.partition_date.in_(days))
-        return int(connection.execute(query).scalar() or 0)
+    """Accepted updates of `days` in the update history."""
+    return int(store.history.count_by_day(days).sum())
 
 
 def rejects_by_reason(store: PersonaStore, days: list[str]) -> list[tuple[str, int]]:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 import sqlalchemy as sa
 
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
 from persona_pipeline.store.tables import (
     device_profiles,
-    index_updates,
     persona_dimensions,
     persona_vector_runs,
     persona_vectors,
@@ -23,22 +23,15 @@ from persona_pipeline.store.tables import (
 
 
 def read_updates_for_days(store: PersonaStore, days: list[str]) -> pd.DataFrame:
-    columns = [
-        index_updates.c[c]
-        for c in ("device_id", "customer_id", "key", "value", "value_number", "observed_at")
-    ]
-    frame = store.read_frame(sa.select(*columns).where(index_updates.c.partition_date.in_(days)))
-    frame["observed_at"] = as_utc(frame["observed_at"])
-    return frame
+    """The accepted updates of `days`, from the update history."""
+    return store.history.read(
+        days, ["device_id", "customer_id", "key", "value", "value_number", "observed_at"]
+    )
 
 
 def count_updates_by_day(store: PersonaStore, days: list[str]) -> pd.DataFrame:
-    """Rows of `index_updates` per day of `days` (index: day; column updates_read), zeros included."""
-    day = index_updates.c.partition_date
-    counts = store.read_frame(
-        sa.select(day.label("day"), sa.func.count().label("updates_read")).where(day.in_(days)).group_by(day)
-    )
-    return counts.set_index("day").reindex(pd.Index(days, name="day"), fill_value=0).astype(int)
+    """Accepted updates per day of `days` (index: day; column updates_read), zeros included."""
+    return store.history.count_by_day(days).to_frame("updates_read")
 
 
 def merge_into_profiles(store: PersonaStore, latest: pd.DataFrame) -> None:
@@ -135,28 +128,13 @@ def count_vectors(store: PersonaStore) -> int:
 def read_key_history(store: PersonaStore, key: str, since: pd.Timestamp) -> pd.DataFrame:
     """Updates of `key` after `since`, plus the last update at or before it of each device that
     has one after (the value it changed from; other devices' history says nothing of a change)."""
-    u = index_updates.c
-    recent = (u.key == key) & (u.observed_at > since)
-    after = sa.select(u.device_id, u.value, u.observed_at).where(recent)
-    last_before = (
-        sa.select(u.device_id, sa.func.max(u.observed_at).label("observed_at"))
-        .where(
-            (u.key == key) & (u.observed_at <= since) & u.device_id.in_(sa.select(u.device_id).where(recent))
-        )
-        .group_by(u.device_id)
-        .subquery()
-    )
-    before = (
-        sa.select(u.device_id, u.value, u.observed_at)
-        .join(
-            last_before,
-            (u.device_id == last_before.c.device_id) & (u.observed_at == last_before.c.observed_at),
-        )
-        .where(u.key == key)
-    )
-    frame = store.read_frame(sa.union_all(after, before))
-    frame["observed_at"] = as_utc(frame["observed_at"])
-    return frame.drop_duplicates()
+    rows = store.history.read(None, ["device_id", "value", "observed_at"], ds.field("key") == key)
+    start = pd.Timestamp(since)
+    after = rows["observed_at"] > (start.tz_localize("UTC") if start.tzinfo is None else start)
+    earlier = rows[~after & rows["device_id"].isin(rows.loc[after, "device_id"].unique())]
+    last_time = earlier.groupby("device_id")["observed_at"].transform("max")
+    before = earlier[earlier["observed_at"] == last_time]
+    return pd.concat([rows[after], before], ignore_index=True).drop_duplicates().reset_index(drop=True)
 
 
 def encode_vectors(matrix: np.ndarray) -> list[bytes]:

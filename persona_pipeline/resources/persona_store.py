@@ -17,8 +17,10 @@ from pydantic import Field
 from sqlalchemy.dialects import postgresql, sqlite
 
 from persona_pipeline import settings
+from persona_pipeline.resources.update_history import UpdateHistory
 from persona_pipeline.secrets import mask_url
 from persona_pipeline.store.schema import upgrade_to_head
+from persona_pipeline.store.tables import index_updates as stored_updates
 
 WRITE_CHUNK_ROWS = 50_000
 # Values per IN (...) list: SQLite allows 32,766 bound parameters a statement.
@@ -79,6 +81,36 @@ def _engine(url: str) -> sa.Engine:
             raise
         raise unavailable from None
     return engine
+
+
+@lru_cache(maxsize=16)
+def _history(url: str, root: Path, shards: int) -> UpdateHistory:
+    history = UpdateHistory(root, shards)
+    move_stored_updates(_engine(url), history)
+    return history
+
+
+def move_stored_updates(engine: sa.Engine, history: UpdateHistory) -> list[str]:
+    """Move the rows of the `index_updates` table (written before revision 0010) to `history`,
+    one day at a time: the day's files are written, then its rows deleted, so a move stopped
+    half-way goes on where it stopped. The days moved."""
+    day = stored_updates.c.partition_date
+    with engine.connect() as connection:
+        days = [row[0] for row in connection.execute(sa.select(day).distinct().order_by(day))]
+    for partition_date in days:
+        with engine.begin() as connection:
+            rows = connection.execute(sa.select(stored_updates).where(day == partition_date))
+            frame = _sqlite_frame(rows) if connection.dialect.name == "sqlite" else _plain_frame(rows)
+            frame["observed_at"] = as_utc(frame["observed_at"])
+            history.write_days([partition_date], frame)
+            connection.execute(stored_updates.delete().where(day == partition_date))
+    return days
+
+
+def _plain_frame(result: sa.CursorResult) -> pd.DataFrame:
+    # Plain tuples: pandas probes each SQLAlchemy Row for attributes, which costs more than
+    # reading the rows.
+    return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=list(result.keys()))
 
 
 def connect(url: str) -> sa.Engine:
@@ -234,9 +266,30 @@ class PersonaStore(dg.ConfigurableResource):
         description="SQLAlchemy URL (PERSONA_DB_URL). Default: SQLite at $PERSONA_HOME/persona.db.",
     )
 
+    history_dir: str | None = Field(
+        default=None,
+        description="Folder of the update history, the accepted updates as Parquet "
+        "(PERSONA_HISTORY_DIR). Default: $PERSONA_HOME/history.",
+    )
+    history_shards: int | None = Field(
+        default=None,
+        ge=settings.HISTORY_SHARD_LIMITS[0],
+        le=settings.HISTORY_SHARD_LIMITS[1],
+        description="Files per day of the update history, by a stable hash of device_id "
+        "(PERSONA_HISTORY_SHARDS). Default: 1.",
+    )
+
     @property
     def resolved_url(self) -> str:
         return self.url or settings.persona_db_url()
+
+    @property
+    def history(self) -> UpdateHistory:
+        """The update history beside this store. On first use in a process, rows a store from
+        before revision 0010 still holds in its `index_updates` table move to it."""
+        root = Path(self.history_dir).expanduser().resolve() if self.history_dir else settings.history_dir()
+        shards = self.history_shards or settings.history_shards()
+        return _history(self.resolved_url, root, shards)
 
     @property
     def engine(self) -> sa.Engine:
@@ -260,9 +313,7 @@ class PersonaStore(dg.ConfigurableResource):
         result = connection.execute(query)
         if connection.dialect.name == "sqlite":
             return _sqlite_frame(result)
-        # Plain tuples: pandas probes each SQLAlchemy Row for attributes, which costs more than
-        # reading the rows.
-        return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=list(result.keys()))
+        return _plain_frame(result)
 
     def read_frame_in(self, query: sa.Select, column: sa.ColumnElement, values: Sequence) -> pd.DataFrame:
         """`query`'s rows whose `column` is one of `values`, read in chunks that fit every

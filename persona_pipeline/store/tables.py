@@ -11,6 +11,8 @@ metadata = sa.MetaData()
 OrderedText = sa.Text().with_variant(sa.Text(collation="C"), "postgresql")
 UtcDateTime = sa.DateTime(timezone=True)
 
+# Accepted updates before revision 0010. Since, they live in the update history (Parquet,
+# resources/update_history.py); PersonaStore.history moves an older store's rows there.
 index_updates = sa.Table(
     "index_updates",
     metadata,
@@ -24,7 +26,6 @@ index_updates = sa.Table(
     sa.Column("source_file", sa.Text, nullable=False),
     sa.Column("source_row", sa.Integer),
     sa.Index("ix_index_updates_partition", "partition_date"),
-    sa.Index("ix_index_updates_key_device_time", "key", "device_id", "observed_at"),
 )
 
 index_update_rejects = sa.Table(
