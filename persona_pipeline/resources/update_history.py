@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -49,8 +50,15 @@ SCHEMA = pa.schema(
 COLUMNS = tuple(SCHEMA.names)
 
 
-class HistoryError(RuntimeError):
-    """A file of the update history cannot be read, or is not one this pipeline wrote."""
+class HistoryError(dg.Failure):
+    """A file of the update history cannot be read, or is not one this pipeline wrote: one line
+    naming it. Trying again cannot help, so a run's step is not retried."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(description=message, allow_retries=False)
+
+    def __str__(self) -> str:
+        return self.description or ""
 
 
 def shard_of(device_ids: pd.Series, shards: int) -> np.ndarray:
