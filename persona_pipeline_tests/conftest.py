@@ -25,6 +25,8 @@ from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore,
 ENV_VARIABLES = (
     "PERSONA_HOME",
     "PERSONA_DB_URL",
+    "PERSONA_HISTORY_DIR",
+    "PERSONA_HISTORY_SHARDS",
     "PERSONA_LANDING_DIR",
     "PERSONA_CONFIG_DIR",
     "PERSONA_SOURCE_DB_URL",

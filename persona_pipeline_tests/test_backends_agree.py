@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from persona_pipeline.resources.update_history import UpdateHistory
 from persona_pipeline.store.tables import metadata
 from persona_pipeline_tests.conftest import ENV_VARIABLES, fresh_postgres_url
 
@@ -23,6 +24,7 @@ WALL_CLOCK = {
     "computed_at",
     "clustered_at",
     "fitted_at",
+    "segments_fitted_at",  # anomaly_norms: the fitted_at of the segments it was scored against
     "scored_at",
     "first_seen_at",
     "last_seen_at",
@@ -82,5 +84,13 @@ def test_every_table_is_the_same_on_sqlite_and_postgresql(tmp_path, monkeypatch)
         pd.testing.assert_frame_equal(got, expected, check_dtype=False, obj=name)
         compared.append((name, len(expected)))
     on_postgres.dispose()
+    history = [
+        UpdateHistory(tmp_path / home / "history")
+        .read()
+        .sort_values(["partition_date", "source_file", "source_row"])
+        for home in ("sqlite", "postgres")
+    ]
+    assert len(history[0]) > 0
+    pd.testing.assert_frame_equal(history[1].reset_index(drop=True), history[0].reset_index(drop=True))
     filled = {name for name, rows in compared if rows}
     assert {"device_profiles", "anomaly_scores", "service_recommendations", "key_weight_refreshes"} <= filled

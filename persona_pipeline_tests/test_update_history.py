@@ -175,7 +175,8 @@ def test_erasure_rewrites_only_the_files_holding_the_devices(tmp_path):
     assert history.remove_devices(["a"]) == 0
 
 
-def test_an_older_store_moves_its_rows_to_the_history_on_first_use(persona_home):
+@pytest.mark.parametrize("moved_by", ["first use", "persona-pipeline migrate"])
+def test_an_older_store_moves_its_rows_to_the_history(persona_home, moved_by, capsys):
     persona_home.mkdir(parents=True)
     url = store_url(persona_home)
     engine = sa.create_engine(url)
@@ -202,6 +203,13 @@ def test_an_older_store_moves_its_rows_to_the_history_on_first_use(persona_home)
         )
     engine.dispose()
 
+    if moved_by == "persona-pipeline migrate":
+        from persona_pipeline.app.cli import main
+
+        assert main(["migrate"]) == 0
+        printed = capsys.readouterr().out
+        assert f"update history {persona_home / 'history' / 'index_updates'}: 2 days" in printed
+        assert UpdateHistory(persona_home / "history").count_by_day(DAYS).tolist() == [2, 1]
     store = PersonaStore(url=url)
     moved = store.history.read().sort_values(["partition_date", "device_id"]).reset_index(drop=True)
     moved["customer_id"] = moved["customer_id"].fillna("none")
