@@ -136,6 +136,14 @@ def a_landing_dir_on_no_volume(values: dict) -> None:
     set_env(values, "PERSONA_LANDING_DIR", "/srv/landing")
 
 
+def a_history_dir_on_no_volume(values: dict) -> None:
+    set_env(values, "PERSONA_HISTORY_DIR", "/srv/history")
+
+
+def no_history_dir(values: dict) -> None:
+    drop_env(values, "PERSONA_HISTORY_DIR")
+
+
 def celery_steps_under_the_k8s_run_launcher(values: dict) -> None:
     set_env(values, "PERSONA_EXECUTOR", "celery")
 
@@ -220,6 +228,16 @@ MISTAKES: list[tuple[Callable[[dict], None], str, str]] = [
         a_landing_dir_on_no_volume,
         f"{DEPLOYMENT}.env[{env_index('PERSONA_LANDING_DIR')}] (PERSONA_LANDING_DIR)",
         "/srv/landing is on no volumeMount",
+    ),
+    (
+        a_history_dir_on_no_volume,
+        f"{DEPLOYMENT}.env[{env_index('PERSONA_HISTORY_DIR')}] (PERSONA_HISTORY_DIR)",
+        "/srv/history is on no volumeMount",
+    ),
+    (
+        no_history_dir,
+        f"{DEPLOYMENT}.env",
+        "PERSONA_HISTORY_DIR is not set: the update history must be shared",
     ),
     (
         celery_steps_under_the_k8s_run_launcher,

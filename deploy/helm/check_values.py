@@ -154,6 +154,8 @@ PROJECT_VARIABLES = frozenset(
         "PERSONA_LANDING_DIR",
         "PERSONA_SOURCE_DB_URL",
         "PERSONA_DB_URL",
+        "PERSONA_HISTORY_DIR",
+        "PERSONA_HISTORY_SHARDS",
         "QDRANT_URL",
         "QDRANT_API_KEY",
         "PERSONA_QDRANT_ENGINE",
@@ -184,7 +186,7 @@ SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|CREDENTIAL", re
 # Without these the code location falls back to the embedded default inside its pod: SQLite and a
 # Qdrant path on the pod's own disk, different in every pod.
 REQUIRED_FROM_SECRETS = ("PERSONA_DB_URL", "QDRANT_URL", "QDRANT_API_KEY")
-PATH_VARIABLES = ("PERSONA_HOME", "PERSONA_LANDING_DIR", "PERSONA_CONFIG_DIR")
+PATH_VARIABLES = ("PERSONA_HOME", "PERSONA_LANDING_DIR", "PERSONA_HISTORY_DIR", "PERSONA_CONFIG_DIR")
 
 # What PERSONA_EXECUTOR may be under each run launcher of the chart.
 EXECUTORS_BY_RUN_LAUNCHER: dict[str, tuple[str, ...]] = {
@@ -488,21 +490,23 @@ def check_deployment(deployment: Mapping, path: str) -> list[Problem]:
         problems.append(
             Problem(f"{path}.env", "PERSONA_PARTITION_START is not pinned (docs/configuration.md)")
         )
+    mounts = [str(mount.get("mountPath", "")).rstrip("/") for mount in deployment.get("volumeMounts") or []]
     landing = entries.get("PERSONA_LANDING_DIR")
     if landing is None and "PERSONA_SOURCE_DB_URL" not in entries:
         problems.append(
             Problem(f"{path}.env", "PERSONA_LANDING_DIR is not set: the landing zone must be shared")
         )
-    elif landing is not None and isinstance(landing.value, str):
-        mounts = [
-            str(mount.get("mountPath", "")).rstrip("/") for mount in deployment.get("volumeMounts") or []
-        ]
-        if not any(mount and (landing.value + "/").startswith(mount + "/") for mount in mounts):
+    history = entries.get("PERSONA_HISTORY_DIR")
+    if history is None:
+        problems.append(
+            Problem(f"{path}.env", "PERSONA_HISTORY_DIR is not set: the update history must be shared")
+        )
+    for entry, variable in ((landing, "PERSONA_LANDING_DIR"), (history, "PERSONA_HISTORY_DIR")):
+        if entry is None or not isinstance(entry.value, str):
+            continue
+        if not any(mount and (entry.value + "/").startswith(mount + "/") for mount in mounts):
             problems.append(
-                Problem(
-                    f"{landing.path} (PERSONA_LANDING_DIR)",
-                    f"{landing.value} is on no volumeMount: not shared",
-                )
+                Problem(f"{entry.path} ({variable})", f"{entry.value} is on no volumeMount: not shared")
             )
     return problems + check_code_location(deployment, path)
 

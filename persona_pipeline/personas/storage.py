@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import sqlalchemy as sa
 
@@ -128,13 +130,18 @@ def count_vectors(store: PersonaStore) -> int:
 def read_key_history(store: PersonaStore, key: str, since: pd.Timestamp) -> pd.DataFrame:
     """Updates of `key` after `since`, plus the last update at or before it of each device that
     has one after (the value it changed from; other devices' history says nothing of a change)."""
-    rows = store.history.read(None, ["device_id", "value", "observed_at"], ds.field("key") == key)
+    rows = store.history.read_table(None, ["device_id", "value", "observed_at"], ds.field("key") == key)
     start = pd.Timestamp(since)
-    after = rows["observed_at"] > (start.tz_localize("UTC") if start.tzinfo is None else start)
-    earlier = rows[~after & rows["device_id"].isin(rows.loc[after, "device_id"].unique())]
-    last_time = earlier.groupby("device_id")["observed_at"].transform("max")
-    before = earlier[earlier["observed_at"] == last_time]
-    return pd.concat([rows[after], before], ignore_index=True).drop_duplicates().reset_index(drop=True)
+    start = start.tz_localize("UTC") if start.tzinfo is None else start.tz_convert("UTC")
+    is_after = pc.greater(
+        rows.column("observed_at"), pa.scalar(start, type=rows.schema.field("observed_at").type)
+    )
+    after = rows.filter(is_after)
+    of_devices_after = pc.is_in(rows.column("device_id"), value_set=pc.unique(after.column("device_id")))
+    earlier = rows.filter(pc.and_(pc.invert(is_after), of_devices_after)).to_pandas()
+    before = earlier[earlier["observed_at"] == earlier.groupby("device_id")["observed_at"].transform("max")]
+    frame = pd.concat([after.to_pandas(), before], ignore_index=True)
+    return frame.drop_duplicates().reset_index(drop=True)
 
 
 def encode_vectors(matrix: np.ndarray) -> list[bytes]:
