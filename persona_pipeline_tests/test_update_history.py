@@ -19,7 +19,13 @@ from persona_pipeline.personas import storage
 from persona_pipeline.personas.assets import device_profiles
 from persona_pipeline.resources import PersonaStore
 from persona_pipeline.resources import update_history as history_module
-from persona_pipeline.resources.update_history import SCHEMA, HistoryError, UpdateHistory, shard_of
+from persona_pipeline.resources.update_history import (
+    LOCK_NAME,
+    SCHEMA,
+    HistoryError,
+    UpdateHistory,
+    shard_of,
+)
 from persona_pipeline.store import tables
 from persona_pipeline.store.schema import alembic_config, current_revision, head_revision
 from persona_pipeline_tests.conftest import store_url, table, update, write_jsonl
@@ -35,8 +41,10 @@ def ingest(resources, instance, day: str) -> dg.ExecuteInProcessResult:
 
 
 def history_files(root: Path) -> list[str]:
-    """Every file under the history's root, relative to it (temporary ones included)."""
-    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+    """Every file under the history's root but its lock, relative to it (temporary ones included)."""
+    return sorted(
+        str(path.relative_to(root)) for path in root.rglob("*") if path.is_file() and path.name != LOCK_NAME
+    )
 
 
 def test_a_day_is_one_file_in_its_folder_and_a_rerun_replaces_it(landing, resources, instance):

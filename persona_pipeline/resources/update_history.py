@@ -12,10 +12,12 @@ shard count no longer uses).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 
 UPDATES_FOLDER = "index_updates"
 PART_NAME = "part-0.parquet"
+LOCK_NAME = ".lock"
 DAY_FOLDER = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 SHARD_FOLDER = re.compile(r"^shard=(\d+)$")
 # Rows of one row group: files are sorted by key, so a read of one key skips the groups of others.
@@ -64,8 +67,6 @@ class HistoryError(dg.Failure):
 def shard_of(device_ids: pd.Series, shards: int) -> np.ndarray:
     """The shard of each device: a hash that is the same in every process and release
     (pandas' SipHash with its fixed key), modulo the shard count."""
-    if shards == 1:
-        return np.zeros(len(device_ids), dtype=np.int64)
     hashes = pd.util.hash_array(device_ids.to_numpy(dtype=object), categorize=True)
     return (hashes % np.uint64(shards)).astype(np.int64)
 
@@ -86,24 +87,41 @@ class UpdateHistory:
 
     # Writing ----------------------------------------------------------------------------------
 
+    @contextmanager
+    def _one_writer(self) -> Iterator[None]:
+        """Hold the history's lock (across processes on the machine or the shared volume): an
+        erasure's rewrite of a file must not put back rows an ingest of the day just replaced."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / LOCK_NAME, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def write_days(self, days: Sequence[str], accepted: pd.DataFrame) -> int:
         """Replace the files of `days` with `accepted`'s rows (those of a day without rows go);
         rows written."""
         table = as_history_table(accepted)
         dates = table.column("partition_date")
-        for day in days:
-            self.replace_day(day, table.filter(pc.equal(dates, day)))
+        with self._one_writer():
+            for day in days:
+                self._replace_day(day, table.filter(pc.equal(dates, day)))
         return table.num_rows
 
-    def replace_day(self, day: str, table: pa.Table) -> None:
+    def _replace_day(self, day: str, table: pa.Table) -> None:
         """The day's files become `table`'s rows, one file per shard that has rows."""
         folder = self.day_folder(day)
-        shard_numbers = shard_of(table.column("device_id").to_pandas(), self.shards)
-        written = set()
-        for shard in np.unique(shard_numbers).tolist():
-            rows = table if self.shards == 1 else table.filter(pa.array(shard_numbers == shard))
+        if self.shards == 1:
+            by_shard = {0: table} if table.num_rows else {}
+        else:
+            numbers = shard_of(table.column("device_id").to_pandas(), self.shards)
+            by_shard = {
+                shard: table.filter(pa.array(numbers == shard)) for shard in np.unique(numbers).tolist()
+            }
+        for shard, rows in by_shard.items():
             self._write_file(folder / f"shard={shard}" / PART_NAME, _in_key_order(rows))
-            written.add(shard)
+        written = set(by_shard)
         for path in self._day_files(folder):
             if int(SHARD_FOLDER.match(path.parent.name).group(1)) not in written:
                 path.unlink()
@@ -212,16 +230,17 @@ class UpdateHistory:
             return 0
         erased = pa.array(list(device_ids), type=pa.string())
         removed = 0
-        for path in self.files():
-            self._check(path)
-            devices = pq.read_table(path, columns=["device_id"]).column("device_id")
-            hits = pc.is_in(devices, value_set=erased)
-            count = pc.sum(hits).as_py() or 0
-            if not count:
-                continue
-            table = pq.read_table(path, schema=SCHEMA)
-            self._write_file(path, table.filter(pc.invert(hits)))
-            removed += count
+        with self._one_writer():
+            for path in self.files():
+                self._check(path)
+                devices = pq.read_table(path, columns=["device_id"]).column("device_id")
+                hits = pc.is_in(devices, value_set=erased)
+                count = pc.sum(hits).as_py() or 0
+                if not count:
+                    continue
+                table = pq.read_table(path, schema=SCHEMA)
+                self._write_file(path, table.filter(pc.invert(hits)))
+                removed += count
         return removed
 
     def devices_of_customers(self, customer_ids: Sequence[str]) -> set[str]:
