@@ -421,7 +421,7 @@ def test_a_run_launched_from_the_ui_succeeds(ui):
 def day_by_day_profiles(landing: Path, db: Path) -> pd.DataFrame:
     """`device_profiles` after materializing the days one at a time, oldest first: each asset
     invoked with a one-day partition context (the code of a run, without a run's start-up)."""
-    store = PersonaStore(url=f"sqlite:///{db}")
+    store = PersonaStore(url=f"sqlite:///{db}", history_dir=str(db.parent / "day_by_day_history"))
     resources = {"landing_zone": LandingZone(path=str(landing)), "persona_config": PersonaConfig()}
     for day in DAYS:
         with dg.build_asset_context(partition_key=day) as context:
@@ -455,9 +455,9 @@ def partition_counts(run: dict, asset: str, label: str) -> dict[str, int]:
     }
 
 
-def rows_per_day(store: PersonaStore, name: str) -> dict[str, int]:
-    """Rows of the store table `name` on each of DAYS, zeros included."""
-    return table(store, name)["partition_date"].value_counts().reindex(DAYS, fill_value=0).to_dict()
+def rows_per_day(rows: pd.DataFrame) -> dict[str, int]:
+    """`rows` on each of DAYS by their partition_date, zeros included."""
+    return rows["partition_date"].value_counts().reindex(DAYS, fill_value=0).to_dict()
 
 
 def test_a_30_day_backfill_is_one_run_equal_to_day_by_day_and_safe_to_repeat(ui, tmp_path):
@@ -473,7 +473,8 @@ def test_a_30_day_backfill_is_one_run_equal_to_day_by_day_and_safe_to_repeat(ui,
     assert updates > 0 and rejects > 0  # the demo fleet plants malformed rows
     # Each partition the range run materialized shows its own day's counts in the UI.
     [run] = ui.wait_for_backfill(backfill_id, timeout=10)["runs"]
-    accepted, rejected = rows_per_day(store, "index_updates"), rows_per_day(store, "index_update_rejects")
+    accepted = rows_per_day(accepted_updates(store))
+    rejected = rows_per_day(table(store, "index_update_rejects"))
     assert partition_counts(run, "index_updates", "rows_accepted") == accepted
     assert partition_counts(run, "device_profiles", "updates_read") == accepted
     assert partition_counts(run, "index_updates", "rows_rejected") == rejected
