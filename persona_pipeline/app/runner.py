@@ -405,9 +405,10 @@ def summary(result: ChainResult) -> str:
             "Where to look next:",
             "  make dev         Dagster UI on http://127.0.0.1:3000: these runs, assets, lineage",
             f"  persona store    {store.display_url}",
-            "                   (index_updates, index_update_rejects, device_profiles, persona_vectors,",
+            "                   (index_update_rejects, device_profiles, persona_vectors,",
             "                    device_clusters, segments, anomaly_scores, service_recommendations,",
             "                    support_tickets, offer_feedback, key_weights)",
+            f"  update history   {store.history.folder}   (the accepted updates, Parquet per day)",
             f"  vector index     {index.location}",
         ]
     )
