@@ -265,3 +265,16 @@ def updates_frame(day: str, devices: list[str]) -> pd.DataFrame:
             "source_row": range(1, len(devices) + 1),
         }
     )
+
+
+def test_the_lock_is_held_once_per_process_and_released(tmp_path):
+    import fcntl
+
+    history = UpdateHistory(tmp_path)
+    with history.exclusive(), history.exclusive():  # the move writes a day while holding it
+        history.write_days([DAYS[0]], updates_frame(DAYS[0], ["a"]))
+        # Another holder (another open file, as another process has) is refused meanwhile.
+        with open(history.folder / LOCK_NAME, "a+b") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(history.folder / LOCK_NAME, "a+b") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again

@@ -97,14 +97,18 @@ def move_stored_updates(engine: sa.Engine, history: UpdateHistory) -> list[str]:
     day = stored_updates.c.partition_date
     with engine.connect() as connection:
         days = [row[0] for row in connection.execute(sa.select(day).distinct().order_by(day))]
+    moved = []
     for partition_date in days:
-        with engine.begin() as connection:
+        with history.exclusive(), engine.begin() as connection:
             rows = connection.execute(sa.select(stored_updates).where(day == partition_date))
             frame = _sqlite_frame(rows) if connection.dialect.name == "sqlite" else _plain_frame(rows)
+            if frame.empty:  # another process moved the day since the list was read
+                continue
             frame["observed_at"] = as_utc(frame["observed_at"])
             history.write_days([partition_date], frame)
             connection.execute(stored_updates.delete().where(day == partition_date))
-    return days
+        moved.append(partition_date)
+    return moved
 
 
 def _plain_frame(result: sa.CursorResult) -> pd.DataFrame:

@@ -51,6 +51,7 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
+_HELD: set[Path] = set()  # the histories whose lock this process holds
 
 
 class HistoryError(dg.Failure):
@@ -88,15 +89,21 @@ class UpdateHistory:
     # Writing ----------------------------------------------------------------------------------
 
     @contextmanager
-    def _one_writer(self) -> Iterator[None]:
+    def exclusive(self) -> Iterator[None]:
         """Hold the history's lock (across processes on the machine or the shared volume): an
-        erasure's rewrite of a file must not put back rows an ingest of the day just replaced."""
+        erasure's rewrite of a file must not put back rows an ingest of the day just replaced.
+        Taken again inside itself, in the same process, it is already held."""
+        if self.folder in _HELD:
+            yield
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / LOCK_NAME, "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            _HELD.add(self.folder)
             try:
                 yield
             finally:
+                _HELD.discard(self.folder)
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def write_days(self, days: Sequence[str], accepted: pd.DataFrame) -> int:
@@ -104,7 +111,7 @@ class UpdateHistory:
         rows written."""
         table = as_history_table(accepted)
         dates = table.column("partition_date")
-        with self._one_writer():
+        with self.exclusive():
             for day in days:
                 self._replace_day(day, table.filter(pc.equal(dates, day)))
         return table.num_rows
@@ -230,7 +237,7 @@ class UpdateHistory:
             return 0
         erased = pa.array(list(device_ids), type=pa.string())
         removed = 0
-        with self._one_writer():
+        with self.exclusive():
             for path in self.files():
                 self._check(path)
                 devices = pq.read_table(path, columns=["device_id"]).column("device_id")
