@@ -341,6 +341,7 @@ def test_a_detector_that_keeps_its_training_data_keeps_no_norms(fleet):
 def test_without_a_signing_key_beside_a_shared_store_no_norms_are_kept(fleet, monkeypatch):
     resources = resources_for(fleet.home)
     store = resources["persona_store"]
+    monkeypatch.delenv("PERSONA_NORMS_KEY", raising=False)
     monkeypatch.setenv("PERSONA_DB_URL", resources["persona_store"].url)
     materialize(resources, {"rescore_all": True})
     assert table(store, "anomaly_norms").empty
@@ -354,9 +355,17 @@ def test_without_a_signing_key_beside_a_shared_store_no_norms_are_kept(fleet, mo
     failure = result.get_step_failure_events()[0].step_failure_data.error
     assert "PERSONA_NORMS_KEY: expected at least 32 characters" in failure.message
     assert "too short" not in failure.message
-    monkeypatch.setenv("PERSONA_NORMS_KEY", "k" * 40)
+    planted = "planted-norms-key-" + "7" * 30
+    monkeypatch.setenv("PERSONA_NORMS_KEY", planted)
     materialize(resources, {"rescore_all": True})
-    assert materialize(resources)["devices_changed"].value == 0
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([device_clusters, anomaly_scores], resources=resources, instance=instance)
+        logged = " ".join(str(event) for event in instance.all_logs(result.run_id))
+    assert result.asset_materializations_for_node("anomaly_scores")[0].metadata["devices_changed"].value == 0
+    assert planted not in logged
+    stored = table(store, "anomaly_norms")
+    assert planted not in stored.drop(columns="norms").astype(str).to_json()
+    assert planted.encode() not in bytes(stored["norms"].iloc[0])
 
 
 def test_a_rare_new_behaviour_on_a_few_devices_is_flagged_between_fits(fleet):

@@ -40,6 +40,11 @@ WALL_CLOCK = {
     # When persona_index wrote a point, and the write whose point got its cluster_id payload.
     "written",
     "point_written",
+    # The anomaly norms themselves, pickled, with their signature and the libraries that pickled
+    # them: compared through the scores they give.
+    "norms",
+    "signature",
+    "versions",
 }
 
 

@@ -168,10 +168,12 @@ PROJECT_VARIABLES = frozenset(
         executors.BACKEND_VARIABLE,
         "PERSONA_SENSOR_INTERVAL_SECONDS",
         "PERSONA_AUTOMATION",
+        "PERSONA_NORMS_KEY",
     }
 )
 SECRET_VARIABLES = frozenset(
     {
+        "PERSONA_NORMS_KEY",
         "PERSONA_DB_URL",
         "PERSONA_SOURCE_DB_URL",
         "QDRANT_URL",
@@ -184,8 +186,9 @@ SECRET_VARIABLES = frozenset(
 )
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|CREDENTIAL", re.IGNORECASE)
 # Without these the code location falls back to the embedded default inside its pod: SQLite and a
-# Qdrant path on the pod's own disk, different in every pod.
-REQUIRED_FROM_SECRETS = ("PERSONA_DB_URL", "QDRANT_URL", "QDRANT_API_KEY")
+# Qdrant path on the pod's own disk, different in every pod; without the norms key no anomaly
+# norms are kept, and every run scores every device.
+REQUIRED_FROM_SECRETS = ("PERSONA_DB_URL", "QDRANT_URL", "QDRANT_API_KEY", "PERSONA_NORMS_KEY")
 PATH_VARIABLES = ("PERSONA_HOME", "PERSONA_LANDING_DIR", "PERSONA_HISTORY_DIR", "PERSONA_CONFIG_DIR")
 
 # What PERSONA_EXECUTOR may be under each run launcher of the chart.
