@@ -48,6 +48,15 @@ def set_vectors(store, rows: pd.DataFrame) -> None:
             )
 
 
+def give_a_value_no_device_had(store, devices: pd.Index) -> None:
+    """New vectors for `devices`: the first context dimension far beyond any device's value."""
+    matrix = vectors(store)
+    context = np.flatnonzero(PersonaConfig().feature_schema().dimension_roles == "context")[0]
+    changed = matrix.loc[devices].copy()
+    changed[context] = matrix[context].max() + 5 * matrix[context].std()
+    set_vectors(store, changed)
+
+
 def materialize(resources, config: dict | None = None) -> dict:
     run_config = {"ops": {"anomaly_scores": {"config": config}}} if config else None
     with dg.instance_for_test() as instance:
@@ -196,12 +205,8 @@ def test_devices_that_change_alike_at_once_are_judged_with_the_whole_fleet_not_t
     store = resources["persona_store"]
     materialize(resources, {"rescore_all": True})
     before = table(store, "anomaly_scores").set_index("device_id")
-    matrix = vectors(store)
-    context = np.flatnonzero(PersonaConfig().feature_schema().dimension_roles == "context")[0]
     wave = before.index[~before["is_anomaly"].astype(bool)][:60]
-    changed = matrix.loc[wave].copy()
-    changed[context] = matrix[context].max() + 5 * matrix[context].std()
-    set_vectors(store, changed)
+    give_a_value_no_device_had(store, wave)
 
     metadata = materialize(resources)
 
@@ -375,12 +380,8 @@ def test_a_rare_new_behaviour_on_a_few_devices_is_flagged_between_fits(fleet):
     store = resources["persona_store"]
     materialize(resources, {"rescore_all": True})
     before = table(store, "anomaly_scores").set_index("device_id")
-    matrix = vectors(store)
-    context = np.flatnonzero(PersonaConfig().feature_schema().dimension_roles == "context")[0]
     odd = before.index[~before["is_anomaly"].astype(bool)][:5]
-    changed = matrix.loc[odd].copy()
-    changed[context] = matrix[context].max() + 5 * matrix[context].std()
-    set_vectors(store, changed)
+    give_a_value_no_device_had(store, odd)
 
     metadata = materialize(resources)
 
