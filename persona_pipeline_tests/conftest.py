@@ -152,7 +152,7 @@ ENGINES = ("edge", "local")
 def resources_for(home: Path, engine: str = "edge") -> dict[str, dg.ConfigurableResource]:
     """The real embedded stores under `home`."""
     return {
-        "persona_store": PersonaStore(url=store_url(home)),
+        "persona_store": PersonaStore(url=store_url(home), history_dir=str(home / "history")),
         "vector_index": VectorIndex(path=str(home / "qdrant"), embedded_engine=engine),
         "landing_zone": LandingZone(path=str(home / "landing")),
         "persona_config": PersonaConfig(),

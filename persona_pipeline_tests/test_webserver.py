@@ -461,7 +461,7 @@ def rows_per_day(rows: pd.DataFrame) -> dict[str, int]:
 
 
 def test_a_30_day_backfill_is_one_run_equal_to_day_by_day_and_safe_to_repeat(ui, tmp_path):
-    store = PersonaStore(url=f"sqlite:///{ui.home / 'persona.db'}")
+    store = PersonaStore(url=f"sqlite:///{ui.home / 'persona.db'}", history_dir=str(ui.home / "history"))
     backfill_id = ui.launch_backfill(INGEST, DAYS[0], DAYS[-1])
     expected = day_by_day_profiles(ui.home / "landing", tmp_path / "day_by_day.db")
     assert expected["device_id"].nunique() == DEVICES
