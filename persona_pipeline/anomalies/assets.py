@@ -302,7 +302,7 @@ def _score_fleet_from_sample(
     segments = _segments_of(assignments, device_ids)
     sample = stratified_sample(segments, config.norms_sample_size, config.random_seed)
     sample_ids = device_ids[sample]
-    sample_matrix = _vectors_of(store, schema, sample_ids.tolist())
+    sample_matrix = _vectors_of(store, len(schema.dimension_names), sample_ids.tolist())
     norms, _ = fit_norms(sample_matrix, segments[sample], settings, roles=schema.dimension_roles)
     sample_values = _readable_values_of(store, schema, sample_ids, sample_matrix)
     stats = segment_stats(sample_values, segments[sample])
@@ -329,9 +329,9 @@ def _score_fleet_from_sample(
     return _write_fleet(context, config, store, key, scores, fitted, strangest, reason, now)
 
 
-def _vectors_of(store: PersonaStore, schema: FeatureSchema, device_ids: list[str]) -> np.ndarray:
+def _vectors_of(store: PersonaStore, dimensions: int, device_ids: list[str]) -> np.ndarray:
     blobs = persona_storage.read_vector_blobs(store, device_ids)
-    return persona_storage.decode_vectors(blobs, len(schema.dimension_names)).astype(np.float64)
+    return persona_storage.decode_vectors(blobs, dimensions).astype(np.float64)
 
 
 def _readable_values_of(
@@ -356,7 +356,7 @@ def _reasons_of(
 ) -> pd.DataFrame:
     """Reasons of the fleet's `rows` (their `device_ids` and `segments`), whose deviations are
     scored again; their p-values, flags and cut are the fleet's."""
-    matrix = _vectors_of(store, schema, device_ids.tolist())
+    matrix = _vectors_of(store, len(schema.dimension_names), device_ids.tolist())
     evidence = score_with_norms(norms, matrix, segments)
     log_p = np.log(np.maximum(fleet_result.p_value[rows], MIN_P_VALUE))
     result = replace(evidence, log_p=log_p).result(fleet_result.is_anomaly[rows], cut, norms.settings)
@@ -475,7 +475,7 @@ def _score_changed(
     turned_matrix, turned_evidence = _evidence_of(store, stored, turned)
     # A turned device's p-value is the one its flag was decided on.
     turned_log_p = pd.Series(log_p[: len(fleet)], index=fleet["device_id"]).reindex(turned).to_numpy()
-    evidence = changed.followed_by(replace(turned_evidence, log_p=turned_log_p))
+    evidence = DeviceEvidence.joined([changed, replace(turned_evidence, log_p=turned_log_p)])
     matrix = np.concatenate([changed_matrix, turned_matrix])
     turned_flags = ~fleet.set_index("device_id")["is_anomaly"].reindex(turned).to_numpy(dtype=bool)
     result = evidence.result(np.concatenate([flags[len(fleet) :], turned_flags]), cut, settings)
@@ -538,8 +538,7 @@ def _evidence_of(
     store: PersonaStore, stored: storage.StoredNorms, device_ids: list[str]
 ) -> tuple[np.ndarray, DeviceEvidence]:
     """The devices' vectors and their evidence against the stored norms."""
-    blobs = persona_storage.read_vector_blobs(store, device_ids)
-    matrix = persona_storage.decode_vectors(blobs, len(stored.norms.roles)).astype(np.float64)
+    matrix = _vectors_of(store, len(stored.norms.roles), device_ids)
     ids = np.array(device_ids, dtype=object)
     segments = _segments_of(segment_storage.read_assignments(store, device_ids), ids)
     return matrix, score_with_norms(stored.norms, matrix, segments)

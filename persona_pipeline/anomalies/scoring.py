@@ -242,10 +242,6 @@ class DeviceEvidence:
         combined = combine(deviation.distance_z, detector_z, segment_margin)
         return cls(log_p, strongest, role_log_p, combined, detector_z, deviation)
 
-    def followed_by(self, other: DeviceEvidence) -> DeviceEvidence:
-        """One DeviceEvidence of both, these devices first."""
-        return DeviceEvidence.joined([self, other])
-
     @staticmethod
     def joined(parts: list[DeviceEvidence]) -> DeviceEvidence:
         """One DeviceEvidence of all `parts`, in their order."""
