@@ -11,6 +11,7 @@ import dagster as dg
 import pandas as pd
 
 from persona_pipeline import settings
+from persona_pipeline.device_shards import DeviceShard
 
 # The two daily assets run a backfill as one run (BackfillPolicy.single_run); Dagster calls the
 # parameter beta and says so for each asset in every process that loads the code, on every start.
@@ -65,6 +66,45 @@ PARTITION_START = partition_start(
 )
 
 daily_partitions = dg.DailyPartitionsDefinition(start_date=PARTITION_START, end_offset=1)
+
+DEVICE_SHARDS = settings.device_shards()
+DATE_DIMENSION = "date"
+SHARD_DIMENSION = "shard"
+device_shard_partitions = dg.StaticPartitionsDefinition([str(shard) for shard in range(DEVICE_SHARDS)])
+# The per-device daily assets (ingest, profiles): by day on one shard (the embedded default, its
+# keys plain days); by day and device shard above one, each (day, shard) a run of its own that an
+# executor's workers can run beside the others.
+device_day_partitions: dg.PartitionsDefinition = (
+    daily_partitions
+    if DEVICE_SHARDS == 1
+    else dg.MultiPartitionsDefinition(
+        {DATE_DIMENSION: daily_partitions, SHARD_DIMENSION: device_shard_partitions}
+    )
+)
+# One run for a range of days on one shard; one run per (day, shard) with several, so a backfill
+# spreads its shards over the workers.
+device_day_backfill = dg.BackfillPolicy.single_run() if DEVICE_SHARDS == 1 else None
+
+
+def device_day_keys(day: str) -> list[str]:
+    """The partition keys of one day of the per-device daily assets: the day, or one per shard."""
+    if DEVICE_SHARDS == 1:
+        return [day]
+    return [
+        str(dg.MultiPartitionKey({DATE_DIMENSION: day, SHARD_DIMENSION: str(shard)}))
+        for shard in range(DEVICE_SHARDS)
+    ]
+
+
+def run_days_and_shard(context: dg.AssetExecutionContext) -> tuple[list[str], DeviceShard | None]:
+    """The days a run of a per-device daily asset covers, and its device shard (None: every device)."""
+    if DEVICE_SHARDS == 1:
+        return partition_days(context.partition_time_window), None
+    key = device_day_partitions.get_partition_key_from_str(context.partition_key)
+    keys = key.keys_by_dimension
+    return [keys[DATE_DIMENSION]], DeviceShard(int(keys[SHARD_DIMENSION]), DEVICE_SHARDS)
+
+
 # One partition of offer_feedback per feedback batch, added by offer_feedback_sensor or the CLI.
 offer_feedback_batches = dg.DynamicPartitionsDefinition(name="offer_feedback_batches")
 

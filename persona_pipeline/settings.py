@@ -60,16 +60,38 @@ def history_dir() -> Path:
     return Path(override).expanduser().resolve() if override else persona_home() / "history"
 
 
-HISTORY_SHARD_LIMITS = (1, 1024)
+SHARD_LIMITS = (1, 1024)
+
+
+def _shard_count(variable: str) -> int | None:
+    text = (os.environ.get(variable) or "").strip()
+    if not text:
+        return None
+    low, high = SHARD_LIMITS
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ValueError(f"{variable}={text!r}: expected a whole number from {low} to {high}")
+    return int(text)
+
+
+def device_shards() -> int:
+    """Device shards (PERSONA_DEVICE_SHARDS, default 1): above 1, ingest and profiles are
+    partitioned by day and shard, a device's shard a stable hash of its id."""
+    return _shard_count("PERSONA_DEVICE_SHARDS") or 1
 
 
 def history_shards() -> int:
-    """Files per day of the update history (PERSONA_HISTORY_SHARDS, default 1)."""
-    text = (os.environ.get("PERSONA_HISTORY_SHARDS") or "1").strip()
-    low, high = HISTORY_SHARD_LIMITS
-    if not text.isdigit() or not low <= int(text) <= high:
-        raise ValueError(f"PERSONA_HISTORY_SHARDS={text!r}: expected a whole number from {low} to {high}")
-    return int(text)
+    """Files per day of the update history: one per device shard when there are several
+    (PERSONA_HISTORY_SHARDS may only repeat that count); else PERSONA_HISTORY_SHARDS, default 1."""
+    configured = _shard_count("PERSONA_HISTORY_SHARDS")
+    devices = device_shards()
+    if devices > 1:
+        if configured is not None and configured != devices:
+            raise ValueError(
+                f"PERSONA_HISTORY_SHARDS={configured} differs from PERSONA_DEVICE_SHARDS={devices}: "
+                "with device shards the history keeps one file per shard (leave it unset)"
+            )
+        return devices
+    return configured or 1
 
 
 def qdrant_path() -> Path:

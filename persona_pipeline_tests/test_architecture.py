@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "persona_pipeline.config_files",
             "persona_pipeline.feature_schema",
             "persona_pipeline.service_catalog",
+            "persona_pipeline.device_shards",
             "persona_pipeline.partitions",
             "persona_pipeline.store",
             "persona_pipeline.run_health",

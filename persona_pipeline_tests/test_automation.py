@@ -97,7 +97,7 @@ def test_landing_sensor_skips_days_outside_the_partitions_until_they_are_inside(
 
 def test_schedule_runs_the_day_that_just_ended():
     context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 3, 5, 0, 30, tzinfo=UTC))
-    request = ingest_schedule(context)
+    [request] = ingest_schedule(context)
     assert request.partition_key == "2026-03-04"
     assert ingest_schedule.cron_schedule == "30 0 * * *"
 

@@ -30,7 +30,12 @@ from persona_pipeline.ingest import storage as ingest_storage
 from persona_pipeline.ingest.jobs import ingest_job
 from persona_pipeline.offers.jobs import segments_job
 from persona_pipeline.offers.storage import offers_by_trigger, tickets_by_status
-from persona_pipeline.partitions import offer_feedback_batches, outside_partitions
+from persona_pipeline.partitions import (
+    DEVICE_SHARDS,
+    device_day_keys,
+    offer_feedback_batches,
+    outside_partitions,
+)
 from persona_pipeline.personas.jobs import personas_job
 from persona_pipeline.personas.storage import profile_counts
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
@@ -262,7 +267,12 @@ def run_chain(
             what = job_name if partition_key is None else f"{job_name} {partition_key}"
             progress(f"  {what} done in {time.monotonic() - started:.0f} s")
 
-    run(ingest_job.name, range_tags)
+    if DEVICE_SHARDS == 1:
+        run(ingest_job.name, range_tags)
+    else:  # one run per (day, shard), shard after shard: the workers of a backfill run them side by side
+        for day in pd.date_range(start, end, freq="D").strftime("%Y-%m-%d"):
+            for key in device_day_keys(day):
+                run(ingest_job.name, {}, partition_key=key)
     batches = unloaded_feedback_batches(landing, instance)
     if batches:
         instance.add_dynamic_partitions(offer_feedback_batches.name, batches)

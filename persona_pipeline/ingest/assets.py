@@ -9,9 +9,10 @@ from persona_pipeline.erasure.subjects import Suppression
 from persona_pipeline.ingest import reporting
 from persona_pipeline.ingest.ingest import ingest_days
 from persona_pipeline.ingest.reporting import REJECT_SHARE_CHECK
+from persona_pipeline.ingest.storage import rejects_replaced
 from persona_pipeline.ingest.validation import DEFAULT_MAX_LATE_DAYS
 from persona_pipeline.metadata import OWNERS, add_counts_per_partition
-from persona_pipeline.partitions import daily_partitions, partition_days
+from persona_pipeline.partitions import device_day_backfill, device_day_partitions, run_days_and_shard
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.store.tables import index_update_rejects
@@ -42,8 +43,8 @@ def _unsuppressed(frame: pd.DataFrame, suppression: Suppression) -> pd.DataFrame
 @dg.asset(
     owners=OWNERS,
     metadata=reporting.definition_metadata(),
-    partitions_def=daily_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
+    partitions_def=device_day_partitions,
+    backfill_policy=device_day_backfill,
     group_name="ingest",
     kinds={"pandas", "parquet", "sql"},
     retry_policy=STORE_RETRY,
@@ -65,10 +66,11 @@ def index_updates(
     """Device key-value updates of each day, validated against the contract and the feature
     schema. Good rows go to the update history (Parquet files per day and shard), bad ones to
     `index_update_rejects` with a reason; exact duplicates are dropped. Re-running a day replaces
-    that day's files and rows."""
-    days = partition_days(context.partition_time_window)
+    that day's files and rows. With device shards, a run of a (day, shard) reads the day's files
+    and keeps its shard's devices: it writes that shard's file and replaces that shard's rejects."""
+    days, shard = run_days_and_shard(context)
     schema = persona_config.feature_schema()
-    outcome = ingest_days(days, landing_zone.read_day_files, schema, config.max_late_days)
+    outcome = ingest_days(days, landing_zone.read_day_files, schema, config.max_late_days, shard)
     folder_problems = landing_zone.updates_folder_problems()
     for problem in folder_problems:
         context.log.warning(problem)
@@ -80,9 +82,16 @@ def index_updates(
     suppressed_rows = len(outcome.accepted) - len(accepted) + len(outcome.rejects) - len(rejects)
     if suppressed_rows:
         context.log.info(f"{suppressed_rows} rows of erased devices or customers dropped (suppression list)")
-    rejects = rejects.assign(rejected_at=pd.Timestamp.now(tz="UTC"))
-    persona_store.history.write_days(days, accepted)
-    persona_store.replace_rows(index_update_rejects, index_update_rejects.c.partition_date.in_(days), rejects)
+    rejects = rejects.assign(
+        rejected_at=pd.Timestamp.now(tz="UTC"),
+        device_shard=shard.index if shard else 0,
+        device_shards=shard.count if shard else 1,
+    )
+    if shard is None:
+        persona_store.history.write_days(days, accepted)
+    else:
+        persona_store.history.write_shard(days, shard, accepted)
+    persona_store.replace_rows(index_update_rejects, rejects_replaced(days, shard), rejects)
 
     by_day = reporting.per_day_counts(days, accepted, rejects)
     add_counts_per_partition(context, by_day)

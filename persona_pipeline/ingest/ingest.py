@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from persona_pipeline.device_shards import DeviceShard
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.ingest.validation import (
     ACCEPTED_COLUMNS,
     DEFAULT_MAX_LATE_DAYS,
     check_updates,
     finish_validation,
+    rows_of_shard,
 )
 from persona_pipeline.resources.landing_files import ReadResult
 
@@ -40,10 +42,13 @@ def ingest_days(
     read_day: Callable[[str], ReadResult | Iterable[ReadResult]],
     schema: FeatureSchema,
     max_late_days: float = DEFAULT_MAX_LATE_DAYS,
+    shard: DeviceShard | None = None,
 ) -> IngestOutcome:
     """Read and validate each day. `read_day` returns the day's rows, or its files' rows one file
     at a time (then only one file's rows are held besides what was accepted). Rows observed more
-    than `max_late_days` before their day are rejected."""
+    than `max_late_days` before their day are rejected. With a `shard`, only its devices' rows are
+    validated and counted (rows that could not be parsed belong to the shard of the empty id)."""
+    unparsed_here = shard is None or bool(shard.holds(pd.Series([""]))[0])
     accepted, rejects = [], []
     outcome = IngestOutcome(pd.DataFrame(), pd.DataFrame())
     for day in days:
@@ -52,9 +57,11 @@ def ingest_days(
         parts = read_day(day)
         checked, unreadable = [], []
         for read in [parts] if isinstance(parts, ReadResult) else parts:
-            checked.append(check_updates(read.rows, schema, day, start, end, max_late_days))
-            unreadable.append(read.rejects.assign(reason_code=UNREADABLE))
-            outcome.rows_read += len(read.rows) + len(read.rejects)
+            rows = read.rows if shard is None else rows_of_shard(read.rows, shard)
+            unparsed = read.rejects if unparsed_here else read.rejects.iloc[0:0]
+            checked.append(check_updates(rows, schema, day, start, end, max_late_days))
+            unreadable.append(unparsed.assign(reason_code=UNREADABLE))
+            outcome.rows_read += len(rows) + len(unparsed)
             outcome.problems.extend(read.problems)
         if not checked:
             empty = ReadResult.empty()

@@ -10,7 +10,7 @@ import dagster as dg
 from persona_pipeline.automation import SENSOR_STATUS
 from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.ingest.jobs import ingest_job
-from persona_pipeline.partitions import daily_partitions, outside_partitions
+from persona_pipeline.partitions import daily_partitions, device_day_keys, outside_partitions
 from persona_pipeline.resources import LandingZone
 from persona_pipeline.settings import sensor_interval_seconds
 
@@ -28,15 +28,19 @@ def _newest_change(folder: Path) -> float:
         return math.inf
 
 
-def _read_since_last_change(instance: dg.DagsterInstance, folder: Path, day: str) -> bool:
-    """Whether a run that materialized the day's index_updates started after its files last changed."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=index_updates.key, asset_partitions=[day]), limit=1
-    ).records
-    if not records:
-        return False
-    run = instance.get_run_record_by_id(records[0].run_id)
-    return bool(run and run.start_time and run.start_time > _newest_change(folder))
+def _unread_keys(instance: dg.DagsterInstance, folder: Path, day: str) -> list[str]:
+    """The day's partition keys of index_updates (one per device shard) that no run materialized
+    after the day's files last changed."""
+    changed_at = _newest_change(folder)
+    unread = []
+    for key in device_day_keys(day):
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=index_updates.key, asset_partitions=[key]), limit=1
+        ).records
+        run = instance.get_run_record_by_id(records[0].run_id) if records else None
+        if not (run and run.start_time and run.start_time > changed_at):
+            unread.append(key)
+    return unread
 
 
 # The cursor's mark of a day skipped because it is outside the daily partitions.
@@ -68,15 +72,12 @@ def index_updates_sensor(context: dg.SensorEvaluationContext, landing_zone: Land
         if seen.get(day) != SKIPPED + current[day]:
             context.log.warning(f"landing folder date={day} {outside_partitions(day)}: skipped")
     inside = [day for day in changed if day in known_days]
-    # Days a run read after their files last changed (the command line's, or before a restart
-    # without a cursor) are not read again.
-    already_read = {
-        day for day in inside if _read_since_last_change(context.instance, landing_zone.day_folder(day), day)
-    }
+    # Days (or shards of a day) a run read after their files last changed (the command line's,
+    # or before a restart without a cursor) are not read again.
     requests = [
-        dg.RunRequest(partition_key=day, run_key=f"{day}:{current[day]}")
+        dg.RunRequest(partition_key=key, run_key=f"{key}:{current[day]}")
         for day in inside
-        if day not in already_read
+        for key in _unread_keys(context.instance, landing_zone.day_folder(day), day)
     ]
     remembered = {day: current[day] for day in inside} | {day: SKIPPED + current[day] for day in outside}
     cursor = json.dumps({**seen, **remembered}, sort_keys=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from persona_pipeline.device_shards import DeviceShard
 from persona_pipeline.resources.persona_store import PersonaStore
 from persona_pipeline.store.tables import index_update_rejects
 
@@ -25,3 +26,16 @@ def rejects_by_reason(store: PersonaStore, days: list[str]) -> list[tuple[str, i
     )
     with store.engine.connect() as connection:
         return [(code, int(count)) for code, count in connection.execute(query).all()]
+
+
+def rejects_replaced(days: list[str], shard: DeviceShard | None) -> sa.ColumnElement[bool]:
+    """The rejects a run of `days` on `shard` replaces: every reject of the days unsharded; on a
+    shard its own, and those written under another shard count or before shards were recorded
+    (the days are being ingested again shard by shard)."""
+    r = index_update_rejects.c
+    of_days = r.partition_date.in_(days)
+    if shard is None:
+        return of_days
+    return of_days & (
+        r.device_shards.is_(None) | (r.device_shards != shard.count) | (r.device_shard == shard.index)
+    )

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from persona_pipeline.device_shards import DeviceShard
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.resources.landing_files import FIELDS, REJECT_COLUMNS, clip_raw
 
@@ -133,6 +134,14 @@ def _normalized_ids(ids: pd.Series) -> tuple[pd.Series, pd.Series]:
     reasons[invisible] = [_invisible_reason(text) for text in np.asarray(distinct, dtype=object)[invisible]]
     reason = pd.Series(reasons[np.maximum(codes, 0)], index=ids.index, dtype="string").where(codes >= 0)
     return spread, reason
+
+
+def rows_of_shard(raw: pd.DataFrame, shard: DeviceShard) -> pd.DataFrame:
+    """The rows `shard` holds, by their device id as validation accepts it (stripped, NFC); a row
+    without one belongs to the shard of the empty id, so every row is in exactly one shard."""
+    ids, _ = _normalized_ids(_text(raw["device_id"]))
+    held = shard.holds(ids.fillna(""))
+    return raw if held.all() else raw[held]
 
 
 def _first_invisible(text: str) -> str | None:

@@ -7,7 +7,7 @@ from pydantic import Field
 
 from persona_pipeline.automation import AFTER_UPSTREAM, after_upstream_updates
 from persona_pipeline.metadata import OWNERS, add_counts_per_partition, table_metadata
-from persona_pipeline.partitions import daily_partitions, partition_days
+from persona_pipeline.partitions import device_day_backfill, device_day_partitions, run_days_and_shard
 from persona_pipeline.personas import reporting, storage
 from persona_pipeline.personas.index_verification import SAMPLE_SIZE, collection_problem
 from persona_pipeline.personas.profiles import (
@@ -41,8 +41,8 @@ KEY_WEIGHTS = dg.AssetKey("key_weights")
 @dg.asset(
     owners=OWNERS,
     metadata=table_metadata(store_tables.device_profiles, store_tables.profile_changes),
-    partitions_def=daily_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
+    partitions_def=device_day_partitions,
+    backfill_policy=device_day_backfill,
     deps=["index_updates"],
     group_name="personas",
     kinds={"pandas", "sql"},
@@ -58,9 +58,10 @@ KEY_WEIGHTS = dg.AssetKey("key_weights")
 )
 def device_profiles(context: dg.AssetExecutionContext, persona_store: PersonaStore) -> dg.MaterializeResult:
     """Latest value per (device, key) by event time. Merging is order-independent and idempotent:
-    days can be materialized in any order, or twice, and leave the same table."""
-    days = partition_days(context.partition_time_window)
-    updates = storage.read_updates_for_days(persona_store, days)
+    days can be materialized in any order, or twice, and leave the same table. With device shards,
+    a run of a (day, shard) merges that shard's file of the day: its devices only."""
+    days, shard = run_days_and_shard(context)
+    updates = storage.read_updates_for_days(persona_store, days, shard)
     if len(days) > 1:
         add_counts_per_partition(context, storage.count_updates_by_day(persona_store, days))
     latest = latest_per_device_key(updates)

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import sqlalchemy as sa
 
+from persona_pipeline.device_shards import DeviceShard
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
 from persona_pipeline.store.tables import (
     device_profiles,
@@ -24,10 +25,14 @@ from persona_pipeline.store.tables import (
 )
 
 
-def read_updates_for_days(store: PersonaStore, days: list[str]) -> pd.DataFrame:
-    """The accepted updates of `days`, from the update history."""
+def read_updates_for_days(
+    store: PersonaStore, days: list[str], shard: DeviceShard | None = None
+) -> pd.DataFrame:
+    """The accepted updates of `days`, from the update history: every device's, or one shard's."""
     return store.history.read(
-        days, ["device_id", "customer_id", "key", "value", "value_number", "observed_at"]
+        days,
+        ["device_id", "customer_id", "key", "value", "value_number", "observed_at"],
+        shard=None if shard is None else shard.index,
     )
 
 

@@ -277,8 +277,8 @@ class PersonaStore(dg.ConfigurableResource):
     )
     history_shards: int | None = Field(
         default=None,
-        ge=settings.HISTORY_SHARD_LIMITS[0],
-        le=settings.HISTORY_SHARD_LIMITS[1],
+        ge=settings.SHARD_LIMITS[0],
+        le=settings.SHARD_LIMITS[1],
         description="Files per day of the update history, by a stable hash of device_id "
         "(PERSONA_HISTORY_SHARDS). Default: 1.",
     )

@@ -29,6 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from persona_pipeline.device_shards import DeviceShard, shard_of
+
 UPDATES_FOLDER = "index_updates"
 PART_NAME = "part-0.parquet"
 LOCK_NAME = ".lock"
@@ -63,13 +65,6 @@ class HistoryError(dg.Failure):
 
     def __str__(self) -> str:
         return self.description or ""
-
-
-def shard_of(device_ids: pd.Series, shards: int) -> np.ndarray:
-    """The shard of each device: a hash that is the same in every process and release
-    (pandas' SipHash with its fixed key), modulo the shard count."""
-    hashes = pd.util.hash_array(device_ids.to_numpy(dtype=object), categorize=True)
-    return (hashes % np.uint64(shards)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -122,6 +117,32 @@ class UpdateHistory:
                 self._replace_day(day, table.filter(pc.equal(dates, day)))
         return rows
 
+    def write_shard(self, days: Sequence[str], shard: DeviceShard, accepted: pd.DataFrame) -> int:
+        """Replace the files of `shard` on `days` with `accepted`'s rows (every one the shard's);
+        rows written. Files of shards the count no longer has go."""
+        if shard.count != self.shards:
+            raise HistoryError(
+                f"device shard {shard.index} of {shard.count}: the update history at {self.folder} "
+                f"keeps {self.shards} shards per day"
+            )
+        table = as_history_table(accepted)
+        outside = ~shard.holds(accepted["device_id"]) if len(accepted) else np.zeros(0, dtype=bool)
+        if outside.any():
+            raise HistoryError(f"{int(outside.sum())} rows given for shard {shard.index} are another shard's")
+        dates = table.column("partition_date")
+        with self.exclusive():
+            for day in days:
+                rows = table.filter(pc.equal(dates, day)) if len(days) > 1 else table
+                path = self.day_folder(day) / f"shard={shard.index}" / PART_NAME
+                if rows.num_rows:
+                    self._write_file(path, _in_key_order(rows))
+                else:
+                    path.unlink(missing_ok=True)
+                for other in self._day_files(self.day_folder(day)):
+                    if int(SHARD_FOLDER.match(other.parent.name).group(1)) >= shard.count:
+                        other.unlink()
+        return table.num_rows
+
     def _replace_day(self, day: str, table: pa.Table) -> None:
         """The day's files become `table`'s rows, one file per shard that has rows."""
         folder = self.day_folder(day)
@@ -159,19 +180,21 @@ class UpdateHistory:
         found = (DAY_FOLDER.match(entry.name) for entry in self.folder.iterdir() if entry.is_dir())
         return sorted(match.group(1) for match in found if match)
 
-    def files(self, days: Iterable[str] | None = None) -> list[Path]:
-        """The Parquet files of `days` (every day when None)."""
+    def files(self, days: Iterable[str] | None = None, shard: int | None = None) -> list[Path]:
+        """The Parquet files of `days` (every day when None), of one shard or all."""
         chosen = self.days() if days is None else days
-        return [path for day in chosen for path in self._day_files(self.day_folder(day))]
+        return [path for day in chosen for path in self._day_files(self.day_folder(day), shard)]
 
     @staticmethod
-    def _day_files(folder: Path) -> list[Path]:
+    def _day_files(folder: Path, shard: int | None = None) -> list[Path]:
         if not folder.is_dir():
             return []
         return sorted(
-            shard / PART_NAME
-            for shard in folder.iterdir()
-            if SHARD_FOLDER.match(shard.name) and (shard / PART_NAME).is_file()
+            entry / PART_NAME
+            for entry in folder.iterdir()
+            if (match := SHARD_FOLDER.match(entry.name))
+            and (shard is None or int(match.group(1)) == shard)
+            and (entry / PART_NAME).is_file()
         )
 
     def read(
@@ -179,9 +202,11 @@ class UpdateHistory:
         days: Iterable[str] | None = None,
         columns: Sequence[str] = COLUMNS,
         where: ds.Expression | None = None,
+        shard: int | None = None,
     ) -> pd.DataFrame:
-        """The rows of `days` (every day when None) that match `where`, only `columns`."""
-        table = self.read_table(days, columns, where)
+        """The rows of `days` (every day when None) that match `where`, only `columns`; of one
+        shard's files or all."""
+        table = self.read_table(days, columns, where, shard)
         frame = table.to_pandas()
         if "observed_at" in frame.columns:
             frame["observed_at"] = frame["observed_at"].astype("datetime64[us, UTC]")
@@ -192,8 +217,9 @@ class UpdateHistory:
         days: Iterable[str] | None = None,
         columns: Sequence[str] = COLUMNS,
         where: ds.Expression | None = None,
+        shard: int | None = None,
     ) -> pa.Table:
-        files = self.files(days)
+        files = self.files(days, shard)
         if not files:
             return SCHEMA.empty_table().select(list(columns))
         for path in files:

@@ -39,6 +39,9 @@ index_update_rejects = sa.Table(
     sa.Column("reason_code", sa.String(32), nullable=False),
     sa.Column("rejected_at", UtcDateTime, nullable=False),
     sa.Column("device_id", sa.Text),  # when the row could be parsed; lets an erasure find it
+    # The ingest run's device shard and shard count (0 of 1 unsharded): a run replaces its own.
+    sa.Column("device_shard", sa.Integer),
+    sa.Column("device_shards", sa.Integer),
     sa.Index("ix_index_update_rejects_partition", "partition_date"),
 )
 
