@@ -1,0 +1,226 @@
+"""Device shards (PERSONA_DEVICE_SHARDS): every row and device in exactly one shard, a shard's run
+touching only its own files and rejects, and N shards leaving the tables of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from persona_pipeline.demo.generator import generate_fleet, write_landing
+from persona_pipeline.device_shards import DeviceShard, shard_of
+from persona_pipeline.ingest.storage import rejects_replaced
+from persona_pipeline.ingest.validation import rows_of_shard
+from persona_pipeline.resources import PersonaStore
+from persona_pipeline.resources.update_history import HistoryError, UpdateHistory
+from persona_pipeline.store.tables import index_update_rejects, metadata
+from persona_pipeline_tests.conftest import store_url, update, write_file, write_jsonl
+
+BIN = Path(sys.executable).parent
+START, DAYS = "2026-03-01", 3
+END = "2026-03-03"
+
+
+def test_every_row_is_in_exactly_one_shard_by_its_id_as_validation_accepts_it():
+    composed = "café-7"
+    raw = pd.DataFrame(
+        {
+            "device_id": [
+                "dev-1",
+                "  dev-1 ",
+                unicodedata.normalize("NFD", composed),
+                composed,
+                None,
+                "",
+                *[f"d{i}" for i in range(200)],
+            ]
+        }
+    )
+    shards = [DeviceShard(index, 4) for index in range(4)]
+    parts = [rows_of_shard(raw, shard) for shard in shards]
+    assert sorted(index for part in parts for index in part.index) == list(raw.index)
+    home = {label: next(i for i, part in enumerate(parts) if label in part.index) for label in raw.index}
+    # A padded id and a decomposed one are the ids validation accepts, so they share those shards.
+    assert home[0] == home[1] and home[2] == home[3]
+    assert home[4] == home[5] == int(shard_of(pd.Series([""]), 4)[0])
+    assert len({home[label] for label in range(6, len(raw))}) == 4  # 200 ids spread over all four
+
+
+def test_a_shard_is_one_of_its_count():
+    with pytest.raises(ValueError, match=r"^device shard 4 is not one of 0\.\.3$"):
+        DeviceShard(4, 4)
+
+
+def history_rows(day: str, devices: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "partition_date": day,
+            "device_id": devices,
+            "customer_id": None,
+            "key": "device.location.city",
+            "value": "Berlin",
+            "value_number": None,
+            "observed_at": pd.Timestamp(f"{day}T10:00:00Z"),
+            "source_file": "f.jsonl",
+            "source_row": range(len(devices)),
+        }
+    )
+
+
+def test_a_shard_writes_its_own_file_and_refuses_another_shards_rows(tmp_path):
+    devices = pd.Series([f"d{i}" for i in range(60)])
+    numbers = shard_of(devices, 3)
+    history = UpdateHistory(tmp_path, shards=3)
+    for index in range(3):
+        history.write_shard(
+            [START], DeviceShard(index, 3), history_rows(START, devices[numbers == index].tolist())
+        )
+    assert sorted(history.read([START])["device_id"]) == sorted(devices)
+    before = {path: path.stat().st_mtime_ns for path in history.files([START])}
+
+    # Shard 1 again, with fewer rows: only its file changes.
+    history.write_shard([START], DeviceShard(1, 3), history_rows(START, devices[numbers == 1].tolist()[:2]))
+    changed = [path for path in history.files([START]) if path.stat().st_mtime_ns != before[path]]
+    assert [path.parent.name for path in changed] == ["shard=1"]
+    assert len(history.read([START], shard=1)) == 2
+    assert len(history.read([START], shard=0)) == (numbers == 0).sum()
+
+    with pytest.raises(HistoryError, match="rows given for shard 0 are another shard's"):
+        history.write_shard([START], DeviceShard(0, 3), history_rows(START, devices[numbers == 2].tolist()))
+    with pytest.raises(HistoryError, match="keeps 3 shards per day"):
+        history.write_shard([START], DeviceShard(0, 2), history_rows(START, []))
+
+
+def test_a_shard_run_replaces_its_own_rejects_and_those_of_another_shard_count(persona_home):
+    store = PersonaStore(url=store_url(persona_home))
+    rows = pd.DataFrame(
+        {
+            "partition_date": START,
+            "source_file": "f.jsonl",
+            "source_row": range(5),
+            "raw": "{}",
+            "reason": "bad",
+            "reason_code": "bad",
+            "rejected_at": pd.Timestamp("2026-03-02T00:00:00Z"),
+            "device_id": None,
+            "device_shard": [0, 1, 1, None, 0],
+            "device_shards": [2, 2, 2, None, 3],
+        }
+    )
+    with store.begin() as connection:
+        store.insert_frame(connection, index_update_rejects, rows)
+    store.replace_rows(index_update_rejects, rejects_replaced([START], DeviceShard(1, 2)), rows.iloc[0:0])
+    kept = store.read_frame(sa.select(index_update_rejects.c.source_row))["source_row"].tolist()
+    assert kept == [0]  # shard 0 of 2 stays; its own, the unrecorded and the 3-shard rows go
+    store.replace_rows(index_update_rejects, rejects_replaced([START], None), rows.iloc[0:0])
+    assert store.read_frame(sa.select(index_update_rejects.c.source_row)).empty
+
+
+COMPARED = {
+    "device_profiles": ["device_id", "key"],
+    "index_update_rejects": ["partition_date", "source_file", "source_row"],
+    "persona_vectors": ["device_id"],
+    "device_clusters": ["device_id"],
+    "anomaly_scores": ["device_id"],
+    "service_recommendations": ["offer_id"],
+    "support_tickets": ["ticket_id"],
+}
+# Wall-clock columns, and the shard a reject was written by: the rest must match.
+UNCOMPARED = {
+    "computed_at",
+    "clustered_at",
+    "scored_at",
+    "created_at",
+    "updated_at",
+    "first_seen_at",
+    "last_seen_at",
+    "rejected_at",
+    "device_shard",
+    "device_shards",
+}
+
+
+def landed_fleet(landing: Path) -> None:
+    """A demo fleet, plus rows that test the shard of an id: padded, decomposed, missing, unparsed."""
+    write_landing(generate_fleet(240, DAYS, seed=11, start=START), landing)
+    day = START
+    write_jsonl(
+        landing,
+        day,
+        [
+            update("  pad-1 ", "device.location.city", "Köln", f"{day}T09:00:00Z"),
+            update(
+                unicodedata.normalize("NFD", "café-2"), "device.location.city", "Lyon", f"{day}T09:00:00Z"
+            ),
+            update("café-2", "device.connection.signal_strength", -70, f"{day}T09:05:00Z"),
+            {"key": "device.location.city", "value": "Rome", "observed_at": f"{day}T09:00:00Z"},
+        ],
+        name="planted.jsonl",
+    )
+    write_file(
+        landing,
+        day,
+        "broken.jsonl",
+        '{"device_id": "x", "key": \n' + json.dumps(update("pad-1", "k", 1, f"{day}T10:00:00Z")) + "\n",
+    )
+
+
+def run_chain(home: Path, shards: int) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
+    env |= {"PERSONA_HOME": str(home), "PERSONA_DEVICE_SHARDS": str(shards), "PERSONA_NORMS_KEY": "k" * 40}
+    done = subprocess.run(
+        [str(BIN / "persona-pipeline"), "run", "--start", START, "--end", END],
+        env=env,
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def tables(home: Path) -> dict[str, pd.DataFrame]:
+    store = PersonaStore(url=f"sqlite:///{home / 'persona.db'}")
+    frames = {}
+    for name, order in COMPARED.items():
+        frame = store.read_frame(sa.select(metadata.tables[name]))
+        frame = frame.drop(columns=[c for c in frame.columns if c in UNCOMPARED])
+        frames[name] = frame.sort_values(order).reset_index(drop=True)
+    return frames
+
+
+@pytest.mark.store_agnostic
+def test_three_shards_leave_the_tables_of_one_and_a_rerun_changes_nothing(tmp_path):
+    homes = {shards: tmp_path / f"shards-{shards}" for shards in (1, 3)}
+    for home in homes.values():
+        home.mkdir()
+        landed_fleet(home / "landing")
+        run_chain(home, 1 if home == homes[1] else 3)
+
+    one, three = tables(homes[1]), tables(homes[3])
+    for name, frame in one.items():
+        pd.testing.assert_frame_equal(three[name], frame, obj=name)
+    assert one["device_profiles"]["device_id"].nunique() == 242  # the fleet, pad-1 and café-2
+    assert {"pad-1", "café-2"} <= set(one["device_profiles"]["device_id"])
+    assert {"missing_device_id", "unreadable"} <= set(one["index_update_rejects"]["reason_code"])
+
+    history = UpdateHistory(homes[3] / "history", shards=3)
+    files = history.files([START])
+    assert [path.parent.name for path in files] == ["shard=0", "shard=1", "shard=2"]
+    for index in range(3):
+        devices = history.read([START], ["device_id"], shard=index)["device_id"]
+        assert (shard_of(devices, 3) == index).all()
+
+    # The shards' runs again over the same days: the same tables (each shard replaced only its own).
+    run_chain(homes[3], 3)
+    again = tables(homes[3])
+    for name in ("device_profiles", "index_update_rejects", "persona_vectors"):
+        pd.testing.assert_frame_equal(again[name], one[name], obj=name)
