@@ -108,6 +108,10 @@ def too_many_qdrant_replicas(values: dict) -> None:
     set_env(values, "PERSONA_QDRANT_REPLICAS", "17")
 
 
+def no_device_shard(values: dict) -> None:
+    set_env(values, "PERSONA_DEVICE_SHARDS", "0")
+
+
 def automation_neither_on_nor_off(values: dict) -> None:
     set_env(values, "PERSONA_AUTOMATION", "sometimes")
 
@@ -201,6 +205,11 @@ MISTAKES: list[tuple[Callable[[dict], None], str, str]] = [
         too_many_qdrant_replicas,
         f"{DEPLOYMENT}.env[{env_index('PERSONA_QDRANT_REPLICAS')}] (PERSONA_QDRANT_REPLICAS)",
         "PERSONA_QDRANT_REPLICAS=17: expected 1 to 16",
+    ),
+    (
+        no_device_shard,
+        f"{DEPLOYMENT}.env[{env_index('PERSONA_DEVICE_SHARDS')}] (PERSONA_DEVICE_SHARDS)",
+        "PERSONA_DEVICE_SHARDS='0': expected a whole number from 1 to 1024",
     ),
     (
         automation_neither_on_nor_off,

@@ -224,3 +224,74 @@ def test_three_shards_leave_the_tables_of_one_and_a_rerun_changes_nothing(tmp_pa
     again = tables(homes[3])
     for name in ("device_profiles", "index_update_rejects", "persona_vectors"):
         pd.testing.assert_frame_equal(again[name], one[name], obj=name)
+
+
+def test_the_history_shard_count_follows_the_device_shards(monkeypatch):
+    from persona_pipeline import settings
+
+    monkeypatch.setenv("PERSONA_DEVICE_SHARDS", "4")
+    monkeypatch.delenv("PERSONA_HISTORY_SHARDS", raising=False)
+    assert (settings.device_shards(), settings.history_shards()) == (4, 4)
+    monkeypatch.setenv("PERSONA_HISTORY_SHARDS", "8")
+    with pytest.raises(ValueError, match=r"^PERSONA_HISTORY_SHARDS=8 differs from PERSONA_DEVICE_SHARDS=4"):
+        settings.history_shards()
+    monkeypatch.setenv("PERSONA_DEVICE_SHARDS", "many")
+    with pytest.raises(
+        ValueError, match=r"^PERSONA_DEVICE_SHARDS='many': expected a whole number from 1 to 1024$"
+    ):
+        settings.device_shards()
+
+
+# Run in a process of its own: the partitions come from PERSONA_DEVICE_SHARDS when the code loads.
+AUTOMATION_SCRIPT = """
+import json, os, time
+from datetime import UTC, datetime
+import dagster as dg
+from persona_pipeline.definitions import defs
+from persona_pipeline.ingest.jobs import ingest_schedule
+from persona_pipeline.ingest.sensors import index_updates_sensor
+from persona_pipeline.resources import LandingZone
+
+landing = LandingZone(path=os.environ["PERSONA_LANDING_DIR"])
+found = {}
+context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 3, 3, 0, 30, tzinfo=UTC))
+found["schedule"] = [request.partition_key for request in ingest_schedule(context)]
+with dg.instance_for_test() as instance:
+    def tick():
+        context = dg.build_sensor_context(instance=instance, resources={"landing_zone": landing})
+        return [request.partition_key for request in index_updates_sensor(context).run_requests]
+    found["sensor"] = tick()
+    ingest = defs.resolve_job_def("ingest_job")
+    run = ingest.execute_in_process(instance=instance, partition_key="2026-03-02|1")
+    found["one_shard_run"] = run.success
+    found["sensor_after"] = tick()
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.store_agnostic
+def test_the_schedule_and_the_landing_sensor_ask_for_every_shard_not_read(tmp_path):
+    home = tmp_path / "home"
+    landing = home / "landing"
+    path = write_jsonl(
+        landing, "2026-03-02", [update("d1", "device.model", "X", "2026-03-02T08:00:00+00:00")]
+    )
+    past = path.stat().st_mtime - 3600
+    os.utime(path, (past, past))
+    os.utime(path.parent, (past, past))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
+    env |= {
+        "PERSONA_HOME": str(home),
+        "PERSONA_LANDING_DIR": str(landing),
+        "PERSONA_DEVICE_SHARDS": "2",
+        "PERSONA_PARTITION_START": "2026-03-01",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", AUTOMATION_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["schedule"] == ["2026-03-02|0", "2026-03-02|1"]
+    assert found["sensor"] == ["2026-03-02|0", "2026-03-02|1"]
+    assert found["one_shard_run"]
+    assert found["sensor_after"] == ["2026-03-02|0"]  # shard 1 was read after the file last changed
