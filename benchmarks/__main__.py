@@ -45,6 +45,12 @@ def main() -> None:
     parser.add_argument("--no-dagster", action="store_true", help="skip `persona-pipeline run`")
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
     parser.add_argument(
+        "--no-stages", action="store_true", help="skip the stages one by one: only the chain (and baseline)"
+    )
+    parser.add_argument(
+        "--device-shards", type=int, default=1, help="PERSONA_DEVICE_SHARDS of the chain's runs (default 1)"
+    )
+    parser.add_argument(
         "--upsert-sample", type=int, default=2_000, help="naive upserts timed, the rest extrapolated"
     )
     parser.add_argument("--keep", action="store_true", help="keep the homes (stores) after the run")
@@ -63,6 +69,8 @@ def main() -> None:
             seed=args.seed,
             work=args.work,
             dagster=not args.no_dagster,
+            stages=not args.no_stages,
+            device_shards=args.device_shards,
             baseline=not args.no_baseline,
             upsert_sample=args.upsert_sample,
             keep=args.keep,

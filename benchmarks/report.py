@@ -38,7 +38,8 @@ def size_table(results: Results) -> str:
         f"persona_pipeline benchmark: {o.devices:,} devices x {o.updates_per_device} = {g['rows']:,} updates "
         f"on {o.day}; incremental day {o.next_day}: {g['changed_devices']:,} devices "
         f"({o.changed_share:.0%}, {o.moved_share:.0%} of them moving city) changed, {g['changed_rows']:,} "
-        f"updates; median of {o.repeats} run(s)",
+        f"updates; median of {o.repeats} run(s)"
+        + (f"; the chain on {o.device_shards} device shards" if o.device_shards > 1 else ""),
         f"{'':<22} {'full day':-^63}  {'incremental day':-^32}",
         f"{'stage':<22} {'rows in':>10} {'unit':<9} {'seconds':>9} {'rows/s':>10} {'peak RSS':>10}   "
         f"{'rows in':>10} {'seconds':>9} {'% of full':>10}",

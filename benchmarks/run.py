@@ -45,6 +45,8 @@ class Options:
     day: str = field(default_factory=lambda: (date.today() - timedelta(days=3)).isoformat())
     work: Path = Path(".bench")
     dagster: bool = True
+    stages: bool = True  # False: only the chain through Dagster (and the baseline)
+    device_shards: int = 1  # PERSONA_DEVICE_SHARDS of the chain's runs
     baseline: bool = True
     upsert_sample: int = 2_000
     response_share: float = 0.25  # of the offers made, answered in the feedback batch
@@ -75,12 +77,13 @@ def benchmark(options: Options, say=print) -> Results:
     say(f"fleet generated: {results.generated['rows']:,} updates in {results.generated['seconds']:.1f} s")
     for repeat in range(1, options.repeats + 1):
         home = fresh_home(options, f"run-{repeat}")
-        for phase, day in (("full", options.day), ("incremental", options.next_day)):
-            for name in DAY_STAGES:
-                _record(results, phase, name, run_stage(options, home, name, day), say)
-        write_feedback_batch(home, options)
-        for name in LEARNING_STAGES:
-            _record(results, "full", name, run_stage(options, home, name, options.next_day), say)
+        if options.stages:
+            for phase, day in (("full", options.day), ("incremental", options.next_day)):
+                for name in DAY_STAGES:
+                    _record(results, phase, name, run_stage(options, home, name, day), say)
+            write_feedback_batch(home, options)
+            for name in LEARNING_STAGES:
+                _record(results, "full", name, run_stage(options, home, name, options.next_day), say)
         if options.dagster:
             chain_home = fresh_home(options, f"chain-{repeat}")
             for phase, day in (("full", options.day), ("incremental", options.next_day)):
@@ -155,6 +158,7 @@ def _child_env(home: Path, options: Options) -> dict[str, str]:
     env.update(
         PERSONA_HOME=str(home),
         PERSONA_PARTITION_START=options.day,
+        PERSONA_DEVICE_SHARDS=str(options.device_shards),
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
     return env
