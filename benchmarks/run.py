@@ -158,7 +158,6 @@ def _child_env(home: Path, options: Options) -> dict[str, str]:
     env.update(
         PERSONA_HOME=str(home),
         PERSONA_PARTITION_START=options.day,
-        PERSONA_DEVICE_SHARDS=str(options.device_shards),
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
     return env
@@ -181,7 +180,8 @@ def _inline_stage(home: Path, name: str, day: str, index_sample: int | None) -> 
 def run_chain(options: Options, home: Path, day: str) -> Measured:
     """`persona-pipeline run` for one day, timed from outside (the command's start included)."""
     command = [str(Path(sys.executable).parent / "persona-pipeline"), "run", "--start", day, "--end", day]
-    return run_measured(command, home / "bench.log", _child_env(home, options))
+    env = {**_child_env(home, options), "PERSONA_DEVICE_SHARDS": str(options.device_shards)}
+    return run_measured(command, home / "bench.log", env)
 
 
 def run_naive(options: Options, home: Path) -> Measured:

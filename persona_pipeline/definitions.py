@@ -53,7 +53,8 @@ def build_resources(resolved: bool = False) -> dict[str, dg.ConfigurableResource
     }
 
 
-# Fail at load time, with the file and entry named, when the configuration is invalid.
+# Fail at load time, with the file, entry or variable named, when the configuration is invalid.
+settings.history_shards()
 load_feature_schema(os.environ.get("PERSONA_CONFIG_DIR"))
 load_service_catalog(os.environ.get("PERSONA_CONFIG_DIR"))
 

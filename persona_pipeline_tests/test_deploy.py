@@ -112,6 +112,10 @@ def no_device_shard(values: dict) -> None:
     set_env(values, "PERSONA_DEVICE_SHARDS", "0")
 
 
+def history_shards_other_than_the_device_shards(values: dict) -> None:
+    set_env(values, "PERSONA_HISTORY_SHARDS", "8")
+
+
 def automation_neither_on_nor_off(values: dict) -> None:
     set_env(values, "PERSONA_AUTOMATION", "sometimes")
 
@@ -210,6 +214,11 @@ MISTAKES: list[tuple[Callable[[dict], None], str, str]] = [
         no_device_shard,
         f"{DEPLOYMENT}.env[{env_index('PERSONA_DEVICE_SHARDS')}] (PERSONA_DEVICE_SHARDS)",
         "PERSONA_DEVICE_SHARDS='0': expected a whole number from 1 to 1024",
+    ),
+    (
+        history_shards_other_than_the_device_shards,
+        f"{DEPLOYMENT}.env",
+        "PERSONA_HISTORY_SHARDS=8 differs from PERSONA_DEVICE_SHARDS=4",
     ),
     (
         automation_neither_on_nor_off,

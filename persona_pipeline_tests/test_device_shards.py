@@ -10,6 +10,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -44,7 +45,8 @@ def test_every_row_is_in_exactly_one_shard_by_its_id_as_validation_accepts_it():
         }
     )
     shards = [DeviceShard(index, 4) for index in range(4)]
-    parts = [rows_of_shard(raw, shard) for shard in shards]
+    parts = [rows_of_shard(raw, shard)[0] for shard in shards]
+    assert {rows_of_shard(raw, shard)[1] for shard in shards} == {2}  # every shard counts the day's
     assert sorted(index for part in parts for index in part.index) == list(raw.index)
     home = {label: next(i for i, part in enumerate(parts) if label in part.index) for label in raw.index}
     # A padded id and a decomposed one are the ids validation accepts, so they share those shards.
@@ -96,6 +98,10 @@ def test_a_shard_writes_its_own_file_and_refuses_another_shards_rows(tmp_path):
         history.write_shard([START], DeviceShard(0, 3), history_rows(START, devices[numbers == 2].tolist()))
     with pytest.raises(HistoryError, match="keeps 3 shards per day"):
         history.write_shard([START], DeviceShard(0, 2), history_rows(START, []))
+    later = history_rows("2026-03-05", devices[numbers == 0].tolist())
+    with pytest.raises(HistoryError, match=r"rows given for 2026-03-01 are of another day"):
+        history.write_shard([START], DeviceShard(0, 3), later)
+    assert len(history.read([START], shard=0)) == (numbers == 0).sum()  # nothing written
 
 
 def test_a_shard_run_replaces_its_own_rejects_and_those_of_another_shard_count(persona_home):
@@ -235,6 +241,12 @@ def test_the_history_shard_count_follows_the_device_shards(monkeypatch):
     monkeypatch.setenv("PERSONA_HISTORY_SHARDS", "8")
     with pytest.raises(ValueError, match=r"^PERSONA_HISTORY_SHARDS=8 differs from PERSONA_DEVICE_SHARDS=4"):
         settings.history_shards()
+    store = PersonaStore(url="sqlite://", history_dir="/nonexistent", history_shards=8)
+    monkeypatch.delenv("PERSONA_HISTORY_SHARDS")
+    with pytest.raises(
+        ValueError, match=r"^PersonaStore.history_shards=8 differs from PERSONA_DEVICE_SHARDS=4"
+    ):
+        store.history  # noqa: B018
     monkeypatch.setenv("PERSONA_DEVICE_SHARDS", "many")
     with pytest.raises(
         ValueError, match=r"^PERSONA_DEVICE_SHARDS='many': expected a whole number from 1 to 1024$"
@@ -295,3 +307,38 @@ def test_the_schedule_and_the_landing_sensor_ask_for_every_shard_not_read(tmp_pa
     assert found["sensor"] == ["2026-03-02|0", "2026-03-02|1"]
     assert found["one_shard_run"]
     assert found["sensor_after"] == ["2026-03-02|0"]  # shard 1 was read after the file last changed
+
+
+def test_every_shard_judges_the_days_reject_share_alike():
+    """Rows without a device id all go to one shard; each shard's reject share is still the day's
+    (exactly, when only such rows are rejected; near it, when rows with ids are too)."""
+    from persona_pipeline.feature_schema import load_feature_schema
+    from persona_pipeline.ingest.ingest import ingest_days
+    from persona_pipeline.resources.landing_files import RAW_COLUMNS, ReadResult, empty_rejects
+
+    day = "2026-03-02"
+    rng = np.random.default_rng(3)
+    good = [(f"d{i}", "device.location.city", "Berlin") for i in range(2000)]
+    bad_value = [(f"b{i}", "device.connection.signal_strength", "loud") for i in range(100)]
+    no_id = [(None, "device.location.city", "Rome")] * 80
+    rows = pd.DataFrame(good + bad_value + no_id, columns=["device_id", "key", "value"]).iloc[
+        rng.permutation(2180)
+    ]
+    rows = rows.assign(customer_id=None, observed_at=f"{day}T10:00:00Z", source_file="f.jsonl", raw=None)
+    rows = rows.assign(source_row=range(len(rows)))[list(RAW_COLUMNS)].reset_index(drop=True)
+    unparsed = (
+        empty_rejects()
+        .reindex(range(20))
+        .assign(source_file="f.jsonl", source_row=range(5000, 5020), raw="{", reason="not JSON")
+    )
+    schema = load_feature_schema(None)
+
+    def share(shard: DeviceShard | None, frame: pd.DataFrame) -> float:
+        return ingest_days([day], lambda _: ReadResult(frame, unparsed), schema, shard=shard).reject_share
+
+    whole = share(None, rows)
+    assert whole == pytest.approx(200 / 2200)
+    only_missing = rows[rows["key"] != "device.connection.signal_strength"]
+    assert [share(DeviceShard(i, 4), only_missing) for i in range(4)] == pytest.approx([100 / 2100] * 4)
+    for index in range(4):
+        assert share(DeviceShard(index, 4), rows) == pytest.approx(whole, abs=0.02)

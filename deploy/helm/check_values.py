@@ -507,6 +507,17 @@ def check_deployment(deployment: Mapping, path: str) -> list[Problem]:
         problems.append(
             Problem(f"{path}.env", "PERSONA_HISTORY_DIR is not set: the update history must be shared")
         )
+    shard_counts = {
+        name: entries[name].value
+        for name in ("PERSONA_DEVICE_SHARDS", "PERSONA_HISTORY_SHARDS")
+        if name in entries and isinstance(entries[name].value, str)
+    }
+    if len(shard_counts) == 2:
+        try:
+            with environment(shard_counts):
+                settings.history_shards()
+        except ValueError as error:
+            problems.append(Problem(f"{path}.env", str(error)))
     for entry, variable in ((landing, "PERSONA_LANDING_DIR"), (history, "PERSONA_HISTORY_DIR")):
         if entry is None or not isinstance(entry.value, str):
             continue

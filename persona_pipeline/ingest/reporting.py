@@ -82,6 +82,15 @@ def updates_metadata(
         "file_notes": dg.MetadataValue.text("\n".join(outcome.problems) or "none"),
         "folder_problems": dg.MetadataValue.text("\n".join(folder_problems) or "none"),
         "preview": markdown_table(accepted.head(5).drop(columns=["source_file", "source_row"])),
+        # On a device shard the reject share is the day's as the shard sees it (contracts.md).
+        **(
+            {
+                "day_rows_read": dg.MetadataValue.int(outcome.day_rows_read),
+                "day_rows_without_device_id": dg.MetadataValue.int(outcome.day_rows_without_id),
+            }
+            if outcome.sharded
+            else {}
+        ),
     }
 
 

@@ -130,6 +130,9 @@ class UpdateHistory:
         if outside.any():
             raise HistoryError(f"{int(outside.sum())} rows given for shard {shard.index} are another shard's")
         dates = table.column("partition_date")
+        elsewhere = pc.sum(pc.invert(pc.is_in(dates, value_set=pa.array(list(days), pa.string())))).as_py()
+        if elsewhere:
+            raise HistoryError(f"{elsewhere} rows given for {', '.join(days)} are of another day")
         with self.exclusive():
             for day in days:
                 rows = table.filter(pc.equal(dates, day)) if len(days) > 1 else table
