@@ -198,16 +198,23 @@ def start_chain(env: dict[str, str], log: Path) -> subprocess.Popen:
         )
 
 
-def tables(home: Path) -> dict[str, pd.DataFrame]:
+def tables(
+    home: Path,
+    compared: dict[str, list[str]] = COMPARED,
+    dropped: set[str] = RUN_TIME_COLUMNS,
+    url: str | None = None,
+) -> dict[str, pd.DataFrame]:
+    """The `compared` tables of the store at `url` (default: the embedded one of `home`), in their
+    order, without the `dropped` columns."""
     import sqlalchemy as sa
 
     from persona_pipeline.store.tables import metadata
 
-    store = PersonaStore(url=f"sqlite:///{home / 'persona.db'}")
+    store = PersonaStore(url=url or f"sqlite:///{home / 'persona.db'}")
     frames = {}
-    for name, order in COMPARED.items():
+    for name, order in compared.items():
         frame = store.read_frame(sa.select(metadata.tables[name]))
-        frame = frame.drop(columns=[c for c in frame.columns if c in RUN_TIME_COLUMNS])
+        frame = frame.drop(columns=[c for c in frame.columns if c in dropped])
         frames[name] = frame.sort_values(order).reset_index(drop=True)
     return frames
 

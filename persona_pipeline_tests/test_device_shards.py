@@ -21,7 +21,8 @@ from persona_pipeline.ingest.storage import rejects_replaced
 from persona_pipeline.ingest.validation import rows_of_shard
 from persona_pipeline.resources import PersonaStore
 from persona_pipeline.resources.update_history import HistoryError, UpdateHistory
-from persona_pipeline.store.tables import index_update_rejects, metadata
+from persona_pipeline.store.tables import index_update_rejects
+from persona_pipeline_tests import test_celery as celery_tests
 from persona_pipeline_tests.conftest import store_url, update, write_file, write_jsonl
 
 BIN = Path(sys.executable).parent
@@ -180,7 +181,12 @@ def landed_fleet(landing: Path) -> None:
 
 def run_chain(home: Path, shards: int) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
-    env |= {"PERSONA_HOME": str(home), "PERSONA_DEVICE_SHARDS": str(shards), "PERSONA_NORMS_KEY": "k" * 40}
+    env |= {
+        "PERSONA_HOME": str(home),
+        "PERSONA_DB_URL": store_url(home),  # the backend --store names: concurrent writers on PostgreSQL
+        "PERSONA_DEVICE_SHARDS": str(shards),
+        "PERSONA_NORMS_KEY": "k" * 40,
+    }
     done = subprocess.run(
         [str(BIN / "persona-pipeline"), "run", "--start", START, "--end", END],
         env=env,
@@ -194,16 +200,9 @@ def run_chain(home: Path, shards: int) -> str:
 
 
 def tables(home: Path) -> dict[str, pd.DataFrame]:
-    store = PersonaStore(url=f"sqlite:///{home / 'persona.db'}")
-    frames = {}
-    for name, order in COMPARED.items():
-        frame = store.read_frame(sa.select(metadata.tables[name]))
-        frame = frame.drop(columns=[c for c in frame.columns if c in UNCOMPARED])
-        frames[name] = frame.sort_values(order).reset_index(drop=True)
-    return frames
+    return celery_tests.tables(home, COMPARED, UNCOMPARED, url=store_url(home))
 
 
-@pytest.mark.store_agnostic
 def test_three_shards_leave_the_tables_of_one_and_a_rerun_changes_nothing(tmp_path):
     homes = {shards: tmp_path / f"shards-{shards}" for shards in (1, 3)}
     for home in homes.values():

@@ -24,7 +24,7 @@ from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.store.tables import metadata
 from persona_pipeline_tests.test_celery import Workers, clean_env, forget_queue, loopback_broker, start_worker
 from persona_pipeline_tests.test_celery import stop as stop_worker
-from persona_pipeline_tests.test_webserver import DAEMON, Server, Ui, free_port, start
+from persona_pipeline_tests.test_webserver import DAEMON, LAUNCH_BACKFILL, Server, Ui, free_port, start
 from persona_pipeline_tests.test_webserver import stop as stop_servers
 
 pytestmark = pytest.mark.store_agnostic
@@ -101,17 +101,6 @@ def deployment(tmp_path: Path) -> Iterator[ShardedDeployment]:
         forget_queue(broker, queue)
 
 
-LAUNCH_SHARDS = """
-mutation($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on Error { message }
-  }
-}
-"""
-
-
 def one_shard_tables(landing: Path, root: Path) -> dict[str, pd.DataFrame]:
     """index_updates and device_profiles of DAY on one shard, invoked in this process."""
     store = PersonaStore(url=f"sqlite:///{root / 'persona.db'}", history_dir=str(root / "history"))
@@ -147,7 +136,7 @@ def test_a_backfill_of_a_day_over_its_shards_runs_on_two_workers_and_equals_one_
     ui = deployment.ui
     partitions = [f"{DAY}|{shard}" for shard in range(SHARDS)]
     params = {"assetSelection": [{"path": [asset]} for asset in INGEST], "partitionNames": partitions}
-    launched = ui.query(LAUNCH_SHARDS, params=params)["launchPartitionBackfill"]
+    launched = ui.query(LAUNCH_BACKFILL, params=params)["launchPartitionBackfill"]
     assert launched["__typename"] == "LaunchBackfillSuccess", launched
     backfill = ui.wait_for_backfill(launched["backfillId"], timeout=420)
 
