@@ -280,7 +280,8 @@ class PersonaStore(dg.ConfigurableResource):
         ge=settings.SHARD_LIMITS[0],
         le=settings.SHARD_LIMITS[1],
         description="Files per day of the update history, by a stable hash of device_id "
-        "(PERSONA_HISTORY_SHARDS). Default: 1.",
+        "(PERSONA_HISTORY_SHARDS). Default: 1, or PERSONA_DEVICE_SHARDS when there are several "
+        "device shards (then any other count is refused).",
     )
 
     @property
