@@ -306,42 +306,6 @@ def test_parquet_booleans_are_values_only_as_in_json_lines(landing):
     assert outcome.rejects["reason"].tolist() == [reason] * 2
 
 
-def test_a_number_is_the_same_text_in_parquet_as_in_json_lines_and_csv(landing):
-    """A device id or value sent as the number 7.0 is "7" from every format and whatever else its
-    column holds: as "7.0" (from Parquet, or a JSON Lines column mixing numbers with text) it was
-    another device than the one the other files name."""
-    buffer = io.BytesIO()
-    pq.write_table(
-        pa.table(
-            {
-                "device_id": [7.0, 8.5],
-                "key": ["device.usage.app_maps_duration"] * 2,
-                "value": [5400.0, 12.25],
-                "observed_at": [AT, AT],
-            }
-        ),
-        buffer,
-    )
-    write_file(landing, DAY, "floats.parquet", buffer.getvalue())
-    # A column of JSON Lines mixing numbers and text: 7.0 there is "7" too.
-    write_jsonl(
-        landing,
-        DAY,
-        [update(7.0, "device.model.name", "Pixel", AT), update("d2", "device.model.name", 7.0, AT)],
-    )
-    write_file(
-        landing, DAY, "ids.csv", f"device_id,key,value,observed_at\n7,device.location.city,Berlin,{AT}\n"
-    )
-
-    outcome = ingest(landing)
-
-    assert outcome.rejects.empty
-    assert sorted(outcome.accepted["device_id"]) == ["7", "7", "7", "8.5", "d2"]
-    by_key = outcome.accepted.set_index("key")["value"]
-    assert by_key["device.usage.app_maps_duration"].tolist() == ["5400", "12.25"]
-    assert sorted(by_key["device.model.name"]) == ["7", "Pixel"]
-
-
 @pytest.mark.parametrize(
     ("field", "text", "character"),
     [

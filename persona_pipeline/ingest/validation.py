@@ -78,26 +78,8 @@ def _text(series: pd.Series) -> pd.Series:
     """
     if pd.api.types.is_float_dtype(series.dtype):
         return _canonical_numbers(series).mask(series.isna())
-    if series.dtype == object and pd.api.types.infer_dtype(series, skipna=True) not in WITHOUT_FLOATS:
-        series = _floats_as_numbers(series)
     text = series.astype("string").str.strip()
     return text.mask(text == "")
-
-
-# What pandas infers for a column of objects that holds no float; in any other (JSON Lines
-# mixing numbers and text) the floats are looked for.
-WITHOUT_FLOATS = frozenset({"string", "empty", "integer", "boolean"})
-
-
-def _floats_as_numbers(values: pd.Series) -> pd.Series:
-    """A column of objects with its floats written as a column of numbers has them (7.0 as "7"):
-    a number is the same text whatever else its file's column holds."""
-    floats = (values.map(type).isin([float]) & values.notna()).to_numpy()  # exactly float: not bool
-    if not floats.any():
-        return values
-    written = values.astype(object).copy()
-    written[floats] = _canonical_numbers(values[floats].astype(np.float64)).astype(object).to_numpy()
-    return written
 
 
 def _shown(text: pd.Series) -> pd.Series:

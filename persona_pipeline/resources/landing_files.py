@@ -539,8 +539,6 @@ def _read_parquet(
             reason = f"{column} is a Parquet {kind}, expected {expected}"
             unusable = unusable.where(~series.notna() | (unusable != ""), reason)
             frame[column] = series.astype(object)
-        elif pa.types.is_floating(kind):
-            pass  # kept as numbers: validation writes 7.0 as "7", as from JSON Lines and CSV
         elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             # Text stays in Arrow's columns: as Python objects it took three times the memory.
             frame[column] = series.astype(object)
