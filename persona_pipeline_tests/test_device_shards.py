@@ -10,7 +10,6 @@ import sys
 import unicodedata
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -46,8 +45,7 @@ def test_every_row_is_in_exactly_one_shard_by_its_id_as_validation_accepts_it():
         }
     )
     shards = [DeviceShard(index, 4) for index in range(4)]
-    parts = [rows_of_shard(raw, shard)[0] for shard in shards]
-    assert {rows_of_shard(raw, shard)[1] for shard in shards} == {2}  # every shard counts the day's
+    parts = [rows_of_shard(raw, shard) for shard in shards]
     assert sorted(index for part in parts for index in part.index) == list(raw.index)
     home = {label: next(i for i, part in enumerate(parts) if label in part.index) for label in raw.index}
     # A padded id and a decomposed one are the ids validation accepts, so they share those shards.
@@ -308,36 +306,68 @@ def test_the_schedule_and_the_landing_sensor_ask_for_every_shard_not_read(tmp_pa
     assert found["sensor_after"] == ["2026-03-02|0"]  # shard 1 was read after the file last changed
 
 
-def test_every_shard_judges_the_days_reject_share_alike():
-    """Rows without a device id all go to one shard; each shard's reject share is still the day's
-    (exactly, when only such rows are rejected; near it, when rows with ids are too)."""
-    from persona_pipeline.feature_schema import load_feature_schema
-    from persona_pipeline.ingest.ingest import ingest_days
-    from persona_pipeline.resources.landing_files import RAW_COLUMNS, ReadResult, empty_rejects
+# Run in a process of its own (PERSONA_DEVICE_SHARDS is read when the code loads): ingest every
+# partition of the day given, in order, and print each run's reject-share check.
+REJECT_CHECK_SCRIPT = """
+import json, sys
+from persona_pipeline.definitions import defs
+from persona_pipeline.partitions import device_day_keys
 
-    day = "2026-03-02"
-    rng = np.random.default_rng(3)
-    good = [(f"d{i}", "device.location.city", "Berlin") for i in range(2000)]
-    bad_value = [(f"b{i}", "device.connection.signal_strength", "loud") for i in range(100)]
-    no_id = [(None, "device.location.city", "Rome")] * 80
-    rows = pd.DataFrame(good + bad_value + no_id, columns=["device_id", "key", "value"]).iloc[
-        rng.permutation(2180)
-    ]
-    rows = rows.assign(customer_id=None, observed_at=f"{day}T10:00:00Z", source_file="f.jsonl", raw=None)
-    rows = rows.assign(source_row=range(len(rows)))[list(RAW_COLUMNS)].reset_index(drop=True)
-    unparsed = (
-        empty_rejects()
-        .reindex(range(20))
-        .assign(source_file="f.jsonl", source_row=range(5000, 5020), raw="{", reason="not JSON")
+ingest = defs.resolve_job_def("ingest_job")
+checks = []
+for key in device_day_keys(sys.argv[1]):
+    result = ingest.execute_in_process(partition_key=key, raise_on_error=False)
+    evaluations = result.get_asset_check_evaluations()
+    [check] = [c for c in evaluations if c.check_name == "reject_share_within_threshold"]
+    checks.append({"passed": check.passed, "share": check.metadata["reject_share"].value})
+print(json.dumps(checks))
+"""
+
+
+def reject_checks(home: Path, shards: int, day: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
+    env |= {
+        "PERSONA_HOME": str(home),
+        "PERSONA_DB_URL": store_url(home),
+        "PERSONA_DEVICE_SHARDS": str(shards),
+        "PERSONA_PARTITION_START": "2026-03-01",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", REJECT_CHECK_SCRIPT, day], env=env, capture_output=True, text=True, timeout=300
     )
-    schema = load_feature_schema(None)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
-    def share(shard: DeviceShard | None, frame: pd.DataFrame) -> float:
-        return ingest_days([day], lambda _: ReadResult(frame, unparsed), schema, shard=shard).reject_share
 
-    whole = share(None, rows)
-    assert whole == pytest.approx(200 / 2200)
-    only_missing = rows[rows["key"] != "device.connection.signal_strength"]
-    assert [share(DeviceShard(i, 4), only_missing) for i in range(4)] == pytest.approx([100 / 2100] * 4)
-    for index in range(4):
-        assert share(DeviceShard(index, 4), rows) == pytest.approx(whole, abs=0.02)
+def test_a_shards_reject_check_judges_the_days_rows_not_its_own(tmp_path):
+    """One device's 300 bad rows (2.9 % of the day) all fall in one shard: that shard alone would
+    reject 11 % of its rows and fail; it judges the day's rows instead. A day over the threshold
+    fails on the shard that completes it, with the unsharded share."""
+    clustered, spread = "2026-03-02", "2026-03-03"
+    good = [
+        update(f"d{i % 2000}", "device.location.city", "Berlin", f"{clustered}T10:00:00Z")
+        for i in range(10_000)
+    ]
+    bad_device = [update("noisy", "device.location.city", "Rome", "not a time") for _ in range(300)]
+    spread_rows = [
+        update(
+            f"d{i}", "device.location.city", "Berlin", "not a time" if i % 10 == 0 else f"{spread}T10:00:00Z"
+        )
+        for i in range(2_000)
+    ]
+    homes = {shards: tmp_path / f"shards-{shards}" for shards in (1, 4)}
+    for home in homes.values():
+        write_jsonl(home / "landing", clustered, good + bad_device)
+        write_jsonl(home / "landing", spread, spread_rows)
+
+    [whole] = reject_checks(homes[1], 1, clustered)
+    assert whole == {"passed": True, "share": pytest.approx(300 / 10_300, abs=1e-5)}
+    by_shard = reject_checks(homes[4], 4, clustered)
+    assert all(check["passed"] for check in by_shard)
+    assert by_shard[-1]["share"] == pytest.approx(whole["share"], abs=1e-5)
+
+    [whole] = reject_checks(homes[1], 1, spread)
+    assert whole == {"passed": False, "share": pytest.approx(0.1, abs=1e-5)}
+    by_shard = reject_checks(homes[4], 4, spread)
+    assert [check["share"] for check in by_shard] == sorted(check["share"] for check in by_shard)
+    assert by_shard[-1] == whole

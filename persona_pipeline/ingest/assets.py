@@ -9,7 +9,7 @@ from persona_pipeline.erasure.subjects import Suppression
 from persona_pipeline.ingest import reporting
 from persona_pipeline.ingest.ingest import ingest_days
 from persona_pipeline.ingest.reporting import REJECT_SHARE_CHECK
-from persona_pipeline.ingest.storage import rejects_replaced
+from persona_pipeline.ingest.storage import count_day_rejects, rejects_replaced
 from persona_pipeline.ingest.validation import DEFAULT_MAX_LATE_DAYS
 from persona_pipeline.metadata import OWNERS, add_counts_per_partition
 from persona_pipeline.partitions import device_day_backfill, device_day_partitions, run_days_and_shard
@@ -92,6 +92,7 @@ def index_updates(
     else:
         persona_store.history.write_shard(days, shard, accepted)
     persona_store.replace_rows(index_update_rejects, rejects_replaced(days, shard), rejects)
+    day_rejected = None if shard is None else count_day_rejects(persona_store, days, shard.count)
 
     by_day = reporting.per_day_counts(days, accepted, rejects)
     add_counts_per_partition(context, by_day)
@@ -104,6 +105,7 @@ def index_updates(
             by_day=by_day,
             suppressed_rows=suppressed_rows,
             folder_problems=folder_problems,
+            day_rejected=day_rejected,
         ),
-        check_results=[reporting.reject_check(outcome, rejects, config.max_reject_share)],
+        check_results=[reporting.reject_check(outcome, rejects, config.max_reject_share, day_rejected)],
     )

@@ -31,32 +31,12 @@ class IngestOutcome:
     unknown_keys: set[str] = field(default_factory=set)
     late_rows: int = 0
     problems: list[str] = field(default_factory=list)
-    # On a device shard: every row of the days' files, and those without a device id (rows
-    # without one and lines no reader parsed), whichever shard holds them.
+    # Every row of the days' files, whichever device shard holds it.
     day_rows_read: int = 0
-    day_rows_without_id: int = 0
-
-    @property
-    def sharded(self) -> bool:
-        return self.day_rows_read != self.rows_read
 
     @property
     def reject_share(self) -> float:
-        """The share of the rows read that was rejected. On a device shard, the day's share as the
-        shard shows it: its rejects of rows with a device id stand for the day's rows with one, and
-        the rows without one (all in one shard) count as the day has them, so every shard of a day
-        judges the day alike."""
-        if not self.sharded:
-            return len(self.rejects) / self.rows_read if self.rows_read else 0.0
-        if not self.day_rows_read:
-            return 0.0
-        ids = self.rejects["device_id"] if "device_id" in self.rejects.columns else None
-        without_id = len(self.rejects) if ids is None else int(ids.isna().sum())
-        rows_with_id = self.rows_read - without_id
-        day_rows_with_id = self.day_rows_read - self.day_rows_without_id
-        rejected_with_id = len(self.rejects) - without_id
-        estimated = rejected_with_id * day_rows_with_id / rows_with_id if rows_with_id else 0.0
-        return (estimated + self.day_rows_without_id) / self.day_rows_read
+        return len(self.rejects) / self.rows_read if self.rows_read else 0.0
 
 
 def ingest_days(
@@ -79,10 +59,9 @@ def ingest_days(
         parts = read_day(day)
         checked, unreadable = [], []
         for read in [parts] if isinstance(parts, ReadResult) else parts:
-            rows, without_id = (read.rows, 0) if shard is None else rows_of_shard(read.rows, shard)
+            rows = read.rows if shard is None else rows_of_shard(read.rows, shard)
             unparsed = read.rejects if unparsed_here else read.rejects.iloc[0:0]
             outcome.day_rows_read += len(read.rows) + len(read.rejects)
-            outcome.day_rows_without_id += without_id + len(read.rejects)
             checked.append(check_updates(rows, schema, day, start, end, max_late_days))
             unreadable.append(unparsed.assign(reason_code=UNREADABLE))
             outcome.rows_read += len(rows) + len(unparsed)

@@ -53,6 +53,7 @@ def updates_metadata(
     by_day: pd.DataFrame,
     suppressed_rows: int,
     folder_problems: list[str],
+    day_rejected: int | None = None,
 ) -> dict[str, dg.MetadataValue]:
     """The days ingested: rows read, accepted (`accepted`, per day in `by_day`) and rejected
     (`rejects`), what validation noticed, the rows of erased subjects dropped, and a preview."""
@@ -82,27 +83,31 @@ def updates_metadata(
         "file_notes": dg.MetadataValue.text("\n".join(outcome.problems) or "none"),
         "folder_problems": dg.MetadataValue.text("\n".join(folder_problems) or "none"),
         "preview": markdown_table(accepted.head(5).drop(columns=["source_file", "source_row"])),
-        # On a device shard the reject share is the day's as the shard sees it (contracts.md).
+        # On a device shard the check judges the day: its rows, and its rejects over the shards so far.
         **(
             {
                 "day_rows_read": dg.MetadataValue.int(outcome.day_rows_read),
-                "day_rows_without_device_id": dg.MetadataValue.int(outcome.day_rows_without_id),
+                "day_rows_rejected": dg.MetadataValue.int(day_rejected),
             }
-            if outcome.sharded
+            if day_rejected is not None
             else {}
         ),
     }
 
 
 def reject_check(
-    outcome: IngestOutcome, rejects: pd.DataFrame, max_reject_share: float
+    outcome: IngestOutcome, rejects: pd.DataFrame, max_reject_share: float, day_rejected: int | None = None
 ) -> dg.AssetCheckResult:
-    """Fails when more than `max_reject_share` of the rows read were rejected."""
+    """Fails when more than `max_reject_share` of the rows read were rejected. On a device shard
+    (`day_rejected`: the day's rejects stored by its shards so far, this one's included) the share
+    is of the day's rows: rejects of one device, or rows without a device id, all fall in one
+    shard, so a shard's own share says little of the day. It grows as the shards run and is the
+    day's once all have."""
+    if day_rejected is None:
+        share, rejected, read = outcome.reject_share, len(rejects), outcome.rows_read
+    else:
+        read, rejected = outcome.day_rows_read, day_rejected
+        share = rejected / read if read else 0.0
     return reject_share_check(
-        REJECT_SHARE_CHECK,
-        outcome.reject_share,
-        max_reject_share,
-        len(rejects),
-        outcome.rows_read,
-        "index_update_rejects",
+        REJECT_SHARE_CHECK, share, max_reject_share, rejected, read, "index_update_rejects"
     )

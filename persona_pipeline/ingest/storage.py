@@ -39,3 +39,12 @@ def rejects_replaced(days: list[str], shard: DeviceShard | None) -> sa.ColumnEle
     return of_days & (
         r.device_shards.is_(None) | (r.device_shards != shard.count) | (r.device_shard == shard.index)
     )
+
+
+def count_day_rejects(store: PersonaStore, days: list[str], shards: int) -> int:
+    """The rejects of `days` written by runs of a shard count of `shards`: the days' rejects over
+    the shards that have run."""
+    r = index_update_rejects.c
+    query = sa.select(sa.func.count()).where(r.partition_date.in_(days), r.device_shards == shards)
+    with store.engine.connect() as connection:
+        return int(connection.execute(query).scalar_one())

@@ -136,14 +136,12 @@ def _normalized_ids(ids: pd.Series) -> tuple[pd.Series, pd.Series]:
     return spread, reason
 
 
-def rows_of_shard(raw: pd.DataFrame, shard: DeviceShard) -> tuple[pd.DataFrame, int]:
-    """The rows `shard` holds, by their device id as validation accepts it (stripped, NFC), and
-    how many of all the rows have no id: those belong to the shard of the empty id, so every row
-    is in exactly one shard."""
+def rows_of_shard(raw: pd.DataFrame, shard: DeviceShard) -> pd.DataFrame:
+    """The rows `shard` holds, by their device id as validation accepts it (stripped, NFC); a row
+    without one belongs to the shard of the empty id, so every row is in exactly one shard."""
     ids, _ = _normalized_ids(_text(raw["device_id"]))
-    missing = ids.isna()
-    held = shard.holds(ids.mask(missing, ""))
-    return (raw if held.all() else raw[held]), int(missing.sum())
+    held = shard.holds(ids.fillna(""))
+    return raw if held.all() else raw[held]
 
 
 def _first_invisible(text: str) -> str | None:
