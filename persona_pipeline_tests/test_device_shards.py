@@ -178,13 +178,12 @@ def landed_fleet(landing: Path) -> None:
 
 
 def run_chain(home: Path, shards: int) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
-    env |= {
-        "PERSONA_HOME": str(home),
-        "PERSONA_DB_URL": store_url(home),  # the backend --store names: concurrent writers on PostgreSQL
-        "PERSONA_DEVICE_SHARDS": str(shards),
-        "PERSONA_NORMS_KEY": "k" * 40,
-    }
+    env = celery_tests.clean_env(
+        home,
+        PERSONA_DB_URL=store_url(home),  # the backend --store names: concurrent writers on PostgreSQL
+        PERSONA_DEVICE_SHARDS=str(shards),
+        PERSONA_NORMS_KEY="k" * 40,
+    )
     done = subprocess.run(
         [str(BIN / "persona-pipeline"), "run", "--start", START, "--end", END],
         env=env,
@@ -288,13 +287,12 @@ def test_the_schedule_and_the_landing_sensor_ask_for_every_shard_not_read(tmp_pa
     past = path.stat().st_mtime - 3600
     os.utime(path, (past, past))
     os.utime(path.parent, (past, past))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
-    env |= {
-        "PERSONA_HOME": str(home),
-        "PERSONA_LANDING_DIR": str(landing),
-        "PERSONA_DEVICE_SHARDS": "2",
-        "PERSONA_PARTITION_START": "2026-03-01",
-    }
+    env = celery_tests.clean_env(
+        home,
+        PERSONA_LANDING_DIR=str(landing),
+        PERSONA_DEVICE_SHARDS="2",
+        PERSONA_PARTITION_START="2026-03-01",
+    )
     done = subprocess.run(
         [sys.executable, "-c", AUTOMATION_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
@@ -325,13 +323,12 @@ print(json.dumps(checks))
 
 
 def reject_checks(home: Path, shards: int, day: str) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONA_", "QDRANT_", "DAGSTER_"))}
-    env |= {
-        "PERSONA_HOME": str(home),
-        "PERSONA_DB_URL": store_url(home),
-        "PERSONA_DEVICE_SHARDS": str(shards),
-        "PERSONA_PARTITION_START": "2026-03-01",
-    }
+    env = celery_tests.clean_env(
+        home,
+        PERSONA_DB_URL=store_url(home),
+        PERSONA_DEVICE_SHARDS=str(shards),
+        PERSONA_PARTITION_START="2026-03-01",
+    )
     done = subprocess.run(
         [sys.executable, "-c", REJECT_CHECK_SCRIPT, day], env=env, capture_output=True, text=True, timeout=300
     )

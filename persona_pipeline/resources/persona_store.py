@@ -294,10 +294,11 @@ class PersonaStore(dg.ConfigurableResource):
         before revision 0010 still holds in its `index_updates` table move to it."""
         root = Path(self.history_dir).expanduser().resolve() if self.history_dir else settings.history_dir()
         shards = self.history_shards or settings.history_shards()
-        if settings.device_shards() > 1 and shards != settings.device_shards():
+        device_shards = settings.device_shards()
+        if device_shards > 1 and shards != device_shards:
             raise ValueError(
                 f"PersonaStore.history_shards={shards} differs from PERSONA_DEVICE_SHARDS="
-                f"{settings.device_shards()}: with device shards the history keeps one file per shard"
+                f"{device_shards}: with device shards the history keeps one file per shard"
             )
         return _history(self.resolved_url, root, shards)
 

@@ -142,7 +142,7 @@ class UpdateHistory:
                 else:
                     path.unlink(missing_ok=True)
                 for other in self._day_files(self.day_folder(day)):
-                    if int(SHARD_FOLDER.match(other.parent.name).group(1)) >= shard.count:
+                    if _shard_number(other) >= shard.count:
                         other.unlink()
         return table.num_rows
 
@@ -160,7 +160,7 @@ class UpdateHistory:
             self._write_file(folder / f"shard={shard}" / PART_NAME, _in_key_order(rows))
         written = set(by_shard)
         for path in self._day_files(folder):
-            if int(SHARD_FOLDER.match(path.parent.name).group(1)) not in written:
+            if _shard_number(path) not in written:
                 path.unlink()
 
     def _write_file(self, path: Path, table: pa.Table) -> None:
@@ -192,13 +192,12 @@ class UpdateHistory:
     def _day_files(folder: Path, shard: int | None = None) -> list[Path]:
         if not folder.is_dir():
             return []
-        return sorted(
+        files = sorted(
             entry / PART_NAME
             for entry in folder.iterdir()
-            if (match := SHARD_FOLDER.match(entry.name))
-            and (shard is None or int(match.group(1)) == shard)
-            and (entry / PART_NAME).is_file()
+            if SHARD_FOLDER.match(entry.name) and (entry / PART_NAME).is_file()
         )
+        return files if shard is None else [path for path in files if _shard_number(path) == shard]
 
     def read(
         self,
@@ -304,6 +303,11 @@ def as_history_table(frame: pd.DataFrame) -> pa.Table:
             values = pd.to_datetime(values, utc=True).dt.floor("us").astype("datetime64[us, UTC]")
         columns[field.name] = pa.Array.from_pandas(values, type=field.type)
     return pa.table(columns, schema=SCHEMA)
+
+
+def _shard_number(path: Path) -> int:
+    """The shard of a history file, from its folder's name (`shard=N`)."""
+    return int(SHARD_FOLDER.match(path.parent.name).group(1))
 
 
 def _in_key_order(table: pa.Table) -> pa.Table:
