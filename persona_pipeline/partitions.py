@@ -9,9 +9,12 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
 
 from persona_pipeline import settings
 from persona_pipeline.device_shards import DeviceShard
+from persona_pipeline.file_store import open_location
 
 # The two daily assets run a backfill as one run (BackfillPolicy.single_run); Dagster calls the
 # parameter beta and says so for each asset in every process that loads the code, on every start.
@@ -29,13 +32,19 @@ LEAD_DAYS = 7
 DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
-def first_landed_day(landing_root: Path) -> str | None:
-    """The earliest well-named day folder (`index_updates/date=YYYY-MM-DD`) of a landing folder."""
+def first_landed_day(landing: str | Path) -> str | None:
+    """The earliest well-named day folder (`index_updates/date=YYYY-MM-DD`) of a landing zone, a
+    local folder or an object-store URL."""
     try:
-        folders = [folder for folder in (landing_root / "index_updates").glob("date=*") if folder.is_dir()]
-    except OSError:  # unreadable: the partitions start at FALLBACK_START
+        location = open_location(landing, "PERSONA_LANDING_DIR")
+        entries = location.entries(location.path("index_updates"))
+    except (pa.ArrowException, OSError, ValueError):  # unreadable: the partitions start at FALLBACK_START
         return None
-    days = [folder.name.removeprefix("date=") for folder in folders]
+    days = [
+        entry.base_name.removeprefix("date=")
+        for entry in entries
+        if entry.type == pafs.FileType.Directory and entry.base_name.startswith("date=")
+    ]
     return min((day for day in days if is_day(day)), default=None)
 
 
@@ -45,7 +54,7 @@ def is_day(text: str) -> bool:
     return bool(DAY.fullmatch(text)) and real
 
 
-def partition_start(configured: str | None, landing_root: Path | None) -> str:
+def partition_start(configured: str | None, landing_root: str | Path | None) -> str:
     """The first daily partition: `configured` (PERSONA_PARTITION_START) when set; else LEAD_DAYS
     before the first day in the landing folder `landing_root`; else FALLBACK_START (no landed day
     yet, or `landing_root` None: the updates come from a SQL source)."""
@@ -62,7 +71,7 @@ def partition_start(configured: str | None, landing_root: Path | None) -> str:
 
 PARTITION_START = partition_start(
     os.environ.get("PERSONA_PARTITION_START"),
-    None if os.environ.get("PERSONA_SOURCE_DB_URL") else settings.landing_dir(),
+    None if os.environ.get("PERSONA_SOURCE_DB_URL") else settings.landing_location(),
 )
 
 daily_partitions = dg.DailyPartitionsDefinition(start_date=PARTITION_START, end_offset=1)

@@ -8,6 +8,7 @@ instance. Every location can be overridden on its own.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,9 +17,32 @@ def persona_home() -> Path:
     return Path(os.environ.get("PERSONA_HOME") or ".persona").expanduser().resolve()
 
 
+STORAGE_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_storage_url(text: str) -> bool:
+    """An object-store URL (`s3://bucket/prefix`); a `file://` URL is a local path."""
+    return bool(STORAGE_URL.match(text)) and not text.lower().startswith("file://")
+
+
+def landing_location() -> str:
+    """The landing zone (PERSONA_LANDING_DIR, default $PERSONA_HOME/landing): a local folder, made
+    absolute, or an object-store URL as given."""
+    override = (os.environ.get("PERSONA_LANDING_DIR") or "").strip()
+    if is_storage_url(override):
+        return override
+    return str(Path(override).expanduser().resolve() if override else persona_home() / "landing")
+
+
 def landing_dir() -> Path:
-    override = os.environ.get("PERSONA_LANDING_DIR")
-    return Path(override).expanduser().resolve() if override else persona_home() / "landing"
+    """The landing zone as a local folder, for what writes one (the demo generator)."""
+    location = landing_location()
+    if is_storage_url(location):
+        raise ValueError(
+            "PERSONA_LANDING_DIR is an object-store URL: this command writes a local folder (give --out, "
+            "then copy it to the store)"
+        )
+    return Path(location)
 
 
 def persona_db_url() -> str:
@@ -54,10 +78,13 @@ def norms_signing_key() -> bytes | None:
     return path.read_text().strip().encode()
 
 
-def history_dir() -> Path:
-    """The update history's root (PERSONA_HISTORY_DIR, default $PERSONA_HOME/history)."""
-    override = os.environ.get("PERSONA_HISTORY_DIR")
-    return Path(override).expanduser().resolve() if override else persona_home() / "history"
+def history_location() -> str:
+    """The update history's root (PERSONA_HISTORY_DIR, default $PERSONA_HOME/history): a local
+    folder, made absolute, or an object-store URL as given."""
+    override = (os.environ.get("PERSONA_HISTORY_DIR") or "").strip()
+    if is_storage_url(override):
+        return override
+    return str(Path(override).expanduser().resolve() if override else persona_home() / "history")
 
 
 SHARD_LIMITS = (1, 1024)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 import sqlalchemy as sa
 
@@ -239,6 +242,73 @@ def postgres_database() -> Callable[[str], str]:
         return url.set(password=password or None).render_as_string(hide_password=False)
 
     return create
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    """A bucket of its own on the S3-compatible server the tests start on loopback; the test's
+    environment points AWS's variables at the server, so pyarrow and child processes reach it."""
+
+    bucket: str
+    endpoint: str
+    filesystem: pafs.S3FileSystem
+
+    def url(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix}"
+
+    def upload(self, folder: Path, prefix: str) -> None:
+        """Every file under `folder`, to `prefix` with the same relative names."""
+        pafs.copy_files(str(folder), f"{self.bucket}/{prefix}", destination_filesystem=self.filesystem)
+
+    def names(self, prefix: str) -> list[str]:
+        """The objects under `prefix`, relative to it."""
+        selector = pafs.FileSelector(f"{self.bucket}/{prefix}", allow_not_found=True, recursive=True)
+        root = f"{self.bucket}/{prefix}/"
+        return sorted(
+            info.path.removeprefix(root)
+            for info in self.filesystem.get_file_info(selector)
+            if info.type == pafs.FileType.File
+        )
+
+
+OBJECT_STORE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "persona-test",
+    "AWS_SECRET_ACCESS_KEY": "persona-test-secret",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """An S3-compatible server (moto's) on a free loopback port: its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def object_store(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+    for name, value in {
+        **OBJECT_STORE_CREDENTIALS,
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    filesystem = pafs.S3FileSystem(
+        access_key=OBJECT_STORE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        secret_key=OBJECT_STORE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        endpoint_override=s3_server,
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    bucket = f"persona-{uuid.uuid4().hex[:12]}"
+    filesystem.create_dir(bucket)
+    return ObjectStore(bucket, s3_server, filesystem)
 
 
 def check_named(result, name: str):

@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "persona_pipeline.deploy",
             "persona_pipeline.settings",
             "persona_pipeline.secrets",
+            "persona_pipeline.file_store",
             "persona_pipeline.formatting",
             "persona_pipeline.metadata",
             "persona_pipeline.retries",

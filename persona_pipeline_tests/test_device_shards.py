@@ -84,11 +84,11 @@ def test_a_shard_writes_its_own_file_and_refuses_another_shards_rows(tmp_path):
             [START], DeviceShard(index, 3), history_rows(START, devices[numbers == index].tolist())
         )
     assert sorted(history.read([START])["device_id"]) == sorted(devices)
-    before = {path: path.stat().st_mtime_ns for path in history.files([START])}
+    before = {path: Path(path).stat().st_mtime_ns for path in history.files([START])}
 
     # Shard 1 again, with fewer rows: only its file changes.
     history.write_shard([START], DeviceShard(1, 3), history_rows(START, devices[numbers == 1].tolist()[:2]))
-    changed = [path for path in history.files([START]) if path.stat().st_mtime_ns != before[path]]
+    changed = [Path(path) for path in history.files([START]) if Path(path).stat().st_mtime_ns != before[path]]
     assert [path.parent.name for path in changed] == ["shard=1"]
     assert len(history.read([START], shard=1)) == 2
     assert len(history.read([START], shard=0)) == (numbers == 0).sum()
@@ -215,7 +215,7 @@ def test_three_shards_leave_the_tables_of_one_and_a_rerun_changes_nothing(tmp_pa
     assert {"missing_device_id", "unreadable"} <= set(one["index_update_rejects"]["reason_code"])
 
     history = UpdateHistory(homes[3] / "history", shards=3)
-    files = history.files([START])
+    files = [Path(path) for path in history.files([START])]
     assert [path.parent.name for path in files] == ["shard=0", "shard=1", "shard=2"]
     for index in range(3):
         devices = history.read([START], ["device_id"], shard=index)["device_id"]

@@ -40,7 +40,7 @@ def stored_rows_of(resources, devices: set[str], offer_ids: set[str]) -> dict[st
     for name in ("index_update_rejects", "offer_feedback_rejects"):
         raw = table(store, name)["raw"]
         found[f"{name}.raw"] = int(sum(raw.str.contains(v, regex=False).sum() for v in devices | offer_ids))
-    found["update_history"] = history_rows_of(store.history.root, devices)
+    found["update_history"] = history_rows_of(Path(store.history.root), devices)
     return found
 
 

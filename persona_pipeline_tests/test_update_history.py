@@ -52,7 +52,7 @@ def test_a_day_is_one_file_in_its_folder_and_a_rerun_replaces_it(landing, resour
     write_jsonl(landing, DAYS[0], rows)
     assert ingest(resources, instance, DAYS[0]).success
     store: PersonaStore = resources["persona_store"]
-    root = store.history.root
+    root = Path(store.history.root)
     assert root == landing.parent / "history"  # $PERSONA_HOME/history by default
     assert history_files(root) == [f"index_updates/date={DAYS[0]}/shard=0/part-0.parquet"]
     written = pq.read_table(root / history_files(root)[0])
@@ -151,7 +151,7 @@ def test_a_bad_file_in_the_history_is_one_line_naming_it(landing, resources, ins
     write_jsonl(landing, DAYS[0], [update("d1", CITY, "Berlin", f"{DAYS[0]}T08:00:00Z")])
     assert ingest(resources, instance, DAYS[0]).success
     history = resources["persona_store"].history
-    bad = history.day_folder(DAYS[0]) / "shard=1" / "part-0.parquet"
+    bad = Path(history.day_folder(DAYS[0])) / "shard=1" / "part-0.parquet"
     bad.parent.mkdir()
     if content == "foreign":
         pq.write_table(pa.table({"device_id": ["x"], "something": [1]}), bad)
@@ -168,13 +168,13 @@ def test_a_bad_file_in_the_history_is_one_line_naming_it(landing, resources, ins
     assert not result.success
     assert str(bad) in result.failure_data_for_node("device_profiles").error.message
     # The good file is still there, whole.
-    assert pq.read_table(history.day_folder(DAYS[0]) / "shard=0" / "part-0.parquet").num_rows == 1
+    assert pq.read_table(Path(history.day_folder(DAYS[0])) / "shard=0" / "part-0.parquet").num_rows == 1
 
 
 def test_erasure_rewrites_only_the_files_holding_the_devices(tmp_path):
     history = UpdateHistory(tmp_path)
     history.write_days(DAYS, pd.concat([updates_frame(DAYS[0], ["a", "b"]), updates_frame(DAYS[1], ["c"])]))
-    untouched = history.day_folder(DAYS[1]) / "shard=0" / "part-0.parquet"
+    untouched = Path(history.day_folder(DAYS[1])) / "shard=0" / "part-0.parquet"
     stamp = untouched.stat().st_mtime_ns
     assert history.devices_of_customers(["customer-of-a"]) == {"a"}
     assert history.remove_devices(["a"]) == 1
@@ -242,7 +242,7 @@ def test_the_history_settings_are_checked(monkeypatch, tmp_path):
 
     monkeypatch.setenv("PERSONA_HISTORY_DIR", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("PERSONA_HISTORY_SHARDS", "8")
-    assert settings.history_dir() == tmp_path / "elsewhere"
+    assert settings.history_location() == str(tmp_path / "elsewhere")
     assert settings.history_shards() == 8
     monkeypatch.setenv("PERSONA_HISTORY_SHARDS", "0")
     with pytest.raises(
@@ -274,7 +274,7 @@ def test_the_lock_is_held_once_per_process_and_released(tmp_path):
     with history.exclusive(), history.exclusive():  # the move writes a day while holding it
         history.write_days([DAYS[0]], updates_frame(DAYS[0], ["a"]))
         # Another holder (another open file, as another process has) is refused meanwhile.
-        with open(history.folder / LOCK_NAME, "a+b") as other, pytest.raises(BlockingIOError):
+        with open(Path(history.folder) / LOCK_NAME, "a+b") as other, pytest.raises(BlockingIOError):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    with open(history.folder / LOCK_NAME, "a+b") as other:
+    with open(Path(history.folder) / LOCK_NAME, "a+b") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again

@@ -141,8 +141,7 @@ def cmd_evaluate_decisions(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from persona_pipeline.resources.persona_store import connect, move_stored_updates
-    from persona_pipeline.resources.update_history import UpdateHistory
+    from persona_pipeline.resources.persona_store import connect, history_beside, move_stored_updates
     from persona_pipeline.secrets import mask_url
     from persona_pipeline.store.schema import upgrade_to_head
 
@@ -150,7 +149,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     engine = connect(url)
     try:
         before, after = upgrade_to_head(engine)
-        history = UpdateHistory(settings.history_dir(), settings.history_shards())
+        history = history_beside(url, settings.history_location(), settings.history_shards())
         moved = move_stored_updates(engine, history)
     finally:
         engine.dispose()
@@ -158,7 +157,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     change = "already at" if before == after else f"upgraded from {before or 'an empty database'} to"
     print(f"persona store {where}: {change} schema revision {after}")
     if moved:
-        print(f"update history {history.folder}: {len(moved)} days of the index_updates table moved there")
+        print(f"update history {history.shown}: {len(moved)} days of the index_updates table moved there")
     return 0
 
 

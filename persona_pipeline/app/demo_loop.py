@@ -70,7 +70,7 @@ def run_demo(
     if len(days) <= rounds:
         raise CommandError(
             f"the demo needs more than {rounds} landed days inside the partitions; "
-            f"{landing.updates_root} has {days}"
+            f"{landing.shown}/index_updates has {days}"
         )
     first_end = days[-rounds - 1]
     say(f"round 0: days {days[0]} … {first_end} with the initial weights")

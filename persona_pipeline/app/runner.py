@@ -101,7 +101,7 @@ def resolve_days(landing: LandingZone, start: str | None, end: str | None) -> Da
         if skipped:
             raise CommandError("no landed day inside the partitions: " + "; ".join(skipped))
         raise CommandError(
-            f"no landed days under {landing.updates_root} and no --start/--end given "
+            f"no landed days under {landing.shown}/index_updates and no --start/--end given "
             "(run `persona-pipeline generate` or drop files into index_updates/date=YYYY-MM-DD/)"
         )
     start = start or usable[0]
@@ -418,7 +418,7 @@ def summary(result: ChainResult) -> str:
             "                   (index_update_rejects, device_profiles, persona_vectors,",
             "                    device_clusters, segments, anomaly_scores, service_recommendations,",
             "                    support_tickets, offer_feedback, key_weights)",
-            f"  update history   {store.history.folder}   (the accepted updates, Parquet per day)",
+            f"  update history   {store.history.shown}   (the accepted updates, Parquet per day)",
             f"  vector index     {index.location}",
         ]
     )

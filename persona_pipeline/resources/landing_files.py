@@ -19,12 +19,22 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+# The landing zone's layout (docs/contracts.md), the same in a local folder and on an object store.
+UPDATES_FOLDER = "index_updates"
+FEEDBACK_FOLDER = "offer_feedback"
+DATE_FOLDER = re.compile(r"^date=(.*)$")
+BATCH_PREFIX = "batch="
+COMPLETE_MARKER = "_SUCCESS"
+# Safe as a folder name, a Dagster partition key and a run key: no path separators, no `..`.
+BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 FIELDS = ("device_id", "customer_id", "key", "value", "observed_at")
 FEEDBACK_FIELDS = ("offer_id", "response", "responded_at")  # a feedback batch file's columns
@@ -61,6 +71,29 @@ WIDE_ENCODINGS = (
     (codecs.BOM_UTF16_LE, "UTF-16"),
     (codecs.BOM_UTF16_BE, "UTF-16"),
 )
+
+
+def check_batch_id(batch_id: str) -> str:
+    """`batch_id` itself when it is a safe feedback batch id; otherwise a one-line ValueError."""
+    if batch_id == "":
+        raise ValueError("batch id '' is empty")
+    if not BATCH_ID.fullmatch(batch_id) or ".." in batch_id:
+        raise ValueError(
+            f"batch id {batch_id!r} is not 1-100 characters of letters, digits, '.', '_' or '-' "
+            "starting with a letter or digit (and without '..')"
+        )
+    return batch_id
+
+
+class LandingFile(Protocol):
+    """A file of the landing zone: a local `Path`, or an object of an object store."""
+
+    @property
+    def name(self) -> str: ...
+
+    def read_bytes(self) -> bytes: ...
+
+    def open(self, mode: str = "rb") -> BinaryIO: ...
 
 
 @dataclass
@@ -107,6 +140,11 @@ def _preview(line: bytes) -> str:
     return clip_raw(text[:RAW_PREVIEW_CHARS]) + f"… ({len(line):,} bytes)"
 
 
+def not_read(label: str, reason: str) -> ReadResult:
+    """A file or folder left unread: one reject naming it and why."""
+    return ReadResult(empty_rows(), file_reject(label, reason))
+
+
 def file_reject(label: str, reason: str, raw: str = "", row: int | None = None) -> pd.DataFrame:
     return pd.DataFrame([{"source_file": label, "source_row": row, "raw": raw, "reason": reason}])
 
@@ -125,7 +163,7 @@ def _not_utf8(label: str, number: int, line: bytes, exc: UnicodeDecodeError) -> 
 
 
 def read_landing_file(
-    path: Path,
+    path: LandingFile,
     label: str,
     fields: tuple[str, ...] = FIELDS,
     required: tuple[str, ...] = REQUIRED_FIELDS,
@@ -194,10 +232,10 @@ def _not_a_read_type(suffix: str) -> str:
     return f"{found} is not read (expected {READ_TYPES})"
 
 
-def _gunzip(path: Path) -> bytes:
+def _gunzip(path: LandingFile) -> bytes:
     """A gzipped file's content, decompressed no further than MAX_DECOMPRESSED_BYTES."""
     try:
-        with gzip.open(path, "rb") as stream:
+        with path.open("rb") as raw, gzip.open(raw, "rb") as stream:
             data = stream.read(MAX_DECOMPRESSED_BYTES + 1)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise _Unreadable(f"not a readable gzip file (truncated or not gzip): {exc}") from exc

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,34 +14,22 @@ import sqlalchemy as sa
 from pydantic import Field
 
 from persona_pipeline import settings
+from persona_pipeline.file_store import Location, open_location
 from persona_pipeline.partitions import is_day
 from persona_pipeline.resources.landing_files import (
+    BATCH_PREFIX,
+    COMPLETE_MARKER,
+    DATE_FOLDER,
     FEEDBACK_FIELDS,
+    FEEDBACK_FOLDER,
     FIELDS,
+    UPDATES_FOLDER,
     ReadResult,
-    empty_rows,
-    file_reject,
+    check_batch_id,
+    not_read,
     read_landing_file,
 )
-
-UPDATES_FOLDER = "index_updates"
-FEEDBACK_FOLDER = "offer_feedback"
-DATE_FOLDER = re.compile(r"^date=(.*)$")
-BATCH_PREFIX = "batch="
-# Safe as a folder name, a Dagster partition key and a run key: no path separators, no `..`.
-BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-def check_batch_id(batch_id: str) -> str:
-    """`batch_id` itself when it is a safe feedback batch id; otherwise a one-line ValueError."""
-    if batch_id == "":
-        raise ValueError("batch id '' is empty")
-    if not BATCH_ID.fullmatch(batch_id) or ".." in batch_id:
-        raise ValueError(
-            f"batch id {batch_id!r} is not 1-100 characters of letters, digits, '.', '_' or '-' "
-            "starting with a letter or digit (and without '..')"
-        )
-    return batch_id
+from persona_pipeline.resources.landing_objects import ObjectLanding
 
 
 def is_valid_batch_id(batch_id: str) -> bool:
@@ -62,11 +49,13 @@ def is_inside(path: Path, root: Path) -> bool:
 
 
 class LandingZone(dg.ConfigurableResource):
-    """Where raw index updates arrive (docs/contracts.md: `index_updates/date=YYYY-MM-DD/*`)."""
+    """Where raw index updates arrive (docs/contracts.md: `index_updates/date=YYYY-MM-DD/*`): a
+    local folder, or an object-store URL read through pyarrow's filesystems."""
 
     path: str | None = Field(
         default=None,
-        description="Landing folder (PERSONA_LANDING_DIR). Default: $PERSONA_HOME/landing.",
+        description="Landing folder or object-store URL such as s3://bucket/landing "
+        "(PERSONA_LANDING_DIR). Default: $PERSONA_HOME/landing.",
     )
     source_db_url: str | None = Field(
         default=None,
@@ -77,8 +66,30 @@ class LandingZone(dg.ConfigurableResource):
     )
 
     @property
+    def location(self) -> Location:
+        return open_location(self.path or settings.landing_location(), "PERSONA_LANDING_DIR")
+
+    @property
+    def shown(self) -> str:
+        """How messages name the landing zone (an object-store URL with any credentials masked)."""
+        return self.location.shown
+
+    @property
+    def _objects(self) -> ObjectLanding | None:
+        """The object-store reader, or None for a local folder."""
+        location = self.location
+        return None if location.is_local else ObjectLanding(location)
+
+    @property
     def root(self) -> Path:
-        return Path(self.path).expanduser().resolve() if self.path else settings.landing_dir()
+        """The landing folder; a landing zone on an object store has none (what writes a local
+        folder, the demo's simulated feedback, cannot use it)."""
+        location = self.location
+        if not location.is_local:
+            raise ValueError(
+                f"the landing zone is on an object store ({location.shown}): this writes a local folder"
+            )
+        return Path(location.root)
 
     @property
     def updates_root(self) -> Path:
@@ -89,10 +100,14 @@ class LandingZone(dg.ConfigurableResource):
 
     def landed_days(self) -> list[str]:
         """Days with a well-named folder, sorted."""
+        if (objects := self._objects) is not None:
+            return objects.landed_days()
         return sorted(day for day, folder in self._date_folders() if is_day(day) and folder.is_dir())
 
     def misnamed_folders(self) -> list[str]:
         """Folders under index_updates/ that are not `date=YYYY-MM-DD`: they are never read."""
+        if (objects := self._objects) is not None:
+            return objects.misnamed_folders()
         if not self.updates_root.is_dir():
             return []
         return sorted(
@@ -104,6 +119,8 @@ class LandingZone(dg.ConfigurableResource):
     def updates_folder_problems(self) -> list[str]:
         """One line per entry under index_updates/ that is never read, naming it and why: misnamed
         folders, and files or other entries where day folders belong."""
+        if (objects := self._objects) is not None:
+            return objects.updates_folder_problems()
         problems = [
             f"landing folder {UPDATES_FOLDER}/{name} is not date=YYYY-MM-DD: never read"
             for name in self.misnamed_folders()
@@ -119,6 +136,8 @@ class LandingZone(dg.ConfigurableResource):
         """Per well-named day folder, a fingerprint of its files (names, sizes, modification
         times). A day whose newest file changed less than `settle_seconds` ago is left out: it
         may still be being written."""
+        if (objects := self._objects) is not None:
+            return objects.settled_day_fingerprints(settle_seconds)
         newest_allowed = time.time() - settle_seconds
         fingerprints = {}
         for day in self.landed_days():
@@ -162,6 +181,8 @@ class LandingZone(dg.ConfigurableResource):
     def _feedback_folders(self) -> list[tuple[str | None, str]]:
         """(batch id or None, problem or "") per entry of offer_feedback/; an incomplete batch
         (no _SUCCESS yet) has neither a problem nor a batch id: it may still be being written."""
+        if (objects := self._objects) is not None:
+            return objects.feedback_folders()
         try:
             entries = sorted(self.feedback_root.iterdir()) if self.feedback_root.is_dir() else []
         except OSError as exc:
@@ -184,22 +205,26 @@ class LandingZone(dg.ConfigurableResource):
                 found.append((None, f"{label}: resolves outside the landing zone (a symlink?): never read"))
             elif not entry.is_dir():
                 found.append((None, f"{label}: not a folder: never read"))
-            elif (entry / "_SUCCESS").is_file():
+            elif (entry / COMPLETE_MARKER).is_file():
                 found.append((batch_id, ""))
         return found
 
     def read_feedback_batch(self, batch_id: str) -> ReadResult:
+        if (objects := self._objects) is not None:
+            return objects.read_feedback_batch(check_batch_id(batch_id))
         folder = self.feedback_root / f"{BATCH_PREFIX}{check_batch_id(batch_id)}"
         if not is_inside(folder, self.feedback_root.resolve()):
             raise ValueError(
                 f"{folder.relative_to(self.root)} resolves outside the landing zone (a symlink?): not read"
             )
-        if not (folder / "_SUCCESS").is_file():
-            raise FileNotFoundError(f"feedback batch {batch_id} is not complete: no {folder / '_SUCCESS'}")
-        files, not_read = self._folder_files(folder, self.feedback_root.resolve())
+        if not (folder / COMPLETE_MARKER).is_file():
+            raise FileNotFoundError(
+                f"feedback batch {batch_id} is not complete: no {folder / COMPLETE_MARKER}"
+            )
+        files, skipped = self._folder_files(folder, self.feedback_root.resolve())
         return ReadResult.concat(
             [
-                not_read,
+                skipped,
                 *(read_landing_file(f, self._label(f), FEEDBACK_FIELDS, FEEDBACK_FIELDS) for f in files),
             ]
         )
@@ -213,20 +238,23 @@ class LandingZone(dg.ConfigurableResource):
         if self.source_db_url:
             yield self._read_day_from_sql(day)
             return
+        if (objects := self._objects) is not None:
+            yield from objects.read_day_files(day)
+            return
         folder = self.day_folder(day)
         label = self._label(folder)
         if not folder.exists() and not folder.is_symlink():
             yield ReadResult.empty([f"no landing folder {label}"])
             return
         if not is_inside(folder, self.updates_root.resolve()):
-            yield _not_read(label, "resolves outside the landing zone (a symlink?): not read")
+            yield not_read(label, "resolves outside the landing zone (a symlink?): not read")
             return
         if not folder.is_dir():
-            yield _not_read(label, "not a folder: not read")
+            yield not_read(label, "not a folder: not read")
             return
-        files, not_read = self._folder_files(folder, self.updates_root.resolve())
-        yield not_read
-        if not files and not_read.rejects.empty:
+        files, skipped = self._folder_files(folder, self.updates_root.resolve())
+        yield skipped
+        if not files and skipped.rejects.empty:
             yield ReadResult.empty([f"{label}: no files"])
         for f in files:
             yield read_landing_file(f, self._label(f))
@@ -244,7 +272,7 @@ class LandingZone(dg.ConfigurableResource):
         try:
             entries = sorted(p for p in folder.iterdir() if not p.name.startswith(("_", ".")))
         except OSError as exc:
-            return [], _not_read(self._label(folder), f"folder cannot be listed: {exc.strerror}")
+            return [], not_read(self._label(folder), f"folder cannot be listed: {exc.strerror}")
         files, rejects = [], []
         for entry in entries:
             label = self._label(entry)
@@ -317,11 +345,7 @@ class LandingZone(dg.ConfigurableResource):
         return ReadResult(frame, ReadResult.empty().rejects)
 
 
-def _not_read(label: str, reason: str) -> ReadResult:
-    return ReadResult(empty_rows(), file_reject(label, reason))
-
-
 def _not_read_all(rejects: list[tuple[str, str]]) -> ReadResult:
     if not rejects:
         return ReadResult.empty()
-    return ReadResult.concat([_not_read(label, reason) for label, reason in rejects])
+    return ReadResult.concat([not_read(label, reason) for label, reason in rejects])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import repeat
 from pathlib import Path
 
@@ -17,7 +17,8 @@ from pydantic import Field
 from sqlalchemy.dialects import postgresql, sqlite
 
 from persona_pipeline import settings
-from persona_pipeline.resources.update_history import UpdateHistory
+from persona_pipeline.file_store import open_location
+from persona_pipeline.resources.update_history import UpdateHistory, file_lock
 from persona_pipeline.secrets import mask_url
 from persona_pipeline.store.schema import upgrade_to_head
 from persona_pipeline.store.tables import index_updates as stored_updates
@@ -84,10 +85,45 @@ def _engine(url: str) -> sa.Engine:
 
 
 @lru_cache(maxsize=16)
-def _history(url: str, root: Path, shards: int) -> UpdateHistory:
-    history = UpdateHistory(root, shards)
+def _history(url: str, root: str, shards: int) -> UpdateHistory:
+    history = history_beside(url, root, shards)
     move_stored_updates(_engine(url), history)
     return history
+
+
+def history_beside(url: str, root: str, shards: int) -> UpdateHistory:
+    """The update history at `root` kept beside the persona store at `url`: on an object store,
+    its lock is held in that store."""
+    lock = None if open_location(root, "PERSONA_HISTORY_DIR").is_local else partial(history_lock, url)
+    return UpdateHistory(root, shards, lock)
+
+
+# Any number, the same in every process: the key of the update history's advisory lock.
+HISTORY_LOCK_KEY = 7_414_220_611
+
+
+@contextmanager
+def history_lock(url: str) -> Iterator[None]:
+    """The lock of an update history kept on an object store, held in the persona store every
+    worker shares: PostgreSQL's advisory lock; beside a SQLite store (one machine), a lock file
+    next to the database."""
+    engine = _engine(url)
+    if engine.dialect.name != "postgresql":
+        database = engine.url.database
+        if not database or database == ":memory:":
+            raise ValueError(
+                f"the persona store at {mask_url(url)} keeps no file: an update history on an object store "
+                "needs PostgreSQL (or a SQLite file) to hold its lock"
+            )
+        with file_lock(Path(f"{database}.history-lock")):
+            yield
+        return
+    with engine.connect() as connection:
+        connection.execute(sa.text("select pg_advisory_lock(:key)"), {"key": HISTORY_LOCK_KEY})
+        try:
+            yield
+        finally:
+            connection.execute(sa.text("select pg_advisory_unlock(:key)"), {"key": HISTORY_LOCK_KEY})
 
 
 def move_stored_updates(engine: sa.Engine, history: UpdateHistory) -> list[str]:
@@ -292,7 +328,9 @@ class PersonaStore(dg.ConfigurableResource):
     def history(self) -> UpdateHistory:
         """The update history beside this store. On first use in a process, rows a store from
         before revision 0010 still holds in its `index_updates` table move to it."""
-        root = Path(self.history_dir).expanduser().resolve() if self.history_dir else settings.history_dir()
+        root = self.history_dir if self.history_dir else settings.history_location()
+        if not settings.is_storage_url(root):
+            root = str(Path(root).expanduser().resolve())
         shards = self.history_shards or settings.history_shards()
         device_shards = settings.device_shards()
         if device_shards > 1 and shards != device_shards:

@@ -4,21 +4,25 @@ index_updates asset is its one writer, and erasure rewrites files without an era
 
     <root>/index_updates/date=YYYY-MM-DD/shard=N/part-0.parquet
 
-A device's rows are in shard `stable_hash(device_id) % shards`. Every file is written to a
-temporary name and renamed over the old one, so a reader sees a day's file before or after a
-write, never half of one; writing a day again replaces its files (and removes shards a smaller
-shard count no longer uses).
+`<root>` is a local folder or an object-store URL (`s3://bucket/prefix`). A device's rows are in
+shard `stable_hash(device_id) % shards`. Every file is written whole, so a reader sees a day's file
+before or after a write, never half of one (locally: a temporary name renamed over the old file;
+on an object store: one object put); writing a day again replaces its files (and removes shards a
+smaller shard count no longer uses).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
+import posixpath
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import dagster as dg
@@ -27,9 +31,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from persona_pipeline.device_shards import DeviceShard, shard_of
+from persona_pipeline.file_store import Location, open_location
 
 UPDATES_FOLDER = "index_updates"
 PART_NAME = "part-0.parquet"
@@ -53,7 +59,7 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
-_HELD: set[Path] = set()  # the histories whose lock this process holds
+_HELD: set[str] = set()  # the histories whose lock this process holds
 
 
 class HistoryError(dg.Failure):
@@ -69,37 +75,57 @@ class HistoryError(dg.Failure):
 
 @dataclass(frozen=True)
 class UpdateHistory:
-    """The history under `root`, written in `shards` shards per day."""
+    """The history under `root` (a local folder or an object-store URL), written in `shards`
+    shards per day. `lock`, when given, is what `exclusive()` holds: a history on an object store
+    needs one every worker sees (PersonaStore.history gives the persona store's); a local one
+    locks a file in its folder."""
 
-    root: Path
+    root: str | Path
     shards: int = 1
+    lock: Callable[[], AbstractContextManager[None]] | None = dataclasses.field(default=None, compare=False)
+
+    @cached_property
+    def location(self) -> Location:
+        return open_location(self.root, "PERSONA_HISTORY_DIR")
 
     @property
-    def folder(self) -> Path:
-        return self.root / UPDATES_FOLDER
+    def folder(self) -> str:
+        """The history's folder, as the filesystem names it (a local path, or bucket/prefix)."""
+        return self.location.path(UPDATES_FOLDER)
 
-    def day_folder(self, day: str) -> Path:
-        return self.folder / f"date={day}"
+    @property
+    def shown(self) -> str:
+        """How messages name the history's folder."""
+        return self.location.shown_path(UPDATES_FOLDER)
+
+    def day_folder(self, day: str) -> str:
+        return posixpath.join(self.folder, f"date={day}")
 
     # Writing ----------------------------------------------------------------------------------
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold the history's lock (across processes on the machine or the shared volume): an
+        """Hold the history's lock (across processes, and machines when `lock` is shared): an
         erasure's rewrite of a file must not put back rows an ingest of the day just replaced.
         Taken again inside itself, in the same process, it is already held."""
         if self.folder in _HELD:
             yield
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / LOCK_NAME, "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        if self.lock is not None:
+            held = self.lock()
+        elif self.location.is_local:
+            held = file_lock(Path(self.folder) / LOCK_NAME)
+        else:
+            raise HistoryError(
+                f"the update history at {self.shown} is on an object store: open it through the persona "
+                "store (PersonaStore.history), whose database holds its lock"
+            )
+        with held:
             _HELD.add(self.folder)
             try:
                 yield
             finally:
                 _HELD.discard(self.folder)
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def write_days(self, days: Sequence[str], accepted: pd.DataFrame) -> int:
         """Replace the files of `days` with `accepted`'s rows (those of a day without rows go);
@@ -122,7 +148,7 @@ class UpdateHistory:
         rows written. Files of shards the count no longer has go."""
         if shard.count != self.shards:
             raise HistoryError(
-                f"device shard {shard.index} of {shard.count}: the update history at {self.folder} "
+                f"device shard {shard.index} of {shard.count}: the update history at {self.shown} "
                 f"keeps {self.shards} shards per day"
             )
         table = as_history_table(accepted)
@@ -136,14 +162,14 @@ class UpdateHistory:
         with self.exclusive():
             for day in days:
                 rows = table.filter(pc.equal(dates, day)) if len(days) > 1 else table
-                path = self.day_folder(day) / f"shard={shard.index}" / PART_NAME
+                path = posixpath.join(self.day_folder(day), f"shard={shard.index}", PART_NAME)
                 if rows.num_rows:
                     self._write_file(path, _in_key_order(rows))
                 else:
-                    path.unlink(missing_ok=True)
+                    self.location.delete_file(path)
                 for other in self._day_files(self.day_folder(day)):
                     if _shard_number(other) >= shard.count:
-                        other.unlink()
+                        self.location.delete_file(other)
         return table.num_rows
 
     def _replace_day(self, day: str, table: pa.Table) -> None:
@@ -157,20 +183,27 @@ class UpdateHistory:
                 shard: table.filter(pa.array(numbers == shard)) for shard in np.unique(numbers).tolist()
             }
         for shard, rows in by_shard.items():
-            self._write_file(folder / f"shard={shard}" / PART_NAME, _in_key_order(rows))
+            self._write_file(posixpath.join(folder, f"shard={shard}", PART_NAME), _in_key_order(rows))
         written = set(by_shard)
         for path in self._day_files(folder):
             if _shard_number(path) not in written:
-                path.unlink()
+                self.location.delete_file(path)
 
-    def _write_file(self, path: Path, table: pa.Table) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    def _write_file(self, path: str, table: pa.Table) -> None:
+        """`table` becomes the file at `path` whole: a reader sees the old file or the new one."""
+        if not self.location.is_local:
+            buffer = pa.BufferOutputStream()
+            pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+            self.location.write_bytes(path, buffer.getvalue().to_pybytes())
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         try:
             pq.write_table(table, temporary, row_group_size=ROW_GROUP_ROWS, compression="zstd")
             with open(temporary, "rb") as written:
                 os.fsync(written.fileno())
-            os.replace(temporary, path)
+            os.replace(temporary, target)
         finally:
             temporary.unlink(missing_ok=True)
 
@@ -178,26 +211,37 @@ class UpdateHistory:
 
     def days(self) -> list[str]:
         """The days the history holds files of, oldest first."""
-        if not self.folder.is_dir():
-            return []
-        found = (DAY_FOLDER.match(entry.name) for entry in self.folder.iterdir() if entry.is_dir())
+        found = (
+            DAY_FOLDER.match(entry.base_name)
+            for entry in self._entries(self.folder)
+            if entry.type == pafs.FileType.Directory
+        )
         return sorted(match.group(1) for match in found if match)
 
-    def files(self, days: Iterable[str] | None = None, shard: int | None = None) -> list[Path]:
-        """The Parquet files of `days` (every day when None), of one shard or all."""
+    def files(self, days: Iterable[str] | None = None, shard: int | None = None) -> list[str]:
+        """The Parquet files of `days` (every day when None), of one shard or all, as the
+        history's filesystem names them."""
         chosen = self.days() if days is None else days
         return [path for day in chosen for path in self._day_files(self.day_folder(day), shard)]
 
-    @staticmethod
-    def _day_files(folder: Path, shard: int | None = None) -> list[Path]:
-        if not folder.is_dir():
-            return []
+    def _day_files(self, folder: str, shard: int | None = None) -> list[str]:
         files = sorted(
-            entry / PART_NAME
-            for entry in folder.iterdir()
-            if SHARD_FOLDER.match(entry.name) and (entry / PART_NAME).is_file()
+            entry.path
+            for entry in self._entries(folder, recursive=True)
+            if entry.type == pafs.FileType.File
+            and entry.base_name == PART_NAME
+            and posixpath.dirname(posixpath.dirname(entry.path)) == folder
+            and SHARD_FOLDER.match(posixpath.basename(posixpath.dirname(entry.path)))
         )
         return files if shard is None else [path for path in files if _shard_number(path) == shard]
+
+    def _entries(self, folder: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        try:
+            return self.location.entries(folder, recursive)
+        except (pa.ArrowException, OSError) as exc:
+            raise HistoryError(
+                f"the update history at {self.shown} cannot be listed: {_first_line(exc)}"
+            ) from None
 
     def read(
         self,
@@ -226,12 +270,12 @@ class UpdateHistory:
             return SCHEMA.empty_table().select(list(columns))
         for path in files:
             self._check(path)
-        dataset = ds.dataset([str(path) for path in files], schema=SCHEMA, format="parquet")
+        dataset = ds.dataset(files, schema=SCHEMA, format="parquet", filesystem=self.location.filesystem)
         try:
             return dataset.to_table(columns=list(columns), filter=where)
         except (pa.ArrowException, OSError) as exc:
             raise HistoryError(
-                f"the update history at {self.folder} cannot be read: {_first_line(exc)}"
+                f"the update history at {self.shown} cannot be read: {_first_line(exc)}"
             ) from None
 
     def count_by_day(self, days: Sequence[str]) -> pd.Series:
@@ -242,14 +286,15 @@ class UpdateHistory:
         }
         return pd.Series(counts, dtype="int64").rename_axis("day")
 
-    def _check(self, path: Path) -> pq.FileMetaData:
+    def _check(self, path: str) -> pq.FileMetaData:
         """The file's footer, or a one-line error naming the file: it cannot be read, or its
         columns are not the history's."""
+        shown = self._shown(path)
         try:
-            metadata = pq.read_metadata(path)
+            metadata = pq.read_metadata(path, filesystem=self.location.filesystem)
         except (pa.ArrowException, OSError) as exc:
             raise HistoryError(
-                f"{path}: not a readable Parquet file of the update history ({_first_line(exc)})"
+                f"{shown}: not a readable Parquet file of the update history ({_first_line(exc)})"
             ) from None
         found = metadata.schema.to_arrow_schema()
         wrong = [
@@ -259,9 +304,12 @@ class UpdateHistory:
         ]
         if wrong:
             raise HistoryError(
-                f"{path}: not a file of the update history: lacks or mistypes {', '.join(wrong)}"
+                f"{shown}: not a file of the update history: lacks or mistypes {', '.join(wrong)}"
             )
         return metadata
+
+    def _shown(self, path: str) -> str:
+        return self.location.shown_path(posixpath.relpath(path, self.location.root))
 
     # Erasure ----------------------------------------------------------------------------------
 
@@ -271,15 +319,18 @@ class UpdateHistory:
             return 0
         erased = pa.array(list(device_ids), type=pa.string())
         removed = 0
+        filesystem = self.location.filesystem
         with self.exclusive():
             for path in self.files():
                 self._check(path)
-                devices = pq.read_table(path, columns=["device_id"]).column("device_id")
+                devices = pq.read_table(path, columns=["device_id"], filesystem=filesystem).column(
+                    "device_id"
+                )
                 hits = pc.is_in(devices, value_set=erased)
                 count = pc.sum(hits).as_py() or 0
                 if not count:
                     continue
-                table = pq.read_table(path, schema=SCHEMA)
+                table = pq.read_table(path, schema=SCHEMA, filesystem=filesystem)
                 self._write_file(path, table.filter(pc.invert(hits)))
                 removed += count
         return removed
@@ -305,9 +356,22 @@ def as_history_table(frame: pd.DataFrame) -> pa.Table:
     return pa.table(columns, schema=SCHEMA)
 
 
-def _shard_number(path: Path) -> int:
+def _shard_number(path: str) -> int:
     """The shard of a history file, from its folder's name (`shard=N`)."""
-    return int(SHARD_FOLDER.match(path.parent.name).group(1))
+    return int(SHARD_FOLDER.match(posixpath.basename(posixpath.dirname(path))).group(1))
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (made if missing), across the processes of a machine or a
+    shared volume."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _in_key_order(table: pa.Table) -> pa.Table:
