@@ -1,6 +1,7 @@
 """A day over its device shards, as a person launches it: one backfill through the webserver's API,
 its runs' steps executed by two Celery workers on the loopback broker, leaving what one shard
-leaves."""
+leaves; with the landing zone and the update history in local folders, and on an object store
+(an S3-compatible server on loopback) that workers on other machines could share."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from persona_pipeline.ingest.assets import IndexUpdatesConfig, index_updates
 from persona_pipeline.personas.assets import device_profiles
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
 from persona_pipeline.store.tables import metadata
+from persona_pipeline_tests.conftest import ObjectStore
 from persona_pipeline_tests.test_celery import Workers, clean_env, forget_queue, loopback_broker, start_worker
 from persona_pipeline_tests.test_celery import stop as stop_worker
 from persona_pipeline_tests.test_webserver import DAEMON, LAUNCH_BACKFILL, Server, Ui, free_port, start
@@ -43,16 +45,28 @@ class ShardedDeployment:
     ui: Ui
     workers: Workers
     home: Path
+    landing: str  # a local folder or an s3:// URL
+    history: str
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[ShardedDeployment]:
+@pytest.fixture(params=["local folders", "object store"])
+def deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ShardedDeployment]:
     """A webserver and a daemon on the embedded home, and two Celery workers, all with two device
-    shards and the Celery executor."""
+    shards and the Celery executor; the landing zone and the update history in the home's folders,
+    or on the object store."""
     broker = loopback_broker()
     if broker is None:
         pytest.fail("no Celery broker answers on loopback (Redis 127.0.0.1:6379, RabbitMQ 127.0.0.1:5672)")
     home = tmp_path / "home"
+    landing, history = str(home / "landing"), str(home / "history")
+    write_landing(generate_fleet(DEVICES, 3, seed=5, start="2026-03-01"), home / "landing")
+    stores = {}
+    if request.param == "object store":
+        bucket: ObjectStore = request.getfixturevalue("object_store")  # AWS_* set for the servers too
+        bucket.upload(home / "landing", "landing")
+        shutil.rmtree(home / "landing")  # read from the object store, or not at all
+        landing, history = bucket.url("landing"), bucket.url("history")
+        stores = {"PERSONA_LANDING_DIR": landing, "PERSONA_HISTORY_DIR": history}
     queue = f"persona-test-{uuid.uuid4().hex[:8]}"
     env = clean_env(
         home,
@@ -63,8 +77,8 @@ def deployment(tmp_path: Path) -> Iterator[ShardedDeployment]:
         PERSONA_DEVICE_SHARDS=str(SHARDS),
         PERSONA_PARTITION_START="2026-03-01",
         PERSONA_AUTOMATION="off",
+        **stores,
     )
-    write_landing(generate_fleet(DEVICES, 3, seed=5, start="2026-03-01"), home / "landing")
     (home / "dagster").mkdir(parents=True)
     shutil.copy(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")  # as `persona-pipeline init` does
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]):
@@ -92,7 +106,7 @@ def deployment(tmp_path: Path) -> Iterator[ShardedDeployment]:
         ui = Ui(url, home, servers)
         ui.wait_until_loaded(timeout=180)
         workers.wait_until_ready(timeout=90)
-        yield ShardedDeployment(ui, workers, home)
+        yield ShardedDeployment(ui, workers, home, landing, history)
         print(ui.logs(), workers.output())  # shown for a failed test only
     finally:
         stop_servers(servers)
@@ -101,7 +115,7 @@ def deployment(tmp_path: Path) -> Iterator[ShardedDeployment]:
         forget_queue(broker, queue)
 
 
-def one_shard_tables(landing: Path, root: Path) -> dict[str, pd.DataFrame]:
+def one_shard_tables(landing: str, root: Path) -> dict[str, pd.DataFrame]:
     """index_updates and device_profiles of DAY on one shard, invoked in this process."""
     store = PersonaStore(url=f"sqlite:///{root / 'persona.db'}", history_dir=str(root / "history"))
     with dg.build_asset_context(partition_key=DAY) as context:
@@ -109,7 +123,7 @@ def one_shard_tables(landing: Path, root: Path) -> dict[str, pd.DataFrame]:
             context,
             config=IndexUpdatesConfig(),
             persona_store=store,
-            landing_zone=LandingZone(path=str(landing)),
+            landing_zone=LandingZone(path=landing),
             persona_config=PersonaConfig(),
         )
     with dg.build_asset_context(partition_key=DAY) as context:
@@ -164,14 +178,14 @@ def test_a_backfill_of_a_day_over_its_shards_runs_on_two_workers_and_equals_one_
     assert len(starts) == len(INGEST) * SHARDS
     assert {event.pid for event in starts} == worker_pids
 
-    store = PersonaStore(
-        url=f"sqlite:///{deployment.home / 'persona.db'}", history_dir=str(deployment.home / "history")
-    )
+    store = PersonaStore(url=f"sqlite:///{deployment.home / 'persona.db'}", history_dir=deployment.history)
     sharded = compared_tables(store)
-    expected = one_shard_tables(deployment.home / "landing", tmp_path / "one-shard")
+    expected = one_shard_tables(deployment.landing, tmp_path / "one-shard")
     assert sharded["device_profiles"]["device_id"].nunique() == DEVICES
     for name, frame in expected.items():
         pd.testing.assert_frame_equal(sharded[name], frame, obj=name)
     for index in range(SHARDS):
         devices = store.history.read([DAY], ["device_id"], shard=index)["device_id"]
         assert len(devices) and (shard_of(devices, SHARDS) == index).all()
+    # On the object store, the workers wrote the history there and nothing in the home.
+    assert (deployment.home / "history").exists() == (deployment.history == str(deployment.home / "history"))
