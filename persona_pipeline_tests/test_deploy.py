@@ -148,6 +148,10 @@ def a_history_dir_on_no_volume(values: dict) -> None:
     set_env(values, "PERSONA_HISTORY_DIR", "/srv/history")
 
 
+def a_history_url_with_credentials(values: dict) -> None:
+    set_env(values, "PERSONA_HISTORY_DIR", "s3://AKIAEXAMPLE:hunter2@bucket/history")
+
+
 def no_history_dir(values: dict) -> None:
     drop_env(values, "PERSONA_HISTORY_DIR")
 
@@ -253,6 +257,11 @@ MISTAKES: list[tuple[Callable[[dict], None], str, str]] = [
         "/srv/history is on no volumeMount",
     ),
     (
+        a_history_url_with_credentials,
+        f"{DEPLOYMENT}.env[{env_index('PERSONA_HISTORY_DIR')}] (PERSONA_HISTORY_DIR)",
+        "the value carries a credential",
+    ),
+    (
         no_history_dir,
         f"{DEPLOYMENT}.env",
         "PERSONA_HISTORY_DIR is not set: the update history must be shared",
@@ -293,6 +302,17 @@ def test_each_mistake_is_one_line_naming_its_key_path(mistake, path, message, mo
     assert "\n" not in problems[0]
     assert problems[0].startswith(f"{path}: "), problems[0]
     assert message in problems[0]
+
+
+def test_a_landing_zone_and_history_on_an_object_store_need_no_volume(monkeypatch):
+    monkeypatch.setattr(check_values, "check_code_location", lambda deployment, path: [])
+    values = copy.deepcopy(SHIPPED_VALUES)
+    set_env(values, "PERSONA_LANDING_DIR", "s3://bucket/landing")
+    set_env(values, "PERSONA_HISTORY_DIR", "s3://bucket/history")
+    assert [str(problem) for problem in check_values.check_dagster_values(values)] == []
+    set_env(values, "PERSONA_HISTORY_DIR", "/srv/history")
+    [problem] = check_values.check_dagster_values(values)
+    assert "/srv/history is on no volumeMount" in str(problem)
 
 
 def test_a_code_location_attribute_that_is_no_definitions_is_named():

@@ -190,6 +190,8 @@ SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|CREDENTIAL", re
 # Qdrant path on the pod's own disk, different in every pod; without the norms key no anomaly
 # norms are kept, and every run scores every device.
 REQUIRED_FROM_SECRETS = ("PERSONA_DB_URL", "QDRANT_URL", "QDRANT_API_KEY", "PERSONA_NORMS_KEY")
+# Local folders, or object-store URLs (s3://bucket/prefix) every pod reaches.
+STORAGE_URL_VARIABLES = ("PERSONA_LANDING_DIR", "PERSONA_HISTORY_DIR")
 PATH_VARIABLES = ("PERSONA_HOME", "PERSONA_LANDING_DIR", "PERSONA_HISTORY_DIR", "PERSONA_CONFIG_DIR")
 
 # What PERSONA_EXECUTOR may be under each run launcher of the chart.
@@ -343,7 +345,7 @@ def environment(variables: Mapping[str, str]) -> Iterator[None]:
 
 
 def absolute_path(name: str, value: str) -> None:
-    if not value.startswith("/"):
+    if not value.startswith("/") and not (name in STORAGE_URL_VARIABLES and settings.is_storage_url(value)):
         raise ValueError(f"{name}={value!r}: expected an absolute path (a relative one depends on the image)")
 
 
@@ -520,6 +522,8 @@ def check_deployment(deployment: Mapping, path: str) -> list[Problem]:
             problems.append(Problem(f"{path}.env", str(error)))
     for entry, variable in ((landing, "PERSONA_LANDING_DIR"), (history, "PERSONA_HISTORY_DIR")):
         if entry is None or not isinstance(entry.value, str):
+            continue
+        if settings.is_storage_url(entry.value):  # an object store: every pod reaches it
             continue
         if not any(mount and (entry.value + "/").startswith(mount + "/") for mount in mounts):
             problems.append(
