@@ -85,6 +85,19 @@ def check_batch_id(batch_id: str) -> str:
     return batch_id
 
 
+def batch_of_folder(name: str) -> tuple[str | None, str]:
+    """The batch id an `offer_feedback/` entry's name gives, or None and why it is never read."""
+    label = f"{FEEDBACK_FOLDER}/{name}"
+    if not name.startswith(BATCH_PREFIX):
+        return None, f"{label}: not named batch=<id>: never read"
+    batch_id = name.removeprefix(BATCH_PREFIX)
+    try:
+        check_batch_id(batch_id)
+    except ValueError as exc:
+        return None, f"{label}: {exc}: never read"
+    return batch_id, ""
+
+
 class LandingFile(Protocol):
     """A file of the landing zone: a local `Path`, or an object of an object store."""
 

@@ -25,7 +25,7 @@ from persona_pipeline.resources.landing_files import (
     FEEDBACK_FOLDER,
     UPDATES_FOLDER,
     ReadResult,
-    check_batch_id,
+    batch_of_folder,
     not_read,
     read_landing_file,
 )
@@ -184,16 +184,11 @@ class ObjectLanding:
         for entry in entries:
             if _hidden(entry.base_name):
                 continue
+            batch_id, problem = batch_of_folder(entry.base_name)
+            if batch_id is None:
+                found.append((None, problem))
+                continue
             label = f"{FEEDBACK_FOLDER}/{entry.base_name}"
-            if not entry.base_name.startswith(BATCH_PREFIX):
-                found.append((None, f"{label}: not named batch=<id>: never read"))
-                continue
-            batch_id = entry.base_name.removeprefix(BATCH_PREFIX)
-            try:
-                check_batch_id(batch_id)
-            except ValueError as exc:
-                found.append((None, f"{label}: {exc}: never read"))
-                continue
             if entry.type != pafs.FileType.Directory:
                 found.append((None, f"{label}: not a folder: never read"))
             elif self.location.info(posixpath.join(entry.path, COMPLETE_MARKER)).type == pafs.FileType.File:

@@ -25,6 +25,7 @@ from persona_pipeline.resources.landing_files import (
     FIELDS,
     UPDATES_FOLDER,
     ReadResult,
+    batch_of_folder,
     check_batch_id,
     not_read,
     read_landing_file,
@@ -191,16 +192,11 @@ class LandingZone(dg.ConfigurableResource):
         for entry in entries:
             if entry.name.startswith(("_", ".")):
                 continue
+            batch_id, problem = batch_of_folder(entry.name)
+            if batch_id is None:
+                found.append((None, problem))
+                continue
             label = f"{FEEDBACK_FOLDER}/{entry.name}"
-            if not entry.name.startswith(BATCH_PREFIX):
-                found.append((None, f"{label}: not named batch=<id>: never read"))
-                continue
-            batch_id = entry.name.removeprefix(BATCH_PREFIX)
-            try:
-                check_batch_id(batch_id)
-            except ValueError as exc:
-                found.append((None, f"{label}: {exc}: never read"))
-                continue
             if not is_inside(entry, self.feedback_root.resolve()):
                 found.append((None, f"{label}: resolves outside the landing zone (a symlink?): never read"))
             elif not entry.is_dir():
