@@ -105,6 +105,33 @@ def device_day_keys(day: str) -> list[str]:
     ]
 
 
+# The per-device assets after the profiles (persona_vectors): unpartitioned on one shard; above
+# one, a partition per device shard, each over its shard's profiles of every day.
+device_shard_only_partitions: dg.PartitionsDefinition | None = (
+    device_shard_partitions if DEVICE_SHARDS > 1 else None
+)
+
+
+def on_device_day_partitions(asset: dg.AssetKey | str | dg.AssetsDefinition) -> dg.AssetDep:
+    """A dependency of a device_shard_only_partitions asset on a device_day_partitions one: a
+    shard's partition on that shard's partitions of every day."""
+    if DEVICE_SHARDS == 1:
+        return dg.AssetDep(asset)
+    return dg.AssetDep(asset, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(SHARD_DIMENSION))
+
+
+def run_shard(context: dg.AssetExecutionContext) -> DeviceShard | None:
+    """The device shard of a run of a device_shard_only_partitions asset (None: every device)."""
+    if DEVICE_SHARDS == 1:
+        return None
+    return DeviceShard(int(context.partition_key), DEVICE_SHARDS)
+
+
+def device_shard_keys() -> list[str | None]:
+    """The partition keys of a device_shard_only_partitions asset: None (unpartitioned) or each shard."""
+    return [None] if DEVICE_SHARDS == 1 else [str(shard) for shard in range(DEVICE_SHARDS)]
+
+
 def run_days_and_shard(context: dg.AssetExecutionContext) -> tuple[list[str], DeviceShard | None]:
     """The days a run of a per-device daily asset covers, and its device shard (None: every device)."""
     if DEVICE_SHARDS == 1:

@@ -310,8 +310,8 @@ def test_vectors_of_a_day_follow_the_devices_that_changed_and_equal_a_full_recom
     assert day.metadata["moved_recently"].value == 1  # d1
     assert table(store, "profile_changes").empty
 
-    with store.begin() as connection:  # ask for every device: a full recompute changes nothing
-        connection.execute(sa.text("insert into profile_changes (device_id) values (null)"))
+    with store.begin() as connection:  # no run on record (an erasure): a full recompute changes nothing
+        connection.execute(sa.text("delete from persona_vector_runs"))
     again = materialize([key_weights, persona_vectors], resources, instance).asset_materializations_for_node(
         "persona_vectors"
     )[0]

@@ -10,6 +10,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import dagster as dg
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -177,7 +178,7 @@ def landed_fleet(landing: Path) -> None:
     )
 
 
-def run_chain(home: Path, shards: int) -> str:
+def run_chain(home: Path, shards: int, start: str = START, end: str = END) -> str:
     env = celery_tests.clean_env(
         home,
         PERSONA_DB_URL=store_url(home),  # the backend --store names: concurrent writers on PostgreSQL
@@ -185,7 +186,7 @@ def run_chain(home: Path, shards: int) -> str:
         PERSONA_NORMS_KEY="k" * 40,
     )
     done = subprocess.run(
-        [str(BIN / "persona-pipeline"), "run", "--start", START, "--end", END],
+        [str(BIN / "persona-pipeline"), "run", "--start", start, "--end", end],
         env=env,
         cwd=home,
         capture_output=True,
@@ -194,6 +195,30 @@ def run_chain(home: Path, shards: int) -> str:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
+
+
+def last_vector_computations(home: Path) -> dict[str, tuple[str, int]]:
+    """Per shard, how the newest persona_vectors run chose its devices and how many it computed."""
+    found: dict[str, tuple[str, int]] = {}
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        records = instance.fetch_materializations(dg.AssetKey("persona_vectors"), limit=100).records
+        for record in records:  # newest first
+            materialization = record.asset_materialization
+            metadata = materialization.metadata
+            found.setdefault(
+                materialization.partition,
+                (metadata["computed"].value, metadata["devices_computed"].value),
+            )
+    return found
+
+
+def vector_runs(home: Path) -> pd.DataFrame:
+    engine = sa.create_engine(store_url(home))
+    try:
+        with engine.connect() as connection:
+            return pd.read_sql(sa.text("select * from persona_vector_runs"), connection)
+    finally:
+        engine.dispose()
 
 
 def tables(home: Path) -> dict[str, pd.DataFrame]:
@@ -226,6 +251,31 @@ def test_three_shards_leave_the_tables_of_one_and_a_rerun_changes_nothing(tmp_pa
     again = tables(homes[3])
     for name in ("device_profiles", "index_update_rejects", "persona_vectors"):
         pd.testing.assert_frame_equal(again[name], one[name], obj=name)
+    run_chain(homes[1], 1)  # both stores have run the days twice (the offers' contact policy counts)
+
+    # A day on which a few devices report (three move city): each shard's vectors follow the
+    # change, computing only its changed devices, and still leave the tables of one shard.
+    movers = sorted(one["persona_vectors"]["device_id"])[:8]
+    later = "2026-03-04"
+    rows = [update(device, "device.location.city", "Oslo", f"{later}T08:00:00Z") for device in movers[:3]]
+    rows += [update(device, "device.battery.level", 12, f"{later}T09:00:00Z") for device in movers[3:]]
+    for home in homes.values():
+        write_jsonl(home / "landing", later, rows)
+        run_chain(home, 1 if home == homes[1] else 3, later, later)
+    one, three = tables(homes[1]), tables(homes[3])
+    for name, frame in one.items():
+        pd.testing.assert_frame_equal(three[name], frame, obj=name)
+    computed = last_vector_computations(homes[3])
+    assert sorted(computed) == ["0", "1", "2"]
+    assert {how for how, _ in computed.values()} == {"the devices whose vector may have changed"}
+    [(how, unsharded)] = last_vector_computations(homes[1]).values()
+    assert how == "the devices whose vector may have changed"
+    # The reporters and those whose moved-recently flag the passing day may turn, of the 242.
+    assert len(movers) <= unsharded < 50
+    assert sum(devices for _, devices in computed.values()) == unsharded
+    runs = vector_runs(homes[3])
+    assert sorted(runs["device_shard"]) == [0, 1, 2] and set(runs["device_shards"]) == {3}
+    assert runs["devices"].sum() == len(one["persona_vectors"])
 
 
 def test_the_history_shard_count_follows_the_device_shards(monkeypatch):
@@ -368,3 +418,65 @@ def test_a_shards_reject_check_judges_the_days_rows_not_its_own(tmp_path):
     by_shard = reject_checks(homes[4], 4, spread)
     assert [check["share"] for check in by_shard] == sorted(check["share"] for check in by_shard)
     assert by_shard[-1] == whole
+
+
+# Run in a process of its own: the partitions come from PERSONA_DEVICE_SHARDS when the code loads.
+VECTOR_SHARDS_SCRIPT = """
+import json
+import dagster as dg
+from persona_pipeline.definitions import defs
+from persona_pipeline.feedback.sensors import key_weights_sensor
+
+found = {}
+graph = defs.resolve_asset_graph()
+found["vector_partitions"] = graph.get(dg.AssetKey("persona_vectors")).partitions_def.get_partition_keys()
+with dg.instance_for_test() as instance:
+    def materialized(key, partition=None, **metadata):
+        event = dg.AssetMaterialization(key, partition=partition, metadata=metadata)
+        instance.report_runless_asset_event(event)
+
+    def wanted(cursor):
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        keys = sorted(
+            (key.to_user_string(), sorted(result.get_requested_partitions(key)))
+            for key in graph.get_all_asset_keys()
+            if result.get_num_requested(key)
+        )
+        return result.cursor, keys
+
+    cursor, _ = wanted(None)
+    materialized("key_weights", live_version_changed=True)
+    materialized("index_updates", "2026-03-02|1")
+    materialized("device_profiles", "2026-03-02|1")
+    cursor, found["after_shard_1"] = wanted(cursor)
+    materialized("persona_vectors", "1")
+    cursor, found["after_vectors_1"] = wanted(cursor)
+    found["weights_requests"] = [
+        request.partition_key
+        for request in key_weights_sensor(dg.build_sensor_context(instance=instance)).run_requests
+    ]
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.store_agnostic
+def test_vectors_are_partitioned_by_shard_and_follow_their_shards_profiles(tmp_path):
+    """With shards, persona_vectors has a partition per shard: one shard's new profiles ask for
+    that shard's vectors, whose materialization asks for the fleet-wide steps; new weights ask
+    for the vectors of every shard not rebuilt since."""
+    home = tmp_path / "home"
+    env = celery_tests.clean_env(
+        home, PERSONA_DEVICE_SHARDS="2", PERSONA_PARTITION_START="2026-03-01", PERSONA_NORMS_KEY="k" * 40
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", VECTOR_SHARDS_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["vector_partitions"] == ["0", "1"]
+    assert found["after_shard_1"] == [["persona_vectors", ["1"]]]
+    # The vectors of a shard materialized: the fleet-wide steps follow in the next tick.
+    assert [key for key, _ in found["after_vectors_1"]] == sorted(
+        ["persona_index", "device_clusters", "anomaly_scores", "service_recommendations"]
+    )
+    assert found["weights_requests"] == ["0"]  # shard 1's vectors came after the new weights

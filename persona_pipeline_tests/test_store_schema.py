@@ -11,6 +11,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from persona_pipeline.device_shards import DeviceShard, device_hash
 from persona_pipeline.store import tables
 from persona_pipeline.store.schema import (
     BASELINE,
@@ -149,3 +150,75 @@ def test_the_refreshes_of_an_older_store_are_kept_and_a_version_can_be_refreshed
         (3, 3, '["b3"]', '["x"]'),
         (4, 3, '["b3"]', '["x"]'),
     ]
+
+
+@pytest.mark.parametrize("pending_erasure", [False, True])
+def test_an_upgrade_gives_every_device_row_its_hash_and_keeps_the_vector_run_as_the_unsharded_one(
+    engine, pending_erasure
+):
+    """0012: the rows of device_profiles, profile_changes and persona_vectors get device_hash, the
+    hash a shard is found by; the last vector run becomes shard 0 of 1, unless an erasure's
+    every-device mark was pending: then no run stays, so every shard's next run computes all."""
+    devices = ["d1", "d2", "café-3"]
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0011_device_shards")
+        for device in devices:
+            connection.execute(
+                sa.text(
+                    "insert into device_profiles (device_id, key, value, observed_at) values "
+                    f"('{device}', 'device.model', 'X', '2026-03-01 10:00:00+00:00')"
+                )
+            )
+            connection.execute(
+                sa.text(
+                    "insert into persona_vectors (device_id, space, weights_version, vector, fingerprint, "
+                    f"computed_at) values ('{device}', 's-w1', 1, :blob, 7, '2026-03-01 11:00:00+00:00')"
+                ),
+                {"blob": b"\x00" * 8},
+            )
+        # 0003 left the mark, so the first vectors run computes every device; a run took it.
+        connection.execute(sa.text("delete from profile_changes"))
+        connection.execute(sa.text("insert into profile_changes (device_id) values ('d2')"))
+        if pending_erasure:
+            connection.execute(sa.text("insert into profile_changes (device_id) values (null)"))
+        connection.execute(
+            sa.text(
+                "insert into persona_vector_runs values "
+                "('s-w1', '2026-03-01 10:00:00+00:00', '2026-03-01 11:00:00+00:00', 3)"
+            )
+        )
+    upgrade_to_head(engine)
+    expected = dict(zip(devices, device_hash(pd.Series(devices)).tolist(), strict=True))
+    with engine.connect() as connection:
+        for name in ("device_profiles", "persona_vectors"):
+            rows = dict(connection.execute(sa.text(f"select device_id, device_hash from {name}")).all())
+            assert rows == expected, name
+        changes = connection.execute(sa.text("select device_id, device_hash from profile_changes")).all()
+        runs = connection.execute(
+            sa.text("select space, device_shard, device_shards, devices from persona_vector_runs")
+        ).all()
+    assert [tuple(row) for row in changes] == [("d2", expected["d2"])]  # the mark is gone
+    assert [tuple(row) for row in runs] == ([] if pending_erasure else [("s-w1", 0, 1, 3)])
+
+
+def test_a_shard_is_found_in_sql_as_in_python(engine):
+    """DeviceShard.holds_hash, the SQL form of a shard (signed int64 hashes, SQL's % keeping the
+    dividend's sign), picks the devices DeviceShard.holds picks, on either backend."""
+    upgrade_to_head(engine)
+    ids = pd.Series([f"device-{i}" for i in range(400)] + ["", "café", "ü" * 40])
+    hashes = device_hash(ids)
+    assert (hashes < 0).any() and (hashes >= 0).any()
+    with engine.begin() as connection:
+        connection.execute(
+            tables.profile_changes.insert(),
+            [{"device_id": d, "device_hash": int(h)} for d, h in zip(ids, hashes, strict=True)],
+        )
+    for count in (1, 3, 7, 16, 1024):
+        for index in sorted({0, 1 % count, count - 1}):
+            shard = DeviceShard(index, count)
+            query = sa.select(tables.profile_changes.c.device_id).where(
+                shard.holds_hash(tables.profile_changes.c.device_hash)
+            )
+            with engine.connect() as connection:
+                found = sorted(connection.execute(query).scalars())
+            assert found == sorted(ids[shard.holds(ids)]), (index, count)

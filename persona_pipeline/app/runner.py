@@ -33,6 +33,7 @@ from persona_pipeline.offers.storage import offers_by_trigger, tickets_by_status
 from persona_pipeline.partitions import (
     DEVICE_SHARDS,
     device_day_keys,
+    device_shard_keys,
     offer_feedback_batches,
     outside_partitions,
 )
@@ -282,9 +283,10 @@ def run_chain(
     retry = [] if batches or held.empty else [str(held.sort_values("hold_until")["batch_id"].iloc[0])]
     for batch in batches + retry:
         run(feedback_job.name, {}, partition_key=batch)
-    if batches or retry:
+    if batches or retry or DEVICE_SHARDS > 1:
         run(weights_job.name, {})  # the day's vectors use the refreshed weights
-    run(personas_job.name, {})
+    for key in device_shard_keys():  # one run, or a run per device shard
+        run(personas_job.name, {}, partition_key=key)
     run(segments_job.name, {})
     return ChainResult(start, end, run_ids, batches, days.skipped, failed_checks)
 

@@ -11,7 +11,7 @@ from persona_pipeline.feedback import storage
 from persona_pipeline.feedback.assets import key_weights, offer_feedback
 from persona_pipeline.feedback.jobs import feedback_job, weights_job
 from persona_pipeline.offers.assets import service_recommendations
-from persona_pipeline.partitions import offer_feedback_batches
+from persona_pipeline.partitions import device_shard_keys, offer_feedback_batches
 from persona_pipeline.personas.assets import persona_vectors
 from persona_pipeline.personas.weights import configured_weights_recorded
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore
@@ -129,8 +129,10 @@ def key_weights_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     seen = int(context.cursor) if context.cursor else 0
     if record.storage_id <= seen:
         return dg.SensorResult(skip_reason="no new key_weights materialization")
-    vectors = context.instance.fetch_materializations(persona_vectors.key, limit=1).records
-    if vectors and vectors[0].storage_id > record.storage_id:
+    behind = [
+        key for key in device_shard_keys() if _vectors_older_than(context.instance, key, record.storage_id)
+    ]
+    if not behind:
         return dg.SensorResult(
             skip_reason="persona_vectors was rebuilt after the newest key_weights",
             cursor=str(record.storage_id),
@@ -144,9 +146,23 @@ def key_weights_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         return dg.SensorResult(
             skip_reason="key_weights ran without a new live version", cursor=str(record.storage_id)
         )
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"weights-{record.storage_id}")], cursor=str(record.storage_id)
-    )
+    requests = [
+        dg.RunRequest(partition_key=key, run_key=f"weights-{record.storage_id}" + (f"-{key}" if key else ""))
+        for key in behind
+    ]
+    return dg.SensorResult(run_requests=requests, cursor=str(record.storage_id))
+
+
+def _vectors_older_than(instance: dg.DagsterInstance, partition: str | None, storage_id: int) -> bool:
+    """Whether persona_vectors (of one shard's partition, when sharded) was last materialized
+    before the event `storage_id`, or never."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=persona_vectors.key, asset_partitions=None if partition is None else [partition]
+        ),
+        limit=1,
+    ).records
+    return not records or records[0].storage_id < storage_id
 
 
 # A weights_job run that failed this recently is not asked for again yet (a store that is down

@@ -6,8 +6,17 @@ import pandas as pd
 from pydantic import Field
 
 from persona_pipeline.automation import AFTER_UPSTREAM, after_upstream_updates
+from persona_pipeline.device_shards import DeviceShard, device_hash
 from persona_pipeline.metadata import OWNERS, add_counts_per_partition, table_metadata
-from persona_pipeline.partitions import device_day_backfill, device_day_partitions, run_days_and_shard
+from persona_pipeline.partitions import (
+    DEVICE_SHARDS,
+    device_day_backfill,
+    device_day_partitions,
+    device_shard_only_partitions,
+    on_device_day_partitions,
+    run_days_and_shard,
+    run_shard,
+)
 from persona_pipeline.personas import reporting, storage
 from persona_pipeline.personas.index_verification import SAMPLE_SIZE, collection_problem
 from persona_pipeline.personas.profiles import (
@@ -106,10 +115,12 @@ INCREMENTAL_MAX_SHARE = 0.25
     metadata=table_metadata(
         store_tables.persona_vectors, store_tables.persona_dimensions, store_tables.persona_vector_runs
     ),
+    # With device shards, a partition per shard, over that shard's profiles of every day.
+    partitions_def=device_shard_only_partitions,
     # The live weights come from key_weights, which learns from the answers to the offers these
     # vectors lead to: the feedback loop. A new live version rebuilds the vectors through
     # key_weights_sensor (a refresh that keeps the live version does not).
-    deps=[device_profiles, KEY_WEIGHTS],
+    deps=[on_device_day_partitions(device_profiles), KEY_WEIGHTS],
     # On a new deployment the vectors wait until key_weights has recorded the configured weights
     # (configured_weights_sensor asks for it), then run once for the profiles that came meanwhile.
     automation_condition=after_upstream_updates(ignore=dg.AssetSelection.assets(KEY_WEIGHTS))
@@ -128,12 +139,16 @@ INCREMENTAL_MAX_SHARE = 0.25
         )
     ],
 )
-def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) -> dg.MaterializeResult:
+def persona_vectors(
+    context: dg.AssetExecutionContext, persona_store: PersonaStore, persona_config: PersonaConfig
+) -> dg.MaterializeResult:
     """One weighted vector per profiled device, in the feature space of the current schema and
     the newest `key_weights` version. Only the devices whose vector may have changed are computed:
     those whose profile changed since the last run, and those a time-relative dimension (moved
     city within N days) may flip for; every device when the feature space changes. Only devices
-    whose vector did change are rewritten."""
+    whose vector did change are rewritten. With device shards, a run computes its shard's devices
+    at the fleet's newest event time, so N shards leave the vectors of one."""
+    shard = run_shard(context)
     schema = persona_config.feature_schema()
     try:
         weights = current_weights(persona_store)
@@ -146,16 +161,18 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
             "used until key_weights records them (configured_weights_sensor asks for it)"
         )
     space = f"{schema.version}-w{weights.version}"
-    changes = storage.read_profile_changes(persona_store)
-    last = storage.read_last_vector_run(persona_store)
+    changes = storage.read_profile_changes(persona_store, shard)
+    last = storage.read_last_vector_run(persona_store, shard)
+    # One shard's changed profiles need not hold the fleet's newest value: read it.
+    fleet_newest = None if shard is None else storage.read_latest_observed_at(persona_store)
     selection = None
-    if not changes.every_device and last is not None and last.space == space:
-        selection = _changed_devices(persona_store, schema, changes, last)
+    if last is not None and last.space == space:
+        selection = _changed_devices(persona_store, schema, changes, last, shard, fleet_newest)
     if selection is None:
         as_of = storage.read_latest_observed_at(persona_store) or pd.Timestamp.now(tz="UTC")
-        changed, _ = _changed_within_days(persona_store, schema, as_of, None)
-        profiles = storage.read_profiles(persona_store)
-        previous = storage.read_vector_fingerprints(persona_store)
+        changed, _ = _changed_within_days(persona_store, schema, as_of, None, shard)
+        profiles = storage.read_profiles(persona_store, shard=shard)
+        previous = storage.read_vector_fingerprints(persona_store, shard=shard)
     else:
         as_of, changed, candidates, profiles = selection
         previous = storage.read_vector_fingerprints(persona_store, candidates)
@@ -177,6 +194,7 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
             "computed_at": pd.Timestamp.now(tz="UTC"),
         }
     )
+    rows["device_hash"] = device_hash(rows["device_id"])
     storage.write_vectors(persona_store, rows, removed)
     dimension_weights = schema.dimension_weights(weights.weights)
     dimensions = pd.DataFrame(
@@ -195,8 +213,8 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
         )
     # The run record keeps what the table holds, so a run stopped between the vectors and this
     # record is counted right by the next one (after one warning of the check below).
-    devices = storage.count_vectors(persona_store)
-    storage.record_vector_run(persona_store, storage.VectorRun(space, as_of, devices))
+    devices = storage.count_vectors(persona_store, shard)
+    storage.record_vector_run(persona_store, storage.VectorRun(space, as_of, devices), shard)
     storage.clear_profile_changes(persona_store, changes)
 
     return dg.MaterializeResult(
@@ -219,18 +237,25 @@ def persona_vectors(persona_store: PersonaStore, persona_config: PersonaConfig) 
 
 
 def _changed_devices(
-    store: PersonaStore, schema, changes: storage.ProfileChanges, last: storage.VectorRun
+    store: PersonaStore,
+    schema,
+    changes: storage.ProfileChanges,
+    last: storage.VectorRun,
+    shard: DeviceShard | None,
+    fleet_newest: pd.Timestamp | None,
 ) -> tuple[pd.Timestamp, dict[str, set[str]], list[str], pd.DataFrame] | None:
-    """Since the last run in the same feature space: the newest event time, the devices that
-    changed within each `changed_within_days` window, the devices whose vector may differ (a
+    """Since the shard's last run in the same feature space: the newest event time, the devices
+    that changed within each `changed_within_days` window, the devices whose vector may differ (a
     profile change, or a flag that differs between the two event times) and their profile rows.
     None when they are too many for looking them up to pay off.
 
-    Only profile_changes' devices have rows that changed, so the newest event time is the last
-    run's or one of theirs (an erasure asks for every device)."""
+    Unsharded, only profile_changes' devices have rows that changed, so the newest event time is
+    the last run's or one of theirs (an erasure forgets the runs: every device is computed); a
+    shard takes the fleet's, `fleet_newest`."""
     profiles = storage.read_profiles_of(store, changes.devices)
-    as_of = max(last.as_of, profiles["observed_at"].max()) if not profiles.empty else last.as_of
-    changed, flipped = _changed_within_days(store, schema, as_of, last.as_of)
+    newest = [last.as_of, profiles["observed_at"].max() if not profiles.empty else None, fleet_newest]
+    as_of = max(moment for moment in newest if moment is not None and not pd.isna(moment))
+    changed, flipped = _changed_within_days(store, schema, as_of, last.as_of, shard)
     others = sorted(flipped - set(changes.devices))
     if len(changes.devices) + len(others) > INCREMENTAL_MAX_SHARE * last.devices:
         return None
@@ -240,11 +265,16 @@ def _changed_devices(
 
 
 def _changed_within_days(
-    store: PersonaStore, schema, as_of: pd.Timestamp, previous_as_of: pd.Timestamp | None
+    store: PersonaStore,
+    schema,
+    as_of: pd.Timestamp,
+    previous_as_of: pd.Timestamp | None,
+    shard: DeviceShard | None,
 ) -> tuple[dict[str, set[str]], set[str]]:
-    """Per `changed_within_days` metric, the devices whose key changed within its window; and
-    the devices whose flag may differ from the one computed at `previous_as_of` (a change inside
-    that run's window: the flag of a device that sent nothing since turns off as time passes)."""
+    """Per `changed_within_days` metric, the devices (of `shard`, when given) whose key changed
+    within its window; and the devices whose flag may differ from the one computed at
+    `previous_as_of` (a change inside that run's window: the flag of a device that sent nothing
+    since turns off as time passes)."""
     changed: dict[str, set[str]] = {}
     flipped: set[str] = set()
     for derived in schema.derived:
@@ -252,7 +282,7 @@ def _changed_within_days(
             continue
         window = pd.Timedelta(days=derived.days)
         start = as_of - window if previous_as_of is None else min(as_of, previous_as_of) - window
-        history = storage.read_key_history(store, derived.key, start.to_pydatetime())
+        history = storage.read_key_history(store, derived.key, start.to_pydatetime(), shard)
         changed[derived.name] = set(value_changes(history, as_of - window)["device_id"])
         if previous_as_of is not None:
             flipped |= changed[derived.name] | set(
@@ -303,6 +333,9 @@ def persona_index(
     sample read back with its vectors); a damaged one is rewritten, or rebuilt when it cannot be
     read, and the metadata says so."""
     spaces = storage.read_vector_spaces(persona_store)
+    if len(spaces) > 1 and DEVICE_SHARDS > 1:
+        context.log.warning(reporting.shards_in_several_spaces(spaces))
+        return reporting.shards_behind_result(spaces)
     if len(spaces) > 1:
         raise dg.Failure(
             f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors",

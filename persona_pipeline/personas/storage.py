@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import sqlalchemy as sa
 
-from persona_pipeline.device_shards import DeviceShard
+from persona_pipeline.device_shards import DeviceShard, device_hash
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
 from persona_pipeline.store.tables import (
     device_profiles,
@@ -58,10 +58,23 @@ def merge_into_profiles(store: PersonaStore, latest: pd.DataFrame) -> None:
             | (same_time & (incoming.value == stored.value) & (incoming_customer >= stored_customer))
         )
 
+    devices = pd.DataFrame({"device_id": latest["device_id"].unique()})
+    devices["device_hash"] = device_hash(devices["device_id"])
+    hashes = devices.set_index("device_id")["device_hash"]
     with store.begin() as connection:
-        store.upsert_newer(device_profiles, latest, ["device_id", "key"], newer, connection)
-        devices = pd.DataFrame({"device_id": latest["device_id"].unique()})
+        store.upsert_newer(
+            device_profiles,
+            latest.assign(device_hash=hashes.reindex(latest["device_id"]).to_numpy()),
+            ["device_id", "key"],
+            newer,
+            connection,
+        )
         store.insert_frame(connection, profile_changes, devices)
+
+
+def _of_shard(query: sa.Select, table: sa.Table, shard: DeviceShard | None) -> sa.Select:
+    """`query` limited to the rows of `shard`'s devices (every row when None)."""
+    return query if shard is None else query.where(shard.holds_hash(table.c.device_hash))
 
 
 @dataclass
@@ -70,16 +83,16 @@ class ProfileChanges:
 
     change_ids: list[int]
     devices: list[str]
-    every_device: bool
 
 
-def read_profile_changes(store: PersonaStore) -> ProfileChanges:
-    frame = store.read_frame(sa.select(profile_changes.c.change_id, profile_changes.c.device_id))
-    devices = frame["device_id"]
+def read_profile_changes(store: PersonaStore, shard: DeviceShard | None = None) -> ProfileChanges:
+    """The changes not handled yet, of `shard`'s devices or every device's."""
+    c = profile_changes.c
+    query = sa.select(c.change_id, c.device_id).where(c.device_id.is_not(None))
+    frame = store.read_frame(_of_shard(query, profile_changes, shard))
     return ProfileChanges(
         change_ids=frame["change_id"].astype("int64").tolist(),
-        devices=sorted(devices.dropna().unique().tolist()),
-        every_device=bool(devices.isna().any()),
+        devices=sorted(frame["device_id"].unique().tolist()),
     )
 
 
@@ -98,12 +111,16 @@ def read_profiles_of(store: PersonaStore, device_ids: list[str]) -> pd.DataFrame
 
 
 def read_profiles(
-    store: PersonaStore, key_prefix: str | None = None, columns: tuple[str, ...] | None = None
+    store: PersonaStore,
+    key_prefix: str | None = None,
+    columns: tuple[str, ...] | None = None,
+    shard: DeviceShard | None = None,
 ) -> pd.DataFrame:
-    """Every profile row (only `columns`, when given), or those whose key starts with
-    `key_prefix`, and maybe a few more (LIKE reads `_` as any character, and SQLite ignores
-    case): the caller selects exactly."""
+    """Every profile row (only `columns`, when given; of `shard`'s devices, when given), or
+    those whose key starts with `key_prefix`, and maybe a few more (LIKE reads `_` as any
+    character, and SQLite ignores case): the caller selects exactly."""
     query = sa.select(*[device_profiles.c[c] for c in columns]) if columns else sa.select(device_profiles)
+    query = _of_shard(query, device_profiles, shard)
     if key_prefix is not None:
         query = query.where(device_profiles.c.key.like(key_prefix + "%"))
     frame = store.read_frame(query)
@@ -127,15 +144,21 @@ def profile_counts(store: PersonaStore) -> tuple[int, int]:
     return int(rows or 0), int(devices or 0)
 
 
-def count_vectors(store: PersonaStore) -> int:
-    with store.engine.connect() as connection:
-        return int(connection.execute(sa.select(sa.func.count()).select_from(persona_vectors)).scalar() or 0)
+def count_vectors(store: PersonaStore, shard: DeviceShard | None = None) -> int:
+    """Devices with a vector, of `shard` or of the fleet."""
+    query = _of_shard(sa.select(sa.func.count()).select_from(persona_vectors), persona_vectors, shard)
+    return int(store.scalar(query) or 0)
 
 
-def read_key_history(store: PersonaStore, key: str, since: pd.Timestamp) -> pd.DataFrame:
+def read_key_history(
+    store: PersonaStore, key: str, since: pd.Timestamp, shard: DeviceShard | None = None
+) -> pd.DataFrame:
     """Updates of `key` after `since`, plus the last update at or before it of each device that
-    has one after (the value it changed from; other devices' history says nothing of a change)."""
+    has one after (the value it changed from; other devices' history says nothing of a change);
+    of `shard`'s devices, when given. Every history file is read, whatever shard count wrote it."""
     rows = store.history.read_table(None, ["device_id", "value", "observed_at"], ds.field("key") == key)
+    if shard is not None:
+        rows = rows.filter(pa.array(shard.holds(rows.column("device_id").to_pandas())))
     start = pd.Timestamp(since)
     start = start.tz_localize("UTC") if start.tzinfo is None else start.tz_convert("UTC")
     is_after = pc.greater(
@@ -161,12 +184,14 @@ def decode_vectors(blobs: pd.Series, dimensions: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs.tolist()), dtype="<f4").reshape(len(blobs), dimensions)
 
 
-def read_vector_fingerprints(store: PersonaStore, device_ids: list[str] | None = None) -> pd.Series:
-    """Fingerprint per device with a vector (of `device_ids` only, when given)."""
+def read_vector_fingerprints(
+    store: PersonaStore, device_ids: list[str] | None = None, shard: DeviceShard | None = None
+) -> pd.Series:
+    """Fingerprint per device with a vector (of `device_ids` only, or of `shard`'s, when given)."""
     v = persona_vectors.c
     query = sa.select(v.device_id, v.fingerprint)
     if device_ids is None:
-        frame = store.read_frame(query)
+        frame = store.read_frame(_of_shard(query, persona_vectors, shard))
     else:
         frame = store.read_frame_in(query, v.device_id, device_ids)
     return frame.set_index("device_id")["fingerprint"]
@@ -174,34 +199,55 @@ def read_vector_fingerprints(store: PersonaStore, device_ids: list[str] | None =
 
 @dataclass
 class VectorRun:
-    """The last persona_vectors run: its feature space, the newest event time it computed at,
-    and how many devices had a vector after it."""
+    """The last persona_vectors run of a device shard: its feature space, the newest event time
+    it computed at, and how many of the shard's devices had a vector after it."""
 
     space: str
     as_of: pd.Timestamp
     devices: int
 
 
-def read_last_vector_run(store: PersonaStore) -> VectorRun | None:
+def _shard_numbers(shard: DeviceShard | None) -> tuple[int, int]:
+    """(device_shard, device_shards) of a vector run: 0 of 1 for the unsharded run."""
+    return (0, 1) if shard is None else (shard.index, shard.count)
+
+
+def read_last_vector_run(store: PersonaStore, shard: DeviceShard | None = None) -> VectorRun | None:
+    """The newest run of `shard` (the unsharded run when None) in any feature space."""
     r = persona_vector_runs.c
-    frame = store.read_frame(sa.select(r.space, r.as_of, r.devices).order_by(r.computed_at.desc()).limit(1))
+    index, count = _shard_numbers(shard)
+    query = (
+        sa.select(r.space, r.as_of, r.devices)
+        .where(r.device_shard == index, r.device_shards == count)
+        .order_by(r.computed_at.desc())
+        .limit(1)
+    )
+    frame = store.read_frame(query)
     if frame.empty:
         return None
     row = frame.iloc[0]
     return VectorRun(row["space"], as_utc(frame["as_of"]).iloc[0], int(row["devices"]))
 
 
-def record_vector_run(store: PersonaStore, run: VectorRun) -> None:
+def record_vector_run(store: PersonaStore, run: VectorRun, shard: DeviceShard | None = None) -> None:
+    index, count = _shard_numbers(shard)
     row = pd.DataFrame(
         {
             "space": [run.space],
+            "device_shard": [index],
+            "device_shards": [count],
             "as_of": [run.as_of],
             "computed_at": [pd.Timestamp.now(tz="UTC")],
             "devices": [run.devices],
         }
     )
+    r = persona_vector_runs.c
     with store.begin() as connection:
-        connection.execute(persona_vector_runs.delete().where(persona_vector_runs.c.space == run.space))
+        connection.execute(
+            persona_vector_runs.delete().where(
+                r.space == run.space, r.device_shard == index, r.device_shards == count
+            )
+        )
         store.insert_frame(connection, persona_vector_runs, row)
 
 
@@ -223,7 +269,9 @@ def write_vectors(store: PersonaStore, rows: pd.DataFrame, removed: list[str]) -
 
 
 def write_dimensions(store: PersonaStore, space: str, frame: pd.DataFrame) -> None:
-    store.replace_rows(persona_dimensions, persona_dimensions.c.space == space, frame.assign(space=space))
+    """The dimensions of `space` (a feature space fixes them): an upsert, as every device shard's
+    run writes the same rows, maybe at once."""
+    store.upsert_newer(persona_dimensions, frame.assign(space=space), ["space", "position"])
 
 
 def read_dimension_count(store: PersonaStore, space: str) -> int:

@@ -54,6 +54,8 @@ device_profiles = sa.Table(
     sa.Column("value", OrderedText, nullable=False),
     sa.Column("value_number", sa.Float),
     sa.Column("observed_at", UtcDateTime, nullable=False),
+    # device_shards.device_hash of device_id: a device shard's rows are found in SQL.
+    sa.Column("device_hash", sa.BigInteger),
 )
 
 key_weights = sa.Table(
@@ -79,27 +81,33 @@ persona_vectors = sa.Table(
     sa.Column("vector", sa.LargeBinary, nullable=False),
     sa.Column("fingerprint", sa.BigInteger, nullable=False),
     sa.Column("computed_at", UtcDateTime, nullable=False),
+    sa.Column("device_hash", sa.BigInteger),
 )
 
 # Devices whose profile changed since persona_vectors last read them: device_profiles adds a
-# row per device it merges, in the same transaction; a NULL device_id stands for every device.
-# persona_vectors recomputes those devices and deletes the rows it read, so a day's vectors
-# cost follows the devices that changed, not the fleet.
+# row per device it merges, in the same transaction. persona_vectors (of the device's shard)
+# recomputes those devices and deletes the rows it read, so a day's vectors cost follows the
+# devices that changed, not the fleet. (Before revision 0012 a NULL device_id stood for every
+# device; no writer adds one now.)
 profile_changes = sa.Table(
     "profile_changes",
     metadata,
     # SQLite numbers only an INTEGER PRIMARY KEY itself.
     sa.Column("change_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
     sa.Column("device_id", sa.Text),
+    sa.Column("device_hash", sa.BigInteger),
 )
 
-# Each feature space's last persona_vectors run: the newest event time it computed at (time-
-# relative dimensions, moved city within N days, change for devices that sent nothing, and the
-# next run finds them from here) and the devices with a vector after it.
+# Each feature space's last persona_vectors run per device shard (shard 0 of 1 unsharded): the
+# newest event time it computed at (time-relative dimensions, moved city within N days, change
+# for devices that sent nothing, and the next run finds them from here) and the shard's devices
+# with a vector after it. No row for a shard: its next run computes every device of it.
 persona_vector_runs = sa.Table(
     "persona_vector_runs",
     metadata,
     sa.Column("space", sa.String(64), primary_key=True),
+    sa.Column("device_shard", sa.Integer, primary_key=True),
+    sa.Column("device_shards", sa.Integer, primary_key=True),
     sa.Column("as_of", UtcDateTime, nullable=False),
     sa.Column("computed_at", UtcDateTime, nullable=False),
     sa.Column("devices", sa.Integer, nullable=False),
