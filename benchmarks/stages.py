@@ -98,7 +98,9 @@ def vectors(r: dict, **_) -> Outcome:
     # personas_job runs key_weights first, which records the configured weights once; here the same
     # call, timed with the stage (a read of the few key_weights rows on the incremental day).
     record_configured_weights(r["persona_store"], r["persona_config"].feature_schema().initial_weights())
-    result = persona_vectors(persona_store=r["persona_store"], persona_config=r["persona_config"])
+    result = persona_vectors(
+        dg.build_asset_context(), persona_store=r["persona_store"], persona_config=r["persona_config"]
+    )
     computed = result.metadata.get("devices_computed", result.metadata["devices"])
     return Outcome(int(computed.value), "devices")
 
