@@ -5,7 +5,10 @@
 workers (`celery -A persona_pipeline.worker worker`) through the broker `PERSONA_CELERY_BROKER`,
 on the queue `PERSONA_CELERY_QUEUE` (default `dagster`). The run launcher's process orchestrates
 and the workers execute, so every worker needs this package, the same environment and a Dagster
-instance it can reach (the instance reference travels with each task).
+instance it can reach (the instance reference travels with each task). `k8s` (Kubernetes, with
+the `k8s` extra) runs each step as a Kubernetes Job of its own, with the image, environment and
+Secrets of the run's pod under the K8sRunLauncher (`deploy/helm/values.yaml`); the launchpad's
+`execution.config` can limit the step pods per run (`max_concurrent`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ EXECUTOR_VARIABLE = "PERSONA_EXECUTOR"
 BROKER_VARIABLE = "PERSONA_CELERY_BROKER"
 BACKEND_VARIABLE = "PERSONA_CELERY_BACKEND"
 QUEUE_VARIABLE = "PERSONA_CELERY_QUEUE"
-EXECUTORS = ("multiprocess", "in_process", "celery")
+EXECUTORS = ("multiprocess", "in_process", "celery", "k8s")
 DEFAULT_QUEUE = "dagster"
 DEFAULT_BACKEND = "rpc://"
 
@@ -37,7 +40,7 @@ def executor_name() -> str:
 
 def distributed() -> bool:
     """Whether steps run outside the process that launched the run."""
-    return executor_name() == "celery"
+    return executor_name() in ("celery", "k8s")
 
 
 def celery_queue() -> str:
@@ -51,6 +54,8 @@ def executor_from_env() -> dg.ExecutorDefinition | None:
         return None
     if name == "in_process":
         return dg.in_process_executor
+    if name == "k8s":
+        return _k8s_executor()
     from dagster_celery import celery_executor
 
     if not os.environ.get(BROKER_VARIABLE):
@@ -70,6 +75,17 @@ def executor_from_env() -> dg.ExecutorDefinition | None:
         },
         name="celery",
     )
+
+
+def _k8s_executor() -> dg.ExecutorDefinition:
+    try:
+        from dagster_k8s import k8s_job_executor
+    except ImportError:
+        raise ExecutorSettingsError(
+            f"{EXECUTOR_VARIABLE}=k8s needs dagster-k8s: install this project with its k8s extra "
+            "(pip install '.[k8s]')"
+        ) from None
+    return k8s_job_executor
 
 
 def celery_app_args() -> dict:

@@ -19,7 +19,7 @@ import pytest
 from kombu import Connection
 
 from persona_pipeline.demo.generator import generate_fleet, write_landing
-from persona_pipeline.executors import ExecutorSettingsError, executor_from_env
+from persona_pipeline.executors import ExecutorSettingsError, distributed, executor_from_env
 from persona_pipeline.resources import PersonaStore
 
 # Its stores are the embedded ones whatever --store says: the subject is the executor.
@@ -291,6 +291,11 @@ def test_executor_is_chosen_by_environment(monkeypatch):
         executor_from_env()
     monkeypatch.setenv("PERSONA_CELERY_BROKER", f"redis://default:{PLANTED_PASSWORD}@127.0.0.1:6379/0")
     assert executor_from_env().name == "celery"
+    monkeypatch.setenv("PERSONA_EXECUTOR", "k8s")
+    steps_as_jobs = executor_from_env()
+    assert steps_as_jobs.name == "k8s" and distributed()
+    # Its launchpad settings (execution.config) are dagster-k8s's own.
+    assert {"max_concurrent", "step_k8s_config"} <= set(steps_as_jobs.config_schema.config_type.fields)
     monkeypatch.setenv("PERSONA_EXECUTOR", "spark")
     with pytest.raises(ExecutorSettingsError, match="PERSONA_EXECUTOR='spark'"):
         executor_from_env()

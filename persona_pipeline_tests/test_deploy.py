@@ -329,9 +329,19 @@ def test_a_code_location_that_fails_on_its_settings_is_named():
     deployment = copy.deepcopy(code_location(SHIPPED_VALUES))
     for entry in deployment["env"]:
         if entry["name"] == "PERSONA_EXECUTOR":
-            entry["value"] = "k8s"
+            entry["value"] = "k9s"
     [problem] = check_values.check_code_location(deployment, DEPLOYMENT)
-    assert str(problem).endswith("PERSONA_EXECUTOR='k8s': expected one of multiprocess, in_process, celery")
+    assert str(problem).endswith(
+        "PERSONA_EXECUTOR='k9s': expected one of multiprocess, in_process, celery, k8s"
+    )
+
+
+def test_steps_as_kubernetes_jobs_pass_under_the_k8s_run_launcher():
+    """PERSONA_EXECUTOR=k8s: the code location loads with dagster-k8s's executor (each step a
+    Kubernetes Job), and the values that select it have no problem, code location included."""
+    values = copy.deepcopy(SHIPPED_VALUES)
+    set_env(values, "PERSONA_EXECUTOR", "k8s")
+    assert [str(problem) for problem in check_values.check_dagster_values(values)] == []
 
 
 def wrong_api_key_secret(qdrant: dict) -> None:

@@ -196,12 +196,12 @@ PATH_VARIABLES = ("PERSONA_HOME", "PERSONA_LANDING_DIR", "PERSONA_HISTORY_DIR", 
 
 # What PERSONA_EXECUTOR may be under each run launcher of the chart.
 EXECUTORS_BY_RUN_LAUNCHER: dict[str, tuple[str, ...]] = {
-    "K8sRunLauncher": ("multiprocess", "in_process"),
+    "K8sRunLauncher": ("multiprocess", "in_process", "k8s"),
     "CeleryK8sRunLauncher": (),
 }
 RUN_LAUNCHER_MISFITS = {
     ("K8sRunLauncher", "celery"): "it sends steps to `celery -A persona_pipeline.worker` workers, "
-    "which this chart does not run; use multiprocess or in_process",
+    "which this chart does not run; use multiprocess, in_process or k8s",
     "CeleryK8sRunLauncher": "its Celery workers run only dagster-celery-k8s's celery_k8s_job_executor, "
     f"which PERSONA_EXECUTOR does not offer (it offers {', '.join(executors.EXECUTORS)})",
 }
