@@ -23,6 +23,13 @@ warnings.filterwarnings(
     message=r"Parameter `backfill_policy` of function `asset` is currently in beta",
     category=dg.BetaWarning,
 )
+# With device shards, persona_vectors depends on the profiles' shard dimension through this
+# mapping, which Dagster marks beta and says so at every code load.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Class `MultiToSingleDimensionPartitionMapping` is currently in beta",
+    category=dg.BetaWarning,
+)
 
 # The first partition when neither PERSONA_PARTITION_START nor a landing folder says otherwise.
 FALLBACK_START = "2026-01-01"

@@ -480,3 +480,82 @@ def test_vectors_are_partitioned_by_shard_and_follow_their_shards_profiles(tmp_p
         ["persona_index", "device_clusters", "anomaly_scores", "service_recommendations"]
     )
     assert found["weights_requests"] == ["0"]  # shard 1's vectors came after the new weights
+
+
+def test_a_vector_run_of_another_shard_count_is_forgotten_so_a_count_used_again_starts_afresh(persona_home):
+    from persona_pipeline.personas import storage as persona_storage
+
+    store = PersonaStore(url=store_url(persona_home))
+    run = persona_storage.VectorRun("s-w1", pd.Timestamp("2026-03-01T10:00:00Z"), 100)
+    assert persona_storage.record_vector_run(store, run, None, erasures_at_start=0)
+    assert persona_storage.read_last_vector_run(store) == run
+    for index in range(3):
+        later = persona_storage.VectorRun("s-w1", pd.Timestamp("2026-03-20T10:00:00Z"), 30)
+        assert persona_storage.record_vector_run(store, later, DeviceShard(index, 3), erasures_at_start=0)
+    # Back to one shard: the run of before would set the moved-recently flags at its old time.
+    assert persona_storage.read_last_vector_run(store) is None
+    assert persona_storage.read_last_vector_run(store, DeviceShard(2, 3)) == later
+    # A run that saw an erasure begin and end records nothing.
+    assert not persona_storage.record_vector_run(store, run, None, erasures_at_start=-1)
+    assert persona_storage.read_last_vector_run(store) is None
+
+
+# Run in a process of its own (PERSONA_DEVICE_SHARDS is read when the code loads): the demo's
+# weights comparison re-makes a day's offers in its stores, the vectors a run per shard.
+OFFERS_AGAIN_SCRIPT = """
+import json, sys
+from persona_pipeline.app.demo_loop import forget_day, offers_again
+from persona_pipeline.definitions import build_resources
+
+r = build_resources(resolved=True)
+forget_day(r["persona_store"], sys.argv[1])
+stores = r["persona_store"], r["vector_index"], r["persona_config"], r["landing_zone"]
+offers = offers_again(*stores, sys.argv[1], None)
+print(json.dumps(len(offers)))
+"""
+
+
+@pytest.mark.store_agnostic
+def test_the_weights_comparison_remakes_a_days_offers_over_shards(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    write_landing(generate_fleet(120, 2, seed=5, start=START), home / "landing")
+    env = celery_tests.clean_env(home, PERSONA_DEVICE_SHARDS="2", PERSONA_NORMS_KEY="k" * 40)
+    run = [str(BIN / "persona-pipeline"), "run", "--start", START, "--end", "2026-03-02"]
+    done = subprocess.run(run, env=env, cwd=home, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    made = pd.read_sql_table("service_recommendations", f"sqlite:///{home / 'persona.db'}")
+    day = made["offer_day"].max()
+    again = subprocess.run(
+        [sys.executable, "-c", OFFERS_AGAIN_SCRIPT, day], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == int((made["offer_day"] == day).sum())
+
+
+def test_the_fleet_wide_steps_refuse_vectors_in_two_feature_spaces_and_name_the_shards(
+    landing, resources, instance
+):
+    """Some shards rebuilt with new weights, some not yet (or failed): the index, the segments
+    and the scores each fail at once saying so, without retries, rather than mixing the spaces."""
+    from persona_pipeline.anomalies.assets import anomaly_scores
+    from persona_pipeline.feedback.assets import key_weights
+    from persona_pipeline.ingest.assets import index_updates
+    from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
+    from persona_pipeline.segments.assets import device_clusters
+
+    rows = [update(f"d{i}", "device.location.city", "Berlin", f"{START}T10:00:00Z") for i in range(30)]
+    write_jsonl(landing, START, rows)
+    ingest = [index_updates, device_profiles]
+    assert dg.materialize(ingest, resources=resources, instance=instance, partition_key=START).success
+    assert dg.materialize([key_weights, persona_vectors], resources=resources, instance=instance).success
+    with resources["persona_store"].begin() as connection:
+        connection.execute(sa.text("update persona_vectors set space = 'newer-w9' where device_id = 'd7'"))
+    for asset in (persona_index, device_clusters, anomaly_scores):
+        result = dg.materialize([asset], resources=resources, instance=instance, raise_on_error=False)
+        [failure] = [event for event in result.all_events if event.is_step_failure]
+        message = failure.step_failure_data.error.message
+        assert "persona_vectors holds several feature spaces" in message, asset.key
+        assert "the shards not rebuilt since the newest key weights" in message
+        retries = [event for event in result.all_events if event.event_type_value == "STEP_UP_FOR_RETRY"]
+        assert not retries

@@ -215,3 +215,45 @@ def test_a_request_without_ids_is_refused(persona_home, instance):
     assert "give at least one of device_ids or customer_ids" in failure.error.message
     store = resources_for(persona_home)["persona_store"]
     assert store.scalar(sa.select(sa.func.count()).select_from(sa.table("erasure_requests"))) == 0
+
+
+def test_an_erasure_that_completes_during_a_vectors_run_is_not_undone_by_it(
+    landing, resources, instance, monkeypatch
+):
+    """The run read d1's profile before the erasure and writes its vector after it: it then
+    records no run, so the next one computes every device and drops d1's vector (an incremental
+    run would never look at d1 again)."""
+    from persona_pipeline.feedback.assets import key_weights
+    from persona_pipeline.ingest.assets import index_updates
+    from persona_pipeline.personas import storage as persona_storage
+    from persona_pipeline.personas.assets import device_profiles, persona_vectors
+    from persona_pipeline_tests.conftest import update, write_jsonl
+
+    devices = [f"d{i}" for i in range(1, 7)]
+    for day, city in ((DAYS[0], "Berlin"), (DAYS[1], "Paris")):
+        reporting = devices if day == DAYS[0] else devices[:2]
+        write_jsonl(
+            landing, day, [update(d, "device.location.city", city, f"{day}T10:00:00Z") for d in reporting]
+        )
+    ingest = [index_updates, device_profiles]
+    assert dg.materialize(ingest, resources=resources, instance=instance, partition_key=DAYS[0]).success
+    assert dg.materialize([key_weights, persona_vectors], resources=resources, instance=instance).success
+    assert dg.materialize(ingest, resources=resources, instance=instance, partition_key=DAYS[1]).success
+
+    real_write = persona_storage.write_vectors
+
+    def write_after_an_erasure(store, rows, removed) -> None:
+        assert erase(resources, instance, devices=["d1"]).success
+        real_write(store, rows, removed)
+
+    monkeypatch.setattr(persona_storage, "write_vectors", write_after_an_erasure)
+    assert dg.materialize([persona_vectors], resources=resources, instance=instance).success
+    monkeypatch.undo()
+    store = resources["persona_store"]
+    assert "d1" in set(table(store, "persona_vectors")["device_id"])  # written back by the race
+    assert table(store, "persona_vector_runs").empty
+
+    after = dg.materialize([persona_vectors], resources=resources, instance=instance)
+    metadata = after.asset_materializations_for_node("persona_vectors")[0].metadata
+    assert metadata["computed"].value == "every device"
+    assert set(table(store, "persona_vectors")["device_id"]) == set(devices) - {"d1"}

@@ -18,7 +18,7 @@ from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.personas import storage
 from persona_pipeline.personas.assets import ONE_POINT_CHECK, device_profiles, persona_index, persona_vectors
 from persona_pipeline.resources import VectorIndex
-from persona_pipeline.resources.vector_index import VectorStore, point_id
+from persona_pipeline.resources.vector_index import VectorIndexError, VectorStore, point_id
 from persona_pipeline_tests.conftest import update, write_jsonl
 
 # key_weights records the configured weights the vectors are built with.
@@ -144,3 +144,60 @@ def test_a_collection_that_stays_wrong_after_the_repair_fails_the_error_check(la
     assert f"for {len(DEVICES)} devices" in check.description
     repaired = rerun.asset_materializations_for_node("persona_index")[0].metadata["repaired"].value
     assert "rewrote every point" in repaired and "rebuilt the collection" in repaired
+
+
+# Upsert calls FailsAfterPages has seen, over every open (the asset's retries included).
+UPSERT_CALLS: list[int] = []
+
+
+class FailsAfterPages(VectorIndex):
+    """The real embedded index that fails every upsert call after the first `pages` (the only
+    fault injected here)."""
+
+    pages: int = 0
+
+    @contextmanager
+    def open(self) -> Iterator[VectorStore]:
+        with super().open() as store:
+            real_upsert = store.upsert
+
+            def upsert(collection, ids, vectors, payloads, batch_size=2048) -> int:
+                UPSERT_CALLS.append(len(ids))
+                if len(UPSERT_CALLS) > self.pages:
+                    raise VectorIndexError("the disk is full", detail="the disk is full")
+                return real_upsert(collection, ids, vectors, payloads, batch_size)
+
+            store.upsert = upsert
+            yield store
+
+
+def test_the_index_is_written_a_page_at_a_time_and_a_stopped_write_resumes_after_its_pages(
+    landing, resources, instance, monkeypatch
+):
+    """Pages of 97 devices: a write that fails on its fifth page keeps the four written on record,
+    and the next run writes only the rest; the collection is then whole."""
+    from persona_pipeline.personas import assets as persona_assets
+
+    monkeypatch.setattr(persona_assets, "INDEX_PAGE_ROWS", 97)
+    UPSERT_CALLS.clear()
+    failing = FailsAfterPages(path=resources["vector_index"].path, pages=4)
+    rows = [
+        update(d, "device.location.city", CITIES[i % 4], f"{DAY}T10:00:00Z") for i, d in enumerate(DEVICES)
+    ]
+    write_jsonl(landing, DAY, rows)
+    assert dg.materialize(
+        [index_updates, device_profiles], resources=resources, instance=instance, partition_key=DAY
+    ).success
+    stopped = dg.materialize(
+        VECTOR_ASSETS,
+        resources={**resources, "vector_index": failing},
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not stopped.success
+
+    resumed = dg.materialize([persona_index], resources=resources, instance=instance)
+    metadata = resumed.asset_materializations_for_node("persona_index")[0].metadata
+    assert metadata["points_written"].value == len(DEVICES) - 4 * 97
+    assert metadata["points"].value == len(DEVICES)
+    assert_every_point_is_back(resources)

@@ -187,6 +187,9 @@ def anomaly_scores(
     every device's stored p-value. A device's `score` is relative to the cut of the run that last
     scored it; its flag is always the current run's."""
     schema = persona_config.feature_schema()
+    spaces = persona_storage.read_vector_spaces(persona_store)
+    if len(spaces) > 1:
+        raise dg.Failure(persona_storage.several_spaces(spaces), allow_retries=False)
     now = pd.Timestamp.now(tz="UTC")
     try:
         key = norms_signing_key()

@@ -38,7 +38,7 @@ from persona_pipeline.demo.responses import (
     RECEPTIVE_MODELS,
     acceptance_probability,
 )
-from persona_pipeline.partitions import outside_partitions
+from persona_pipeline.partitions import DEVICE_SHARDS, device_shard_keys, outside_partitions
 from persona_pipeline.personas.weights import current_weights, insert_weights
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.service_catalog import TRIGGERS
@@ -193,8 +193,17 @@ def offers_again(
         "persona_config": config,
         "landing_zone": landing,
     }
-    assets = [persona_vectors, persona_index, device_clusters, anomaly_scores, recommendations_asset]
+    fleet_wide = [persona_index, device_clusters, anomaly_scores, recommendations_asset]
     with dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance) as runs:
+        # With device shards, the vectors a run per shard first, as personas_job runs them.
+        for key in device_shard_keys() if DEVICE_SHARDS > 1 else []:
+            vectors = dg.materialize(
+                [persona_vectors], resources=resources, instance=runs, partition_key=key, raise_on_error=False
+            )
+            if not vectors.success:
+                where = f"shard {key} in a copy of the stores"
+                raise CommandError(f"re-making the vectors of {where} failed (run {vectors.run_id})")
+        assets = fleet_wide if DEVICE_SHARDS > 1 else [persona_vectors, *fleet_wide]
         result = dg.materialize(
             assets, resources=resources, instance=runs, run_config=SAME_DAY_AGAIN, raise_on_error=False
         )

@@ -95,7 +95,9 @@ def delete_device_rows(connection: sa.Connection, devices: list[str]) -> dict[st
         ).rowcount
     deleted["index_update_rejects"] = deleted.get("index_update_rejects", 0) + unparsed
     # The newest event time may have gone with them: without a run on record, every shard's next
-    # persona_vectors computes all its devices.
+    # persona_vectors computes all its devices. A vectors run under way records no run after this
+    # (it counts the erasure requests; the table is held until this transaction ends).
+    PersonaStore.hold_other_writers(connection, tables.persona_vector_runs)
     connection.execute(tables.persona_vector_runs.delete())
     # The anomaly norms were fitted with their vectors (a detector may keep its training sample):
     # the next anomaly_scores scores every device and fits them without.

@@ -84,7 +84,7 @@ def insert_new(store: PersonaStore, table: sa.Table, frame: pd.DataFrame, key: s
     if frame.empty:
         return 0
     with store.begin() as connection:
-        hold_other_writers(connection, table)
+        PersonaStore.hold_other_writers(connection, table)
         existing = set()
         keys = frame[key].tolist()
         for start in range(0, len(keys), 10_000):
@@ -95,17 +95,6 @@ def insert_new(store: PersonaStore, table: sa.Table, frame: pd.DataFrame, key: s
         fresh = frame[~frame[key].isin(existing)]
         store.insert_frame(connection, table, fresh)
     return len(fresh)
-
-
-def hold_other_writers(connection: sa.Connection, table: sa.Table) -> None:
-    """Make other writers of `table` wait until this transaction ends, before it reads what it
-    will check its rows against; readers go on. PostgreSQL: a lock on the table that only
-    writers conflict with. SQLite has one writer at a time: a statement that writes nothing
-    still begins the write transaction now rather than at the first insert."""
-    if connection.dialect.name == "postgresql":
-        connection.execute(sa.text(f"LOCK TABLE {table.name} IN SHARE ROW EXCLUSIVE MODE"))
-    else:
-        connection.execute(table.delete().where(sa.false()))
 
 
 def write_offers(
@@ -127,7 +116,7 @@ def write_offers(
     first = (pd.Timestamp(day) - pd.Timedelta(days=WEEK_DAYS - 1)).strftime("%Y-%m-%d")
     last = (pd.Timestamp(day) + pd.Timedelta(days=WEEK_DAYS - 1)).strftime("%Y-%m-%d")
     with store.begin() as connection:
-        hold_other_writers(connection, service_recommendations)
+        PersonaStore.hold_other_writers(connection, service_recommendations)
         stored = store.read_frame(
             sa.select(r.offer_id, r.device_id, r.service_id, r.offer_day).where(
                 r.offer_day.between(first, last)
@@ -146,7 +135,7 @@ def write_tickets(
     tickets stored when the rows go in; other writers of the outbox wait until the commit."""
     t = support_tickets.c
     with store.begin() as connection:
-        hold_other_writers(connection, support_tickets)
+        PersonaStore.hold_other_writers(connection, support_tickets)
         stored = store.read_frame(
             sa.select(
                 t.ticket_id,

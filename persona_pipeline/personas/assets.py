@@ -9,7 +9,6 @@ from persona_pipeline.automation import AFTER_UPSTREAM, after_upstream_updates
 from persona_pipeline.device_shards import DeviceShard, device_hash
 from persona_pipeline.metadata import OWNERS, add_counts_per_partition, table_metadata
 from persona_pipeline.partitions import (
-    DEVICE_SHARDS,
     device_day_backfill,
     device_day_partitions,
     device_shard_only_partitions,
@@ -149,6 +148,7 @@ def persona_vectors(
     whose vector did change are rewritten. With device shards, a run computes its shard's devices
     at the fleet's newest event time, so N shards leave the vectors of one."""
     shard = run_shard(context)
+    erasures_at_start = storage.count_erasures(persona_store)
     schema = persona_config.feature_schema()
     try:
         weights = current_weights(persona_store)
@@ -214,7 +214,9 @@ def persona_vectors(
     # The run record keeps what the table holds, so a run stopped between the vectors and this
     # record is counted right by the next one (after one warning of the check below).
     devices = storage.count_vectors(persona_store, shard)
-    storage.record_vector_run(persona_store, storage.VectorRun(space, as_of, devices), shard)
+    run = storage.VectorRun(space, as_of, devices)
+    if not storage.record_vector_run(persona_store, run, shard, erasures_at_start):
+        context.log.warning("an erasure completed during this run: the next run computes every device")
     storage.clear_profile_changes(persona_store, changes)
 
     return dg.MaterializeResult(
@@ -333,14 +335,8 @@ def persona_index(
     sample read back with its vectors); a damaged one is rewritten, or rebuilt when it cannot be
     read, and the metadata says so."""
     spaces = storage.read_vector_spaces(persona_store)
-    if len(spaces) > 1 and DEVICE_SHARDS > 1:
-        context.log.warning(reporting.shards_in_several_spaces(spaces))
-        return reporting.shards_behind_result(spaces)
     if len(spaces) > 1:
-        raise dg.Failure(
-            f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors",
-            allow_retries=False,
-        )
+        raise dg.Failure(storage.several_spaces(spaces), allow_retries=False)
     space = spaces[0] if spaces else None
     if space is None:
         return reporting.no_vectors_result()
@@ -422,33 +418,40 @@ def _open_collection(
     return True
 
 
+# Devices read, written and recorded at a time: a fleet-wide write holds one page in memory.
+INDEX_PAGE_ROWS = 100_000
+
+
 def _write_points(
     store: PersonaStore, index: VectorStore, collection: str, dimensions: int, batch_size: int, whole: bool
 ) -> tuple[int, int]:
     """Write the points `collection` lacks (every device's when `whole`) and delete the points of
-    devices without a vector; record them in vector_index_state. Returns (written, deleted)."""
-    if whole:  # a new or rebuilt collection holds nothing, whatever state an old one left
-        to_write, gone = storage.read_vector_summaries(store), []
-    else:
-        to_write, gone = storage.read_unindexed_vectors(store, collection)
-    # The cluster_id payload is device_clusters' to write: it finds these points rewritten.
-    payloads = [
-        {"device_id": d, "customer_id": None if pd.isna(c) else c, "weights_version": int(w)}
-        for d, c, w in zip(
-            to_write["device_id"], to_write["customer_id"], to_write["weights_version"], strict=True
-        )
-    ]
-    blobs = storage.read_vector_blobs(store, to_write["device_id"].tolist())
-    written = index.upsert(
-        collection,
-        point_ids(to_write["device_id"]),
-        storage.decode_vectors(blobs, dimensions),
-        payloads,
-        batch_size,
-    )
+    devices without a vector; record them in vector_index_state, a page of devices at a time (a
+    write stopped midway keeps the pages recorded). Returns (written, deleted)."""
+    # A new or rebuilt collection holds nothing, whatever state an old one left.
+    gone = [] if whole else storage.read_indexed_without_vector(store, collection)
     deleted = index.delete(collection, point_ids(gone))
-    storage.write_index_state(store, collection, to_write[["device_id", "fingerprint"]], gone, whole=whole)
+    storage.write_index_state(store, collection, _NO_POINTS, gone, whole=whole)
+    written = 0
+    for page in storage.read_unindexed_vectors(store, None if whole else collection, INDEX_PAGE_ROWS):
+        # The cluster_id payload is device_clusters' to write: it finds these points rewritten.
+        payloads = [
+            {"device_id": d, "customer_id": None if pd.isna(c) else c, "weights_version": int(w)}
+            for d, c, w in zip(page["device_id"], page["customer_id"], page["weights_version"], strict=True)
+        ]
+        blobs = storage.read_vector_blobs(store, page["device_id"].tolist())
+        written += index.upsert(
+            collection,
+            point_ids(page["device_id"]),
+            storage.decode_vectors(blobs, dimensions),
+            payloads,
+            batch_size,
+        )
+        storage.write_index_state(store, collection, page[["device_id", "fingerprint"]], [])
     return written, deleted
+
+
+_NO_POINTS = pd.DataFrame({"device_id": pd.Series(dtype=object), "fingerprint": pd.Series(dtype="int64")})
 
 
 def _drop_old_collections(index: VectorStore, keep: int, current: str, previous: str | None) -> list[str]:

@@ -86,31 +86,6 @@ def no_vectors_result() -> dg.MaterializeResult:
     )
 
 
-def shards_in_several_spaces(spaces: list[str]) -> str:
-    return (
-        f"persona_vectors' shards hold several feature spaces {spaces}: nothing written until every "
-        "shard has run in the newest (a shard whose run failed needs a re-run)"
-    )
-
-
-def shards_behind_result(spaces: list[str]) -> dg.MaterializeResult:
-    """What the index reports while the vectors' shards are rebuilt into a new feature space."""
-    return dg.MaterializeResult(
-        metadata={
-            "points_written": dg.MetadataValue.int(0),
-            "feature_spaces_in_vectors": dg.MetadataValue.text(", ".join(spaces)),
-        },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=ONE_POINT_CHECK,
-                passed=False,
-                severity=dg.AssetCheckSeverity.WARN,
-                description="not verified: " + shards_in_several_spaces(spaces),
-            )
-        ],
-    )
-
-
 def index_metadata(
     *,
     collection: str,

@@ -17,6 +17,7 @@ from persona_pipeline.device_shards import DeviceShard, device_hash
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
 from persona_pipeline.store.tables import (
     device_profiles,
+    erasure_requests,
     persona_dimensions,
     persona_vector_runs,
     persona_vectors,
@@ -229,7 +230,19 @@ def read_last_vector_run(store: PersonaStore, shard: DeviceShard | None = None) 
     return VectorRun(row["space"], as_utc(frame["as_of"]).iloc[0], int(row["devices"]))
 
 
-def record_vector_run(store: PersonaStore, run: VectorRun, shard: DeviceShard | None = None) -> None:
+def count_erasures(store: PersonaStore) -> int:
+    """Erasure requests on record: a run compares the count at its start and at its record."""
+    return int(store.scalar(sa.select(sa.func.count()).select_from(erasure_requests)) or 0)
+
+
+def record_vector_run(
+    store: PersonaStore, run: VectorRun, shard: DeviceShard | None, erasures_at_start: int
+) -> bool:
+    """Record the shard's run, replacing its earlier one and any run of another shard count
+    (a count used again must not find a stale run). Not when an erasure completed since the
+    run began (`erasures_at_start` differs): it may have written an erased device's vector back,
+    and without a run on record the next one computes every device of the shard and drops it.
+    The erasure holds the same table, so one of the two sees the other. Whether it recorded."""
     index, count = _shard_numbers(shard)
     row = pd.DataFrame(
         {
@@ -243,12 +256,14 @@ def record_vector_run(store: PersonaStore, run: VectorRun, shard: DeviceShard | 
     )
     r = persona_vector_runs.c
     with store.begin() as connection:
-        connection.execute(
-            persona_vector_runs.delete().where(
-                r.space == run.space, r.device_shard == index, r.device_shards == count
-            )
-        )
+        store.hold_other_writers(connection, persona_vector_runs)
+        this_shard = sa.and_(r.space == run.space, r.device_shard == index, r.device_shards == count)
+        connection.execute(persona_vector_runs.delete().where(this_shard | (r.device_shards != count)))
+        erasures = connection.execute(sa.select(sa.func.count()).select_from(erasure_requests)).scalar()
+        if int(erasures or 0) != erasures_at_start:
+            return False
         store.insert_frame(connection, persona_vector_runs, row)
+    return True
 
 
 def _delete_devices(
@@ -327,6 +342,13 @@ def read_vector_ids(store: PersonaStore) -> np.ndarray:
     return store.read_frame(sa.select(v.device_id).order_by(v.device_id))["device_id"].to_numpy(dtype=object)
 
 
+def several_spaces(spaces: list[str]) -> str:
+    return (
+        f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors (with device "
+        "shards, the shards not rebuilt since the newest key weights)"
+    )
+
+
 def read_vector_spaces(store: PersonaStore) -> list[str]:
     """The feature spaces persona_vectors holds (one, normally)."""
     return sorted(store.read_frame(sa.select(persona_vectors.c.space).distinct())["space"].tolist())
@@ -340,25 +362,39 @@ def read_vector_overview(store: PersonaStore) -> tuple[int, int | None]:
     return devices, None if version is None else int(version)
 
 
-def read_unindexed_vectors(store: PersonaStore, collection: str) -> tuple[pd.DataFrame, list[str]]:
-    """What `collection` lacks: the vector summaries of devices it does not hold at their
-    current fingerprint, and the devices it holds that have no vector any more. Two joins on
-    primary keys in the database, so a day's index write reads what changed, not the fleet."""
+def read_unindexed_vectors(store: PersonaStore, collection: str | None, rows: int) -> Iterator[pd.DataFrame]:
+    """What `collection` lacks, `rows` devices at a time in device_id order: the vector
+    summaries of devices it does not hold at their current fingerprint (every device's when
+    `collection` is None: a new or rebuilt collection). A join on primary keys in the database,
+    so a day's index write reads what changed, not the fleet."""
+    v, s = persona_vectors.c, vector_index_state.c
+    query = sa.select(v.device_id, v.customer_id, v.space, v.weights_version, v.fingerprint)
+    if collection is not None:
+        held = sa.and_(s.device_id == v.device_id, s.collection == collection)
+        query = query.select_from(persona_vectors.outerjoin(vector_index_state, held)).where(
+            sa.or_(s.device_id.is_(None), s.fingerprint != v.fingerprint)
+        )
+    query = query.order_by(v.device_id).limit(rows)
+    last = None
+    while True:
+        page = store.read_frame(query if last is None else query.where(v.device_id > last))
+        if page.empty:
+            return
+        yield page
+        last = page["device_id"].iloc[-1]
+
+
+def read_indexed_without_vector(store: PersonaStore, collection: str) -> list[str]:
+    """The devices `collection` holds that have no vector any more."""
     v, s = persona_vectors.c, vector_index_state.c
     held = sa.and_(s.device_id == v.device_id, s.collection == collection)
-    stale = store.read_frame(
-        sa.select(v.device_id, v.customer_id, v.space, v.weights_version, v.fingerprint)
-        .select_from(persona_vectors.outerjoin(vector_index_state, held))
-        .where(sa.or_(s.device_id.is_(None), s.fingerprint != v.fingerprint))
-        .order_by(v.device_id)
-    )
     gone = store.read_frame(
         sa.select(s.device_id)
         .select_from(vector_index_state.outerjoin(persona_vectors, held))
         .where(s.collection == collection, v.device_id.is_(None))
         .order_by(s.device_id)
     )
-    return stale, gone["device_id"].tolist()
+    return gone["device_id"].tolist()
 
 
 def write_index_state(
@@ -407,7 +443,7 @@ def read_stored_vectors(store: PersonaStore) -> StoredVectors:
     frame = store.read_frame(sa.select(v.device_id, v.customer_id, v.space, v.vector).order_by(v.device_id))
     spaces = sorted(frame["space"].unique().tolist())
     if len(spaces) > 1:
-        raise ValueError(f"persona_vectors holds several feature spaces {spaces}: re-run persona_vectors")
+        raise ValueError(several_spaces(spaces))
     space = spaces[0] if spaces else None
     names = read_dimension_names(store, space) if space else []
     return StoredVectors(

@@ -52,7 +52,8 @@ def current_weights(store: PersonaStore) -> WeightsVersion:
     if live is None:
         raise WeightsNotRecorded(
             "no key weights are recorded yet: materialize key_weights first "
-            "(personas_job runs it before persona_vectors; configured_weights_sensor asks for it)"
+            "(personas_job runs it before persona_vectors, weights_job with device shards; "
+            "configured_weights_sensor asks for it)"
         )
     return live
 

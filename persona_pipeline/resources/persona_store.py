@@ -391,6 +391,17 @@ class PersonaStore(dg.ConfigurableResource):
             return connection.execute(query).scalar()
 
     @staticmethod
+    def hold_other_writers(connection: sa.Connection, table: sa.Table) -> None:
+        """Make other writers of `table` wait until this transaction ends, before it reads what it
+        will check its rows against; readers go on. PostgreSQL: a lock on the table that only
+        writers conflict with. SQLite has one writer at a time: a statement that writes nothing
+        still begins the write transaction now rather than at the first insert."""
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.text(f"LOCK TABLE {table.name} IN SHARE ROW EXCLUSIVE MODE"))
+        else:
+            connection.execute(table.delete().where(sa.false()))
+
+    @staticmethod
     def insert_frame(connection: sa.Connection, table: sa.Table, frame: pd.DataFrame) -> int:
         columns = [c.name for c in table.columns if c.name in frame.columns]
         for start in range(0, len(frame), WRITE_CHUNK_ROWS):

@@ -186,6 +186,9 @@ def device_clusters(
     when asked; the runs in between assign only the devices whose vector changed to the nearest
     segment of the last fit."""
     schema = persona_config.feature_schema()
+    spaces = persona_storage.read_vector_spaces(persona_store)
+    if len(spaces) > 1:
+        raise dg.Failure(persona_storage.several_spaces(spaces), allow_retries=False)
     now = pd.Timestamp.now(tz="UTC")
     reason, plan = _refit_reason(config, persona_store, schema, now)
     if reason is None:
