@@ -27,6 +27,7 @@ from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.metadata import OWNERS, table_metadata
 from persona_pipeline.personas import storage as persona_storage
+from persona_pipeline.personas.assets import require_one_vector_space
 from persona_pipeline.resources import PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage as segment_storage
@@ -187,9 +188,7 @@ def anomaly_scores(
     every device's stored p-value. A device's `score` is relative to the cut of the run that last
     scored it; its flag is always the current run's."""
     schema = persona_config.feature_schema()
-    spaces = persona_storage.read_vector_spaces(persona_store)
-    if len(spaces) > 1:
-        raise dg.Failure(persona_storage.several_spaces(spaces), allow_retries=False)
+    require_one_vector_space(persona_store)
     now = pd.Timestamp.now(tz="UTC")
     try:
         key = norms_signing_key()

@@ -169,7 +169,7 @@ def persona_vectors(
     if last is not None and last.space == space:
         selection = _changed_devices(persona_store, schema, changes, last, shard, fleet_newest)
     if selection is None:
-        as_of = storage.read_latest_observed_at(persona_store) or pd.Timestamp.now(tz="UTC")
+        as_of = fleet_newest or storage.read_latest_observed_at(persona_store) or pd.Timestamp.now(tz="UTC")
         changed, _ = _changed_within_days(persona_store, schema, as_of, None, shard)
         profiles = storage.read_profiles(persona_store, shard=shard)
         previous = storage.read_vector_fingerprints(persona_store, shard=shard)
@@ -236,6 +236,15 @@ def persona_vectors(
             configured_recorded=configured_recorded,
         ),
     )
+
+
+def require_one_vector_space(store: PersonaStore) -> list[str]:
+    """The feature spaces of the stored vectors, one or none; several (shards rebuilt with new
+    weights beside shards not yet) stop the fleet-wide step at once, without retries."""
+    spaces = storage.read_vector_spaces(store)
+    if len(spaces) > 1:
+        raise dg.Failure(storage.several_spaces(spaces), allow_retries=False)
+    return spaces
 
 
 def _changed_devices(
@@ -334,9 +343,7 @@ def persona_index(
     `personas` is swapped to it atomically. The collection is then verified (point count, a
     sample read back with its vectors); a damaged one is rewritten, or rebuilt when it cannot be
     read, and the metadata says so."""
-    spaces = storage.read_vector_spaces(persona_store)
-    if len(spaces) > 1:
-        raise dg.Failure(storage.several_spaces(spaces), allow_retries=False)
+    spaces = require_one_vector_space(persona_store)
     space = spaces[0] if spaces else None
     if space is None:
         return reporting.no_vectors_result()
@@ -420,6 +427,7 @@ def _open_collection(
 
 # Devices read, written and recorded at a time: a fleet-wide write holds one page in memory.
 INDEX_PAGE_ROWS = 100_000
+_NO_POINTS = pd.DataFrame({"device_id": pd.Series(dtype=object), "fingerprint": pd.Series(dtype="int64")})
 
 
 def _write_points(
@@ -449,9 +457,6 @@ def _write_points(
         )
         storage.write_index_state(store, collection, page[["device_id", "fingerprint"]], [])
     return written, deleted
-
-
-_NO_POINTS = pd.DataFrame({"device_id": pd.Series(dtype=object), "fingerprint": pd.Series(dtype="int64")})
 
 
 def _drop_old_collections(index: VectorStore, keep: int, current: str, previous: str | None) -> list[str]:

@@ -61,15 +61,9 @@ def merge_into_profiles(store: PersonaStore, latest: pd.DataFrame) -> None:
 
     devices = pd.DataFrame({"device_id": latest["device_id"].unique()})
     devices["device_hash"] = device_hash(devices["device_id"])
-    hashes = devices.set_index("device_id")["device_hash"]
+    profiles = latest.assign(device_hash=device_hash(latest["device_id"]))
     with store.begin() as connection:
-        store.upsert_newer(
-            device_profiles,
-            latest.assign(device_hash=hashes.reindex(latest["device_id"]).to_numpy()),
-            ["device_id", "key"],
-            newer,
-            connection,
-        )
+        store.upsert_newer(device_profiles, profiles, ["device_id", "key"], newer, connection)
         store.insert_frame(connection, profile_changes, devices)
 
 
@@ -230,9 +224,12 @@ def read_last_vector_run(store: PersonaStore, shard: DeviceShard | None = None) 
     return VectorRun(row["space"], as_utc(frame["as_of"]).iloc[0], int(row["devices"]))
 
 
+# Erasure requests on record: a vectors run compares the count at its start and at its record.
+_ERASURES = sa.select(sa.func.count()).select_from(erasure_requests)
+
+
 def count_erasures(store: PersonaStore) -> int:
-    """Erasure requests on record: a run compares the count at its start and at its record."""
-    return int(store.scalar(sa.select(sa.func.count()).select_from(erasure_requests)) or 0)
+    return int(store.scalar(_ERASURES) or 0)
 
 
 def record_vector_run(
@@ -259,7 +256,7 @@ def record_vector_run(
         store.hold_other_writers(connection, persona_vector_runs)
         this_shard = sa.and_(r.space == run.space, r.device_shard == index, r.device_shards == count)
         connection.execute(persona_vector_runs.delete().where(this_shard | (r.device_shards != count)))
-        erasures = connection.execute(sa.select(sa.func.count()).select_from(erasure_requests)).scalar()
+        erasures = connection.execute(_ERASURES).scalar()
         if int(erasures or 0) != erasures_at_start:
             return False
         store.insert_frame(connection, persona_vector_runs, row)

@@ -13,7 +13,7 @@ from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.metadata import OWNERS, table_metadata
 from persona_pipeline.personas import storage as persona_storage
-from persona_pipeline.personas.assets import persona_index, persona_vectors
+from persona_pipeline.personas.assets import persona_index, persona_vectors, require_one_vector_space
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL
 from persona_pipeline.retries import STORE_RETRY
@@ -186,9 +186,7 @@ def device_clusters(
     when asked; the runs in between assign only the devices whose vector changed to the nearest
     segment of the last fit."""
     schema = persona_config.feature_schema()
-    spaces = persona_storage.read_vector_spaces(persona_store)
-    if len(spaces) > 1:
-        raise dg.Failure(persona_storage.several_spaces(spaces), allow_retries=False)
+    require_one_vector_space(persona_store)
     now = pd.Timestamp.now(tz="UTC")
     reason, plan = _refit_reason(config, persona_store, schema, now)
     if reason is None:
