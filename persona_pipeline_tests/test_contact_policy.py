@@ -398,6 +398,32 @@ def _two_offer_candidates(day: str, devices: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@pytest.mark.store_agnostic
+def test_offers_of_equal_value_are_chosen_by_offer_id_whatever_the_row_order():
+    """Three services tie on expected value and the device has room for one: the offer whose id
+    sorts first is chosen, and shuffling the rows does not change that."""
+    candidates = pd.DataFrame(
+        {
+            "device_id": "d",
+            "service_id": ["car_mount", "headphones", "app_tutorial:maps"],
+            "trigger": "usage",
+            "score": 0.5,
+            "strength": 1.0,
+            "priority": 1.0,
+            "expected_value": 0.5,
+            "offer_day": DAY,
+            "offer_id": ["offer-b", "offer-a", "offer-c"],
+            "reason": "r",
+            "cluster_id": 1,
+        }
+    )
+    stored = pd.DataFrame(columns=["offer_id", "device_id", "service_id", "offer_day"])
+    catalog = with_rules(exploration_share=0.0, daily_cap=1)
+    for seed in range(4):
+        shuffled = candidates.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+        assert choose(shuffled, stored, DAY, catalog)["offer_id"].tolist() == ["offer-a"], seed
+
+
 def test_whether_a_device_is_served_does_not_depend_on_its_day_exploring():
     """An exploring day takes a device's low-scoring offer too, so counted by the offers chosen, a
     device that explored no longer fit where the same device exploiting did: it was never served

@@ -89,7 +89,11 @@ def service_recommendations(
     inputs = OfferInputs(
         day=day,
         moves=value_changes(history, since),
-        app_usage=app_usage(persona_storage.read_profiles(persona_store, key_prefix=APP_KEY_PREFIX)),
+        app_usage=app_usage(
+            persona_storage.read_profiles(
+                persona_store, key_prefix=APP_KEY_PREFIX, columns=("device_id", "key", "value_number")
+            )
+        ),
         segments=read_assignments(persona_store),
         anomalies=anomalies,
         acceptance=storage.read_acceptance(persona_store),

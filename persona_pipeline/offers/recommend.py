@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from persona_pipeline.formatting import format_values
 from persona_pipeline.service_catalog import ServiceCatalog
@@ -64,14 +66,22 @@ def app_key(app: str) -> str:
 
 
 def app_usage(profiles: pd.DataFrame) -> pd.DataFrame:
-    """Seconds a day per device and app, from every `device.usage.app_<name>_duration` key."""
+    """Seconds a day per device and app, from every `device.usage.app_<name>_duration` key:
+    devices and apps in order, 0 where a device does not report an app."""
     keys = profiles["key"].drop_duplicates()
     apps = profiles["key"].map(dict(zip(keys, keys.str.extract(APP_KEY)["app"], strict=True)))
     usage = profiles.assign(app=apps).dropna(subset=["app"])
     if usage.empty:
         return pd.DataFrame(index=pd.Index([], name="device_id"))
-    return usage.pivot_table(index="device_id", columns="app", values="value_number", aggfunc="sum").fillna(
-        0.0
+    device_codes, devices = pd.factorize(usage["device_id"], sort=True)
+    app_codes, app_names = pd.factorize(usage["app"], sort=True)
+    seconds = np.zeros((len(devices), len(app_names)))
+    # A value that is not a number adds nothing, as a sum skips it.
+    np.add.at(seconds, (device_codes, app_codes), np.nan_to_num(usage["value_number"].to_numpy(dtype=float)))
+    return pd.DataFrame(
+        seconds,
+        index=pd.Index(devices, name="device_id"),
+        columns=pd.Index(app_names, name="app"),
     )
 
 
@@ -179,16 +189,8 @@ def usage_candidates(inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFra
     )
     if found.empty:
         return _empty()
-    said = (
-        found["app"]
-        + " use "
-        + format_values(found["seconds"], "seconds").to_numpy()
-        + " a day vs "
-        + format_values(found["typical"], "seconds").to_numpy()
-        + " typical of its usage peers"
-    )
     frames = []
-    for service in services:
+    for number, service in enumerate(services):
         allowed = service.eligibility.apps
         chosen = found[found["app"].isin(allowed)] if allowed else found
         if chosen.empty:
@@ -199,7 +201,6 @@ def usage_candidates(inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFra
             if templated
             else pd.Series(service.id, index=chosen.index)
         )
-        titled = _titled(service.title, "{app}", chosen["app"])
         frames.append(
             pd.DataFrame(
                 {
@@ -208,12 +209,40 @@ def usage_candidates(inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFra
                     "trigger": "usage",
                     "strength": chosen["strength"].to_numpy(),
                     "priority": service.priority,
-                    "reason": (titled + ": " + said[chosen.index]).to_numpy(),
+                    "reason": None,
                     "cluster_id": chosen["cluster_id"].to_numpy(),
+                    "usage_service": number,
+                    "usage_app": chosen["app"].to_numpy(),
+                    "usage_seconds": chosen["seconds"].to_numpy(),
+                    "usage_typical": chosen["typical"].to_numpy(),
                 }
             )
         )
     return pd.concat(frames, ignore_index=True) if frames else _empty()
+
+
+# What usage_candidates keeps of each candidate to word its reason once it is chosen: most
+# candidates are not, and wording every one cost more than choosing among them.
+USAGE_EVIDENCE = ["usage_service", "usage_app", "usage_seconds", "usage_typical"]
+
+
+def usage_reasons(offers: pd.DataFrame, catalog: ServiceCatalog) -> pd.Series:
+    """The reason of each usage offer, from the evidence usage_candidates kept."""
+    services = catalog.services("usage")
+    said = (
+        offers["usage_app"].astype(str)
+        + " use "
+        + format_values(offers["usage_seconds"], "seconds").to_numpy()
+        + " a day vs "
+        + format_values(offers["usage_typical"], "seconds").to_numpy()
+        + " typical of its usage peers"
+    )
+    reasons = pd.Series(index=offers.index, dtype=object)
+    for number, service in enumerate(services):
+        rows = (offers["usage_service"] == number).to_numpy()
+        titled = _titled(service.title, "{app}", offers.loc[rows, "usage_app"].astype(str))
+        reasons[rows] = (titled + ": " + said[rows]).to_numpy()
+    return reasons
 
 
 def health_faults(anomalies: pd.DataFrame) -> pd.DataFrame:
@@ -438,7 +467,15 @@ def recommend(
     candidates = pd.concat(
         [rule.candidates(inputs, catalog, hits) for rule in TRIGGER_RULES], ignore_index=True
     )
-    return finalize(candidates, inputs, catalog)
+    offers = finalize(candidates, inputs, catalog)
+    if "usage_service" not in offers.columns:
+        return offers
+    usage = (offers["trigger"] == "usage").to_numpy()
+    reasons = offers["reason"].to_numpy(dtype=object, copy=True)
+    reasons[usage] = usage_reasons(offers[usage], catalog).to_numpy()
+    return offers.drop(columns=USAGE_EVIDENCE).assign(
+        reason=pd.Series(reasons, index=offers.index, dtype=object)
+    )
 
 
 @dataclass(frozen=True)
@@ -529,8 +566,9 @@ def choose(
     left = slots_left(new["device_id"], stored, day, rules.daily_cap, rules.max_offers_per_week)
     share = rules.exploration_share
     above = new["score"].to_numpy() >= rules.min_score
-    devices = new["device_id"].to_numpy()
-    exploit = _rank_per_device(devices, -np.where(above, _value(new), -np.inf), new["offer_id"].to_numpy())
+    devices = pd.factorize(new["device_id"].to_numpy())[0]
+    ids = _text_order(new["offer_id"].to_numpy())
+    exploit = _rank_per_device(devices, -np.where(above, _value(new), -np.inf), ids)
     exploit = np.where(above, exploit, np.iinfo(np.int64).max)
     # A health fault's support offers come first when exploring too: a random draw never
     # displaces them.
@@ -538,17 +576,16 @@ def choose(
     draws = np.where(
         support, -1.0 + _value(new) * 1e-9, _uniform(new[["device_id", "service_id", "offer_day"]], "order")
     )
-    explore = _rank_per_device(devices, draws, new["offer_id"].to_numpy())
+    explore = _rank_per_device(devices, draws, ids)
     exploring = explores(new["device_id"], new["offer_day"], share)
-    by_device = pd.DataFrame({"device_id": devices, "support": support}).groupby("device_id")["support"]
-    supported = by_device.transform("sum").to_numpy()
-    others = by_device.transform("size").to_numpy() - supported
+    supported = np.bincount(devices, weights=support, minlength=devices.max(initial=-1) + 1)[devices]
+    others = np.bincount(devices)[devices] - supported
     in_exploit, in_explore = exploit < left, explore < left
     chosen = np.where(exploring, in_explore, in_exploit)
     drawn = np.minimum(np.maximum(left - supported, 0), others) / np.maximum(others, 1)
     propensity = (1.0 - share) * in_exploit + share * np.where(support, in_explore, drawn)
     # Where the device stands for the fleet's budget: from its candidates, not from what it chose.
-    device_priority = _device_priority(new)
+    device_priority = _device_priority(new, devices)
     # And how much of it the device may take: what an exploring day would (its slots, or every
     # candidate), whether or not this day explores.
     device_slots = np.minimum(left, supported + others)
@@ -556,7 +593,7 @@ def choose(
         propensity=propensity,
         choice_rank=np.where(exploring, explore, exploit),
         explored=exploring,
-        device_priority=device_priority.to_numpy(),
+        device_priority=device_priority,
         device_slots=device_slots,
     )[chosen]
     return within_fleet_budget(made, stored, day, rules.max_offers_per_device_day, fleet_devices)
@@ -580,16 +617,12 @@ def within_fleet_budget(
     if budget <= 0:
         return offers.iloc[0:0]
     if "device_priority" in offers.columns:
-        priority, slots = offers["device_priority"], offers["device_slots"]
+        priority, slots = offers["device_priority"].to_numpy(), offers["device_slots"].to_numpy()
     else:  # offers from elsewhere: the device's best offer and its count stand for it
         priority = _device_priority(offers)
-        slots = offers.groupby("device_id")["offer_id"].transform("size")
+        slots = offers.groupby("device_id")["offer_id"].transform("size").to_numpy()
     devices = pd.DataFrame(
-        {
-            "device_id": offers["device_id"].to_numpy(),
-            "priority": priority.to_numpy(),
-            "slots": slots.to_numpy(),
-        }
+        {"device_id": offers["device_id"].to_numpy(), "priority": priority, "slots": slots}
     )
     per_device = devices.groupby("device_id", sort=True).agg(
         priority=("priority", "max"), slots=("slots", "max")
@@ -600,12 +633,16 @@ def within_fleet_budget(
     return offers[offers["device_id"].isin(per_device.index[fits])]
 
 
-def _device_priority(offers: pd.DataFrame) -> pd.Series:
+def _device_priority(offers: pd.DataFrame, devices: np.ndarray | None = None) -> np.ndarray:
     """Per row, its device's place for the fleet's budget: a health fault's support first, then
-    the best expected value among the device's rows."""
+    the best expected value among the device's rows. `devices`: the rows' device codes, when
+    the caller has them."""
+    codes = pd.factorize(offers["device_id"].to_numpy())[0] if devices is None else devices
     support = (offers["trigger"] == "support").to_numpy()
-    priority = pd.Series(support * SUPPORT_FIRST + _value(offers), index=offers.index)
-    return priority.groupby(offers["device_id"]).transform("max")
+    priority = support * SUPPORT_FIRST + _value(offers)
+    best = np.full(codes.max(initial=-1) + 1, -np.inf)
+    np.fmax.at(best, codes, priority)
+    return best[codes]
 
 
 def within_limits(
@@ -672,13 +709,31 @@ def slots_left(
 
 
 def _rank_per_device(groups: np.ndarray, order: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Each row's place (0 = first) within its group by `order` ascending, then id."""
+    """Each row's place (0 = first) within its group by `order` ascending, then id (`groups`
+    and `ids` as values or as integer codes; the ids' codes must sort as the ids do)."""
     if len(groups) == 0:
         return np.zeros(0, dtype=np.int64)
-    frame = pd.DataFrame({"g": groups, "o": order, "i": ids}).sort_values(["g", "o", "i"], kind="stable")
-    rank = np.empty(len(frame), dtype=np.int64)
-    rank[frame.index.to_numpy()] = frame.groupby("g", sort=False).cumcount().to_numpy()
+    # Integer keys sort far faster than text; a group's codes need no order, the ids' keep theirs.
+    group_codes = _codes(groups)
+    id_codes = ids if np.issubdtype(np.asarray(ids).dtype, np.integer) else _text_order(ids)
+    in_order = np.lexsort((id_codes, np.asarray(order, dtype=float), group_codes))
+    sorted_groups = group_codes[in_order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    first_of_run = np.repeat(starts, np.diff(np.r_[starts, len(in_order)]))
+    rank = np.empty(len(in_order), dtype=np.int64)
+    rank[in_order] = np.arange(len(in_order)) - first_of_run
     return rank
+
+
+def _codes(values: np.ndarray) -> np.ndarray:
+    """Integer codes of `values` (integers are codes already)."""
+    values = np.asarray(values)
+    return values if np.issubdtype(values.dtype, np.integer) else pd.factorize(values)[0]
+
+
+def _text_order(values: np.ndarray) -> np.ndarray:
+    """Integers that sort as `values` do (Arrow ranks text in C++, far faster than sorting objects)."""
+    return pc.rank(pa.array(np.asarray(values, dtype=object)), tiebreaker="dense").to_numpy()
 
 
 def _value(offers: pd.DataFrame) -> np.ndarray:
