@@ -70,8 +70,10 @@ def test_moves_heavy_use_and_anomalies_become_offers_with_reasons():
     }
 
 
-def test_offer_ids_are_deterministic_and_a_rerun_of_the_day_adds_nothing():
-    catalog = shipped()
+@pytest.mark.parametrize("catalog_name", ["shipped", "uncapped"])
+def test_offer_ids_are_deterministic_and_a_rerun_of_the_day_adds_nothing(catalog_name):
+    """Uncapped, every candidate of the day was offered: the re-run has no new candidate at all."""
+    catalog = {"shipped": shipped, "uncapped": uncapped}[catalog_name]()
     first = recommend(inputs(), catalog)
     again = recommend(inputs(), catalog)
     assert first["offer_id"].tolist() == again["offer_id"].tolist()

@@ -733,6 +733,8 @@ def _codes(values: np.ndarray) -> np.ndarray:
 
 def _text_order(values: np.ndarray) -> np.ndarray:
     """Integers that sort as `values` do (Arrow ranks text in C++, far faster than sorting objects)."""
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64)
     return pc.rank(pa.array(np.asarray(values, dtype=object)), tiebreaker="dense").to_numpy()
 
 
