@@ -392,3 +392,36 @@ def test_parquet_columns_of_nested_or_binary_types_reject_their_rows(landing):
     assert rejects[(f"{folder}/nested.parquet", 2)] == "value is missing"
     assert rejects[(f"{folder}/binary.parquet", 2)] == "device_id is binary data, not UTF-8 text"
     assert len(rejects) == 4
+
+
+@pytest.mark.parametrize("repeated", [3, 1_500])
+def test_duplicates_across_files_are_dropped_keeping_the_first_read(landing, repeated):
+    """A few duplicates are cut out of the day by slicing around them, many by a filtered copy:
+    either way the first row read stays, in the order read, and the rest are counted."""
+    first = [update(f"d{i}", "device.location.city", "Berlin", AT) for i in range(2_000)]
+    later = [update(f"e{i}", "device.location.city", "Paris", AT) for i in range(5)]
+    write_jsonl(landing, DAY, first, name="a.jsonl")
+    write_jsonl(landing, DAY, [*first[:repeated], *later, *first[-repeated:]], name="b.jsonl")
+
+    outcome = ingest(landing)
+
+    expected = [f"d{i}" for i in range(2_000)] + [f"e{i}" for i in range(5)]
+    assert outcome.accepted["device_id"].tolist() == expected
+    assert outcome.duplicates_dropped == 2 * repeated
+    b_rows = outcome.accepted.loc[outcome.accepted["source_file"].str.endswith("b.jsonl"), "source_row"]
+    assert b_rows.astype(int).tolist() == list(range(repeated + 1, repeated + 6))
+
+
+def test_a_days_columns_stay_typed_whether_read_at_once_or_file_by_file(landing):
+    """The first part read is the folder's skipped entries, empty, with plain object columns;
+    joined with the files' parts it turned the day's text and row-number columns into Python
+    objects (at 10M rows, gigabytes more)."""
+    write_jsonl(landing, DAY, GOOD[:3], name="a.jsonl")
+    write_jsonl(landing, DAY, GOOD[3:], name="b.jsonl")
+    zone = LandingZone(path=str(landing))
+    at_once = ingest_days([DAY], zone.read_day, load_feature_schema()).accepted
+    file_by_file = ingest_days([DAY], zone.read_day_files, load_feature_schema()).accepted
+    assert file_by_file.dtypes.to_dict() == at_once.dtypes.to_dict()
+    assert file_by_file.equals(at_once)
+    assert file_by_file["source_file"].dtype != object
+    assert pd.api.types.is_integer_dtype(file_by_file["source_row"])

@@ -72,11 +72,23 @@ def test_a_write_that_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch
     history.write_days([DAYS[0]], updates_frame(DAYS[0], ["a", "b"]))
     before = history.read()
 
-    def broken_write(table, where, **_):
-        Path(where).write_bytes(b"PAR1 half a file")
-        raise OSError("disk full")
+    class BrokenWriter:
+        """Writes half a file, then the disk is full."""
 
-    monkeypatch.setattr(history_module.pq, "write_table", broken_write)
+        def __init__(self, where, schema, **_):
+            self.where = where
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return False
+
+        def write_table(self, table, **_):
+            Path(self.where).write_bytes(b"PAR1 half a file")
+            raise OSError("disk full")
+
+    monkeypatch.setattr(history_module.pq, "ParquetWriter", BrokenWriter)
     with pytest.raises(OSError, match="disk full"):
         history.write_days([DAYS[0]], updates_frame(DAYS[0], ["c"]))
     pd.testing.assert_frame_equal(history.read(), before)
@@ -169,6 +181,27 @@ def test_a_bad_file_in_the_history_is_one_line_naming_it(landing, resources, ins
     assert str(bad) in result.failure_data_for_node("device_profiles").error.message
     # The good file is still there, whole.
     assert pq.read_table(Path(history.day_folder(DAYS[0])) / "shard=0" / "part-0.parquet").num_rows == 1
+
+
+def test_a_day_is_written_in_key_order_across_batches_in_whole_row_groups(tmp_path, monkeypatch):
+    """The file is sorted a batch of rows at a time (the day is never held twice): the order must
+    still be the whole file's, and the row groups as wide as a write of the whole table makes."""
+    monkeypatch.setattr(history_module, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(history_module, "WRITE_BATCH_ROWS", 8)
+    devices = [f"dev-{n:02d}" for n in range(30)]
+    frame = pd.concat(
+        [updates_frame(DAYS[0], devices), updates_frame(DAYS[0], devices).assign(key="device.a")]
+    )
+    shuffled = frame.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    UpdateHistory(tmp_path).write_days([DAYS[0]], shuffled)
+
+    written = pq.ParquetFile(tmp_path / f"index_updates/date={DAYS[0]}/shard=0/part-0.parquet")
+    rows = written.read().to_pandas()
+    assert list(zip(rows["key"], rows["device_id"], strict=True)) == sorted(
+        zip(frame["key"], frame["device_id"], strict=True)
+    )
+    sizes = [written.metadata.row_group(group).num_rows for group in range(written.num_row_groups)]
+    assert sizes == [4] * 15
 
 
 def test_erasure_rewrites_only_the_files_holding_the_devices(tmp_path):

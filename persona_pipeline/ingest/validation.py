@@ -255,11 +255,14 @@ def check_updates(
 
 def finish_validation(parts: list[CheckedRows], day_start: pd.Timestamp) -> ValidationResult:
     """The checked rows of one day (in the order read) with exact duplicates dropped."""
-    accepted = pd.concat([p.accepted for p in parts]) if len(parts) > 1 else parts[0].accepted
+    # An empty part's columns are plain objects: joined with the others they would turn a text
+    # column of 10M rows into 10M Python strings.
+    found = [p.accepted for p in parts if len(p.accepted)] or [parts[0].accepted]
+    accepted = pd.concat(found) if len(found) > 1 else found[0]
     accepted = accepted.reset_index(drop=True)
     identity = ["device_id", "customer_id", "key", "value", "observed_at"]
     duplicated = accepted.duplicated(subset=identity, keep="first")
-    accepted = accepted[~duplicated]
+    accepted = _without_rows(accepted, duplicated.to_numpy())
     unknown = accepted["key"][~accepted[KNOWN_KEY]]
     return ValidationResult(
         accepted=accepted[list(ACCEPTED_COLUMNS)].reset_index(drop=True),
@@ -269,6 +272,24 @@ def finish_validation(parts: list[CheckedRows], day_start: pd.Timestamp) -> Vali
         unknown_keys=sorted(unknown.unique().tolist()),
         late_rows=int((accepted["observed_at"] < day_start).sum()),
     )
+
+
+# Up to this many rows are dropped from a day by slicing around them; more by a filtered copy.
+FEW_ROWS = 1_000
+
+
+def _without_rows(frame: pd.DataFrame, drop: np.ndarray) -> pd.DataFrame:
+    """`frame` without the rows `drop` marks. A few go by joining the slices between them: the
+    text columns are Arrow arrays, whose slices share the day's buffers, so a 10M-row day with a
+    handful of duplicates is not copied whole."""
+    dropped = np.flatnonzero(drop)
+    if len(dropped) == 0:
+        return frame
+    if len(dropped) > FEW_ROWS:
+        return frame[~drop]
+    starts, ends = np.r_[0, dropped + 1], np.r_[dropped, len(frame)]
+    pieces = [frame.iloc[start:end] for start, end in zip(starts, ends, strict=True) if end > start]
+    return pd.concat(pieces) if pieces else frame.iloc[0:0]
 
 
 def _concat_rejects(frames: list[pd.DataFrame]) -> pd.DataFrame:

@@ -124,10 +124,17 @@ class ReadResult:
         if not results:
             return cls.empty()
         return cls(
-            pd.concat([r.rows for r in results], ignore_index=True),
-            pd.concat([r.rejects for r in results], ignore_index=True),
+            _joined([r.rows for r in results]),
+            _joined([r.rejects for r in results]),
             [p for r in results for p in r.problems],
         )
+
+
+def _joined(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The frames' rows, one after another. Empty frames (plain object columns) are left out:
+    joined with the others they would turn every text and number column into Python objects."""
+    found = [frame for frame in frames if len(frame)] or frames[:1]
+    return pd.concat(found, ignore_index=True) if len(found) > 1 else found[0].reset_index(drop=True)
 
 
 def empty_rows() -> pd.DataFrame:

@@ -164,7 +164,7 @@ class UpdateHistory:
                 rows = table.filter(pc.equal(dates, day)) if len(days) > 1 else table
                 path = posixpath.join(self.day_folder(day), f"shard={shard.index}", PART_NAME)
                 if rows.num_rows:
-                    self._write_file(path, _in_key_order(rows))
+                    self._write_file(path, rows, in_key_order=True)
                 else:
                     self.location.delete_file(path)
                 for other in self._day_files(self.day_folder(day)):
@@ -183,24 +183,25 @@ class UpdateHistory:
                 shard: table.filter(pa.array(numbers == shard)) for shard in np.unique(numbers).tolist()
             }
         for shard, rows in by_shard.items():
-            self._write_file(posixpath.join(folder, f"shard={shard}", PART_NAME), _in_key_order(rows))
+            self._write_file(posixpath.join(folder, f"shard={shard}", PART_NAME), rows, in_key_order=True)
         written = set(by_shard)
         for path in self._day_files(folder):
             if _shard_number(path) not in written:
                 self.location.delete_file(path)
 
-    def _write_file(self, path: str, table: pa.Table) -> None:
-        """`table` becomes the file at `path` whole: a reader sees the old file or the new one."""
+    def _write_file(self, path: str, table: pa.Table, in_key_order: bool = False) -> None:
+        """`table` becomes the file at `path` whole: a reader sees the old file or the new one.
+        With `in_key_order`, its rows sorted by key, device and event time."""
         if not self.location.is_local:
             buffer = pa.BufferOutputStream()
-            pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+            _write_parquet(buffer, table, in_key_order)
             self.location.write_bytes(path, buffer.getvalue().to_pybytes())
             return
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         try:
-            pq.write_table(table, temporary, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+            _write_parquet(str(temporary), table, in_key_order)
             with open(temporary, "rb") as written:
                 os.fsync(written.fileno())
             os.replace(temporary, target)
@@ -374,8 +375,25 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _in_key_order(table: pa.Table) -> pa.Table:
-    return table.sort_by([("key", "ascending"), ("device_id", "ascending"), ("observed_at", "ascending")])
+KEY_ORDER = [("key", "ascending"), ("device_id", "ascending"), ("observed_at", "ascending")]
+
+
+# Rows sorted and written at a time: eight row groups, about a tenth of a 10M-row day.
+WRITE_BATCH_ROWS = 8 * ROW_GROUP_ROWS
+
+
+def _write_parquet(sink: str | pa.NativeFile, table: pa.Table, in_key_order: bool) -> None:
+    """`table` as Parquet in row groups of ROW_GROUP_ROWS; sorted by KEY_ORDER when asked, a
+    batch of rows taken in that order at a time, so a 10M-row day is never held twice."""
+    order = pc.sort_indices(table, KEY_ORDER) if in_key_order else None
+    with pq.ParquetWriter(sink, table.schema, compression="zstd") as writer:
+        for start in range(0, table.num_rows, WRITE_BATCH_ROWS):
+            rows = (
+                table.slice(start, WRITE_BATCH_ROWS)
+                if order is None
+                else table.take(order.slice(start, WRITE_BATCH_ROWS))
+            )
+            writer.write_table(rows, row_group_size=ROW_GROUP_ROWS)
 
 
 def _first_line(error: BaseException) -> str:
