@@ -425,3 +425,17 @@ def test_a_days_columns_stay_typed_whether_read_at_once_or_file_by_file(landing)
     assert file_by_file.equals(at_once)
     assert file_by_file["source_file"].dtype != object
     assert pd.api.types.is_integer_dtype(file_by_file["source_row"])
+
+
+def test_rows_whose_hashes_collide_are_kept_unless_equal(landing, monkeypatch):
+    """Duplicates are found by a hash of the row, then compared whole: with every hash the same,
+    only the rows equal to an earlier one go."""
+    monkeypatch.setattr(
+        pd.util,
+        "hash_pandas_object",
+        lambda frame, index=False: pd.Series(0, index=frame.index, dtype="uint64"),
+    )
+    write_jsonl(landing, DAY, [GOOD[0], GOOD[1], GOOD[0], GOOD[2]], name="a.jsonl")
+    outcome = ingest(landing)
+    assert outcome.duplicates_dropped == 1
+    assert outcome.accepted["source_row"].astype(int).tolist() == [1, 2, 4]

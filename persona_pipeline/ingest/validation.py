@@ -260,9 +260,8 @@ def finish_validation(parts: list[CheckedRows], day_start: pd.Timestamp) -> Vali
     found = [p.accepted for p in parts if len(p.accepted)] or [parts[0].accepted]
     accepted = pd.concat(found) if len(found) > 1 else found[0]
     accepted = accepted.reset_index(drop=True)
-    identity = ["device_id", "customer_id", "key", "value", "observed_at"]
-    duplicated = accepted.duplicated(subset=identity, keep="first")
-    accepted = _without_rows(accepted, duplicated.to_numpy())
+    duplicated = _exact_duplicates(accepted, ["device_id", "customer_id", "key", "value", "observed_at"])
+    accepted = _without_rows(accepted, duplicated)
     unknown = accepted["key"][~accepted[KNOWN_KEY]]
     return ValidationResult(
         accepted=accepted[list(ACCEPTED_COLUMNS)].reset_index(drop=True),
@@ -272,6 +271,16 @@ def finish_validation(parts: list[CheckedRows], day_start: pd.Timestamp) -> Vali
         unknown_keys=sorted(unknown.unique().tolist()),
         late_rows=int((accepted["observed_at"] < day_start).sum()),
     )
+
+
+def _exact_duplicates(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Rows equal to an earlier row in `columns`. Only rows whose hash of those columns repeats
+    are compared whole: comparing all of a 10M-row day took four times the memory."""
+    hashes = pd.util.hash_pandas_object(frame[columns], index=False)
+    repeated = hashes.duplicated(keep=False).to_numpy()
+    duplicated = np.zeros(len(frame), dtype=bool)
+    duplicated[repeated] = frame.loc[repeated, columns].duplicated(keep="first").to_numpy()
+    return duplicated
 
 
 # Up to this many rows are dropped from a day by slicing around them; more by a filtered copy.
