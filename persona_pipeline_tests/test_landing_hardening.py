@@ -79,6 +79,15 @@ def test_reading_an_unsafe_batch_id_is_refused(landing):
         zone.read_feedback_batch("../x")
 
 
+def test_a_batch_of_one_header_only_file_reads_as_no_rows_with_the_feedback_columns(landing):
+    """Empty parts are left out of a read only while some part has rows: with none, the
+    feedback file's columns stay beside the skipped entries' columns."""
+    feedback_batch(landing, "batch=b1")
+    read = LandingZone(path=str(landing)).read_feedback_batch("b1")
+    assert read.rows.empty
+    assert {"offer_id", "response", "responded_at"} <= set(read.rows.columns)
+
+
 DAY = "2026-03-02"
 AT = f"{DAY}T10:00:00Z"
 FOLDER = f"index_updates/date={DAY}"

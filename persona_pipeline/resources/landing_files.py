@@ -131,9 +131,10 @@ class ReadResult:
 
 
 def _joined(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """The frames' rows, one after another. Empty frames (plain object columns) are left out:
-    joined with the others they would turn every text and number column into Python objects."""
-    found = [frame for frame in frames if len(frame)] or frames[:1]
+    """The frames' rows, one after another. Empty frames (plain object columns) are left out
+    while any frame has rows: joined with the others they would turn every text and number
+    column into Python objects. When none has, every frame's columns are kept."""
+    found = [frame for frame in frames if len(frame)] or frames
     return pd.concat(found, ignore_index=True) if len(found) > 1 else found[0].reset_index(drop=True)
 
 
