@@ -71,7 +71,6 @@ def ingest_days(
             checked.append(check_updates(empty.rows, schema, day, start, end, max_late_days))
             unreadable.append(empty.rejects.assign(reason_code=UNREADABLE))
         result = finish_validation(checked, start)
-        del checked  # the day's rows are in `result` now; the checked parts need not stay beside them
         day_rejects = pd.concat([*unreadable, result.rejects], ignore_index=True)
         rejects.append(day_rejects.assign(partition_date=day))
         accepted.append(result.accepted)

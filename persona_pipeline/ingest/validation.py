@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from persona_pipeline.device_shards import DeviceShard
 from persona_pipeline.feature_schema import FeatureSchema
-from persona_pipeline.resources.landing_files import FIELDS, REJECT_COLUMNS, clip_raw
+from persona_pipeline.resources.landing_files import FIELDS, REJECT_COLUMNS, clip_raw, joined_frames
 
 ACCEPTED_COLUMNS = (
     "partition_date",
@@ -250,22 +250,18 @@ def check_updates(
     ]
     if len(chunks) == 1:
         return chunks[0]
-    return CheckedRows(pd.concat([c.accepted for c in chunks]), _concat_rejects([c.rejects for c in chunks]))
+    return CheckedRows(pd.concat([c.accepted for c in chunks]), joined_frames([c.rejects for c in chunks]))
 
 
 def finish_validation(parts: list[CheckedRows], day_start: pd.Timestamp) -> ValidationResult:
     """The checked rows of one day (in the order read) with exact duplicates dropped."""
-    # An empty part's columns are plain objects: joined with the others they would turn a text
-    # column of 10M rows into 10M Python strings.
-    found = [p.accepted for p in parts if len(p.accepted)] or [parts[0].accepted]
-    accepted = pd.concat(found) if len(found) > 1 else found[0]
-    accepted = accepted.reset_index(drop=True)
+    accepted = joined_frames([p.accepted for p in parts])
     duplicated = _exact_duplicates(accepted, ["device_id", "customer_id", "key", "value", "observed_at"])
     accepted = _without_rows(accepted, duplicated)
     unknown = accepted["key"][~accepted[KNOWN_KEY]]
     return ValidationResult(
         accepted=accepted[list(ACCEPTED_COLUMNS)].reset_index(drop=True),
-        rejects=_concat_rejects([p.rejects for p in parts]),
+        rejects=joined_frames([p.rejects for p in parts]),
         duplicates_dropped=int(duplicated.sum()),
         unknown_key_rows=len(unknown),
         unknown_keys=sorted(unknown.unique().tolist()),
@@ -299,13 +295,6 @@ def _without_rows(frame: pd.DataFrame, drop: np.ndarray) -> pd.DataFrame:
     starts, ends = np.r_[0, dropped + 1], np.r_[dropped, len(frame)]
     pieces = [frame.iloc[start:end] for start, end in zip(starts, ends, strict=True) if end > start]
     return pd.concat(pieces) if pieces else frame.iloc[0:0]
-
-
-def _concat_rejects(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    found = [frame for frame in frames if not frame.empty]
-    if not found:
-        return frames[0]
-    return pd.concat(found, ignore_index=True) if len(found) > 1 else found[0]
 
 
 def _check_chunk(

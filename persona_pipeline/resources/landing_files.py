@@ -124,13 +124,13 @@ class ReadResult:
         if not results:
             return cls.empty()
         return cls(
-            _joined([r.rows for r in results]),
-            _joined([r.rejects for r in results]),
+            joined_frames([r.rows for r in results]),
+            joined_frames([r.rejects for r in results]),
             [p for r in results for p in r.problems],
         )
 
 
-def _joined(frames: list[pd.DataFrame]) -> pd.DataFrame:
+def joined_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """The frames' rows, one after another. Empty frames (plain object columns) are left out
     while any frame has rows: joined with the others they would turn every text and number
     column into Python objects. When none has, every frame's columns are kept."""
