@@ -75,7 +75,7 @@ def size_table(results: Results) -> str:
     if assigned and assigned[0].result.get("note") == "assigned to the last fit":
         notes.append(
             "clustering, incremental day: the changed devices assigned to the nearest segment of the "
-            "last fit (device_clusters refits weekly, refit_every_days=7, or when >20% changed)"
+            "last fit (segments refits weekly, refit_every_days=7, or when >20% changed)"
         )
     lines += notes
     lines += baseline_lines(results)

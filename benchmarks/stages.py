@@ -47,7 +47,7 @@ from persona_pipeline.personas.profiles import (
 from persona_pipeline.personas.vectors import build_persona_vectors
 from persona_pipeline.personas.weights import record_configured_weights
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
-from persona_pipeline.segments.assets import DeviceClustersConfig, device_clusters
+from persona_pipeline.segments.assets import DeviceClustersConfig, SegmentsConfig, device_clusters, segments
 from persona_pipeline.store import tables
 
 FEEDBACK_BATCH = "bench-1"
@@ -177,12 +177,12 @@ def copy_rows(source: PersonaStore, target: PersonaStore, which: tuple, devices:
 
 
 def clustering(r: dict, **_) -> Outcome:
-    context = dg.build_asset_context()
-    result = device_clusters(context, config=DeviceClustersConfig(), **_pick(r, device_clusters))
-    mode = result.metadata.get("mode")
-    assigned = result.metadata.get("devices_assigned", result.metadata["devices"])
-    note = "assigned to the last fit" if mode is not None and mode.value == "assign" else "fit"
-    return Outcome(int(assigned.value), "devices", note=note)
+    fit = segments(dg.build_asset_context(), config=SegmentsConfig(), **_pick(r, segments))
+    result = device_clusters(
+        dg.build_asset_context(), config=DeviceClustersConfig(), **_pick(r, device_clusters)
+    )
+    note = "assigned to the last fit" if fit.metadata["mode"].value == "kept" else "fit"
+    return Outcome(int(result.metadata["devices_assigned"].value), "devices", note=note)
 
 
 def anomaly_scoring(r: dict, **_) -> Outcome:

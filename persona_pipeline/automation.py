@@ -14,20 +14,34 @@ SENSOR_STATUS = dg.DefaultSensorStatus.RUNNING if automation_on() else dg.Defaul
 SCHEDULE_STATUS = dg.DefaultScheduleStatus.RUNNING if automation_on() else dg.DefaultScheduleStatus.STOPPED
 
 
-def after_upstream_updates(ignore: dg.AssetSelection | None = None) -> dg.AutomationCondition:
+def after_upstream_updates(
+    ignore: dg.AssetSelection | None = None, after_deps_caught_up: bool = False
+) -> dg.AutomationCondition:
     """Run once after any dependency (any partition of it) updated, when none is still running.
 
     Unlike `AutomationCondition.eager()`, a missing partition upstream does not block it: most
     daily partitions before the first landing day are never materialized, and that is fine.
+    `after_deps_caught_up`: nor while a dependency is requested in the same tick or still owes a
+    run (one of its own dependencies updated since it last ran or was requested). A dependency
+    with other partitions runs in runs of its own, which nothing orders before this asset's, and
+    Dagster counts it as requested only when it can run in the same run.
     """
     updated = dg.AutomationCondition.any_deps_updated()
     if ignore is not None:
         updated = updated.ignore(ignore)
-    return (
+    condition = (
         updated.since_last_handled()
         & ~dg.AutomationCondition.any_deps_in_progress()
         & ~dg.AutomationCondition.in_progress()
-    ).with_label("after upstream updates")
+    )
+    if after_deps_caught_up:
+        owes_a_run = dg.AutomationCondition.any_deps_updated().since(
+            dg.AutomationCondition.newly_requested() | dg.AutomationCondition.newly_updated()
+        )
+        condition = condition & ~dg.AutomationCondition.any_deps_match(
+            dg.AutomationCondition.will_be_requested() | owes_a_run
+        )
+    return condition.with_label("after upstream updates")
 
 
 AFTER_UPSTREAM = after_upstream_updates()

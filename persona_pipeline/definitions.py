@@ -21,11 +21,11 @@ from persona_pipeline.ingest.assets import index_updates
 from persona_pipeline.ingest.jobs import ingest_job, ingest_schedule
 from persona_pipeline.ingest.sensors import index_updates_sensor
 from persona_pipeline.offers.assets import service_recommendations
-from persona_pipeline.offers.jobs import segments_job
+from persona_pipeline.offers.jobs import DECISION_JOBS
 from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
 from persona_pipeline.personas.jobs import personas_job
 from persona_pipeline.resources import LandingZone, PersonaConfig, PersonaStore, VectorIndex
-from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.segments.assets import device_clusters, segments
 from persona_pipeline.service_catalog import load_service_catalog
 
 
@@ -64,13 +64,14 @@ defs = dg.Definitions(
         device_profiles,
         persona_vectors,
         persona_index,
+        segments,
         device_clusters,
         anomaly_scores,
         service_recommendations,
         offer_feedback,
         key_weights,
     ],
-    jobs=[ingest_job, personas_job, segments_job, feedback_job, weights_job, erase_devices_job],
+    jobs=[ingest_job, personas_job, *DECISION_JOBS, feedback_job, weights_job, erase_devices_job],
     schedules=[ingest_schedule],
     sensors=[
         index_updates_sensor,

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from persona_pipeline.anomalies.assets import anomaly_scores
 from persona_pipeline.anomalies.scoring import ROLE_ORDER
 from persona_pipeline.resources import PersonaConfig
-from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.segments.assets import device_clusters, segments
 from persona_pipeline.settings import norms_signing_key
 from persona_pipeline.store.tables import anomaly_norms, persona_vectors
 from persona_pipeline.store.tables import anomaly_scores as scores_table
@@ -61,7 +61,10 @@ def materialize(resources, config: dict | None = None) -> dict:
     run_config = {"ops": {"anomaly_scores": {"config": config}}} if config else None
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [device_clusters, anomaly_scores], resources=resources, instance=instance, run_config=run_config
+            [segments, device_clusters, anomaly_scores],
+            resources=resources,
+            instance=instance,
+            run_config=run_config,
         )
     return result.asset_materializations_for_node("anomaly_scores")[0].metadata
 
@@ -150,11 +153,11 @@ def test_new_settings_or_new_segments_score_every_device(fleet, config, reason):
     assert materialize(resources, config)["devices_changed"].value == 0
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [device_clusters, anomaly_scores],
+            [segments, device_clusters, anomaly_scores],
             resources=resources,
             instance=instance,
             run_config={
-                "ops": {"device_clusters": {"config": {"refit": True}}, "anomaly_scores": {"config": config}}
+                "ops": {"segments": {"config": {"refit": True}}, "anomaly_scores": {"config": config}}
             },
         )
     metadata = result.asset_materializations_for_node("anomaly_scores")[0].metadata
@@ -247,10 +250,10 @@ def test_segment_profiles_of_a_fleet_larger_than_the_sample_come_from_a_sample_a
     def refit(config: dict) -> pd.DataFrame:
         with dg.instance_for_test() as instance:
             dg.materialize(
-                [device_clusters],
+                [segments, device_clusters],
                 resources=resources,
                 instance=instance,
-                run_config={"ops": {"device_clusters": {"config": {"refit": True, **config}}}},
+                run_config={"ops": {"segments": {"config": {"refit": True, **config}}}},
             )
         registry = table(store, "segments")
         return registry[registry["active"]].set_index("cluster_id").sort_index()
@@ -364,7 +367,9 @@ def test_without_a_signing_key_beside_a_shared_store_no_norms_are_kept(fleet, mo
     monkeypatch.setenv("PERSONA_NORMS_KEY", planted)
     materialize(resources, {"rescore_all": True})
     with dg.instance_for_test() as instance:
-        result = dg.materialize([device_clusters, anomaly_scores], resources=resources, instance=instance)
+        result = dg.materialize(
+            [segments, device_clusters, anomaly_scores], resources=resources, instance=instance
+        )
         logged = " ".join(str(event) for event in instance.all_logs(result.run_id))
     assert result.asset_materializations_for_node("anomaly_scores")[0].metadata["devices_changed"].value == 0
     assert planted not in logged

@@ -22,6 +22,7 @@ from persona_pipeline_tests.conftest import update, write_jsonl
 DOWNSTREAM = [
     "persona_vectors",
     "persona_index",
+    "segments",
     "device_clusters",
     "anomaly_scores",
     "service_recommendations",

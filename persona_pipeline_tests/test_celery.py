@@ -39,6 +39,7 @@ CHAIN = (
     "key_weights",
     "persona_vectors",
     "persona_index",
+    "segments",
     "device_clusters",
     "anomaly_scores",
     "service_recommendations",

@@ -128,6 +128,7 @@ def test_code_location_lists_the_assets_jobs_and_groups():
         "device_profiles",
         "persona_vectors",
         "persona_index",
+        "segments",
         "device_clusters",
         "anomaly_scores",
         "service_recommendations",
@@ -136,12 +137,16 @@ def test_code_location_lists_the_assets_jobs_and_groups():
     }
     groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
     assert groups["index_updates"] == "ingest" and groups["persona_index"] == "personas"
-    assert groups["device_clusters"] == groups["anomaly_scores"] == "segments"
+    assert groups["segments"] == groups["device_clusters"] == groups["anomaly_scores"] == "segments"
     assert groups["service_recommendations"] == "offers" and groups["offer_feedback"] == "feedback"
     assert defs.resolve_sensor_def("offer_feedback_sensor").default_status == dg.DefaultSensorStatus.RUNNING
     upstream = {key.to_user_string() for key in graph.get(dg.AssetKey("device_clusters")).parent_keys}
-    assert upstream == {"persona_vectors", "persona_index"}
+    assert upstream == {"segments", "persona_vectors", "persona_index"}
+    assert {key.to_user_string() for key in graph.get(dg.AssetKey("segments")).parent_keys} == {
+        "persona_vectors"
+    }
     assert defs.resolve_assets_def("device_clusters").op.pool == "vector_index"
+    assert defs.resolve_assets_def("segments").op.pool is None  # the fit does not hold the index
     assert {job.name for job in defs.resolve_all_job_defs()} >= {
         "ingest_job",
         "personas_job",

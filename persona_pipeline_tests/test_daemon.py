@@ -28,7 +28,14 @@ from persona_pipeline_tests.conftest import ENV_VARIABLES, update, write_jsonl
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 START = "2026-03-01"
-CHAIN = ("persona_vectors", "persona_index", "device_clusters", "anomaly_scores", "service_recommendations")
+CHAIN = (
+    "persona_vectors",
+    "persona_index",
+    "segments",
+    "device_clusters",
+    "anomaly_scores",
+    "service_recommendations",
+)
 
 # Runs through the daemon, not the store: the SQLite run covers it.
 pytestmark = pytest.mark.store_agnostic

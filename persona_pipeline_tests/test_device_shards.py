@@ -450,7 +450,14 @@ with dg.instance_for_test() as instance:
     materialized("device_profiles", "2026-03-02|1")
     cursor, found["after_shard_1"] = wanted(cursor)
     materialized("persona_vectors", "1")
+    materialized("device_clusters", "1")
     cursor, found["after_vectors_1"] = wanted(cursor)
+    materialized("persona_index")
+    materialized("segments")
+    cursor, found["after_fit"] = wanted(cursor)
+    materialized("device_clusters", "0")
+    materialized("device_clusters", "1")
+    cursor, found["after_every_shard_assigned"] = wanted(cursor)
     found["weights_requests"] = [
         request.partition_key
         for request in key_weights_sensor(dg.build_sensor_context(instance=instance)).run_requests
@@ -474,11 +481,15 @@ def test_vectors_are_partitioned_by_shard_and_follow_their_shards_profiles(tmp_p
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["vector_partitions"] == ["0", "1"]
-    assert found["after_shard_1"] == [["persona_vectors", ["1"]]]
-    # The vectors of a shard materialized: the fleet-wide steps follow in the next tick.
-    assert [key for key, _ in found["after_vectors_1"]] == sorted(
-        ["persona_index", "device_clusters", "anomaly_scores", "service_recommendations"]
-    )
+    # A shard's vectors, and its devices' segments of the last fit in the same run.
+    assert found["after_shard_1"] == [["device_clusters", ["1"]], ["persona_vectors", ["1"]]]
+    # Then the fleet-wide index and fit; the scores and offers wait for the fit to be applied.
+    assert found["after_vectors_1"] == [["persona_index", [None]], ["segments", [None]]]
+    assert found["after_fit"] == [["device_clusters", ["0", "1"]]]
+    assert found["after_every_shard_assigned"] == [
+        ["anomaly_scores", [None]],
+        ["service_recommendations", [None]],
+    ]
     assert found["weights_requests"] == ["0"]  # shard 1's vectors came after the new weights
 
 

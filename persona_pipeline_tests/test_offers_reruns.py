@@ -18,7 +18,7 @@ from persona_pipeline.offers import storage as offers_storage
 from persona_pipeline.offers.assets import service_recommendations
 from persona_pipeline.offers.recommend import recommend
 from persona_pipeline.resources import PersonaConfig, PersonaStore
-from persona_pipeline.segments.assets import device_clusters
+from persona_pipeline.segments.assets import device_clusters, segments
 from persona_pipeline.service_catalog import SERVICE_CATALOG_FILE
 from persona_pipeline.store.tables import offer_feedback
 from persona_pipeline.store.tables import service_recommendations as service_recommendations_table
@@ -31,7 +31,7 @@ CATALOG = shipped()
 CAP = CATALOG.rules.daily_cap
 WEEK = CATALOG.rules.max_offers_per_week
 PER_SERVICE = CATALOG.rules.lookalike_per_service
-REFIT = {"ops": {"device_clusters": {"config": {"refit": True}}}}
+REFIT = {"ops": {"segments": {"config": {"refit": True}}}}
 
 
 def stored(offers: pd.DataFrame) -> pd.DataFrame:
@@ -157,13 +157,13 @@ def respond(store: PersonaStore, batch: str, accept_share: float, seed: int) -> 
 
 
 def offers_and_tickets_new(home: Path, *assets, config: Path | None = None) -> tuple[int, int]:
-    """Materialize `assets` (device_clusters refits) and then service_recommendations, with the
+    """Materialize `assets` (segments refit) and then service_recommendations, with the
     configuration files in `config` where given: the offers and the tickets the run added."""
     resources = resources_for(home)
     if config is not None:
         resources["persona_config"] = PersonaConfig(config_dir=str(config))
     with dg.instance_for_test() as instance:
-        run_config = REFIT if device_clusters in assets else None
+        run_config = REFIT if segments in assets else None
         result = dg.materialize(
             [*assets, service_recommendations],
             resources=resources,
@@ -227,8 +227,8 @@ def test_re_running_the_offers_of_a_day_after_feedback_and_re_clustering_keeps_e
     respond(store, "b", accept_share=0.8, seed=2)
     offers_new(fleet.home, config=config)
     assert_within_the_days_limits(store)
-    offers_new(fleet.home, device_clusters, anomaly_scores, config=config)
-    offers_new(fleet.home, device_clusters, anomaly_scores, config=config)
+    offers_new(fleet.home, segments, device_clusters, anomaly_scores, config=config)
+    offers_new(fleet.home, segments, device_clusters, anomaly_scores, config=config)
     offers = assert_within_the_days_limits(store)
     assert offers_and_tickets_new(fleet.home, config=config) == (0, 0)
 

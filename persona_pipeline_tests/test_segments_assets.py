@@ -1,4 +1,4 @@
-"""device_clusters and anomaly_scores through Dagster, on the demo fleet (generator seed 7)."""
+"""segments, device_clusters and anomaly_scores through Dagster, on the demo fleet (generator seed 7)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from persona_pipeline.offers.recommend import explores
 from persona_pipeline.personas.assets import persona_index
 from persona_pipeline.resources import PersonaConfig, VectorIndex
 from persona_pipeline.resources.vector_index import VectorIndexError, VectorStore
-from persona_pipeline.segments.assets import STABILITY_CHECK, device_clusters
+from persona_pipeline.segments.assets import STABILITY_CHECK, device_clusters, segments
+from persona_pipeline.segments.reporting import ASSIGNED_CHECK, assigned_check
 from persona_pipeline.service_catalog import load_service_catalog
 from persona_pipeline.store.tables import metadata as store_metadata
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
@@ -30,7 +31,8 @@ def demo(tmp_path_factory):
 
 
 # A full fit, not the assignment of changed devices between fits.
-REFIT = {"ops": {"device_clusters": {"config": {"refit": True}}}}
+REFIT = {"ops": {"segments": {"config": {"refit": True}}}}
+FIT_AND_ASSIGN = [segments, device_clusters]
 
 
 def cluster_payloads(home: Path) -> dict[str, int | None]:
@@ -53,14 +55,17 @@ def test_reclustering_an_unchanged_fleet_keeps_every_cluster_id(demo):
     before = table(store, "device_clusters", order_by=["device_id"])
     registry_before = table(store, "segments", order_by=["cluster_id"])
     with dg.instance_for_test() as instance:
-        result = dg.materialize([device_clusters], resources=resources, instance=instance, run_config=REFIT)
+        result = dg.materialize(FIT_AND_ASSIGN, resources=resources, instance=instance, run_config=REFIT)
     after = table(store, "device_clusters", order_by=["device_id"])
     assert len(after) == 3000
     assert after["cluster_id"].tolist() == before["cluster_id"].tolist()
-    metadata = result.asset_materializations_for_node("device_clusters")[0].metadata
-    assert metadata["devices_reassigned"].value == 0
+    assert after["distance"].tolist() == before["distance"].tolist()
+    metadata = result.asset_materializations_for_node("segments")[0].metadata
+    assert metadata["devices_reassigned"].value == 0 and metadata["devices_fitted"].value == 3000
     assert metadata["segments_new"].value == 0 and metadata["segments_retired"].value == "none"
-    assert metadata["payloads_written"].value == 0  # nothing changed, nothing rewritten
+    assigned = result.asset_materializations_for_node("device_clusters")[0].metadata
+    assert assigned["devices_assigned"].value == 3000  # every device joins the new fit
+    assert assigned["payloads_written"].value == 0  # nothing changed, nothing rewritten
     registry = table(store, "segments", order_by=["cluster_id"])
     assert registry["cluster_id"].tolist() == registry_before["cluster_id"].tolist()
     assert registry["active"].all()
@@ -83,9 +88,9 @@ def test_between_fits_only_devices_without_a_current_segment_are_assigned(demo):
             {"ids": moved},
         )
     with dg.instance_for_test() as instance:
-        result = dg.materialize([device_clusters], resources=resources, instance=instance)
+        result = dg.materialize(FIT_AND_ASSIGN, resources=resources, instance=instance)
+    assert result.asset_materializations_for_node("segments")[0].metadata["mode"].value == "kept"
     metadata = result.asset_materializations_for_node("device_clusters")[0].metadata
-    assert metadata["mode"].value == "assign"
     assert metadata["devices_assigned"].value == 10 and metadata["devices"].value == 3000
     after = table(store, "device_clusters", order_by=["device_id"]).set_index("device_id")
     untouched = before.drop(index=moved)
@@ -108,9 +113,9 @@ def test_segment_profiles_and_top_anomalies_are_readable_in_the_ui_metadata(demo
     resources = resources_for(demo.home)
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [device_clusters, anomaly_scores], resources=resources, instance=instance, run_config=REFIT
+            [*FIT_AND_ASSIGN, anomaly_scores], resources=resources, instance=instance, run_config=REFIT
         )
-    clusters = result.asset_materializations_for_node("device_clusters")[0].metadata
+    clusters = result.asset_materializations_for_node("segments")[0].metadata
     segments = clusters["segments"].value
     assert 4 <= segments <= 12
     profile = clusters["segment_profiles"].value
@@ -125,7 +130,9 @@ def test_segment_profiles_and_top_anomalies_are_readable_in_the_ui_metadata(demo
     assert 0.002 <= scores["anomaly_rate"].value <= 0.05
     checks = result.get_asset_check_evaluations()
     # A refit of the same vectors keeps its segments (adjusted Rand index 1).
-    assert sorted((c.check_name, c.passed) for c in checks) == [(RATE_CHECK, True), (STABILITY_CHECK, True)]
+    assert sorted((c.check_name, c.passed) for c in checks) == sorted(
+        [(RATE_CHECK, True), (STABILITY_CHECK, True), (ASSIGNED_CHECK, True)]
+    )
 
     store = resources["persona_store"]
     stored = table(store, "anomaly_scores")
@@ -156,16 +163,14 @@ def small_fleet(tmp_path_factory):
 
 def test_hdbscan_leaves_outliers_in_no_segment_and_scores_them_against_the_nearest(small_fleet):
     resources = resources_for(small_fleet.home)
-    config = {
-        "ops": {"device_clusters": {"config": {"algorithm": "hdbscan", "hdbscan_min_cluster_size": 15}}}
-    }
+    config = {"ops": {"segments": {"config": {"algorithm": "hdbscan", "hdbscan_min_cluster_size": 15}}}}
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [device_clusters, anomaly_scores], resources=resources, instance=instance, run_config=config
+            [*FIT_AND_ASSIGN, anomaly_scores], resources=resources, instance=instance, run_config=config
         )
     assert result.success
+    assert result.asset_materializations_for_node("segments")[0].metadata["algorithm"].value == "hdbscan"
     metadata = result.asset_materializations_for_node("device_clusters")[0].metadata
-    assert metadata["algorithm"].value == "hdbscan"
     store = resources["persona_store"]
     clusters = table(store, "device_clusters").set_index("device_id")
     noise = clusters.index[clusters["cluster_id"] == -1]
@@ -176,9 +181,9 @@ def test_hdbscan_leaves_outliers_in_no_segment_and_scores_them_against_the_neare
 
 def test_invalid_clustering_config_is_refused_before_the_run(small_fleet):
     resources = resources_for(small_fleet.home)
-    config = {"ops": {"device_clusters": {"config": {"algorithm": "spectral"}}}}
+    config = {"ops": {"segments": {"config": {"algorithm": "spectral"}}}}
     with dg.instance_for_test() as instance, pytest.raises(dg.DagsterInvalidConfigError, match="algorithm"):
-        dg.materialize([device_clusters], resources=resources, instance=instance, run_config=config)
+        dg.materialize(FIT_AND_ASSIGN, resources=resources, instance=instance, run_config=config)
 
 
 class UnreachablePayloads(VectorIndex):
@@ -198,10 +203,10 @@ class UnreachablePayloads(VectorIndex):
 def test_payloads_catch_up_after_a_run_that_failed_half_way(small_fleet):
     resources = resources_for(small_fleet.home)
     store = resources["persona_store"]
-    config = {"ops": {"device_clusters": {"config": {"n_clusters": 3}}}}
+    config = {"ops": {"segments": {"config": {"n_clusters": 3}}}}
     with dg.instance_for_test() as instance:
         failed = dg.materialize(
-            [device_clusters],
+            FIT_AND_ASSIGN,
             resources={**resources, "vector_index": UnreachablePayloads(path=resources["vector_index"].path)},
             instance=instance,
             run_config=config,
@@ -213,7 +218,7 @@ def test_payloads_catch_up_after_a_run_that_failed_half_way(small_fleet):
         expected = dict(zip(clusters["device_id"], clusters["cluster_id"].astype(int), strict=True))
         assert cluster_payloads(small_fleet.home) != expected
 
-        retried = dg.materialize([device_clusters], resources=resources, instance=instance, run_config=config)
+        retried = dg.materialize(FIT_AND_ASSIGN, resources=resources, instance=instance, run_config=config)
     assert (
         retried.asset_materializations_for_node("device_clusters")[0].metadata["payloads_written"].value > 0
     )
@@ -286,7 +291,7 @@ def test_the_segment_payload_has_one_writer_and_a_rewritten_point_gets_its_segme
     resources = resources_for(small_fleet.home)
     store = resources["persona_store"]
     with dg.instance_for_test() as instance:
-        dg.materialize([device_clusters], resources=resources, instance=instance)
+        dg.materialize(FIT_AND_ASSIGN, resources=resources, instance=instance)
         clusters = table(store, "device_clusters")
         expected = dict(zip(clusters["device_id"], clusters["cluster_id"].astype(int), strict=True))
         assert cluster_payloads(small_fleet.home) == expected
@@ -335,3 +340,13 @@ def test_the_vector_count_check_warns_when_a_stored_vector_went_missing(small_fl
     assert kept.check_name == missing.check_name == VECTOR_COUNT_CHECK
     assert kept.passed and not missing.passed
     assert missing.metadata["vectors_stored"].value == missing.metadata["devices_counted"].value - 1
+
+
+def test_the_assignment_check_warns_for_a_device_left_without_a_current_segment():
+    assert assigned_check(0, 0).passed
+    for unassigned, gone in ((1, 0), (0, 2)):
+        check = assigned_check(unassigned, gone)
+        assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+        assert f"{unassigned:,} devices lack a segment of the current fit; {gone:,} without a vector" in (
+            check.description
+        )

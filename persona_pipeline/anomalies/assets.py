@@ -23,15 +23,17 @@ from persona_pipeline.anomalies.scoring import (
     fit_norms,
     score_with_norms,
 )
-from persona_pipeline.automation import AFTER_UPSTREAM
+from persona_pipeline.automation import after_upstream_updates
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.metadata import OWNERS, table_metadata
+from persona_pipeline.partitions import DEVICE_SHARDS
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import require_one_vector_space
 from persona_pipeline.resources import PersonaConfig, PersonaStore
 from persona_pipeline.retries import STORE_RETRY
 from persona_pipeline.segments import storage as segment_storage
 from persona_pipeline.segments.assets import device_clusters, require_current_space
+from persona_pipeline.segments.assets import segments as segment_fit
 from persona_pipeline.segments.key_stats import (
     READABLE_COLUMNS,
     ReadableValues,
@@ -154,8 +156,10 @@ class AnomalyScoresConfig(dg.Config):
 @dg.asset(
     owners=OWNERS,
     metadata=table_metadata(store_tables.anomaly_scores),
-    deps=[device_clusters],
-    automation_condition=AFTER_UPSTREAM,
+    # It reads each device's segment and the time of the fit; with device shards, each device's
+    # segment comes from a run per shard after the fit, and the scores wait for all of them.
+    deps=[device_clusters, segment_fit],
+    automation_condition=after_upstream_updates(after_deps_caught_up=DEVICE_SHARDS > 1),
     group_name="segments",
     kinds={"pyod", "sql"},
     retry_policy=STORE_RETRY,

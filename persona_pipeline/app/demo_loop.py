@@ -46,8 +46,8 @@ from persona_pipeline.store.tables import key_weights, service_recommendations
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # Both arms fit their segments anew: with the newest weights the vectors are unchanged, and
-# device_clusters would otherwise only assign them to the last fit while the other arm fits.
-SAME_DAY_AGAIN = {**QUIET, "ops": {"device_clusters": {"config": {"refit": True}}}}
+# the last fit would otherwise stand in one arm while the other arm fits.
+SAME_DAY_AGAIN = {**QUIET, "ops": {"segments": {"config": {"refit": True}}}}
 
 
 @dataclass
@@ -182,6 +182,7 @@ def offers_again(
         device_clusters,
         persona_index,
         persona_vectors,
+        segments,
     )
     from persona_pipeline.definitions import (
         service_recommendations as recommendations_asset,
@@ -193,24 +194,27 @@ def offers_again(
         "persona_config": config,
         "landing_zone": landing,
     }
-    fleet_wide = [persona_index, device_clusters, anomaly_scores, recommendations_asset]
+    decisions = [anomaly_scores, recommendations_asset]
+    if DEVICE_SHARDS == 1:
+        steps = [([persona_vectors, persona_index, segments, device_clusters, *decisions], None)]
+    else:  # as the jobs run them: the vectors and each device's segment a run per shard
+        steps = [([persona_vectors], key) for key in device_shard_keys()]
+        steps += [([persona_index, segments], None)]
+        steps += [([device_clusters], key) for key in device_shard_keys()]
+        steps += [(decisions, None)]
     with dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance) as runs:
-        # With device shards, the vectors a run per shard first, as personas_job runs them.
-        for key in device_shard_keys() if DEVICE_SHARDS > 1 else []:
-            vectors = dg.materialize(
-                [persona_vectors], resources=resources, instance=runs, partition_key=key, raise_on_error=False
+        for assets, key in steps:
+            result = dg.materialize(
+                assets,
+                resources=resources,
+                instance=runs,
+                partition_key=key,
+                run_config=SAME_DAY_AGAIN if segments in assets else QUIET,
+                raise_on_error=False,
             )
-            if not vectors.success:
-                where = f"shard {key} in a copy of the stores"
-                raise CommandError(f"re-making the vectors of {where} failed (run {vectors.run_id})")
-        assets = fleet_wide if DEVICE_SHARDS > 1 else [persona_vectors, *fleet_wide]
-        result = dg.materialize(
-            assets, resources=resources, instance=runs, run_config=SAME_DAY_AGAIN, raise_on_error=False
-        )
-    if not result.success:
-        raise CommandError(
-            f"re-making the offers of {day} in a copy of the stores failed (run {result.run_id})"
-        )
+            if not result.success:
+                where = "a copy of the stores" if key is None else f"shard {key} in a copy of the stores"
+                raise CommandError(f"re-making the offers of {day} in {where} failed (run {result.run_id})")
     r = service_recommendations.c
     return store.read_frame(
         sa.select(r.offer_id, r.device_id, r.service_id, r.trigger, r.weights_version).where(

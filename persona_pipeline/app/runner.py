@@ -28,7 +28,7 @@ from persona_pipeline.feedback.storage import (
 )
 from persona_pipeline.ingest import storage as ingest_storage
 from persona_pipeline.ingest.jobs import ingest_job
-from persona_pipeline.offers.jobs import segments_job
+from persona_pipeline.offers.jobs import DECISION_JOBS, clusters_job
 from persona_pipeline.offers.storage import offers_by_trigger, tickets_by_status
 from persona_pipeline.partitions import (
     DEVICE_SHARDS,
@@ -287,7 +287,9 @@ def run_chain(
         run(weights_job.name, {})  # the day's vectors use the refreshed weights
     for key in device_shard_keys():  # one run, or a run per device shard
         run(personas_job.name, {}, partition_key=key)
-    run(segments_job.name, {})
+    for job in DECISION_JOBS:
+        for key in device_shard_keys() if job is clusters_job else [None]:
+            run(job.name, {}, partition_key=key)
     return ChainResult(start, end, run_ids, batches, days.skipped, failed_checks)
 
 

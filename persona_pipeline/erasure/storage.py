@@ -25,6 +25,7 @@ DEVICE_TABLES: tuple[sa.Table, ...] = (
     tables.persona_vectors,
     tables.vector_index_state,
     tables.vector_index_clusters,
+    tables.segment_members,
     tables.device_clusters,
     tables.anomaly_scores,
     tables.support_tickets,

@@ -435,9 +435,15 @@ class StoredVectors:
         )
 
 
-def read_stored_vectors(store: PersonaStore) -> StoredVectors:
+def read_stored_vectors(store: PersonaStore, sample_size: int | None = None) -> StoredVectors:
+    """Every device's vector; with `sample_size`, those of the `sample_size` devices with the
+    lowest `device_hash`: a uniform sample, the same in every process and on every backend."""
     v = persona_vectors.c
-    frame = store.read_frame(sa.select(v.device_id, v.customer_id, v.space, v.vector).order_by(v.device_id))
+    query = sa.select(v.device_id, v.customer_id, v.space, v.vector).order_by(v.device_id)
+    if sample_size is not None:
+        sampled = sa.select(v.device_id).order_by(v.device_hash, v.device_id).limit(sample_size)
+        query = query.where(v.device_id.in_(sampled))
+    frame = store.read_frame(query)
     spaces = sorted(frame["space"].unique().tolist())
     if len(spaces) > 1:
         raise ValueError(several_spaces(spaces))

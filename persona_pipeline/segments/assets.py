@@ -1,7 +1,8 @@
-"""Segments: devices clustered by persona vector, with stable ids and readable profiles."""
+"""Segments: fitted on the persona vectors (`segments`, fleet-wide on a bounded sample), with
+stable ids and readable profiles; and each device's segment (`device_clusters`, shard by shard)."""
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Literal
 
 import dagster as dg
@@ -12,6 +13,7 @@ from pydantic import Field
 from persona_pipeline.automation import AFTER_UPSTREAM
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.metadata import OWNERS, table_metadata
+from persona_pipeline.partitions import device_shard_only_partitions, run_shard
 from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import persona_index, persona_vectors, require_one_vector_space
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
@@ -33,7 +35,7 @@ from persona_pipeline.segments.key_stats import (
     segment_stats,
 )
 from persona_pipeline.segments.profile import describe_segments, segment_traits
-from persona_pipeline.segments.reporting import STABILITY_CHECK, stability_check
+from persona_pipeline.segments.reporting import ASSIGNED_CHECK, STABILITY_CHECK, stability_check
 from persona_pipeline.segments.sampling import stratified_sample
 from persona_pipeline.segments.stable_ids import (
     UNKNOWN,
@@ -45,7 +47,7 @@ from persona_pipeline.segments.vector_payloads import sync_cluster_payloads
 from persona_pipeline.store import tables as store_tables
 
 
-class DeviceClustersConfig(dg.Config):
+class SegmentsConfig(dg.Config):
     algorithm: Literal["kmeans", "minibatch_kmeans", "dbscan", "hdbscan"] = Field(
         default="kmeans",
         description="kmeans (default; measured as fast as minibatch_kmeans at equal quality up to 300k "
@@ -69,7 +71,7 @@ class DeviceClustersConfig(dg.Config):
     selection_sample_size: int = Field(
         default=20_000,
         ge=100,
-        description="Devices sampled to choose k; the final fit uses every device.",
+        description="Devices sampled to choose k; the final fit uses every device of the fit.",
     )
     silhouette_sample_size: int = Field(
         default=5_000, ge=100, description="Devices sampled for each silhouette score."
@@ -77,9 +79,10 @@ class DeviceClustersConfig(dg.Config):
     fit_sample_size: int = Field(
         default=200_000,
         ge=1_000,
-        description="K-means: on a larger fleet the final fit runs on a sample of this many devices "
-        "and every device joins its nearest centre (memory and time follow the sample). Takes "
-        "effect at the next fit.",
+        description="K-means: on a larger fleet the fit reads and segments a uniform sample of this "
+        "many devices (the lowest hashes of device_id) and device_clusters gives every other device "
+        "its nearest centre, shard by shard (memory and time follow the sample). Density algorithms "
+        "read every device. Takes effect at the next fit.",
     )
     match_radius: float = Field(
         default=1.0,
@@ -116,16 +119,16 @@ class DeviceClustersConfig(dg.Config):
     refit_every_days: int = Field(
         default=7,
         ge=0,
-        description="Days between full fits. In between, a run assigns only the devices whose vector "
-        "changed to the nearest segment of the last fit, so a day's cost follows the change, not the "
-        "fleet. 0: fit every run. Density algorithms always fit.",
+        description="Days between full fits. In between, the last fit stands and device_clusters "
+        "assigns only the devices whose vector changed to its nearest segment, so a day's cost "
+        "follows the change, not the fleet. 0: fit every run. Density algorithms always fit.",
     )
     refit_changed_share: float = Field(
         default=0.2,
         gt=0,
         le=1,
         description="Fit anew, whatever the date, when more than this share of devices changed since "
-        "their last assignment.",
+        "the last fit and their last assignment.",
     )
     refit: bool = Field(default=False, description="Fit anew on this run.")
 
@@ -149,55 +152,54 @@ class DeviceClustersConfig(dg.Config):
 @dg.asset(
     owners=OWNERS,
     metadata=table_metadata(
-        store_tables.device_clusters,
-        store_tables.segments,
-        store_tables.segment_centres,
-        store_tables.vector_index_clusters,
+        store_tables.segments, store_tables.segment_centres, store_tables.segment_members
     ),
-    deps=[persona_vectors, persona_index],
+    deps=[persona_vectors],
     automation_condition=AFTER_UPSTREAM,
     group_name="segments",
-    kinds={"scikitlearn", "qdrant", "sql"},
-    pool=VECTOR_INDEX_POOL,
+    kinds={"scikitlearn", "sql"},
     retry_policy=STORE_RETRY,
     check_specs=[
         dg.AssetCheckSpec(
             STABILITY_CHECK,
-            asset="device_clusters",
-            description="A new fit keeps the segments: adjusted Rand index of the devices' segments "
+            asset="segments",
+            description="A new fit keeps the segments: adjusted Rand index of the fitted devices' segments "
             "against their previous ones at least min_stable_ari (not judged when the feature schema "
             "changed); warns otherwise.",
         )
     ],
 )
-def device_clusters(
+def segments(
     context: dg.AssetExecutionContext,
-    config: DeviceClustersConfig,
+    config: SegmentsConfig,
     persona_store: PersonaStore,
-    vector_index: VectorIndex,
     persona_config: PersonaConfig,
 ) -> dg.MaterializeResult:
-    """A segment per device from its persona vector. Segment ids are stable: a re-clustering
-    matches today's segments to yesterday's (minimum-cost assignment on their centres), so an
-    unchanged fleet keeps every id and a new segment gets a new one. Writes `device_clusters`,
-    the `segments` registry and the `cluster_id` payload of the current Qdrant collection.
+    """The segments: centres fitted on the persona vectors, with stable ids and readable profiles.
+    Segment ids are stable: a new fit matches today's segments to yesterday's (minimum-cost
+    assignment on their centres), so an unchanged fleet keeps every id and a new segment gets a
+    new one. Writes the `segments` registry, the fit's `segment_centres` and its `segment_members`
+    (the devices it segmented); device_clusters then gives every device its segment, shard by shard.
 
     A full fit runs every `refit_every_days` (weekly by default), when many devices changed, or
-    when asked; the runs in between assign only the devices whose vector changed to the nearest
-    segment of the last fit."""
+    when asked; in between the last fit stands. K-means fits a bounded sample of the fleet
+    (`fit_sample_size`), so neither its time nor its memory grows with the fleet beyond it."""
     schema = persona_config.feature_schema()
     require_one_vector_space(persona_store)
     now = pd.Timestamp.now(tz="UTC")
-    reason, plan = _refit_reason(config, persona_store, schema, now)
+    reason, stored = _refit_reason(config, persona_store, schema, now)
     if reason is None:
-        return _assign_changed(context, persona_store, vector_index, plan, now)
+        return reporting.kept_fit_result(stored.fitted_at, len(stored.cluster_ids))
     context.log.info(f"fitting segments anew: {reason}")
-    vectors = persona_storage.read_stored_vectors(persona_store)
+    density = config.algorithm in ("dbscan", "hdbscan")
+    fleet = persona_storage.read_vector_overview(persona_store)[0]
+    sampled = not density and fleet > config.fit_sample_size
+    vectors = persona_storage.read_stored_vectors(persona_store, config.fit_sample_size if sampled else None)
     if len(vectors.device_ids) == 0:
         return reporting.no_devices_result()
     require_current_space(vectors, schema)
     last_fit_space = storage.read_last_fit_space(persona_store)
-    previous_ids = storage.read_assignments(persona_store)
+    previous_ids = storage.read_assignments(persona_store, vectors.device_ids.tolist() if sampled else None)
     aligned_previous = previous_ids.reindex(vectors.device_ids).fillna(UNKNOWN).to_numpy(dtype=np.int64)
     previous = previous_segments(vectors.matrix, aligned_previous)
 
@@ -218,38 +220,171 @@ def device_clusters(
     )
     cluster_ids = stable_labels(fit.labels, matching.ids)
 
-    stats, values = _profile_stats(persona_store, schema, vectors, cluster_ids, config)
+    stats, values = _profile_stats(
+        persona_store, schema, vectors, cluster_ids, config, whole_fleet=not sampled
+    )
     described = describe_segments(stats, segment_traits(values, stats, top=config.profile_traits))
     described = described[described["segment"] != NOISE]
 
-    assignments = pd.DataFrame(
+    members = pd.DataFrame(
         {
             "device_id": vectors.device_ids,
             "cluster_id": cluster_ids,
             "distance": fit.distances,
             "space": vectors.space,
-            "clustered_at": now,
         }
     )
     centres = storage.centre_rows(vectors.space, matching.ids, fit.centres, now, _fit_settings(config))
     retired_because = f"{reason}; not matched to a segment of the new fit"
-    storage.write_clustering(
-        persona_store,
-        assignments,
-        storage.updated_registry(registry, described, now, retired_because),
-        centres,
+    storage.write_fit(
+        persona_store, storage.updated_registry(registry, described, now, retired_because), centres, members
     )
-    payloads_written = sync_cluster_payloads(persona_store, vector_index)
     context.log.info(
-        f"{fit.n_segments} segments ({fit.algorithm}, {fit.note}); {matching.matched} kept their id, "
-        f"{matching.new} new, retired {matching.retired or 'none'}"
+        f"{fit.n_segments} segments ({fit.algorithm}, {fit.note}) fitted on {len(cluster_ids):,} of "
+        f"{fleet:,} devices; {matching.matched} kept their id, {matching.new} new, "
+        f"retired {matching.retired or 'none'}"
     )
     schema_changed = last_fit_space is None or _schema_part(last_fit_space) != _schema_part(vectors.space)
     return dg.MaterializeResult(
         check_results=[stability_check(aligned_previous, cluster_ids, config.min_stable_ari, schema_changed)],
         metadata=reporting.fit_metadata(
-            fit, matching, described, cluster_ids, aligned_previous, payloads_written, vectors.space, reason
+            fit, matching, described, cluster_ids, aligned_previous, fleet, vectors.space, reason
         ),
+    )
+
+
+class DeviceClustersConfig(dg.Config):
+    page_rows: int = Field(
+        default=100_000,
+        ge=1_000,
+        description="Devices read, assigned and written at a time: memory follows the page, not the fleet.",
+    )
+
+
+@dg.asset(
+    owners=OWNERS,
+    metadata=table_metadata(store_tables.device_clusters, store_tables.vector_index_clusters),
+    # With device shards, a partition per shard: each shard's devices join the fit's segments.
+    partitions_def=device_shard_only_partitions,
+    deps=[segments, persona_vectors, persona_index],
+    automation_condition=AFTER_UPSTREAM,
+    group_name="segments",
+    kinds={"qdrant", "sql"},
+    pool=VECTOR_INDEX_POOL,
+    retry_policy=STORE_RETRY,
+    check_specs=[
+        dg.AssetCheckSpec(
+            ASSIGNED_CHECK,
+            asset="device_clusters",
+            description="After the run, every device of its shard with a vector has a segment of the "
+            "current fit, and no device without a vector keeps one; warns otherwise.",
+        )
+    ],
+)
+def device_clusters(
+    context: dg.AssetExecutionContext,
+    config: DeviceClustersConfig,
+    persona_store: PersonaStore,
+    vector_index: VectorIndex,
+    persona_config: PersonaConfig,
+) -> dg.MaterializeResult:
+    """A segment per device, from the last fit of `segments`: a device the fit segmented keeps the
+    segment it gave it; every other device, and one whose vector changed since, joins the nearest
+    centre. Only devices whose segment is not current are read: every device the day after a fit,
+    the devices whose vector changed on the days between. Devices without a vector any more
+    leave. Writes `device_clusters` and the `cluster_id` payload of the current Qdrant collection.
+    With device shards a run assigns its shard's devices, so N shards leave the table of one."""
+    shard = run_shard(context)
+    schema = persona_config.feature_schema()
+    spaces = require_one_vector_space(persona_store)
+    now = pd.Timestamp.now(tz="UTC")
+    gone = storage.read_gone(persona_store, shard)
+    space = spaces[0] if spaces else None
+    fit = None if space is None else storage.read_fit(persona_store, space, len(schema.dimension_names))
+    if space is not None and fit is None:
+        raise dg.Failure(
+            f"no fit of segments in feature space {space}: materialize segments first", allow_retries=False
+        )
+    assigned, removed = 0, len(gone)
+    pages = (
+        []
+        if fit is None
+        else storage.read_to_assign(persona_store, shard, space, fit.fitted_at, config.page_rows)
+    )
+    for page in pages:
+        rows = _assigned_rows(persona_store, page, fit, space, now)
+        storage.write_assigned(persona_store, rows, gone)  # the devices gone leave with the first page
+        assigned, gone = assigned + len(rows), []
+    if gone:
+        storage.write_assigned(persona_store, _assigned_frame([], [], [], space, now), gone)
+    payloads_written = sync_cluster_payloads(persona_store, vector_index)
+    not_current = 0 if fit is None else storage.count_not_current(persona_store, shard, space, fit.fitted_at)
+    check = reporting.assigned_check(not_current, len(storage.read_gone(persona_store, shard)))
+    sizes = storage.segment_sizes(persona_store)
+    of_shard = "" if shard is None else f" of shard {shard.index}"
+    to_fit = (
+        ""
+        if fit is None
+        else f" to the {len(fit.cluster_ids)} segments fitted at {fit.fitted_at:%Y-%m-%d %H:%M} UTC"
+    )
+    context.log.info(f"assigned {assigned:,} devices{of_shard}{to_fit}; {removed:,} left")
+    return dg.MaterializeResult(
+        check_results=[check],
+        metadata=reporting.assign_metadata(
+            sizes,
+            _active_segments(persona_store, sizes),
+            assigned,
+            removed,
+            None if fit is None else fit.fitted_at,
+            payloads_written,
+            space,
+        ),
+    )
+
+
+def _assigned_rows(
+    store: PersonaStore, page: pd.DataFrame, fit: storage.StoredFit, space: str, now: pd.Timestamp
+) -> pd.DataFrame:
+    """The segment of each device of `page` (device_id, vector, computed_at): the one the fit gave
+    it when the fit read its current vector, else its nearest centre."""
+    device_ids = page["device_id"].tolist()
+    members = storage.read_members(store, device_ids).reindex(device_ids)
+    fitted = (
+        members["cluster_id"].notna().to_numpy()
+        & (members["space"] == space).to_numpy()
+        & (page["computed_at"] <= fit.fitted_at).to_numpy()
+    )
+    cluster_ids = np.where(fitted, members["cluster_id"].fillna(NOISE).to_numpy(), NOISE).astype(np.int64)
+    distances = members["distance"].fillna(0.0).to_numpy(dtype=np.float64, copy=True)
+    others = np.flatnonzero(~fitted)
+    if len(others):
+        if not len(fit.centres):
+            raise dg.Failure(
+                "the last fit found no segment (every device noise): fit the segments anew",
+                allow_retries=False,
+            )
+        matrix = persona_storage.decode_vectors(page["vector"].iloc[others], fit.centres.shape[1])
+        nearest, distance = nearest_centre(matrix.astype(np.float64), fit.centres)
+        cluster_ids[others] = fit.cluster_ids[nearest]
+        distances[others] = distance
+    return _assigned_frame(device_ids, cluster_ids, distances, space, now)
+
+
+def _assigned_frame(
+    device_ids: list[str],
+    cluster_ids: np.ndarray | list,
+    distances: np.ndarray | list,
+    space: str | None,
+    now: pd.Timestamp,
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "device_id": pd.Series(device_ids, dtype=object),
+            "cluster_id": np.asarray(cluster_ids, dtype=np.int64),
+            "distance": np.asarray(distances, dtype=np.float64),
+            "space": space,
+            "clustered_at": now,
+        }
     )
 
 
@@ -258,12 +393,13 @@ def _profile_stats(
     schema: FeatureSchema,
     vectors: persona_storage.StoredVectors,
     cluster_ids: np.ndarray,
-    config: DeviceClustersConfig,
+    config: SegmentsConfig,
+    whole_fleet: bool,
 ) -> tuple[SegmentStats, ReadableValues]:
-    """The segments' typical values, from every device's profile or, on a fleet larger than
-    `profile_sample_size`, from a sample stratified by segment; sizes are the fleet's."""
+    """The segments' typical values, from the profiles of every device of the fit or, when it holds
+    more than `profile_sample_size`, of a sample stratified by segment; sizes are the fit's."""
     sample = stratified_sample(cluster_ids, config.profile_sample_size, config.random_seed)
-    if len(sample) == len(cluster_ids):
+    if whole_fleet and len(sample) == len(cluster_ids):
         profiles = persona_storage.read_profiles(store, columns=READABLE_COLUMNS)
     else:
         sampled = vectors.device_ids[sample].tolist()
@@ -275,17 +411,7 @@ def _profile_stats(
     return replace(stats, sizes=sizes.rename_axis(stats.sizes.index.name).rename(stats.sizes.name)), values
 
 
-@dataclass
-class _Assignment:
-    """What a run between fits works on."""
-
-    space: str
-    fit: storage.StoredFit | None
-    changed: list[str]
-    gone: list[str]
-
-
-def _fit_settings(config: DeviceClustersConfig) -> str:
+def _fit_settings(config: SegmentsConfig) -> str:
     """The settings that shape a fit; a fit made with others is not assigned to."""
     shaping = config.model_dump(
         exclude={
@@ -312,9 +438,9 @@ def _schema_part(space: str) -> str:
 
 
 def _refit_reason(
-    config: DeviceClustersConfig, store: PersonaStore, schema: FeatureSchema, now: pd.Timestamp
-) -> tuple[str | None, _Assignment | None]:
-    """Why this run fits anew (see `refit_reason`), or None and the devices to assign."""
+    config: SegmentsConfig, store: PersonaStore, schema: FeatureSchema, now: pd.Timestamp
+) -> tuple[str | None, storage.StoredFit | None]:
+    """Why this run fits anew (see `refit_reason`), or None and the fit that stands."""
     spaces = persona_storage.read_vector_spaces(store)
     if len(spaces) != 1 or persona_storage.read_dimension_names(store, spaces[0]) != schema.dimension_names:
         return "no fit of this feature space yet", None
@@ -328,7 +454,6 @@ def _refit_reason(
         last_fit = storage.read_fit(store, last, len(names)) if same_keys else None
         if last_fit is not None and last_fit.settings == _fit_settings(config):
             return NEW_WEIGHTS, None
-    changed, gone = storage.read_unassigned(store)
     if stored is not None and stored.settings != _fit_settings(config):
         return "the clustering settings changed", None
     reason = refit_reason(
@@ -338,52 +463,10 @@ def _refit_reason(
         refit_changed_share=config.refit_changed_share,
         fitted_at=None if stored is None else stored.fitted_at.to_datetime64(),
         now=now.to_datetime64(),
-        changed=len(changed),
+        changed=0 if stored is None else storage.count_changed_since_fit(store, stored.fitted_at),
         devices=storage.count_devices(store),
     )
-    return reason, _Assignment(spaces[0], stored, changed, gone)
-
-
-def _assign_changed(
-    context: dg.AssetExecutionContext,
-    store: PersonaStore,
-    vector_index: VectorIndex,
-    plan: _Assignment,
-    now: pd.Timestamp,
-) -> dg.MaterializeResult:
-    """Between fits: the devices whose vector changed join the nearest segment of the last fit;
-    devices without a vector any more leave. Nothing else is read or written."""
-    space, stored, changed, gone = plan.space, plan.fit, plan.changed, plan.gone
-    blobs = persona_storage.read_vector_blobs(store, changed)
-    matrix = persona_storage.decode_vectors(blobs, stored.centres.shape[1]).astype(np.float64)
-    nearest, distances = nearest_centre(matrix, stored.centres) if len(changed) else ([], [])
-    assigned = pd.DataFrame(
-        {
-            "device_id": pd.Series(changed, dtype=object),
-            "cluster_id": stored.cluster_ids[np.asarray(nearest, dtype=np.int64)],
-            "distance": np.asarray(distances, dtype=np.float64),
-            "space": space,
-            "clustered_at": now,
-        }
-    )
-    counts = storage.write_assigned(store, assigned, gone)
-    payloads_written = sync_cluster_payloads(store, vector_index)
-    context.log.info(
-        f"assigned {len(changed):,} changed devices to the {len(stored.cluster_ids)} segments fitted at "
-        f"{stored.fitted_at:%Y-%m-%d %H:%M} UTC; {len(gone):,} devices left"
-    )
-    return dg.MaterializeResult(
-        check_results=[reporting.assigned_check()],
-        metadata=reporting.assign_metadata(
-            counts,
-            _active_segments(store),
-            len(changed),
-            len(gone),
-            stored.fitted_at,
-            payloads_written,
-            space,
-        ),
-    )
+    return reason, stored
 
 
 def require_current_space(vectors: persona_storage.StoredVectors, schema: FeatureSchema) -> None:
@@ -397,7 +480,9 @@ def require_current_space(vectors: persona_storage.StoredVectors, schema: Featur
         )
 
 
-def _active_segments(store: PersonaStore) -> pd.DataFrame:
+def _active_segments(store: PersonaStore, sizes: pd.Series) -> pd.DataFrame:
+    """The active segments with a device today: segment, name, devices (today's), traits."""
     registry = storage.read_segment_registry(store)
+    registry["devices"] = registry["cluster_id"].map(sizes).fillna(0).astype("int64")
     active = registry[registry["active"] & (registry["devices"] > 0)]
     return active.rename(columns={"cluster_id": "segment"})[["segment", "name", "devices", "traits"]]

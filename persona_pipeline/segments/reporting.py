@@ -1,4 +1,4 @@
-"""The metadata and check results device_clusters shows in the UI."""
+"""The metadata and check results segments and device_clusters show in the UI."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from persona_pipeline.segments.clustering import NOISE, SegmentFit
 from persona_pipeline.segments.stable_ids import UNKNOWN, Matching
 
 STABILITY_CHECK = "segments_stable"
+ASSIGNED_CHECK = "every_device_in_a_segment"
 
 
 def stability_check(
@@ -32,12 +33,37 @@ def stability_check(
     )
 
 
-def assigned_check() -> dg.AssetCheckResult:
-    """A run between fits moves no segment: the stability check passes unjudged."""
+def kept_fit_result(fitted_at: pd.Timestamp, segments: int) -> dg.MaterializeResult:
+    """A run between fits: the last fit stands, so the stability check passes unjudged."""
+    return dg.MaterializeResult(
+        metadata={
+            "mode": dg.MetadataValue.text("kept"),
+            "segments": dg.MetadataValue.int(segments),
+            "fitted_at": dg.MetadataValue.timestamp(fitted_at.timestamp()),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=STABILITY_CHECK,
+                passed=True,
+                description="no fit: the last fit's segments stand, and device_clusters assigns the "
+                "devices whose vector changed to them",
+            )
+        ],
+    )
+
+
+def assigned_check(unassigned: int, gone: int) -> dg.AssetCheckResult:
+    """After a run of device_clusters, every device of its shard with a vector has a segment of
+    the current fit, and none without a vector keeps one."""
+    passed = unassigned == 0 and gone == 0
     return dg.AssetCheckResult(
-        check_name=STABILITY_CHECK,
-        passed=True,
-        description="no fit: the devices whose vector changed joined the last fit's segments",
+        check_name=ASSIGNED_CHECK,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"devices_not_current": unassigned, "devices_gone_kept": gone},
+        description=None
+        if passed
+        else f"{unassigned:,} devices lack a segment of the current fit; {gone:,} without a vector kept one",
     )
 
 
@@ -57,15 +83,17 @@ def fit_metadata(
     described: pd.DataFrame,
     cluster_ids: np.ndarray,
     previous_ids: np.ndarray,
-    payloads_written: int,
+    fleet: int,
     space: str | None,
     reason: str,
 ) -> dict[str, dg.MetadataValue]:
-    """A full fit: its segments and their profiles, the choice of k, and how many devices and ids
-    moved against `previous_ids` (aligned with `cluster_ids`, UNKNOWN where a device had none)."""
+    """A full fit of `cluster_ids`' devices (the fleet's `fleet`, or a sample of it): its segments
+    and their profiles, the choice of k, and how many of them and ids moved against
+    `previous_ids` (aligned with `cluster_ids`, UNKNOWN where a device had none)."""
     reassigned = (previous_ids != cluster_ids) & (previous_ids != UNKNOWN)
     return {
-        "devices": dg.MetadataValue.int(len(cluster_ids)),
+        "devices": dg.MetadataValue.int(fleet),
+        "devices_fitted": dg.MetadataValue.int(len(cluster_ids)),
         "segments": dg.MetadataValue.int(fit.n_segments),
         "algorithm": dg.MetadataValue.text(fit.algorithm),
         "choice_of_k": dg.MetadataValue.text(fit.note),
@@ -85,11 +113,9 @@ def fit_metadata(
         "segments_new": dg.MetadataValue.int(matching.new),
         "segments_retired": dg.MetadataValue.text(", ".join(map(str, matching.retired)) or "none"),
         "warm_started": dg.MetadataValue.bool(fit.warm_started),
-        "payloads_written": dg.MetadataValue.int(payloads_written),
         "feature_space": dg.MetadataValue.text(space or ""),
         "mode": dg.MetadataValue.text("fit"),
         "fit_reason": dg.MetadataValue.text(reason),
-        "devices_assigned": dg.MetadataValue.int(len(cluster_ids)),
     }
 
 
@@ -98,24 +124,26 @@ def assign_metadata(
     active_segments: pd.DataFrame,
     assigned: int,
     removed: int,
-    fitted_at: pd.Timestamp,
+    fitted_at: pd.Timestamp | None,
     payloads_written: int,
-    space: str,
+    space: str | None,
 ) -> dict[str, dg.MetadataValue]:
-    """A run between fits: today's segment sizes (`counts`, devices per segment) and the profiles
-    of the last fit (`active_segments`); an assign run changes only sizes."""
-    return {
+    """Today's segment sizes over the fleet (`counts`, devices per cluster_id), the profiles of
+    the last fit (`active_segments`), and what this run assigned and removed."""
+    metadata = {
         "devices": dg.MetadataValue.int(int(counts.sum())),
-        "segments": dg.MetadataValue.int(int((counts > 0).sum())),
-        "mode": dg.MetadataValue.text("assign"),
+        "segments": dg.MetadataValue.int(int((counts[counts.index != NOISE] > 0).sum())),
         "segment_profiles": segment_profiles_table(active_segments),
         "devices_assigned": dg.MetadataValue.int(assigned),
         "devices_removed": dg.MetadataValue.int(removed),
-        "fitted_at": dg.MetadataValue.timestamp(fitted_at.timestamp()),
+        "noise_devices": dg.MetadataValue.int(int(counts.get(NOISE, 0))),
         "size_distribution": dg.MetadataValue.md(_size_distribution(counts[counts > 0], int(counts.sum()))),
         "payloads_written": dg.MetadataValue.int(payloads_written),
-        "feature_space": dg.MetadataValue.text(space),
+        "feature_space": dg.MetadataValue.text(space or ""),
     }
+    if fitted_at is not None:
+        metadata["fitted_at"] = dg.MetadataValue.timestamp(fitted_at.timestamp())
+    return metadata
 
 
 def segment_profiles_table(described: pd.DataFrame) -> dg.MetadataValue:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from persona_pipeline.device_shards import DeviceShard
 from persona_pipeline.personas.storage import devices_without_a_vector
 from persona_pipeline.resources.persona_store import PersonaStore, as_utc
 from persona_pipeline.store.tables import (
     device_clusters,
     persona_vectors,
     segment_centres,
+    segment_members,
     segments,
     vector_index_clusters,
     vector_index_state,
@@ -46,21 +49,77 @@ def next_segment_id(registry: pd.DataFrame, assignments: pd.Series) -> int:
     return max([0, *used]) + 1
 
 
-def write_clustering(
-    store: PersonaStore,
-    assignments: pd.DataFrame,
-    registry: pd.DataFrame,
-    centres: pd.DataFrame,
+def write_fit(
+    store: PersonaStore, registry: pd.DataFrame, centres: pd.DataFrame, members: pd.DataFrame
 ) -> None:
-    """After a full fit: replace `device_clusters` (every device), the `segments` registry and
-    the fit's `segment_centres` (space, cluster_id, centre, fitted_at) in one transaction."""
+    """After a full fit: replace the `segments` registry, the fit's `segment_centres` (space,
+    cluster_id, centre, fitted_at, settings) and its `segment_members` (device_id, cluster_id,
+    distance, space) in one transaction. device_clusters then assigns every device."""
     with store.begin() as connection:
-        connection.execute(device_clusters.delete())
-        store.insert_frame(connection, device_clusters, assignments)
         connection.execute(segments.delete())
         store.insert_frame(connection, segments, registry)
         connection.execute(segment_centres.delete())
         store.insert_frame(connection, segment_centres, centres)
+        connection.execute(segment_members.delete())
+        store.insert_frame(connection, segment_members, members)
+
+
+def read_members(store: PersonaStore, device_ids: list[str]) -> pd.DataFrame:
+    """The segment and distance the last fit gave those of `device_ids` it segmented (device_id
+    index; columns cluster_id, distance, space)."""
+    m = segment_members.c
+    frame = store.read_frame_in(
+        sa.select(m.device_id, m.cluster_id, m.distance, m.space), m.device_id, device_ids
+    )
+    return frame.set_index("device_id")
+
+
+def _not_current(
+    columns: list[sa.ColumnElement], shard: DeviceShard | None, space: str, fitted_at: pd.Timestamp
+) -> sa.Select:
+    """`columns` of the devices of `shard` (every device when None) whose segment is not current:
+    never assigned, assigned before their vector changed, before the fit of `fitted_at`, or in
+    another space. A join on primary keys."""
+    v, c = persona_vectors.c, device_clusters.c
+    query = (
+        sa.select(*columns)
+        .select_from(persona_vectors.outerjoin(device_clusters, v.device_id == c.device_id))
+        .where(
+            sa.or_(
+                c.device_id.is_(None),
+                v.computed_at > c.clustered_at,
+                c.clustered_at < fitted_at.to_pydatetime(),
+                c.space != space,
+            )
+        )
+    )
+    return query if shard is None else query.where(shard.holds_hash(v.device_hash))
+
+
+def read_to_assign(
+    store: PersonaStore, shard: DeviceShard | None, space: str, fitted_at: pd.Timestamp, rows: int
+) -> Iterator[pd.DataFrame]:
+    """The devices of `shard` whose segment is not current (see `_not_current`), `rows` at a time
+    in device_id order (device_id, vector, computed_at): the day after a fit every device, on the
+    days between the devices whose vector changed."""
+    v = persona_vectors.c
+    query = _not_current([v.device_id, v.vector, v.computed_at], shard, space, fitted_at)
+    query = query.order_by(v.device_id).limit(rows)
+    last = None
+    while True:
+        page = store.read_frame(query if last is None else query.where(v.device_id > last))
+        if page.empty:
+            return
+        page["computed_at"] = as_utc(page["computed_at"])
+        yield page
+        last = page["device_id"].iloc[-1]
+
+
+def count_not_current(
+    store: PersonaStore, shard: DeviceShard | None, space: str, fitted_at: pd.Timestamp
+) -> int:
+    """How many devices of `shard` have a vector but no current segment (see `_not_current`)."""
+    return int(store.scalar(_not_current([sa.func.count()], shard, space, fitted_at)) or 0)
 
 
 @dataclass
@@ -120,42 +179,52 @@ def read_last_fit_space(store: PersonaStore) -> str | None:
     return None if frame.empty else str(frame["space"].iloc[0])
 
 
-def read_unassigned(store: PersonaStore) -> tuple[list[str], list[str]]:
-    """Devices whose vector is newer than their segment (or that have none), and devices with a
-    segment but no vector any more. Two joins on primary keys, in the database."""
+def count_changed_since_fit(store: PersonaStore, fitted_at: pd.Timestamp) -> int:
+    """Devices whose vector changed after the fit of `fitted_at` and has no segment since: what a
+    refit's `refit_changed_share` weighs. A vector the fit read is not counted, so a fit run again
+    before device_clusters assigned its devices does not fit anew for that."""
     v, c = persona_vectors.c, device_clusters.c
-    changed = store.read_frame(
-        sa.select(v.device_id)
+    query = (
+        sa.select(sa.func.count())
         .select_from(persona_vectors.outerjoin(device_clusters, v.device_id == c.device_id))
-        .where(sa.or_(c.device_id.is_(None), v.computed_at > c.clustered_at, v.space != c.space))
-        .order_by(v.device_id)
+        .where(
+            v.computed_at > fitted_at.to_pydatetime(),
+            sa.or_(c.device_id.is_(None), v.computed_at > c.clustered_at),
+        )
     )
-    return changed["device_id"].tolist(), devices_without_a_vector(store, device_clusters)
+    return int(store.scalar(query) or 0)
+
+
+def read_gone(store: PersonaStore, shard: DeviceShard | None) -> list[str]:
+    """The devices of `shard` (every device when None) with a segment but no vector any more."""
+    gone = devices_without_a_vector(store, device_clusters)
+    if shard is None or not gone:
+        return gone
+    held = shard.holds(pd.Series(gone, dtype=object))
+    return np.asarray(gone, dtype=object)[held].tolist()
 
 
 def count_devices(store: PersonaStore) -> int:
     return int(store.scalar(sa.select(sa.func.count()).select_from(device_clusters)) or 0)
 
 
-def write_assigned(store: PersonaStore, assigned: pd.DataFrame, gone: list[str]) -> pd.Series:
-    """Between refits: replace the rows of the assigned and the gone devices, and bring each
-    segment's device count in the registry up to date; returns the counts (cluster_id index)."""
+def write_assigned(store: PersonaStore, assigned: pd.DataFrame, gone: list[str]) -> None:
+    """Replace the rows of the assigned and the gone devices in one transaction."""
     ids = [*assigned["device_id"].tolist(), *gone]
-    c = device_clusters.c
     with store.begin() as connection:
-        store.delete_in(connection, device_clusters, c.device_id, ids)
+        store.delete_in(connection, device_clusters, device_clusters.c.device_id, ids)
         store.insert_frame(connection, device_clusters, assigned)
-        counts = store.read_frame(
-            sa.select(c.cluster_id, sa.func.count().label("devices")).group_by(c.cluster_id), connection
-        ).set_index("cluster_id")["devices"]
-        for cluster_id, devices in counts.items():
-            connection.execute(
-                segments.update().where(segments.c.cluster_id == int(cluster_id)).values(devices=int(devices))
-            )
-        connection.execute(
-            segments.update().where(segments.c.cluster_id.not_in(counts.index.tolist())).values(devices=0)
-        )
-    return counts
+
+
+def segment_sizes(store: PersonaStore) -> pd.Series:
+    """Devices per cluster_id today (cluster_id index, NOISE included), counted in the database."""
+    c = device_clusters.c
+    frame = store.read_frame(
+        sa.select(c.cluster_id, sa.func.count().label("devices"))
+        .group_by(c.cluster_id)
+        .order_by(c.cluster_id)
+    )
+    return frame.set_index("cluster_id")["devices"].astype("int64")
 
 
 def updated_registry(

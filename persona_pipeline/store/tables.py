@@ -173,8 +173,9 @@ segments = sa.Table(
     sa.Column("retired_reason", sa.Text),
 )
 
-# The centres of the last full clustering fit per feature space (float64 bytes): between refits,
-# device_clusters assigns the devices whose vector changed to the nearest one.
+# The centres of the last full clustering fit per feature space (float64 bytes), written by the
+# segments asset: device_clusters assigns each device that is not one of the fit's members, or
+# whose vector changed since, to the nearest one.
 segment_centres = sa.Table(
     "segment_centres",
     metadata,
@@ -183,6 +184,18 @@ segment_centres = sa.Table(
     sa.Column("centre", sa.LargeBinary, nullable=False),
     sa.Column("fitted_at", UtcDateTime, nullable=False),
     sa.Column("settings", sa.Text, nullable=False),  # the fit's clustering settings, as JSON
+)
+
+# The devices the last full fit segmented, with the segment and distance it gave each (revision
+# 0013): device_clusters gives a device whose vector the fit read that segment, and every other
+# device its nearest centre. On a fleet larger than the fit's sample only the sample's devices.
+segment_members = sa.Table(
+    "segment_members",
+    metadata,
+    sa.Column("device_id", sa.Text, primary_key=True),
+    sa.Column("cluster_id", sa.Integer, nullable=False),
+    sa.Column("distance", sa.Float, nullable=False),
+    sa.Column("space", sa.String(64), nullable=False),
 )
 
 anomaly_scores = sa.Table(
