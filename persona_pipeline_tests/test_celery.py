@@ -154,15 +154,17 @@ class Workers:
         return "".join(log.read_text(errors="replace") for log in self.logs.values())
 
 
-@pytest.fixture
-def workers(tmp_path: Path, broker_url: str) -> Iterator[Workers]:
-    """Two Celery workers on a queue of their own, for the chain's home `tmp_path/celery`."""
+@pytest.fixture(params=[1, 2], ids=["one shard", "two device shards"])
+def workers(tmp_path: Path, broker_url: str, request: pytest.FixtureRequest) -> Iterator[Workers]:
+    """Two Celery workers on a queue of their own, for the chain's home `tmp_path/celery`, with
+    one device shard or two (the workers and the run that sends them steps load the same)."""
     token = uuid.uuid4().hex[:8]
     env = clean_env(
         tmp_path / "celery",
         PERSONA_EXECUTOR="celery",
         PERSONA_CELERY_BROKER=broker_url,
         PERSONA_CELERY_QUEUE=f"persona-test-{token}",
+        PERSONA_DEVICE_SHARDS=str(request.param),
     )
     names = [f"persona-w{i}-{token}" for i in (1, 2)]
     started = Workers({}, {name: tmp_path / f"{name}.log" for name in names}, env)
@@ -221,6 +223,8 @@ def tables(
 
 
 def test_the_chain_on_two_celery_workers_leaves_the_tables_of_an_in_process_run(tmp_path, workers):
+    """With two device shards, the workers run each shard's ingest, vectors and segments
+    assignment, and the tables still equal those of one shard run in one process."""
     celery_home, local_home = tmp_path / "celery", tmp_path / "local"
     fleet = generate_fleet(300, DAYS, seed=7, start=START)
     for home in (celery_home, local_home):
@@ -259,6 +263,9 @@ def test_the_chain_on_two_celery_workers_leaves_the_tables_of_an_in_process_run(
         pools = {pool.name: pool.limit for pool in instance.event_log_storage.get_pool_limits()}
     step_pids = {event.step_key: event.pid for event in events if event.event_type_value == "STEP_START"}
     assert set(step_pids) == set(CHAIN)
+    shards = int(workers.env["PERSONA_DEVICE_SHARDS"])
+    assigned = {run.tags.get("dagster/partition") for run in runs if run.job_name == "clusters_job"}
+    assert assigned == ({str(shard) for shard in range(shards)} if shards > 1 else set())
     assert set(step_pids.values()) <= set(worker_pids), (step_pids, worker_pids)
     claimed_by = {
         event.step_key: event.engine_event_data.metadata["Celery worker"].value
