@@ -21,10 +21,10 @@ def after_upstream_updates(
 
     Unlike `AutomationCondition.eager()`, a missing partition upstream does not block it: most
     daily partitions before the first landing day are never materialized, and that is fine.
-    `after_deps_caught_up`: nor while a dependency is requested in the same tick or still owes a
-    run (one of its own dependencies updated since it last ran or was requested). A dependency
-    with other partitions runs in runs of its own, which nothing orders before this asset's, and
-    Dagster counts it as requested only when it can run in the same run.
+    `after_deps_caught_up`: nor while a dependency is requested in the same tick, still owes a run
+    (one of its own dependencies updated since it last ran or was requested) or failed its last
+    run. A dependency with other partitions runs in runs of its own, which nothing orders before
+    this asset's, and Dagster counts it as requested only when it can run in the same run.
     """
     updated = dg.AutomationCondition.any_deps_updated()
     if ignore is not None:
@@ -39,7 +39,9 @@ def after_upstream_updates(
             dg.AutomationCondition.newly_requested() | dg.AutomationCondition.newly_updated()
         )
         condition = condition & ~dg.AutomationCondition.any_deps_match(
-            dg.AutomationCondition.will_be_requested() | owes_a_run
+            dg.AutomationCondition.will_be_requested()
+            | owes_a_run
+            | dg.AutomationCondition.execution_failed()
         )
     return condition.with_label("after upstream updates")
 

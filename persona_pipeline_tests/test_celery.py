@@ -58,6 +58,7 @@ COMPARED = {
 RUN_TIME_COLUMNS = {
     "computed_at",
     "clustered_at",
+    "fitted_at",
     "scored_at",
     "created_at",
     "first_seen_at",

@@ -142,6 +142,7 @@ COMPARED = {
 UNCOMPARED = {
     "computed_at",
     "clustered_at",
+    "fitted_at",
     "scored_at",
     "created_at",
     "updated_at",
@@ -423,9 +424,12 @@ def test_a_shards_reject_check_judges_the_days_rows_not_its_own(tmp_path):
 # Run in a process of its own: the partitions come from PERSONA_DEVICE_SHARDS when the code loads.
 VECTOR_SHARDS_SCRIPT = """
 import json
+import tempfile
 import dagster as dg
 from persona_pipeline.definitions import defs
 from persona_pipeline.feedback.sensors import key_weights_sensor
+from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
+from persona_pipeline.segments.assets import device_clusters
 
 found = {}
 graph = defs.resolve_asset_graph()
@@ -456,6 +460,17 @@ with dg.instance_for_test() as instance:
     materialized("segments")
     cursor, found["after_fit"] = wanted(cursor)
     materialized("device_clusters", "0")
+    blocker = tempfile.NamedTemporaryFile()  # a file where the store's folder would be
+    unreachable = {
+        "persona_store": PersonaStore(url=f"sqlite:///{blocker.name}/persona.db"),
+        "vector_index": VectorIndex(path="/nonexistent/qdrant"),
+        "persona_config": PersonaConfig(),
+    }
+    failed = dg.materialize(
+        [device_clusters], resources=unreachable, instance=instance, partition_key="1", raise_on_error=False
+    )
+    assert not failed.success
+    cursor, found["after_shard_1_failed"] = wanted(cursor)
     materialized("device_clusters", "1")
     cursor, found["after_every_shard_assigned"] = wanted(cursor)
     found["weights_requests"] = [
@@ -486,6 +501,7 @@ def test_vectors_are_partitioned_by_shard_and_follow_their_shards_profiles(tmp_p
     # Then the fleet-wide index and fit; the scores and offers wait for the fit to be applied.
     assert found["after_vectors_1"] == [["persona_index", [None]], ["segments", [None]]]
     assert found["after_fit"] == [["device_clusters", ["0", "1"]]]
+    assert found["after_shard_1_failed"] == []  # no scores or offers over a shard left on the old fit
     assert found["after_every_shard_assigned"] == [
         ["anomaly_scores", [None]],
         ["service_recommendations", [None]],

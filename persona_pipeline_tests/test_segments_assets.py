@@ -13,12 +13,14 @@ import sqlalchemy as sa
 
 from persona_pipeline.anomalies.assets import RATE_CHECK, anomaly_scores
 from persona_pipeline.app.evaluate import DEMO_TARGETS
+from persona_pipeline.device_shards import DeviceShard
 from persona_pipeline.offers.recommend import explores
 from persona_pipeline.personas.assets import persona_index
 from persona_pipeline.resources import PersonaConfig, VectorIndex
 from persona_pipeline.resources.vector_index import VectorIndexError, VectorStore
 from persona_pipeline.segments.assets import STABILITY_CHECK, device_clusters, segments
 from persona_pipeline.segments.reporting import ASSIGNED_CHECK, assigned_check
+from persona_pipeline.segments.vector_payloads import sync_cluster_payloads
 from persona_pipeline.service_catalog import load_service_catalog
 from persona_pipeline.store.tables import metadata as store_metadata
 from persona_pipeline_tests.conftest import evaluated_fleet, resources_for, table
@@ -347,3 +349,20 @@ def test_the_assignment_check_warns_for_a_device_left_without_a_current_segment(
     check = assigned_check(1_200)
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert check.description == "1,200 devices lack a segment of the current fit"
+
+
+def test_a_shards_run_writes_the_segment_payloads_of_its_own_devices_only(small_fleet):
+    """Shards' runs side by side must not write (and record) each other's points' payloads."""
+    resources = resources_for(small_fleet.home)
+    store, index = resources["persona_store"], resources["vector_index"]
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(FIT_AND_ASSIGN, resources=resources, instance=instance).success
+    with store.begin() as connection:
+        connection.execute(sa.text("DELETE FROM vector_index_clusters"))  # every payload stale
+    shard = DeviceShard(0, 3)
+    written = sync_cluster_payloads(store, index, shard)
+    recorded = table(store, "vector_index_clusters")
+    devices = table(store, "device_clusters")["device_id"]
+    assert 0 < written == len(recorded) == int(shard.holds(devices).sum()) < len(devices)
+    assert shard.holds(recorded["device_id"]).all()
+    assert sync_cluster_payloads(store, index) == len(devices) - written  # the other shards' after

@@ -222,3 +222,49 @@ def test_a_shard_is_found_in_sql_as_in_python(engine):
             with engine.connect() as connection:
                 found = sorted(connection.execute(query).scalars())
             assert found == sorted(ids[shard.holds(ids)]), (index, count)
+
+
+def test_an_upgrade_marks_the_segments_of_a_store_from_before_as_of_its_last_fit(engine):
+    """0013: the last fit of each space becomes a segment_fits row and the devices' segments belong
+    to it (the single step wrote both at once), so the next assignment reads no device of it."""
+    from persona_pipeline.resources import PersonaStore
+    from persona_pipeline.segments import storage as segment_storage
+
+    fitted = pd.Timestamp("2026-03-01T12:00:00.123456Z").to_pydatetime()
+    later = pd.Timestamp("2026-03-02T08:00:00Z").to_pydatetime()
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0012_device_hash")
+        for cluster_id in (1, 2):
+            connection.execute(
+                sa.insert(tables.segment_centres).values(
+                    space="s-w1", cluster_id=cluster_id, centre=b"\x00" * 8, fitted_at=fitted, settings="{}"
+                )
+            )
+        for device, space, clustered_at in (
+            ("d1", "s-w1", fitted),
+            ("d2", "s-w1", later),
+            ("d3", "old", fitted),
+        ):
+            connection.execute(
+                sa.insert(tables.device_clusters).values(
+                    device_id=device, cluster_id=1, distance=0.5, space=space, clustered_at=clustered_at
+                )
+            )
+            connection.execute(
+                sa.insert(tables.persona_vectors).values(
+                    device_id=device,
+                    space="s-w1",
+                    weights_version=1,
+                    vector=b"\x00" * 8,
+                    fingerprint=7,
+                    computed_at=pd.Timestamp("2026-03-01T11:00:00Z").to_pydatetime(),
+                    device_hash=int(device_hash(pd.Series([device]))[0]),
+                )
+            )
+    upgrade_to_head(engine)
+    store = PersonaStore(url=engine.url.render_as_string(hide_password=False))
+    fit = segment_storage.read_fit(store, "s-w1", 1)
+    assert fit is not None and fit.fitted_at == pd.Timestamp(fitted) and fit.settings == "{}"
+    assert fit.cluster_ids.tolist() == [1, 2]
+    # d1 and d2 hold the last fit's segments; d3's row is of another space.
+    assert segment_storage.count_not_current(store, None, "s-w1", fit.fitted_at) == 1

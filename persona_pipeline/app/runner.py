@@ -48,7 +48,7 @@ from persona_pipeline.run_health import (
     this_host,
 )
 from persona_pipeline.secrets import mask_url
-from persona_pipeline.segments.storage import read_segment_registry
+from persona_pipeline.segments.storage import read_segment_registry, segment_sizes
 from persona_pipeline.store.tables import (
     offer_feedback,
     service_recommendations,
@@ -363,6 +363,7 @@ def summary(result: ChainResult) -> str:
     reasons = ingest_storage.rejects_by_reason(store, days)
     devices = profile_counts(store)[1]
     registry = read_segment_registry(store)
+    registry["devices"] = registry["cluster_id"].map(segment_sizes(store)).fillna(0).astype("int64")
     active_segments = registry[registry["active"]].sort_values("cluster_id")
     retired = (
         registry[~registry["active"]]

@@ -152,7 +152,10 @@ class SegmentsConfig(dg.Config):
 @dg.asset(
     owners=OWNERS,
     metadata=table_metadata(
-        store_tables.segments, store_tables.segment_centres, store_tables.segment_members
+        store_tables.segment_fits,
+        store_tables.segments,
+        store_tables.segment_centres,
+        store_tables.segment_members,
     ),
     deps=[persona_vectors],
     automation_condition=AFTER_UPSTREAM,
@@ -199,7 +202,12 @@ def segments(
         return reporting.no_devices_result()
     require_current_space(vectors, schema)
     last_fit_space = storage.read_last_fit_space(persona_store)
-    previous_ids = storage.read_assignments(persona_store, vectors.device_ids.tolist() if sampled else None)
+    fitted_ids = vectors.device_ids.tolist() if sampled else None
+    # A device the last fit segmented and device_clusters has not assigned yet keeps that segment
+    # as its previous one, so a fit run again before the assignment keeps the segments' ids.
+    previous_ids = storage.read_assignments(persona_store, fitted_ids).combine_first(
+        storage.read_member_segments(persona_store, fitted_ids)
+    )
     aligned_previous = previous_ids.reindex(vectors.device_ids).fillna(UNKNOWN).to_numpy(dtype=np.int64)
     previous = previous_segments(vectors.matrix, aligned_previous)
 
@@ -236,9 +244,16 @@ def segments(
     )
     centres = storage.centre_rows(vectors.space, matching.ids, fit.centres, now, _fit_settings(config))
     retired_because = f"{reason}; not matched to a segment of the new fit"
-    storage.write_fit(
-        persona_store, storage.updated_registry(registry, described, now, retired_because), centres, members
+    fit_row = pd.DataFrame(
+        {
+            "space": [vectors.space],
+            "fitted_at": [now],
+            "settings": [_fit_settings(config)],
+            "devices": [len(cluster_ids)],
+        }
     )
+    registry = storage.updated_registry(registry, described, now, retired_because)
+    storage.write_fit(persona_store, fit_row, registry, centres, members)
     context.log.info(
         f"{fit.n_segments} segments ({fit.algorithm}, {fit.note}) fitted on {len(cluster_ids):,} of "
         f"{fleet:,} devices; {matching.matched} kept their id, {matching.new} new, "
@@ -312,12 +327,12 @@ def device_clusters(
         else storage.read_to_assign(persona_store, shard, space, fit.fitted_at, config.page_rows)
     )
     for page in pages:
-        rows = _assigned_rows(persona_store, page, fit, space, now)
+        rows = _assigned_rows(persona_store, page, fit, space, now).assign(fitted_at=fit.fitted_at)
         storage.write_assigned(persona_store, rows, gone)  # the devices gone leave with the first page
         assigned, gone = assigned + len(rows), []
     if gone:
         storage.write_assigned(persona_store, _assigned_frame([], [], [], space, now), gone)
-    payloads_written = sync_cluster_payloads(persona_store, vector_index)
+    payloads_written = sync_cluster_payloads(persona_store, vector_index, shard)
     not_current = 0 if fit is None else storage.count_not_current(persona_store, shard, space, fit.fitted_at)
     check = reporting.assigned_check(not_current)
     sizes = storage.segment_sizes(persona_store)
@@ -464,7 +479,7 @@ def _refit_reason(
         fitted_at=None if stored is None else stored.fitted_at.to_datetime64(),
         now=now.to_datetime64(),
         changed=0 if stored is None else storage.count_changed_since_fit(store, stored.fitted_at),
-        devices=storage.count_devices(store),
+        devices=storage.count_vectors(store),
     )
     return reason, stored
 

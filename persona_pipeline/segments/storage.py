@@ -16,6 +16,7 @@ from persona_pipeline.store.tables import (
     device_clusters,
     persona_vectors,
     segment_centres,
+    segment_fits,
     segment_members,
     segments,
     vector_index_clusters,
@@ -50,12 +51,19 @@ def next_segment_id(registry: pd.DataFrame, assignments: pd.Series) -> int:
 
 
 def write_fit(
-    store: PersonaStore, registry: pd.DataFrame, centres: pd.DataFrame, members: pd.DataFrame
+    store: PersonaStore,
+    fit: pd.DataFrame,
+    registry: pd.DataFrame,
+    centres: pd.DataFrame,
+    members: pd.DataFrame,
 ) -> None:
-    """After a full fit: replace the `segments` registry, the fit's `segment_centres` (space,
-    cluster_id, centre, fitted_at, settings) and its `segment_members` (device_id, cluster_id,
-    distance, space) in one transaction. device_clusters then assigns every device."""
+    """After a full fit: replace the fit (`segment_fits`: space, fitted_at, settings, devices),
+    the `segments` registry, the fit's `segment_centres` (space, cluster_id, centre, fitted_at,
+    settings) and its `segment_members` (device_id, cluster_id, distance, space) in one
+    transaction. device_clusters then assigns every device."""
     with store.begin() as connection:
+        connection.execute(segment_fits.delete())
+        store.insert_frame(connection, segment_fits, fit)
         connection.execute(segments.delete())
         store.insert_frame(connection, segments, registry)
         connection.execute(segment_centres.delete())
@@ -78,8 +86,8 @@ def _not_current(
     columns: list[sa.ColumnElement], shard: DeviceShard | None, space: str, fitted_at: pd.Timestamp
 ) -> sa.Select:
     """`columns` of the devices of `shard` (every device when None) whose segment is not current:
-    never assigned, assigned before their vector changed, before the fit of `fitted_at`, or in
-    another space. A join on primary keys."""
+    never assigned, assigned before their vector changed, by another fit than that of
+    `fitted_at`, or in another space. A join on primary keys."""
     v, c = persona_vectors.c, device_clusters.c
     query = (
         sa.select(*columns)
@@ -88,7 +96,7 @@ def _not_current(
             sa.or_(
                 c.device_id.is_(None),
                 v.computed_at > c.clustered_at,
-                c.clustered_at < fitted_at.to_pydatetime(),
+                c.fitted_at.is_distinct_from(fitted_at.to_pydatetime()),
                 c.space != space,
             )
         )
@@ -148,35 +156,47 @@ def centre_rows(
 
 
 def read_fit(store: PersonaStore, space: str, dimensions: int) -> StoredFit | None:
-    c = segment_centres.c
-    frame = store.read_frame(
-        sa.select(c.cluster_id, c.centre, c.fitted_at, c.settings)
-        .where(c.space == space)
-        .order_by(c.cluster_id)
-    )
-    if frame.empty:
+    """The last fit of `space` with its centres (none when it found no segment), or None."""
+    f, c = segment_fits.c, segment_centres.c
+    fit = store.read_frame(sa.select(f.fitted_at, f.settings).where(f.space == space))
+    if fit.empty:
         return None
+    frame = store.read_frame(sa.select(c.cluster_id, c.centre).where(c.space == space).order_by(c.cluster_id))
     centres = np.frombuffer(b"".join(frame["centre"].tolist()), dtype="<f8").reshape(len(frame), dimensions)
     return StoredFit(
         cluster_ids=frame["cluster_id"].to_numpy(dtype=np.int64),
         centres=centres,
-        fitted_at=as_utc(frame["fitted_at"]).min(),
-        settings=str(frame["settings"].iloc[0]),
+        fitted_at=as_utc(fit["fitted_at"]).iloc[0],
+        settings=str(fit["settings"].iloc[0]),
     )
 
 
 def read_fitted_at(store: PersonaStore, space: str) -> pd.Timestamp | None:
     """When the segments of `space` were last fitted (None: never)."""
-    c = segment_centres.c
-    fitted_at = store.scalar(sa.select(sa.func.min(c.fitted_at)).where(c.space == space))
+    f = segment_fits.c
+    fitted_at = store.scalar(sa.select(f.fitted_at).where(f.space == space))
     return None if fitted_at is None else as_utc(pd.Series([fitted_at])).iloc[0]
 
 
 def read_last_fit_space(store: PersonaStore) -> str | None:
     """The feature space of the newest full fit, if any."""
-    c = segment_centres.c
-    frame = store.read_frame(sa.select(c.space).order_by(c.fitted_at.desc()).limit(1))
+    f = segment_fits.c
+    frame = store.read_frame(sa.select(f.space).order_by(f.fitted_at.desc()).limit(1))
     return None if frame.empty else str(frame["space"].iloc[0])
+
+
+def read_member_segments(store: PersonaStore, device_ids: list[str] | None = None) -> pd.Series:
+    """The segment the last fit gave each device it segmented (device_id index)."""
+    m = segment_members.c
+    query = sa.select(m.device_id, m.cluster_id)
+    frame = (
+        store.read_frame(query) if device_ids is None else store.read_frame_in(query, m.device_id, device_ids)
+    )
+    return frame.set_index("device_id")["cluster_id"].astype("int64")
+
+
+def count_vectors(store: PersonaStore) -> int:
+    return int(store.scalar(sa.select(sa.func.count()).select_from(persona_vectors)) or 0)
 
 
 def count_changed_since_fit(store: PersonaStore, fitted_at: pd.Timestamp) -> int:
@@ -202,10 +222,6 @@ def read_gone(store: PersonaStore, shard: DeviceShard | None) -> list[str]:
         return gone
     held = shard.holds(pd.Series(gone, dtype=object))
     return np.asarray(gone, dtype=object)[held].tolist()
-
-
-def count_devices(store: PersonaStore) -> int:
-    return int(store.scalar(sa.select(sa.func.count()).select_from(device_clusters)) or 0)
 
 
 def write_assigned(store: PersonaStore, assigned: pd.DataFrame, gone: list[str]) -> None:

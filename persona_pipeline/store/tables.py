@@ -155,6 +155,9 @@ device_clusters = sa.Table(
     sa.Column("distance", sa.Float, nullable=False),  # to the segment's centre (noise: the nearest)
     sa.Column("space", sa.String(64), nullable=False),
     sa.Column("clustered_at", UtcDateTime, nullable=False),
+    # The fit (segment_fits.fitted_at) whose segments the row holds (revision 0013): a row of
+    # another fit is assigned again, whenever it was written.
+    sa.Column("fitted_at", UtcDateTime),
     sa.Index("ix_device_clusters_cluster", "cluster_id"),
 )
 
@@ -184,6 +187,17 @@ segment_centres = sa.Table(
     sa.Column("centre", sa.LargeBinary, nullable=False),
     sa.Column("fitted_at", UtcDateTime, nullable=False),
     sa.Column("settings", sa.Text, nullable=False),  # the fit's clustering settings, as JSON
+)
+
+# The last full fit of each feature space (revision 0013; the segments asset writes it with its
+# centres and members): what device_clusters applies, also when it found no segment at all.
+segment_fits = sa.Table(
+    "segment_fits",
+    metadata,
+    sa.Column("space", sa.String(64), primary_key=True),
+    sa.Column("fitted_at", UtcDateTime, nullable=False),
+    sa.Column("settings", sa.Text, nullable=False),  # the fit's clustering settings, as JSON
+    sa.Column("devices", sa.Integer, nullable=False),  # segmented by the fit
 )
 
 # The devices the last full fit segmented, with the segment and distance it gave each (revision
