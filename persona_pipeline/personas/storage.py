@@ -312,14 +312,7 @@ def read_vector_blobs(store: PersonaStore, device_ids: list[str]) -> pd.Series:
 def read_vector_pages(store: PersonaStore, rows: int) -> Iterator[pd.DataFrame]:
     """Every device's vector (device_id, vector), `rows` at a time in device_id order."""
     v = persona_vectors.c
-    last = None
-    while True:
-        query = sa.select(v.device_id, v.vector).order_by(v.device_id).limit(rows)
-        page = store.read_frame(query if last is None else query.where(v.device_id > last))
-        if page.empty:
-            return
-        yield page
-        last = page["device_id"].iloc[-1]
+    yield from store.read_pages(sa.select(v.device_id, v.vector), v.device_id, rows)
 
 
 def devices_without_a_vector(store: PersonaStore, table: sa.Table) -> list[str]:
@@ -371,14 +364,7 @@ def read_unindexed_vectors(store: PersonaStore, collection: str | None, rows: in
         query = query.select_from(persona_vectors.outerjoin(vector_index_state, held)).where(
             sa.or_(s.device_id.is_(None), s.fingerprint != v.fingerprint)
         )
-    query = query.order_by(v.device_id).limit(rows)
-    last = None
-    while True:
-        page = store.read_frame(query if last is None else query.where(v.device_id > last))
-        if page.empty:
-            return
-        yield page
-        last = page["device_id"].iloc[-1]
+    yield from store.read_pages(query, v.device_id, rows)
 
 
 def read_indexed_without_vector(store: PersonaStore, collection: str) -> list[str]:

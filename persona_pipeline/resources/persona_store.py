@@ -373,6 +373,19 @@ class PersonaStore(dg.ConfigurableResource):
         ]
         return pd.concat(chunks, ignore_index=True) if chunks else self.read_frame(query.where(sa.false()))
 
+    def read_pages(self, query: sa.Select, key: sa.ColumnElement, rows: int) -> Iterator[pd.DataFrame]:
+        """`query`'s rows `rows` at a time in `key` order (a unique column the query selects),
+        each page read after the last key of the one before: no OFFSET, so every page costs the
+        same, and rows written between pages before the last key are not read again."""
+        ordered = query.order_by(key).limit(rows)
+        last = None
+        while True:
+            page = self.read_frame(ordered if last is None else ordered.where(key > last))
+            if page.empty:
+                return
+            yield page
+            last = page[key.name].iloc[-1]
+
     @staticmethod
     def delete_in(
         connection: sa.Connection,

@@ -112,15 +112,9 @@ def read_to_assign(
     days between the devices whose vector changed."""
     v = persona_vectors.c
     query = _not_current([v.device_id, v.vector, v.computed_at], shard, space, fitted_at)
-    query = query.order_by(v.device_id).limit(rows)
-    last = None
-    while True:
-        page = store.read_frame(query if last is None else query.where(v.device_id > last))
-        if page.empty:
-            return
+    for page in store.read_pages(query, v.device_id, rows):
         page["computed_at"] = as_utc(page["computed_at"])
         yield page
-        last = page["device_id"].iloc[-1]
 
 
 def count_not_current(
