@@ -96,12 +96,7 @@ def forget_segments(home: Path) -> None:
 
 def test_n_shards_assign_the_segments_of_a_sampled_fit_as_one_shard_does(persona_home):
     home = persona_home
-    write_landing(generate_fleet(DEVICES, 1, seed=3, start=START), home / "landing")
-    resources = resources_for(home)
-    with dg.instance_for_test() as instance:
-        ingest = [index_updates, device_profiles]
-        assert dg.materialize(ingest, resources=resources, instance=instance, partition_key=START).success
-        assert dg.materialize([key_weights, persona_vectors], resources=resources, instance=instance).success
+    resources = small_fleet_with_vectors(home, devices=DEVICES, seed=3)
     fit = {"fit_sample_size": SAMPLE}
 
     one = fit_and_apply(home, 1, fit)
@@ -146,14 +141,9 @@ def test_n_shards_assign_the_segments_of_a_sampled_fit_as_one_shard_does(persona
 def test_a_device_whose_vector_changed_after_the_fit_joins_the_nearest_centre_not_its_fitted_segment(
     persona_home,
 ):
-    home = persona_home
-    write_landing(generate_fleet(200, 1, seed=4, start=START), home / "landing")
-    resources = resources_for(home)
+    resources = small_fleet_with_vectors(persona_home)
     store = resources["persona_store"]
     with dg.instance_for_test() as instance:
-        ingest = [index_updates, device_profiles]
-        assert dg.materialize(ingest, resources=resources, instance=instance, partition_key=START).success
-        assert dg.materialize([key_weights, persona_vectors], resources=resources, instance=instance).success
         assert dg.materialize([segments], resources=resources, instance=instance).success
         vectors = persona_storage.read_stored_vectors(store)
         fit = segment_storage.read_fit(store, vectors.space, len(vectors.dimension_names))
@@ -180,8 +170,8 @@ def test_a_device_whose_vector_changed_after_the_fit_joins_the_nearest_centre_no
     assert count == len(vectors.device_ids)
 
 
-def small_fleet_with_vectors(home: Path, devices: int = 200) -> dict:
-    write_landing(generate_fleet(devices, 1, seed=4, start=START), home / "landing")
+def small_fleet_with_vectors(home: Path, devices: int = 200, seed: int = 4) -> dict:
+    write_landing(generate_fleet(devices, 1, seed=seed, start=START), home / "landing")
     resources = resources_for(home)
     with dg.instance_for_test() as instance:
         ingest = [index_updates, device_profiles]

@@ -479,7 +479,7 @@ def _refit_reason(
         fitted_at=None if stored is None else stored.fitted_at.to_datetime64(),
         now=now.to_datetime64(),
         changed=0 if stored is None else storage.count_changed_since_fit(store, stored.fitted_at),
-        devices=storage.count_vectors(store),
+        devices=persona_storage.count_vectors(store),
     )
     return reason, stored
 

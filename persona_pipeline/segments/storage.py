@@ -189,10 +189,6 @@ def read_member_segments(store: PersonaStore, device_ids: list[str] | None = Non
     return frame.set_index("device_id")["cluster_id"].astype("int64")
 
 
-def count_vectors(store: PersonaStore) -> int:
-    return int(store.scalar(sa.select(sa.func.count()).select_from(persona_vectors)) or 0)
-
-
 def count_changed_since_fit(store: PersonaStore, fitted_at: pd.Timestamp) -> int:
     """Devices whose vector changed after the fit of `fitted_at` and has no segment since: what a
     refit's `refit_changed_share` weighs. A vector the fit read is not counted, so a fit run again
