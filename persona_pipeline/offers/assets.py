@@ -14,7 +14,8 @@ from persona_pipeline.offers.recommend import (
     WEEK_DAYS,
     OfferInputs,
     app_usage,
-    recommend,
+    choose_offers,
+    offer_candidates,
 )
 from persona_pipeline.offers.reporting import LIMITS_CHECK
 from persona_pipeline.personas import storage as persona_storage
@@ -32,10 +33,17 @@ CITY_KEY = "device.location.city"
 def _history_start(day: str, catalog: ServiceCatalog) -> str:
     """The first day whose offers still matter: the longest cooldown back (at least the 6 days
     the weekly budget looks back). Older offers neither cool a service down nor keep a
-    lookalike from being offered it again, so the history read each day stays the size of that
-    window, not of every day since the start."""
+    lookalike from being offered it again."""
     longest = max([s.cooldown_days for s in catalog.spec.services] + [WEEK_DAYS - 1])
     return (pd.Timestamp(day) - pd.Timedelta(days=longest)).strftime("%Y-%m-%d")
+
+
+def _week_before(day: str) -> str:
+    """The first day the contact policy counts with `day`: the daily cap, the weekly budget
+    (any 7 days in a row that hold `day`), the capacities and the lookalikes' daily limit. The
+    longer cooldowns are read for the day's candidates alone (`storage.read_last_contacts`), so
+    what is read each day follows the fleet, not the days of offers kept."""
+    return (pd.Timestamp(day) - pd.Timedelta(days=WEEK_DAYS - 1)).strftime("%Y-%m-%d")
 
 
 @dg.asset(
@@ -97,11 +105,12 @@ def service_recommendations(
         segments=read_assignments(persona_store),
         anomalies=anomalies,
         acceptance=storage.read_acceptance(persona_store),
-        history=storage.read_offer_history(persona_store, since_day=since_day),
-        rejections=storage.read_rejections(persona_store, since_day),
+        history=storage.read_offer_history(persona_store, since_day=_week_before(day)),
     )
-    lookalikes = lookalike_hits(persona_store, vector_index, inputs.history, day, catalog)
-    offers = recommend(inputs, catalog, lookalikes)
+    lookalikes = lookalike_hits(persona_store, vector_index, day, since_day, catalog)
+    candidates = offer_candidates(inputs, catalog, lookalikes)
+    contacts = storage.read_last_contacts(persona_store, candidates, day, since_day)
+    offers = choose_offers(candidates, inputs, catalog, contacts)
     offered = offers["device_id"].unique().tolist()
     summaries = persona_storage.read_vector_summaries(persona_store, offered).set_index("device_id")
     blobs = persona_storage.read_vector_blobs(persona_store, offered)

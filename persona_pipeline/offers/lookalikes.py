@@ -13,17 +13,19 @@ MAX_EXAMPLES = 200  # positive and negative examples per recommendation query, e
 
 
 def lookalike_hits(
-    store: PersonaStore, vector_index: VectorIndex, history: pd.DataFrame, day: str, catalog: ServiceCatalog
+    store: PersonaStore, vector_index: VectorIndex, day: str, since_day: str, catalog: ServiceCatalog
 ) -> pd.DataFrame:
     """Per service with enough responses and an accepting device: the nearest devices not offered
-    it before `day`. The devices offered it on `day` itself stay in the query, so a re-run of the
-    day finds the same devices again (their offers exist, nothing is added) instead of the next
-    nearest ones; `recommend` adds new ones only within the day's lookalike limit."""
+    it from `since_day` to the day before `day`. The devices offered it on `day` itself stay in
+    the query, so a re-run of the day finds the same devices again (their offers exist, nothing
+    is added) instead of the next nearest ones; `recommend` adds new ones only within the day's
+    lookalike limit."""
     responses = storage.read_service_responses(store)
     counts = responses.groupby("service_id")["accepted"].agg(["size", "sum"])
     eligible = counts[(counts["size"] >= catalog.rules.lookalike_min_responses) & (counts["sum"] > 0)].index
     if eligible.empty:
         return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
+    offered_before = storage.read_offered_devices(store, eligible.tolist(), since_day, day)
     frames = []
     with vector_index.open() as index:
         collection = index.alias_target(vector_index.alias)
@@ -33,9 +35,7 @@ def lookalike_hits(
             answered = responses[responses["service_id"] == service_id]
             positive = answered.loc[answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
             negative = answered.loc[~answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
-            offered = history.loc[
-                (history["service_id"] == service_id) & (history["offer_day"] < day), "device_id"
-            ].unique()
+            offered = offered_before.loc[offered_before["service_id"] == service_id, "device_id"]
             found = index.recommend(
                 collection,
                 point_ids(positive),

@@ -53,7 +53,10 @@ class OfferInputs:
     segments: pd.Series  # device_id -> cluster_id
     anomalies: pd.DataFrame  # device_id, score, is_anomaly, reason, cause
     acceptance: pd.DataFrame  # cluster_id, service_id, accepted, responses
-    history: pd.DataFrame  # offers since the longest cooldown: offer_id, device_id, service_id, offer_day, …
+    # Offers from 6 days before `day` on (what the daily cap, the weekly budget, the capacities
+    # and the lookalikes' daily limit count): offer_id, device_id, service_id, offer_day, …
+    # `recommend` without `contacts` also counts the cooldowns from it and `rejections`.
+    history: pd.DataFrame
     # The latest answer was a rejection: device_id, service_id, rejected_day (YYYY-MM-DD).
     rejections: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=["device_id", "service_id", "rejected_day"])
@@ -461,13 +464,20 @@ def recommend(
     inputs: OfferInputs, catalog: ServiceCatalog, lookalikes: pd.DataFrame | None = None
 ) -> pd.DataFrame:
     """Today's new offers: offer_id, device_id, service_id, trigger, score, reason, cluster_id,
-    priority, offer_day (cooldowns and the daily cap applied). `lookalikes`: Qdrant's hits, see
+    priority, offer_day (cooldowns and the daily cap applied), counting the cooldowns from
+    `inputs.history` and `inputs.rejections`. `lookalikes`: Qdrant's hits, see
     `lookalike_candidates`."""
-    hits = lookalikes if lookalikes is not None else pd.DataFrame()
-    candidates = pd.concat(
-        [rule.candidates(inputs, catalog, hits) for rule in TRIGGER_RULES], ignore_index=True
-    )
-    offers = finalize(candidates, inputs, catalog)
+    candidates = offer_candidates(inputs, catalog, lookalikes)
+    contacts = last_contacts(inputs.history, inputs.rejections, inputs.day)
+    return choose_offers(candidates, inputs, catalog, contacts)
+
+
+def choose_offers(
+    candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCatalog, contacts: pd.DataFrame
+) -> pd.DataFrame:
+    """The offers `recommend` makes of `candidates` (see `offer_candidates`), the cooldowns
+    counted from `contacts` (see `last_contacts`), each with its reason."""
+    offers = finalize(candidates, inputs, catalog, contacts)
     if "usage_service" not in offers.columns:
         return offers
     usage = (offers["trigger"] == "usage").to_numpy()
@@ -476,6 +486,34 @@ def recommend(
     return offers.drop(columns=USAGE_EVIDENCE).assign(
         reason=pd.Series(reasons, index=offers.index, dtype=object)
     )
+
+
+def offer_candidates(
+    inputs: OfferInputs, catalog: ServiceCatalog, lookalikes: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Every trigger's candidates, one per (device, service): a service two triggers offer a
+    device goes out under the first in TRIGGER_RULES."""
+    hits = lookalikes if lookalikes is not None else pd.DataFrame()
+    candidates = pd.concat(
+        [rule.candidates(inputs, catalog, hits) for rule in TRIGGER_RULES], ignore_index=True
+    )
+    return candidates.drop_duplicates(["device_id", "service_id"]).reset_index(drop=True)
+
+
+CONTACT_COLUMNS = ["device_id", "service_id", "last_day"]
+
+
+def last_contacts(history: pd.DataFrame, rejections: pd.DataFrame, day: str) -> pd.DataFrame:
+    """Per (device, service): the last day before `day` it was offered (in `history`) or the
+    device's latest answer to it was a rejection (`rejections`), whichever is later. The
+    cooldowns count from it."""
+    columns = ["device_id", "service_id", "offer_day"]
+    earlier = history.loc[history["offer_day"] < day, columns]
+    rejected = rejections.rename(columns={"rejected_day": "offer_day"})[columns]
+    last = (
+        pd.concat([earlier, rejected]).groupby(["device_id", "service_id"], as_index=False)["offer_day"].max()
+    )
+    return last.rename(columns={"offer_day": "last_day"})[CONTACT_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -511,33 +549,34 @@ TRIGGER_RULES: tuple[TriggerRule, ...] = (
 )
 
 
-def finalize(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCatalog) -> pd.DataFrame:
-    """Score, drop what is cooling down, choose each device's offers within its limits."""
+def finalize(
+    candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCatalog, contacts: pd.DataFrame
+) -> pd.DataFrame:
+    """Score, drop what is cooling down (`contacts`: see `last_contacts`), choose each device's
+    offers within its limits."""
     if candidates.empty:
         return _empty().assign(
             offer_id=[], score=[], offer_day=[], expected_value=[], propensity=[], choice_rank=[], explored=[]
         )
-    candidates = candidates.drop_duplicates(["device_id", "service_id"]).reset_index(drop=True)
+    candidates = candidates.copy()
     candidates["score"] = candidates["strength"] * smoothed_acceptance(candidates, inputs.acceptance, catalog)
     value = catalog.per_service(candidates["service_id"], "value", 1.0).to_numpy(dtype=float)
     candidates["expected_value"] = candidates["score"].to_numpy() * value * candidates["priority"].to_numpy()
     candidates["offer_day"] = inputs.day
     candidates["offer_id"] = "offer-" + _hash_hex(candidates[["device_id", "service_id", "offer_day"]])
-    candidates = candidates[~_cooling(candidates, inputs, catalog)].reset_index(drop=True)
+    candidates = candidates[~_cooling(candidates, contacts, inputs.day, catalog)].reset_index(drop=True)
     stored = inputs.history[["offer_id", "device_id", "service_id", "offer_day"]]
     chosen = choose(candidates, stored, inputs.day, catalog, fleet_devices=len(inputs.segments))
     return chosen.drop(columns=["strength"]).reset_index(drop=True)
 
 
-def _cooling(candidates: pd.DataFrame, inputs: OfferInputs, catalog: ServiceCatalog) -> np.ndarray:
-    """A service is cooling down for a device within its cooldown of the last day it was
-    offered to the device (before today) or the device rejected it (its latest answer)."""
-    columns = ["device_id", "service_id", "offer_day"]
-    earlier = inputs.history.loc[inputs.history["offer_day"] < inputs.day, columns]
-    rejected = inputs.rejections.rename(columns={"rejected_day": "offer_day"})[columns]
-    last = pd.concat([earlier, rejected]).groupby(["device_id", "service_id"])["offer_day"].max()
+def _cooling(
+    candidates: pd.DataFrame, contacts: pd.DataFrame, day: str, catalog: ServiceCatalog
+) -> np.ndarray:
+    """A service is cooling down for a device within its cooldown of their last contact."""
+    last = contacts.set_index(["device_id", "service_id"])["last_day"]
     previous_day = last.reindex(pd.MultiIndex.from_frame(candidates[["device_id", "service_id"]])).to_numpy()
-    days_since = (pd.Timestamp(inputs.day) - pd.to_datetime(pd.Series(previous_day))).dt.days.to_numpy()
+    days_since = (pd.Timestamp(day) - pd.to_datetime(pd.Series(previous_day))).dt.days.to_numpy()
     cooldown = catalog.per_service(candidates["service_id"], "cooldown_days", 0).to_numpy()
     return pd.notna(previous_day) & (days_since < cooldown)
 

@@ -6,6 +6,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from persona_pipeline.offers.recommend import (
+    CONTACT_COLUMNS,
     POSITIVE_RESPONSES,
     WEEK_DAYS,
     TicketChanges,
@@ -24,27 +25,69 @@ def read_offer_history(store: PersonaStore, since_day: str | None = None) -> pd.
     return store.read_frame(query if since_day is None else query.where(r.offer_day >= since_day))
 
 
-def read_rejections(store: PersonaStore, since_day: str) -> pd.DataFrame:
-    """The offers made on `since_day` or later whose latest answer is a rejection: device_id,
-    service_id, rejected_day (the day of that answer, UTC)."""
+def read_last_contacts(store: PersonaStore, pairs: pd.DataFrame, day: str, since_day: str) -> pd.DataFrame:
+    """`last_contacts` of the (device_id, service_id) `pairs` from the store: per pair, the
+    last day from `since_day` to the day before `day` it was offered, or the day of a rejection
+    that was the latest answer to its offer made on `since_day` or later, whichever is later;
+    pairs with neither are left out. The pairs are joined in the database, so what is read
+    follows them, not the days of offers kept."""
+    if pairs.empty:
+        return pd.DataFrame(columns=CONTACT_COLUMNS)
     r, f = service_recommendations.c, offer_feedback.c
+    wanted = sa.Table(
+        "offer_pairs_wanted",
+        sa.MetaData(),
+        sa.Column("device_id", sa.Text, nullable=False),
+        sa.Column("service_id", sa.Text, nullable=False),
+        prefixes=["TEMPORARY"],
+    )
+    matches = (wanted.c.device_id == r.device_id) & (wanted.c.service_id == r.service_id)
+    offered = (
+        sa.select(r.device_id, r.service_id, sa.func.max(r.offer_day).label("last_day"))
+        .select_from(wanted)
+        .join(service_recommendations, matches)
+        .where(r.offer_day >= since_day, r.offer_day < day)
+        .group_by(r.device_id, r.service_id)
+    )
     newest_first = sa.func.row_number().over(
         partition_by=f.offer_id, order_by=(f.responded_at.desc(), f.batch_id.desc(), f.response.desc())
     )
-    ranked = sa.select(f.offer_id, f.response, f.responded_at, newest_first.label("rank")).subquery()
-    frame = store.read_frame(
-        sa.select(r.device_id, r.service_id, ranked.c.responded_at)
-        .join(ranked, ranked.c.offer_id == r.offer_id)
-        .where(r.offer_day >= since_day, ranked.c.rank == 1, ranked.c.response == "rejected")
+    answers = (
+        sa.select(r.device_id, r.service_id, f.response, f.responded_at, newest_first.label("rank"))
+        .select_from(wanted)
+        .join(service_recommendations, matches)
+        .join(offer_feedback, f.offer_id == r.offer_id)
+        .where(r.offer_day >= since_day)
+        .subquery()
     )
-    when = pd.to_datetime(frame["responded_at"], utc=True)
-    return pd.DataFrame(
+    rejected = sa.select(answers.c.device_id, answers.c.service_id, answers.c.responded_at).where(
+        answers.c.rank == 1, answers.c.response == "rejected"
+    )
+    with store.begin() as connection:
+        wanted.create(connection)
+        store.insert_frame(connection, wanted, pairs[["device_id", "service_id"]])
+        last_offered = store.read_frame(offered, connection)
+        rejections = store.read_frame(rejected, connection)
+        wanted.drop(connection)
+    rejections = pd.DataFrame(
         {
-            "device_id": frame["device_id"],
-            "service_id": frame["service_id"],
-            "rejected_day": when.dt.strftime("%Y-%m-%d"),
+            "device_id": rejections["device_id"],
+            "service_id": rejections["service_id"],
+            "last_day": pd.to_datetime(rejections["responded_at"], utc=True).dt.strftime("%Y-%m-%d"),
         }
     )
+    both = pd.concat([last_offered, rejections], ignore_index=True)
+    return both.groupby(["device_id", "service_id"], as_index=False)["last_day"].max()[CONTACT_COLUMNS]
+
+
+def read_offered_devices(
+    store: PersonaStore, service_ids: list[str], since_day: str, day: str
+) -> pd.DataFrame:
+    """The (service_id, device_id) pairs of `service_ids` offered from `since_day` to the day
+    before `day`, once each."""
+    r = service_recommendations.c
+    query = sa.select(r.service_id, r.device_id).where(r.offer_day >= since_day, r.offer_day < day).distinct()
+    return store.read_frame_in(query, r.service_id, service_ids)
 
 
 def answered_offers() -> sa.Subquery:
