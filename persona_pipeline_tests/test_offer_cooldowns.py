@@ -87,12 +87,13 @@ EXPECTED = {
 }
 
 
-def test_the_last_contacts_of_the_candidates_are_read_from_the_store(resources):
+@pytest.mark.parametrize("join_in_database", [True, False, None], ids=["joined", "matched", "chosen"])
+def test_the_last_contacts_of_the_candidates_are_read_from_the_store(resources, join_in_database):
     store = resources["persona_store"]
     with store.begin() as connection:
         store.insert_frame(connection, offers_table, OFFERS)
         store.insert_frame(connection, offer_feedback, ANSWERS)
-    found = offers_storage.read_last_contacts(store, CANDIDATES, DAY, SINCE)
+    found = offers_storage.read_last_contacts(store, CANDIDATES, DAY, SINCE, join_in_database)
     assert dict(
         zip(zip(found["device_id"], found["service_id"], strict=True), found["last_day"], strict=True)
     ) == (EXPECTED)
@@ -114,7 +115,7 @@ def test_the_last_contacts_of_the_candidates_are_read_from_the_store(resources):
         .equals(found.sort_values(["device_id", "service_id"]).reset_index(drop=True))
     )
     # Nothing is left behind in the store, and a second read finds the same.
-    again = offers_storage.read_last_contacts(store, CANDIDATES, DAY, SINCE)
+    again = offers_storage.read_last_contacts(store, CANDIDATES, DAY, SINCE, join_in_database)
     assert (
         again.sort_values(["device_id", "service_id"])
         .reset_index(drop=True)

@@ -25,15 +25,24 @@ def read_offer_history(store: PersonaStore, since_day: str | None = None) -> pd.
     return store.read_frame(query if since_day is None else query.where(r.offer_day >= since_day))
 
 
-def read_last_contacts(store: PersonaStore, pairs: pd.DataFrame, day: str, since_day: str) -> pd.DataFrame:
+def read_last_contacts(
+    store: PersonaStore, pairs: pd.DataFrame, day: str, since_day: str, join_in_database: bool | None = None
+) -> pd.DataFrame:
     """`last_contacts` of the (device_id, service_id) `pairs` from the store: per pair, the
     last day from `since_day` to the day before `day` it was offered, or the day of a rejection
     that was the latest answer to its offer made on `since_day` or later, whichever is later;
-    pairs with neither are left out. The pairs are joined in the database, so what is read
-    follows them, not the days of offers kept."""
+    pairs with neither are left out. What is read follows the smaller of the pairs and the
+    offers made since `since_day`: with more offers than pairs (a pipeline that has run for
+    weeks), the pairs go into a temporary table and the database joins them; otherwise the
+    offers' last days are read and matched here. `join_in_database` forces one way."""
     if pairs.empty:
         return pd.DataFrame(columns=CONTACT_COLUMNS)
-    r, f = service_recommendations.c, offer_feedback.c
+    r = service_recommendations.c
+    if join_in_database is None:
+        made = store.scalar(
+            sa.select(sa.func.count()).select_from(service_recommendations).where(r.offer_day >= since_day)
+        )
+        join_in_database = made > len(pairs)
     wanted = sa.Table(
         "offer_pairs_wanted",
         sa.MetaData(),
@@ -41,34 +50,15 @@ def read_last_contacts(store: PersonaStore, pairs: pd.DataFrame, day: str, since
         sa.Column("service_id", sa.Text, nullable=False),
         prefixes=["TEMPORARY"],
     )
-    matches = (wanted.c.device_id == r.device_id) & (wanted.c.service_id == r.service_id)
-    offered = (
-        sa.select(r.device_id, r.service_id, sa.func.max(r.offer_day).label("last_day"))
-        .select_from(wanted)
-        .join(service_recommendations, matches)
-        .where(r.offer_day >= since_day, r.offer_day < day)
-        .group_by(r.device_id, r.service_id)
-    )
-    newest_first = sa.func.row_number().over(
-        partition_by=f.offer_id, order_by=(f.responded_at.desc(), f.batch_id.desc(), f.response.desc())
-    )
-    answers = (
-        sa.select(r.device_id, r.service_id, f.response, f.responded_at, newest_first.label("rank"))
-        .select_from(wanted)
-        .join(service_recommendations, matches)
-        .join(offer_feedback, f.offer_id == r.offer_id)
-        .where(r.offer_day >= since_day)
-        .subquery()
-    )
-    rejected = sa.select(answers.c.device_id, answers.c.service_id, answers.c.responded_at).where(
-        answers.c.rank == 1, answers.c.response == "rejected"
-    )
+    offered, rejected = _contact_queries(wanted if join_in_database else None, day, since_day)
     with store.begin() as connection:
-        wanted.create(connection)
-        store.insert_frame(connection, wanted, pairs[["device_id", "service_id"]])
+        if join_in_database:
+            wanted.create(connection)
+            store.insert_frame(connection, wanted, pairs[["device_id", "service_id"]])
         last_offered = store.read_frame(offered, connection)
         rejections = store.read_frame(rejected, connection)
-        wanted.drop(connection)
+        if join_in_database:
+            wanted.drop(connection)
     rejections = pd.DataFrame(
         {
             "device_id": rejections["device_id"],
@@ -77,7 +67,42 @@ def read_last_contacts(store: PersonaStore, pairs: pd.DataFrame, day: str, since
         }
     )
     both = pd.concat([last_offered, rejections], ignore_index=True)
+    if not join_in_database:
+        both = both.merge(pairs[["device_id", "service_id"]], on=["device_id", "service_id"])
     return both.groupby(["device_id", "service_id"], as_index=False)["last_day"].max()[CONTACT_COLUMNS]
+
+
+def _contact_queries(wanted: sa.Table | None, day: str, since_day: str) -> tuple[sa.Select, sa.Select]:
+    """The last offer day before `day` per (device, service) offered since `since_day`, and the
+    offers since then whose latest answer is a rejection: of the pairs in `wanted` when given."""
+    r, f = service_recommendations.c, offer_feedback.c
+
+    def offers() -> sa.Select:
+        if wanted is None:
+            return sa.select().select_from(service_recommendations)
+        matches = (wanted.c.device_id == r.device_id) & (wanted.c.service_id == r.service_id)
+        return sa.select().select_from(wanted).join(service_recommendations, matches)
+
+    offered = (
+        offers()
+        .add_columns(r.device_id, r.service_id, sa.func.max(r.offer_day).label("last_day"))
+        .where(r.offer_day >= since_day, r.offer_day < day)
+        .group_by(r.device_id, r.service_id)
+    )
+    newest_first = sa.func.row_number().over(
+        partition_by=f.offer_id, order_by=(f.responded_at.desc(), f.batch_id.desc(), f.response.desc())
+    )
+    answers = (
+        offers()
+        .add_columns(r.device_id, r.service_id, f.response, f.responded_at, newest_first.label("rank"))
+        .join(offer_feedback, f.offer_id == r.offer_id)
+        .where(r.offer_day >= since_day)
+        .subquery()
+    )
+    rejected = sa.select(answers.c.device_id, answers.c.service_id, answers.c.responded_at).where(
+        answers.c.rank == 1, answers.c.response == "rejected"
+    )
+    return offered, rejected
 
 
 def read_offered_devices(
