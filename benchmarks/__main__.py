@@ -53,6 +53,13 @@ def main() -> None:
     parser.add_argument(
         "--upsert-sample", type=int, default=2_000, help="naive upserts timed, the rest extrapolated"
     )
+    parser.add_argument(
+        "--offer-history-days",
+        type=int,
+        default=0,
+        help="days of earlier offers (0.3 per device a day) stored before the chain's incremental day, "
+        "as a fleet that has run that long has them (default 0)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the homes (stores) after the run")
     args = parser.parse_args()
 
@@ -74,6 +81,7 @@ def main() -> None:
             baseline=not args.no_baseline,
             upsert_sample=args.upsert_sample,
             keep=args.keep,
+            offer_history_days=args.offer_history_days,
         )
         if args.day:
             options.day = args.day

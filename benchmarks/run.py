@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from benchmarks import fleet, naive, stages
 from benchmarks.measure import Measured, human_bytes, run_inline, run_measured
 from benchmarks.stages import DAY_STAGES, FEEDBACK_BATCH, LEARNING_STAGES, STAGES
+from persona_pipeline.resources import PersonaStore
 from persona_pipeline.store.tables import service_recommendations
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +51,9 @@ class Options:
     baseline: bool = True
     upsert_sample: int = 2_000
     response_share: float = 0.25  # of the offers made, answered in the feedback batch
+    # Days of earlier offers (the fleet's daily budget's worth each) stored before the chain's
+    # incremental day, as a fleet that has run that long has them.
+    offer_history_days: int = 0
     keep: bool = False
     isolate: bool = True  # each stage in a process of its own; False runs them here (tests)
 
@@ -86,8 +90,15 @@ def benchmark(options: Options, say=print) -> Results:
                 _record(results, "full", name, run_stage(options, home, name, options.next_day), say)
         if options.dagster:
             chain_home = fresh_home(options, f"chain-{repeat}")
-            for phase, day in (("full", options.day), ("incremental", options.next_day)):
-                _record(results, phase, CHAIN, run_chain(options, chain_home, day), say)
+            _record(results, "full", CHAIN, run_chain(options, chain_home, options.day), say)
+            if options.offer_history_days:
+                started = time.perf_counter()
+                seeded = store_earlier_offers(chain_home, options)
+                say(
+                    f"  earlier offers stored: {seeded:,} over {options.offer_history_days} days before "
+                    f"{options.day}, in {time.perf_counter() - started:.1f} s"
+                )
+            _record(results, "incremental", CHAIN, run_chain(options, chain_home, options.next_day), say)
             _cleanup(options, chain_home)
         if options.baseline:
             results.naive.append(run_naive(options, home))
@@ -202,6 +213,46 @@ def run_naive(options: Options, home: Path) -> Measured:
         str(options.upsert_sample),
     ]
     return run_measured(command, home / "bench.log", _child_env(home, options))
+
+
+def store_earlier_offers(home: Path, options: Options, per_device_day: float = 0.3) -> int:
+    """`offer_history_days` days of offers before the first day, each day `per_device_day` of
+    the fleet's devices drawn at random, each offered a service drawn from the first day's
+    offers (with its trigger and segment): what a pipeline that has run that long has stored.
+    They are not answered."""
+    engine = sa.create_engine(f"sqlite:///{home / 'persona.db'}")
+    r = service_recommendations.c
+    with engine.connect() as connection:
+        made = pd.DataFrame(
+            connection.execute(sa.select(r.service_id, r.trigger, r.cluster_id, r.created_at)).all(),
+            columns=["service_id", "trigger", "cluster_id", "created_at"],
+        )
+    devices = fleet.make_devices(options.devices, options.seed).ids.to_numpy(zero_copy_only=False)
+    rng = np.random.default_rng(options.seed + 1)
+    per_day = int(per_device_day * options.devices)
+    first = date.fromisoformat(options.day) - timedelta(days=options.offer_history_days)
+    stored = 0
+    for number in range(options.offer_history_days):
+        day = (first + timedelta(days=number)).isoformat()
+        offered = made.iloc[rng.integers(0, len(made), per_day)].reset_index(drop=True)
+        device_ids = devices[rng.choice(len(devices), size=per_day, replace=False)]
+        ids = pd.util.hash_pandas_object(
+            pd.DataFrame({"d": device_ids, "s": offered["service_id"], "o": day}), index=False
+        )
+        rows = offered.assign(
+            offer_id="offer-earlier-" + ids.map("{:016x}".format).to_numpy(),
+            device_id=device_ids,
+            score=0.1,
+            reason="an earlier offer stored by the benchmark",
+            offer_day=day,
+            priority=0.5,
+            propensity=1.0,
+        )
+        with engine.begin() as connection:
+            PersonaStore.insert_frame(connection, service_recommendations, rows)
+        stored += len(rows)
+    engine.dispose()
+    return stored
 
 
 def write_feedback_batch(home: Path, options: Options) -> int:

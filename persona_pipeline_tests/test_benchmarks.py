@@ -8,14 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from benchmarks import fleet
 from benchmarks.measure import human_bytes, run_measured
 from benchmarks.report import size_table
-from benchmarks.run import Options, benchmark, fresh_home, generate, run_stage
+from benchmarks.run import Options, benchmark, fresh_home, generate, run_stage, store_earlier_offers
 from persona_pipeline.feature_schema import load_feature_schema
 from persona_pipeline.ingest.validation import validate_updates
+from persona_pipeline.resources import PersonaStore
 from persona_pipeline.resources.landing_files import read_landing_file
+from persona_pipeline.store.tables import service_recommendations
 
 pytestmark = pytest.mark.store_agnostic
 DAY = "2026-03-02"
@@ -78,3 +81,37 @@ def test_a_child_is_measured_without_the_memory_of_the_process_that_started_it(t
         tmp_path / "child.log",
     )
     assert 300 * 2**20 < busy.peak_rss < 500 * 2**20, human_bytes(busy.peak_rss)
+
+
+def test_earlier_offers_are_stored_for_the_days_before_the_first(tmp_path: Path):
+    """`--offer-history-days`: the budget's worth of offers on each of the days before day 1."""
+    store = PersonaStore(url=f"sqlite:///{tmp_path / 'persona.db'}")
+    first_day = pd.DataFrame(
+        {
+            "offer_id": ["offer-1", "offer-2"],
+            "device_id": ["dev-0000001", "dev-0000002"],
+            "service_id": ["app_tutorial:maps", "regional_services"],
+            "trigger": ["usage", "location"],
+            "score": 0.4,
+            "reason": "made on day 1",
+            "created_at": pd.Timestamp(DAY, tz="UTC"),
+            "offer_day": DAY,
+            "priority": 0.5,
+            "cluster_id": [1, 2],
+        }
+    )
+    with store.begin() as connection:
+        store.insert_frame(connection, service_recommendations, first_day)
+
+    stored = store_earlier_offers(tmp_path, Options(devices=200, day=DAY, offer_history_days=3))
+
+    offers = store.read_frame(sa.select(service_recommendations))
+    earlier = offers[offers["offer_day"] < DAY]
+    assert stored == len(earlier) == 3 * 60
+    assert sorted(earlier["offer_day"].unique()) == ["2026-02-27", "2026-02-28", "2026-03-01"]
+    assert not offers["offer_id"].duplicated().any()
+    assert not earlier.duplicated(["device_id", "offer_day"]).any()
+    assert set(earlier["device_id"]) <= set(fleet.make_devices(200, 7).ids.to_pylist())
+    assert set(zip(earlier["service_id"], earlier["trigger"], strict=True)) <= set(
+        zip(first_day["service_id"], first_day["trigger"], strict=True)
+    )
