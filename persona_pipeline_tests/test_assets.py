@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from persona_pipeline.app.runner import RANGE_END_TAG, RANGE_START_TAG
 from persona_pipeline.feedback.assets import key_weights
 from persona_pipeline.ingest.assets import REJECT_SHARE_CHECK, index_updates
+from persona_pipeline.personas import assets as personas_assets
 from persona_pipeline.personas.assets import (
     ONE_POINT_CHECK,
     device_profiles,
@@ -15,6 +16,7 @@ from persona_pipeline.personas.assets import (
     persona_vectors,
 )
 from persona_pipeline.resources.vector_index import StoredPoint, point_id
+from persona_pipeline.store.tables import persona_vectors as persona_vectors_table
 from persona_pipeline_tests.conftest import (
     ENGINES,
     accepted_updates,
@@ -335,3 +337,53 @@ def test_the_merge_check_sees_values_that_did_not_land(landing, resources, insta
     lost = materialize(INGEST, resources, instance, partition_key=DAYS[1])
     check = check_named(lost, MERGED_CHECK)
     assert not check.passed and check.metadata["values_missing_or_older"].value > 0
+
+
+def test_vectors_computed_a_page_of_profiles_at_a_time_equal_one_page(
+    landing, resources, instance, monkeypatch
+):
+    """Pages of 4 profile rows cut inside devices (d0 alone has more rows than a page): the
+    vectors, the fingerprints and the metadata equal those of one page, and a device whose
+    profile is gone loses its vector."""
+    store = resources["persona_store"]
+    keys = [
+        ("device.location.city", lambda d: ["Berlin", "Paris", "Rome"][d % 3]),
+        ("device.battery.level", lambda d: 20 + 7 * d),
+        ("device.usage.app_maps_duration", lambda d: 600 * d),
+        ("device.health.crash_count", lambda d: d % 4),
+        ("device.connection.signal_strength", lambda d: -60 - d),
+        ("device.usage.app_podcast_duration", lambda d: 300 * d),
+    ]
+    rows = [
+        update(f"d{d}", key, value(d), "2026-03-08T10:00:00Z", customer=f"c{d % 5}")
+        for d in range(12)
+        for key, value in keys[: 6 if d == 0 else 1 + d % 4]
+    ]
+    write_jsonl(landing, "2026-03-08", rows)
+    assert materialize(INGEST, resources, instance, partition_key="2026-03-08").success
+
+    def vectors_and_metadata() -> tuple[pd.DataFrame, dict]:
+        result = materialize([key_weights, persona_vectors], resources, instance)
+        metadata = result.asset_materializations_for_node("persona_vectors")[0].metadata
+        vectors = table(store, "persona_vectors", ["device_id"]).drop(columns=["computed_at"])
+        return vectors, {name: value.value for name, value in metadata.items()}
+
+    one_page, one_page_metadata = vectors_and_metadata()
+    assert len(one_page) == 12 and one_page_metadata["computed"] == "every device"
+    with store.begin() as connection:
+        connection.execute(sa.text("delete from persona_vector_runs"))
+        connection.execute(sa.text("delete from persona_vectors"))
+    gone = one_page.iloc[[0]].assign(device_id="gone")
+    with store.begin() as connection:
+        store.insert_frame(
+            connection, persona_vectors_table, gone.assign(computed_at=pd.Timestamp.now(tz="UTC"))
+        )
+
+    monkeypatch.setattr(personas_assets, "PROFILE_PAGE_ROWS", 4)
+    paged, paged_metadata = vectors_and_metadata()
+
+    pd.testing.assert_frame_equal(paged, one_page)
+    assert paged_metadata["devices_removed"] == 1
+    assert paged_metadata["devices_rewritten"] == 12
+    for name in ("devices", "devices_computed", "dimension_weights", "moved_recently", "computed"):
+        assert paged_metadata[name] == one_page_metadata[name], name

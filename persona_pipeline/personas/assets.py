@@ -25,7 +25,7 @@ from persona_pipeline.personas.profiles import (
     values_not_merged,
 )
 from persona_pipeline.personas.reporting import ONE_POINT_CHECK, VECTOR_COUNT_CHECK
-from persona_pipeline.personas.vectors import build_persona_vectors
+from persona_pipeline.personas.vectors import ComputedVectors, build_persona_vectors
 from persona_pipeline.personas.weights import WeightsNotRecorded, configured_weights_recorded, current_weights
 from persona_pipeline.resources import PersonaConfig, PersonaStore, VectorIndex
 from persona_pipeline.resources.persona_store import int64_fingerprint
@@ -107,6 +107,8 @@ def _every_kth(device_ids: np.ndarray, size: int) -> list[str]:
 
 # Above this share of the fleet, reading every profile costs less than looking devices up.
 INCREMENTAL_MAX_SHARE = 0.25
+# Profile rows a run computing every device holds at a time (about 130,000 devices at 7.5 keys).
+PROFILE_PAGE_ROWS = 1_000_000
 
 
 @dg.asset(
@@ -145,8 +147,10 @@ def persona_vectors(
     the newest `key_weights` version. Only the devices whose vector may have changed are computed:
     those whose profile changed since the last run, and those a time-relative dimension (moved
     city within N days) may flip for; every device when the feature space changes. Only devices
-    whose vector did change are rewritten. With device shards, a run computes its shard's devices
-    at the fleet's newest event time, so N shards leave the vectors of one."""
+    whose vector did change are rewritten. A run that computes every device reads the profiles a
+    page of devices at a time (PROFILE_PAGE_ROWS rows), so its memory follows the page, not the
+    fleet. With device shards, a run computes its shard's devices at the fleet's newest event
+    time, so N shards leave the vectors of one."""
     shard = run_shard(context)
     erasures_at_start = storage.count_erasures(persona_store)
     schema = persona_config.feature_schema()
@@ -171,31 +175,38 @@ def persona_vectors(
     if selection is None:
         as_of = fleet_newest or storage.read_latest_observed_at(persona_store) or pd.Timestamp.now(tz="UTC")
         changed, _ = _changed_within_days(persona_store, schema, as_of, None, shard)
-        profiles = storage.read_profiles(persona_store, shard=shard)
         previous = storage.read_vector_fingerprints(persona_store, shard=shard)
+        pages = storage.read_profile_pages(persona_store, shard, PROFILE_PAGE_ROWS)
     else:
         as_of, changed, candidates, profiles = selection
         previous = storage.read_vector_fingerprints(persona_store, candidates)
+        pages = iter([profiles])
 
-    vectors = build_persona_vectors(profiles, device_customers(profiles), schema, weights.weights, changed)
-    fingerprints = int64_fingerprint(
-        pd.DataFrame(vectors.matrix).assign(customer_id=vectors.customer_ids, space=space)
-    )
-    stale = previous.reindex(vectors.device_ids).to_numpy() != fingerprints
-    removed = sorted(set(previous.index) - set(vectors.device_ids))
-    rows = pd.DataFrame(
-        {
-            "device_id": vectors.device_ids[stale],
-            "customer_id": vectors.customer_ids[stale],
-            "space": space,
-            "weights_version": weights.version,
-            "vector": storage.encode_vectors(vectors.matrix[stale]),
-            "fingerprint": fingerprints[stale],
-            "computed_at": pd.Timestamp.now(tz="UTC"),
-        }
-    )
-    rows["device_hash"] = device_hash(rows["device_id"])
-    storage.write_vectors(persona_store, rows, removed)
+    computed = ComputedVectors(len(schema.dimension_names))
+    for profiles in pages:
+        vectors = build_persona_vectors(
+            profiles, device_customers(profiles), schema, weights.weights, changed
+        )
+        fingerprints = int64_fingerprint(
+            pd.DataFrame(vectors.matrix).assign(customer_id=vectors.customer_ids, space=space)
+        )
+        stale = previous.reindex(vectors.device_ids).to_numpy() != fingerprints
+        rows = pd.DataFrame(
+            {
+                "device_id": vectors.device_ids[stale],
+                "customer_id": vectors.customer_ids[stale],
+                "space": space,
+                "weights_version": weights.version,
+                "vector": storage.encode_vectors(vectors.matrix[stale]),
+                "fingerprint": fingerprints[stale],
+                "computed_at": pd.Timestamp.now(tz="UTC"),
+            }
+        )
+        rows["device_hash"] = device_hash(rows["device_id"])
+        storage.write_vectors(persona_store, rows, [])
+        computed.add(vectors, int(stale.sum()))
+    removed = sorted(set(previous.index) - computed.device_ids)
+    storage.write_vectors(persona_store, pd.DataFrame(columns=["device_id"]), removed)
     dimension_weights = schema.dimension_weights(weights.weights)
     dimensions = pd.DataFrame(
         {
@@ -206,11 +217,9 @@ def persona_vectors(
         }
     )
     storage.write_dimensions(persona_store, space, dimensions)
-    counted = len(vectors.device_ids)
+    counted = len(computed.device_ids)
     if selection is not None:
-        counted = (
-            last.devices + int((~pd.Index(vectors.device_ids).isin(previous.index)).sum()) - len(removed)
-        )
+        counted = last.devices + len(computed.device_ids - set(previous.index)) - len(removed)
     # The run record keeps what the table holds, so a run stopped between the vectors and this
     # record is counted right by the next one (after one warning of the check below).
     devices = storage.count_vectors(persona_store, shard)
@@ -223,9 +232,10 @@ def persona_vectors(
         check_results=[reporting.vector_count_check(devices, counted)],
         metadata=reporting.vectors_metadata(
             devices=devices,
-            vectors=vectors,
+            computed=len(computed.device_ids),
+            nonzero_share=computed.nonzero_share(),
             every_device=selection is None,
-            rewritten=int(stale.sum()),
+            rewritten=computed.rewritten,
             removed=len(removed),
             schema=schema,
             space=space,

@@ -9,7 +9,6 @@ import pandas as pd
 from persona_pipeline.feature_schema import FeatureSchema
 from persona_pipeline.metadata import markdown_table
 from persona_pipeline.personas.index_verification import CollectionProblem
-from persona_pipeline.personas.vectors import PersonaVectors
 from persona_pipeline.personas.weights import WeightsVersion
 
 ONE_POINT_CHECK = "one_point_per_device"
@@ -29,7 +28,8 @@ def vector_count_check(stored: int, counted: int) -> dg.AssetCheckResult:
 def vectors_metadata(
     *,
     devices: int,
-    vectors: PersonaVectors,
+    computed: int,
+    nonzero_share: np.ndarray,
     every_device: bool,
     rewritten: int,
     removed: int,
@@ -41,14 +41,13 @@ def vectors_metadata(
     dimensions: pd.DataFrame,
     configured_recorded: bool,
 ) -> dict[str, dg.MetadataValue]:
-    """A vectors run: the devices stored, computed (`vectors`), rewritten and removed, the feature
-    space, and each dimension's weight with its share of non-zero values among the computed."""
-    computed = "every device" if every_device else "the devices whose vector may have changed"
-    active = (vectors.matrix != 0).mean(axis=0) if len(vectors.device_ids) else np.zeros(len(dimensions))
+    """A vectors run: the devices stored, computed, rewritten and removed, the feature space, and
+    each dimension's weight with its share of non-zero values among the computed devices."""
+    which = "every device" if every_device else "the devices whose vector may have changed"
     return {
         "devices": dg.MetadataValue.int(devices),
-        "devices_computed": dg.MetadataValue.int(len(vectors.device_ids)),
-        "computed": dg.MetadataValue.text(computed),
+        "devices_computed": dg.MetadataValue.int(computed),
+        "computed": dg.MetadataValue.text(which),
         "devices_rewritten": dg.MetadataValue.int(rewritten),
         "devices_removed": dg.MetadataValue.int(removed),
         "dimensions": dg.MetadataValue.int(len(schema.dimensions)),
@@ -65,7 +64,7 @@ def vectors_metadata(
         "moved_recently": dg.MetadataValue.int(sum(len(v) for v in changed.values())),
         # Over the devices computed in this run.
         "dimension_weights": markdown_table(
-            dimensions.assign(share_nonzero=np.round(active, 3))[["name", "weight", "share_nonzero"]],
+            dimensions.assign(share_nonzero=np.round(nonzero_share, 3))[["name", "weight", "share_nonzero"]],
             max_rows=len(dimensions),
         ),
     }

@@ -124,6 +124,28 @@ def read_profiles(
     return frame
 
 
+def read_profile_pages(store: PersonaStore, shard: DeviceShard | None, rows: int) -> Iterator[pd.DataFrame]:
+    """Every profile row of `shard`'s devices (every device's when None), in device order, about
+    `rows` rows at a time: a page ends where a device ends, so each device's rows are in one
+    page (a device with `rows` rows or more is a page of its own)."""
+    p = device_profiles.c
+    query = _of_shard(sa.select(device_profiles), device_profiles, shard).order_by(p.device_id, p.key)
+    after = None
+    while True:
+        page = store.read_frame((query if after is None else query.where(p.device_id > after)).limit(rows))
+        if len(page) == rows:
+            last = page["device_id"].iloc[-1]
+            page = page[page["device_id"] != last]
+            if page.empty:
+                page = store.read_frame(query.where(p.device_id == last))
+        if page.empty:
+            return
+        page = page.reset_index(drop=True)
+        page["observed_at"] = as_utc(page["observed_at"])
+        yield page
+        after = page["device_id"].iloc[-1]
+
+
 def read_latest_observed_at(store: PersonaStore) -> pd.Timestamp | None:
     """The event time of the newest profile value (None when there are no profiles)."""
     latest = store.scalar(sa.select(sa.func.max(device_profiles.c.observed_at)))

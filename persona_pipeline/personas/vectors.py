@@ -125,3 +125,21 @@ def _add_derived(
         else:
             moved = rows.isin(list(changed_devices.get(derived.name, ())))
             out[:, column] = moved.astype(np.float64)
+
+
+class ComputedVectors:
+    """What a vectors run computed, over its pages: the devices, those rewritten, and per dimension
+    the devices with a value other than 0."""
+
+    def __init__(self, dimensions: int) -> None:
+        self.device_ids: set[str] = set()
+        self.rewritten = 0
+        self.nonzero = np.zeros(dimensions)
+
+    def add(self, vectors: PersonaVectors, rewritten: int) -> None:
+        self.device_ids.update(vectors.device_ids.tolist())
+        self.rewritten += rewritten
+        self.nonzero += (vectors.matrix != 0).sum(axis=0)
+
+    def nonzero_share(self) -> np.ndarray:
+        return self.nonzero / max(len(self.device_ids), 1)
