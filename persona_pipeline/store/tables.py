@@ -265,7 +265,8 @@ service_recommendations = sa.Table(
     sa.Column("space", sa.String(64)),  # the feature space of `persona_vector`
     sa.Column("persona_vector", sa.LargeBinary),  # the device's vector when offered (for learning)
     sa.Column("propensity", sa.Float),  # the probability with which the offer was chosen
-    sa.Index("ix_service_recommendations_device", "device_id", "service_id"),
+    # A candidate's last offer day is read from the index alone (revision 0014).
+    sa.Index("ix_service_recommendations_contact", "device_id", "service_id", "offer_day"),
     sa.Index("ix_service_recommendations_day", "offer_day"),
 )
 
