@@ -243,19 +243,22 @@ def test_re_running_the_offers_of_a_day_after_feedback_and_re_clustering_keeps_e
     )
 
 
-def test_the_responses_behind_lookalike_examples_come_in_the_order_the_offers_were_made(resources):
-    """The query takes each service's first accepting devices as examples, so the order is
-    the offers' (run, then device), not whatever order the database returns a join in."""
+def test_the_lookalike_examples_are_the_first_devices_in_the_order_the_offers_were_made(resources):
+    """The query takes each service's first accepting (and other) devices as examples, so the
+    order is the offers' (run, then device), not whatever order the database returns a join in;
+    a device offered the service again keeps the place of its first answered offer. The counts
+    are of every answered offer."""
     store = resources["persona_store"]
+    devices = [f"dev-{(7 * i) % 12:02d}" for i in range(12)] + ["dev-11", "dev-05", "dev-00", "dev-03"]
     made = pd.DataFrame(
         {
-            "offer_id": [f"offer-{i:02d}" for i in range(12)],
-            "device_id": [f"dev-{(7 * i) % 12:02d}" for i in range(12)],
-            "service_id": "car_mount",
+            "offer_id": [f"offer-{i:02d}" for i in range(16)],
+            "device_id": devices,
+            "service_id": ["car_mount"] * 12 + ["car_mount", "car_mount", "headphones", "headphones"],
             "trigger": "usage",
             "score": 0.5,
             "reason": "test",
-            "created_at": pd.Timestamp("2026-03-07T10:00Z") + pd.to_timedelta(np.arange(12) // 4, unit="h"),
+            "created_at": pd.Timestamp("2026-03-07T10:00Z") + pd.to_timedelta(np.arange(16) // 4, unit="h"),
             "offer_day": DAY,
             "priority": 0.4,
         }
@@ -264,18 +267,36 @@ def test_the_responses_behind_lookalike_examples_come_in_the_order_the_offers_we
         {
             "batch_id": "a",
             "offer_id": made["offer_id"],
-            "response": np.where(np.arange(12) % 3 == 0, "rejected", "accepted"),
+            "response": np.where(np.arange(16) % 3 == 0, "rejected", "accepted"),
             "responded_at": pd.Timestamp("2026-03-08T10:00Z"),
             "source_file": "a/part-0.jsonl",
-            "source_row": np.arange(1, 13),
+            "source_row": np.arange(1, 17),
         }
     )
     with store.begin() as connection:  # stored in neither order
         store.insert_frame(connection, service_recommendations_table, made.iloc[::-1])
         store.insert_frame(connection, offer_feedback, answers.sample(frac=1.0, random_state=3))
-    responses = offers_storage.read_service_responses(store)
-    expected = made.sort_values(["created_at", "device_id"])["device_id"].tolist()
-    assert responses["device_id"].tolist() == expected
+
+    answered = made.assign(accepted=answers["response"].to_numpy() == "accepted")
+    in_order = answered.sort_values(["created_at", "device_id", "offer_id"])
+    for per_service in (3, 20):
+        known = offers_storage.read_lookalike_examples(store, per_service)
+        for service in ("car_mount", "headphones"):
+            for accepted in (True, False):
+                rows = in_order[(in_order["service_id"] == service) & (in_order["accepted"] == accepted)]
+                expected = rows["device_id"].unique()[:per_service].tolist()
+                found = known.examples.query("service_id == @service and accepted == @accepted")
+                assert found["device_id"].tolist() == expected, (per_service, service, accepted)
+                assert found["rank"].tolist() == list(range(len(expected)))
+    counts = known.responses.set_index("service_id")
+    assert counts.loc["car_mount"].tolist() == [
+        14,
+        int(answered.query("service_id == 'car_mount'")["accepted"].sum()),
+    ]
+    assert counts.loc["headphones"].tolist() == [
+        2,
+        int(answered.query("service_id == 'headphones'")["accepted"].sum()),
+    ]
 
 
 def made_offers(history: pd.DataFrame | None = None) -> pd.DataFrame:

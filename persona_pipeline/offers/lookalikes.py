@@ -20,9 +20,11 @@ def lookalike_hits(
     the query, so a re-run of the day finds the same devices again (their offers exist, nothing
     is added) instead of the next nearest ones; `recommend` adds new ones only within the day's
     lookalike limit."""
-    responses = storage.read_service_responses(store)
-    counts = responses.groupby("service_id")["accepted"].agg(["size", "sum"])
-    eligible = counts[(counts["size"] >= catalog.rules.lookalike_min_responses) & (counts["sum"] > 0)].index
+    known = storage.read_lookalike_examples(store, MAX_EXAMPLES)
+    counts = known.responses.set_index("service_id").sort_index()
+    eligible = counts[
+        (counts["responses"] >= catalog.rules.lookalike_min_responses) & (counts["accepted"] > 0)
+    ].index
     if eligible.empty:
         return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
     offered_before = storage.read_offered_devices(store, eligible.tolist(), since_day, day)
@@ -32,9 +34,9 @@ def lookalike_hits(
         if collection is None:
             return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
         for service_id in eligible:
-            answered = responses[responses["service_id"] == service_id]
-            positive = answered.loc[answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
-            negative = answered.loc[~answered["accepted"], "device_id"].unique()[:MAX_EXAMPLES]
+            examples = known.examples[known.examples["service_id"] == service_id]
+            positive = examples.loc[examples["accepted"], "device_id"].to_numpy()
+            negative = examples.loc[~examples["accepted"], "device_id"].to_numpy()
             offered = offered_before.loc[offered_before["service_id"] == service_id, "device_id"]
             found = index.recommend(
                 collection,

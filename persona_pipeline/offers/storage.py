@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 import sqlalchemy as sa
 
@@ -258,19 +260,56 @@ def read_open_tickets(store: PersonaStore) -> pd.DataFrame:
     )
 
 
-def read_service_responses(store: PersonaStore) -> pd.DataFrame:
-    """Per responded offer: service_id, device_id, accepted (accepted or used), in the order the
-    offers were made (run, then device, as each run inserts them), whatever order the database
-    would return the join in: the lookalike query takes each service's first examples, and a
-    re-run must take the same ones."""
+@dataclass(frozen=True)
+class LookalikeExamples:
+    """What the lookalike query starts from: per service, `responses` and `accepted` (answered
+    offers, those whose latest answer was accepted or used); and the `examples`: service_id,
+    accepted, device_id, rank (0 first), the first `per_service` devices of each service and
+    answer in the order the offers were made."""
+
+    responses: pd.DataFrame
+    examples: pd.DataFrame
+
+
+def read_lookalike_examples(store: PersonaStore, per_service: int) -> LookalikeExamples:
+    """The answered offers' counts per service and each service's first `per_service`
+    accepting and other devices, in the order the offers were made (run, then device): a
+    device's place is that of its first answered offer of the service, whatever order the
+    database would return the join in, so a re-run takes the same ones. Counted and ranked in
+    the database: what is read follows the services, not the answers kept."""
     r = service_recommendations.c
     answered = answered_offers()
-    frame = store.read_frame(
-        sa.select(r.service_id, r.device_id, answered.c.accepted)
+    counts = store.read_frame(
+        sa.select(
+            r.service_id,
+            sa.func.count().label("responses"),
+            sa.func.sum(answered.c.accepted).label("accepted"),
+        )
         .join(answered, answered.c.offer_id == r.offer_id)
-        .order_by(r.created_at, r.device_id, r.offer_id)
+        .group_by(r.service_id)
+        .order_by(r.service_id)
     )
-    return frame.assign(accepted=frame["accepted"].astype(bool))
+    first = (
+        sa.select(r.service_id, answered.c.accepted, r.device_id, sa.func.min(r.created_at).label("first_at"))
+        .join(answered, answered.c.offer_id == r.offer_id)
+        .group_by(r.service_id, answered.c.accepted, r.device_id)
+        .subquery()
+    )
+    in_order = sa.func.row_number().over(
+        partition_by=(first.c.service_id, first.c.accepted), order_by=(first.c.first_at, first.c.device_id)
+    )
+    ranked = sa.select(
+        first.c.service_id, first.c.accepted, first.c.device_id, (in_order - 1).label("rank")
+    ).subquery()
+    examples = store.read_frame(
+        sa.select(ranked)
+        .where(ranked.c.rank < per_service)
+        .order_by(ranked.c.service_id, ranked.c.accepted, ranked.c.rank)
+    )
+    return LookalikeExamples(
+        responses=counts.astype({"responses": "int64", "accepted": "int64"}),
+        examples=examples.assign(accepted=examples["accepted"].astype(bool)),
+    )
 
 
 def tickets_by_status(store: PersonaStore) -> dict[str, int]:
