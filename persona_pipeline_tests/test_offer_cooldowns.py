@@ -163,3 +163,25 @@ def test_an_offer_older_than_the_week_still_cools_its_service_down(fleet):
     assert len(longer) > 0 and len(again) > 0
     repeated = again.merge(longer[["device_id", "service_id"]])
     assert repeated.empty, repeated.head()
+
+
+def test_a_read_that_failed_midway_leaves_the_next_one_working(resources, monkeypatch):
+    """SQLite creates the temporary table outside the transaction: a read that fails after it
+    must not leave it behind for the next read on the pooled connection."""
+    store = resources["persona_store"]
+    with store.begin() as connection:
+        store.insert_frame(connection, offers_table, OFFERS)
+    real_read = type(store).read_frame
+    failed = []
+
+    def fail_once(self, query, connection=None):
+        if not failed:
+            failed.append(query)
+            raise RuntimeError("the store went away")
+        return real_read(self, query, connection)
+
+    monkeypatch.setattr(type(store), "read_frame", fail_once)
+    with pytest.raises(RuntimeError, match="went away"):
+        offers_storage.read_last_contacts(store, CANDIDATES, DAY, SINCE, join_in_database=True)
+    found = offers_storage.read_last_contacts(store, CANDIDATES, DAY, SINCE, join_in_database=True)
+    assert ("a", "maps", "2026-03-09") in set(found.itertuples(index=False, name=None))

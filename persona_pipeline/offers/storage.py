@@ -55,6 +55,8 @@ def read_last_contacts(
     offered, rejected = _contact_queries(wanted if join_in_database else None, day, since_day)
     with store.begin() as connection:
         if join_in_database:
+            # SQLite creates it outside the transaction: a read that failed midway left it.
+            wanted.drop(connection, checkfirst=True)
             wanted.create(connection)
             store.insert_frame(connection, wanted, pairs[["device_id", "service_id"]])
         last_offered = store.read_frame(offered, connection)
