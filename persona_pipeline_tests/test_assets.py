@@ -6,9 +6,11 @@ import pytest
 import sqlalchemy as sa
 
 from persona_pipeline.app.runner import RANGE_END_TAG, RANGE_START_TAG
+from persona_pipeline.device_shards import DeviceShard
 from persona_pipeline.feedback.assets import key_weights
 from persona_pipeline.ingest.assets import REJECT_SHARE_CHECK, index_updates
 from persona_pipeline.personas import assets as personas_assets
+from persona_pipeline.personas import storage as persona_storage
 from persona_pipeline.personas.assets import (
     ONE_POINT_CHECK,
     device_profiles,
@@ -370,6 +372,14 @@ def test_vectors_computed_a_page_of_profiles_at_a_time_equal_one_page(
 
     one_page, one_page_metadata = vectors_and_metadata()
     assert len(one_page) == 12 and one_page_metadata["computed"] == "every device"
+    for shard in (None, DeviceShard(0, 3), DeviceShard(2, 3)):
+        whole = persona_storage.read_profiles(store, shard=shard).sort_values(["device_id", "key"])
+        for rows_per_page in (1, 4, 6, 7, 50):
+            pages = list(persona_storage.read_profile_pages(store, shard, rows_per_page))
+            devices = [set(page["device_id"]) for page in pages]
+            assert sum(len(d) for d in devices) == len(set().union(*devices)), (shard, rows_per_page)
+            joined = pd.concat(pages, ignore_index=True) if pages else whole.iloc[0:0]
+            pd.testing.assert_frame_equal(joined.reset_index(drop=True), whole.reset_index(drop=True))
     with store.begin() as connection:
         connection.execute(sa.text("delete from persona_vector_runs"))
         connection.execute(sa.text("delete from persona_vectors"))
@@ -387,3 +397,35 @@ def test_vectors_computed_a_page_of_profiles_at_a_time_equal_one_page(
     assert paged_metadata["devices_rewritten"] == 12
     for name in ("devices", "devices_computed", "dimension_weights", "moved_recently", "computed"):
         assert paged_metadata[name] == one_page_metadata[name], name
+
+
+def test_a_rebuild_in_pages_shows_other_readers_one_feature_space_until_it_ends(
+    landing, resources, instance, monkeypatch
+):
+    """New weights rebuild every vector, a page at a time: until the run ends, a reader (the
+    segments, the scores, the index, which refuse a table of two spaces) sees the old space."""
+    store = resources["persona_store"]
+    rows = [update(f"d{d}", "device.battery.level", 20 + d, "2026-03-08T10:00:00Z") for d in range(9)]
+    write_jsonl(landing, "2026-03-08", rows)
+    assert materialize(INGEST, resources, instance, partition_key="2026-03-08").success
+    assert materialize([key_weights, persona_vectors], resources, instance).success
+    with store.begin() as connection:
+        connection.execute(
+            sa.text("update persona_vectors set space = 'old-space', fingerprint = fingerprint + 1")
+        )
+        connection.execute(sa.text("delete from persona_vector_runs"))
+
+    seen = []
+    real_build = personas_assets.build_persona_vectors
+
+    def build_and_look(*args, **kwargs):
+        seen.append(persona_storage.read_vector_spaces(store))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(personas_assets, "PROFILE_PAGE_ROWS", 2)
+    monkeypatch.setattr(personas_assets, "build_persona_vectors", build_and_look)
+    assert materialize([persona_vectors], resources, instance).success
+
+    assert len(seen) > 2 and all(spaces == ["old-space"] for spaces in seen), seen
+    assert persona_storage.read_vector_spaces(store) != ["old-space"]
+    assert len(persona_storage.read_vector_spaces(store)) == 1

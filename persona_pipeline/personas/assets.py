@@ -182,31 +182,34 @@ def persona_vectors(
         previous = storage.read_vector_fingerprints(persona_store, candidates)
         pages = iter([profiles])
 
-    computed = ComputedVectors(len(schema.dimension_names))
-    for profiles in pages:
-        vectors = build_persona_vectors(
-            profiles, device_customers(profiles), schema, weights.weights, changed
-        )
-        fingerprints = int64_fingerprint(
-            pd.DataFrame(vectors.matrix).assign(customer_id=vectors.customer_ids, space=space)
-        )
-        stale = previous.reindex(vectors.device_ids).to_numpy() != fingerprints
-        rows = pd.DataFrame(
-            {
-                "device_id": vectors.device_ids[stale],
-                "customer_id": vectors.customer_ids[stale],
-                "space": space,
-                "weights_version": weights.version,
-                "vector": storage.encode_vectors(vectors.matrix[stale]),
-                "fingerprint": fingerprints[stale],
-                "computed_at": pd.Timestamp.now(tz="UTC"),
-            }
-        )
-        rows["device_hash"] = device_hash(rows["device_id"])
-        storage.write_vectors(persona_store, rows, [])
-        computed.add(vectors, int(stale.sum()))
-    removed = sorted(set(previous.index) - computed.device_ids)
-    storage.write_vectors(persona_store, pd.DataFrame(columns=["device_id"]), removed)
+    computed = ComputedVectors(previous.index, len(schema.dimension_names))
+    # One transaction: until the last page is in, readers see the vectors of before, never two
+    # feature spaces at once, and a run stopped midway leaves them as they were.
+    with persona_store.begin() as connection:
+        for profiles in pages:
+            vectors = build_persona_vectors(
+                profiles, device_customers(profiles), schema, weights.weights, changed
+            )
+            fingerprints = int64_fingerprint(
+                pd.DataFrame(vectors.matrix).assign(customer_id=vectors.customer_ids, space=space)
+            )
+            stale = previous.reindex(vectors.device_ids).to_numpy() != fingerprints
+            rows = pd.DataFrame(
+                {
+                    "device_id": vectors.device_ids[stale],
+                    "customer_id": vectors.customer_ids[stale],
+                    "space": space,
+                    "weights_version": weights.version,
+                    "vector": storage.encode_vectors(vectors.matrix[stale]),
+                    "fingerprint": fingerprints[stale],
+                    "computed_at": pd.Timestamp.now(tz="UTC"),
+                }
+            )
+            rows["device_hash"] = device_hash(rows["device_id"])
+            storage.write_vectors(persona_store, rows, [], connection)
+            computed.add(vectors, int(stale.sum()))
+        removed = computed.not_computed()
+        storage.write_vectors(persona_store, pd.DataFrame(columns=["device_id"]), removed, connection)
     dimension_weights = schema.dimension_weights(weights.weights)
     dimensions = pd.DataFrame(
         {
@@ -217,9 +220,9 @@ def persona_vectors(
         }
     )
     storage.write_dimensions(persona_store, space, dimensions)
-    counted = len(computed.device_ids)
+    counted = computed.devices
     if selection is not None:
-        counted = last.devices + len(computed.device_ids - set(previous.index)) - len(removed)
+        counted = last.devices + computed.new_devices - len(removed)
     # The run record keeps what the table holds, so a run stopped between the vectors and this
     # record is counted right by the next one (after one warning of the check below).
     devices = storage.count_vectors(persona_store, shard)
@@ -232,7 +235,7 @@ def persona_vectors(
         check_results=[reporting.vector_count_check(devices, counted)],
         metadata=reporting.vectors_metadata(
             devices=devices,
-            computed=len(computed.device_ids),
+            computed=computed.devices,
             nonzero_share=computed.nonzero_share(),
             every_device=selection is None,
             rewritten=computed.rewritten,

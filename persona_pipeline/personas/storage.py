@@ -142,6 +142,8 @@ def read_profile_pages(store: PersonaStore, shard: DeviceShard | None, rows: int
             return
         page = page.reset_index(drop=True)
         page["observed_at"] = as_utc(page["observed_at"])
+        # A page of text values alone would read its NULL numbers as objects.
+        page["value_number"] = page["value_number"].astype("float64")
         yield page
         after = page["device_id"].iloc[-1]
 
@@ -295,11 +297,16 @@ def _delete_devices(
     PersonaStore.delete_in(connection, table, table.c.device_id, device_ids, where)
 
 
-def write_vectors(store: PersonaStore, rows: pd.DataFrame, removed: list[str]) -> None:
-    """Replace the rows of changed devices and delete the rows of devices that are gone."""
-    with store.begin() as connection:
-        _delete_devices(connection, persona_vectors, [*rows["device_id"].tolist(), *removed])
-        store.insert_frame(connection, persona_vectors, rows)
+def write_vectors(
+    store: PersonaStore, rows: pd.DataFrame, removed: list[str], connection: sa.Connection | None = None
+) -> None:
+    """Replace the rows of changed devices and delete the rows of devices that are gone (in
+    `connection`'s transaction when given)."""
+    if connection is None:
+        with store.begin() as own:
+            return write_vectors(store, rows, removed, own)
+    _delete_devices(connection, persona_vectors, [*rows["device_id"].tolist(), *removed])
+    store.insert_frame(connection, persona_vectors, rows)
 
 
 def write_dimensions(store: PersonaStore, space: str, frame: pd.DataFrame) -> None:

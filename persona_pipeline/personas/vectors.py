@@ -128,18 +128,29 @@ def _add_derived(
 
 
 class ComputedVectors:
-    """What a vectors run computed, over its pages: the devices, those rewritten, and per dimension
-    the devices with a value other than 0."""
+    """What a vectors run computed, over its pages: the devices (those with a vector before it,
+    `previous`, seen or not; the others counted), those rewritten, and per dimension the devices
+    with a value other than 0."""
 
-    def __init__(self, dimensions: int) -> None:
-        self.device_ids: set[str] = set()
+    def __init__(self, previous: pd.Index, dimensions: int) -> None:
+        self.previous = previous
+        self.seen = np.zeros(len(previous), dtype=bool)
+        self.devices = 0
+        self.new_devices = 0
         self.rewritten = 0
         self.nonzero = np.zeros(dimensions)
 
     def add(self, vectors: PersonaVectors, rewritten: int) -> None:
-        self.device_ids.update(vectors.device_ids.tolist())
+        known = self.previous.get_indexer(vectors.device_ids)
+        self.seen[known[known >= 0]] = True
+        self.devices += len(vectors.device_ids)
+        self.new_devices += int((known < 0).sum())
         self.rewritten += rewritten
         self.nonzero += (vectors.matrix != 0).sum(axis=0)
 
+    def not_computed(self) -> list[str]:
+        """The devices with a vector before the run that it did not compute, in id order."""
+        return sorted(self.previous[~self.seen].tolist())
+
     def nonzero_share(self) -> np.ndarray:
-        return self.nonzero / max(len(self.device_ids), 1)
+        return self.nonzero / max(self.devices, 1)
