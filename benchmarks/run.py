@@ -224,9 +224,12 @@ def store_earlier_offers(home: Path, options: Options, per_device_day: float = 0
     r = service_recommendations.c
     with engine.connect() as connection:
         made = pd.DataFrame(
-            connection.execute(sa.select(r.service_id, r.trigger, r.cluster_id, r.created_at)).all(),
-            columns=["service_id", "trigger", "cluster_id", "created_at"],
+            connection.execute(sa.select(r.service_id, r.trigger, r.cluster_id)).all(),
+            columns=["service_id", "trigger", "cluster_id"],
         )
+    if made.empty:
+        engine.dispose()
+        return 0
     devices = fleet.make_devices(options.devices, options.seed).ids.to_numpy(zero_copy_only=False)
     rng = np.random.default_rng(options.seed + 1)
     per_day = int(per_device_day * options.devices)
@@ -236,14 +239,16 @@ def store_earlier_offers(home: Path, options: Options, per_device_day: float = 0
         day = (first + timedelta(days=number)).isoformat()
         offered = made.iloc[rng.integers(0, len(made), per_day)].reset_index(drop=True)
         device_ids = devices[rng.choice(len(devices), size=per_day, replace=False)]
-        ids = pd.util.hash_pandas_object(
+        hashes = pd.util.hash_pandas_object(
             pd.DataFrame({"d": device_ids, "s": offered["service_id"], "o": day}), index=False
-        )
+        ).to_numpy()
+        digits = np.frombuffer(hashes.astype(">u8").tobytes().hex().encode(), dtype="S16").astype(str)
         rows = offered.assign(
-            offer_id="offer-earlier-" + ids.map("{:016x}".format).to_numpy(),
+            offer_id=np.char.add("offer-earlier-", digits),
             device_id=device_ids,
             score=0.1,
             reason="an earlier offer stored by the benchmark",
+            created_at=pd.Timestamp(f"{day}T20:00:00Z"),
             offer_day=day,
             priority=0.5,
             propensity=1.0,

@@ -110,6 +110,8 @@ def test_earlier_offers_are_stored_for_the_days_before_the_first(tmp_path: Path)
     assert stored == len(earlier) == 3 * 60
     assert sorted(earlier["offer_day"].unique()) == ["2026-02-27", "2026-02-28", "2026-03-01"]
     assert not offers["offer_id"].duplicated().any()
+    made_on = pd.to_datetime(earlier["created_at"], utc=True).dt.strftime("%Y-%m-%d")
+    assert (made_on == earlier["offer_day"]).all()
     assert not earlier.duplicated(["device_id", "offer_day"]).any()
     assert set(earlier["device_id"]) <= set(fleet.make_devices(200, 7).ids.to_pylist())
     assert set(zip(earlier["service_id"], earlier["trigger"], strict=True)) <= set(

@@ -185,3 +185,36 @@ def test_a_read_that_failed_midway_leaves_the_next_one_working(resources, monkey
         offers_storage.read_last_contacts(store, CANDIDATES, DAY, SINCE, join_in_database=True)
     found = offers_storage.read_last_contacts(store, CANDIDATES, DAY, SINCE, join_in_database=True)
     assert ("a", "maps", "2026-03-09") in set(found.itertuples(index=False, name=None))
+
+
+@pytest.mark.parametrize(("pairs", "joined"), [(3, True), (9, False)])
+def test_the_database_joins_the_pairs_when_more_offers_were_made_since_the_window_began(
+    resources, monkeypatch, pairs, joined
+):
+    """9 offers were made since SINCE: 3 pairs are joined in the database, 9 matched in memory;
+    either way the contacts are those of the pairs."""
+    store = resources["persona_store"]
+    with store.begin() as connection:
+        store.insert_frame(connection, offers_table, OFFERS)
+        store.insert_frame(connection, offer_feedback, ANSWERS)
+    inserted = []
+    real_insert = type(store).insert_frame
+
+    def spy(connection, table, frame):
+        inserted.append(table.name)
+        return real_insert(connection, table, frame)
+
+    monkeypatch.setattr(type(store), "insert_frame", staticmethod(spy))
+    wanted = CANDIDATES.head(pairs)
+    found = offers_storage.read_last_contacts(store, wanted, DAY, SINCE)
+
+    assert ("offer_pairs_wanted" in inserted) is joined
+    expected = {
+        pair: day
+        for pair, day in EXPECTED.items()
+        if pair in set(zip(wanted["device_id"], wanted["service_id"], strict=True))
+    }
+    assert (
+        dict(zip(zip(found["device_id"], found["service_id"], strict=True), found["last_day"], strict=True))
+        == expected
+    )

@@ -30,7 +30,7 @@ from persona_pipeline.store import tables as store_tables
 CITY_KEY = "device.location.city"
 
 
-def _history_start(day: str, catalog: ServiceCatalog) -> str:
+def _cooldown_window_start(day: str, catalog: ServiceCatalog) -> str:
     """The first day whose offers still matter: the longest cooldown back (at least the 6 days
     the weekly budget looks back). Older offers neither cool a service down nor keep a
     lookalike from being offered it again."""
@@ -93,7 +93,7 @@ def service_recommendations(
     since = pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1 - catalog.rules.location_window_days)
     history = persona_storage.read_key_history(persona_store, CITY_KEY, since.to_pydatetime())
     anomalies = read_flagged(persona_store)
-    since_day = _history_start(day, catalog)
+    cooldown_start = _cooldown_window_start(day, catalog)
     inputs = OfferInputs(
         day=day,
         moves=value_changes(history, since),
@@ -107,9 +107,9 @@ def service_recommendations(
         acceptance=storage.read_acceptance(persona_store),
         history=storage.read_offer_history(persona_store, since_day=_week_before(day)),
     )
-    lookalikes = lookalike_hits(persona_store, vector_index, day, since_day, catalog)
+    lookalikes = lookalike_hits(persona_store, vector_index, day, cooldown_start, catalog)
     candidates = offer_candidates(inputs, catalog, lookalikes)
-    contacts = storage.read_last_contacts(persona_store, candidates, day, since_day)
+    contacts = storage.read_last_contacts(persona_store, candidates, day, cooldown_start)
     offers = choose_offers(candidates, inputs, catalog, contacts)
     offered = offers["device_id"].unique().tolist()
     summaries = persona_storage.read_vector_summaries(persona_store, offered).set_index("device_id")

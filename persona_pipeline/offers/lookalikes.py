@@ -28,6 +28,7 @@ def lookalike_hits(
     if eligible.empty:
         return pd.DataFrame(columns=["service_id", "device_id", "rank", "accepters"])
     offered_before = storage.read_offered_devices(store, eligible.tolist(), since_day, day)
+    offered_by_service = offered_before.groupby("service_id")["device_id"].agg(list).to_dict()
     frames = []
     with vector_index.open() as index:
         collection = index.alias_target(vector_index.alias)
@@ -37,13 +38,13 @@ def lookalike_hits(
             examples = known.examples[known.examples["service_id"] == service_id]
             positive = examples.loc[examples["accepted"], "device_id"].to_numpy()
             negative = examples.loc[~examples["accepted"], "device_id"].to_numpy()
-            offered = offered_before.loc[offered_before["service_id"] == service_id, "device_id"]
+            offered = offered_by_service.get(service_id, [])
             found = index.recommend(
                 collection,
                 point_ids(positive),
                 point_ids(negative),
                 limit=catalog.rules.lookalike_per_service,
-                exclude={"device_id": offered.tolist()},
+                exclude={"device_id": offered},
             )
             frames.append(
                 pd.DataFrame(

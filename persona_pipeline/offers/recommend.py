@@ -55,7 +55,8 @@ class OfferInputs:
     acceptance: pd.DataFrame  # cluster_id, service_id, accepted, responses
     # Offers from 6 days before `day` on (what the daily cap, the weekly budget, the capacities
     # and the lookalikes' daily limit count): offer_id, device_id, service_id, offer_day, …
-    # `recommend` without `contacts` also counts the cooldowns from it and `rejections`.
+    # `recommend` also counts the cooldowns from it and `rejections` (the offers step reads
+    # them from the store instead: `last_contacts`).
     history: pd.DataFrame
     # The latest answer was a rejection: device_id, service_id, rejected_day (YYYY-MM-DD).
     rejections: pd.DataFrame = field(

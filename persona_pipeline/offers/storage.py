@@ -12,6 +12,7 @@ from persona_pipeline.offers.recommend import (
     POSITIVE_RESPONSES,
     WEEK_DAYS,
     TicketChanges,
+    last_contacts,
     ticket_changes,
     within_limits,
 )
@@ -41,10 +42,9 @@ def read_last_contacts(
         return pd.DataFrame(columns=CONTACT_COLUMNS)
     r = service_recommendations.c
     if join_in_database is None:
-        made = store.scalar(
-            sa.select(sa.func.count()).select_from(service_recommendations).where(r.offer_day >= since_day)
-        )
-        join_in_database = made > len(pairs)
+        # Counted only as far as it decides: one more offer than there are pairs.
+        made = sa.select(r.offer_id).where(r.offer_day >= since_day).limit(len(pairs) + 1).subquery()
+        join_in_database = store.scalar(sa.select(sa.func.count()).select_from(made)) > len(pairs)
     wanted = sa.Table(
         "offer_pairs_wanted",
         sa.MetaData(),
@@ -67,13 +67,13 @@ def read_last_contacts(
         {
             "device_id": rejections["device_id"],
             "service_id": rejections["service_id"],
-            "last_day": pd.to_datetime(rejections["responded_at"], utc=True).dt.strftime("%Y-%m-%d"),
+            "rejected_day": pd.to_datetime(rejections["responded_at"], utc=True).dt.strftime("%Y-%m-%d"),
         }
     )
-    both = pd.concat([last_offered, rejections], ignore_index=True)
-    if not join_in_database:
-        both = both.merge(pairs[["device_id", "service_id"]], on=["device_id", "service_id"])
-    return both.groupby(["device_id", "service_id"], as_index=False)["last_day"].max()[CONTACT_COLUMNS]
+    contacts = last_contacts(last_offered.rename(columns={"last_day": "offer_day"}), rejections, day)
+    if join_in_database:
+        return contacts
+    return contacts.merge(pairs[["device_id", "service_id"]], on=["device_id", "service_id"])[CONTACT_COLUMNS]
 
 
 def _contact_queries(wanted: sa.Table | None, day: str, since_day: str) -> tuple[sa.Select, sa.Select]:
@@ -81,14 +81,14 @@ def _contact_queries(wanted: sa.Table | None, day: str, since_day: str) -> tuple
     offers since then whose latest answer is a rejection: of the pairs in `wanted` when given."""
     r, f = service_recommendations.c, offer_feedback.c
 
-    def offers() -> sa.Select:
+    def from_offers() -> sa.Select:
         if wanted is None:
             return sa.select().select_from(service_recommendations)
         matches = (wanted.c.device_id == r.device_id) & (wanted.c.service_id == r.service_id)
         return sa.select().select_from(wanted).join(service_recommendations, matches)
 
     offered = (
-        offers()
+        from_offers()
         .add_columns(r.device_id, r.service_id, sa.func.max(r.offer_day).label("last_day"))
         .where(r.offer_day >= since_day, r.offer_day < day)
         .group_by(r.device_id, r.service_id)
@@ -97,7 +97,7 @@ def _contact_queries(wanted: sa.Table | None, day: str, since_day: str) -> tuple
         partition_by=f.offer_id, order_by=(f.responded_at.desc(), f.batch_id.desc(), f.response.desc())
     )
     answers = (
-        offers()
+        from_offers()
         .add_columns(r.device_id, r.service_id, f.response, f.responded_at, newest_first.label("rank"))
         .join(offer_feedback, f.offer_id == r.offer_id)
         .where(r.offer_day >= since_day)
