@@ -148,9 +148,9 @@ def persona_vectors(
     those whose profile changed since the last run, and those a time-relative dimension (moved
     city within N days) may flip for; every device when the feature space changes. Only devices
     whose vector did change are rewritten. A run that computes every device reads the profiles a
-    page of devices at a time (PROFILE_PAGE_ROWS rows), so its memory follows the page, not the
-    fleet. With device shards, a run computes its shard's devices at the fleet's newest event
-    time, so N shards leave the vectors of one."""
+    page of devices at a time (PROFILE_PAGE_ROWS rows): its memory follows the page and the
+    changed devices' encoded rows, not the fleet's profiles. With device shards, a run computes its
+    shard's devices at the fleet's newest event time, so N shards leave the vectors of one."""
     shard = run_shard(context)
     erasures_at_start = storage.count_erasures(persona_store)
     schema = persona_config.feature_schema()
