@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from benchmarks import fleet, naive, stages
 from benchmarks.measure import Measured, human_bytes, run_inline, run_measured
 from benchmarks.stages import DAY_STAGES, FEEDBACK_BATCH, LEARNING_STAGES, STAGES
+from persona_pipeline.offers.recommend import hash_hex
 from persona_pipeline.resources import PersonaStore
 from persona_pipeline.store.tables import service_recommendations
 
@@ -239,12 +240,9 @@ def store_earlier_offers(home: Path, options: Options, per_device_day: float = 0
         day = (first + timedelta(days=number)).isoformat()
         offered = made.iloc[rng.integers(0, len(made), per_day)].reset_index(drop=True)
         device_ids = devices[rng.choice(len(devices), size=per_day, replace=False)]
-        hashes = pd.util.hash_pandas_object(
-            pd.DataFrame({"d": device_ids, "s": offered["service_id"], "o": day}), index=False
-        ).to_numpy()
-        digits = np.frombuffer(hashes.astype(">u8").tobytes().hex().encode(), dtype="S16").astype(str)
+        digits = hash_hex(pd.DataFrame({"d": device_ids, "s": offered["service_id"], "o": day}))
         rows = offered.assign(
-            offer_id=np.char.add("offer-earlier-", digits),
+            offer_id=("offer-earlier-" + digits).to_numpy(),
             device_id=device_ids,
             score=0.1,
             reason="an earlier offer stored by the benchmark",

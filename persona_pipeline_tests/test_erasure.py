@@ -243,11 +243,11 @@ def test_an_erasure_that_completes_during_a_vectors_run_is_not_undone_by_it(
     real_write = persona_storage.write_vectors
     erased = []
 
-    def write_after_an_erasure(store, rows, removed, connection=None) -> None:
+    def write_after_an_erasure(store, rows, removed) -> None:
         if not erased:  # before the run's first write
             assert erase(resources, instance, devices=["d1"]).success
             erased.append("d1")
-        real_write(store, rows, removed, connection)
+        real_write(store, rows, removed)
 
     monkeypatch.setattr(persona_storage, "write_vectors", write_after_an_erasure)
     assert dg.materialize([persona_vectors], resources=resources, instance=instance).success

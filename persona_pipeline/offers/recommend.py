@@ -347,7 +347,7 @@ def ticket_changes(
     opened = pd.DataFrame(
         {
             "ticket_id": "ticket-"
-            + _hash_hex(pd.DataFrame({"d": severe["device_id"], "c": severe["cause"], "o": day})),
+            + hash_hex(pd.DataFrame({"d": severe["device_id"], "c": severe["cause"], "o": day})),
             "device_id": severe["device_id"].to_numpy(),
             "severity": severe["score"].to_numpy(),
             "cause": severe["cause"].to_numpy(),
@@ -564,7 +564,7 @@ def finalize(
     value = catalog.per_service(candidates["service_id"], "value", 1.0).to_numpy(dtype=float)
     candidates["expected_value"] = candidates["score"].to_numpy() * value * candidates["priority"].to_numpy()
     candidates["offer_day"] = inputs.day
-    candidates["offer_id"] = "offer-" + _hash_hex(candidates[["device_id", "service_id", "offer_day"]])
+    candidates["offer_id"] = "offer-" + hash_hex(candidates[["device_id", "service_id", "offer_day"]])
     candidates = candidates[~_cooling(candidates, contacts, inputs.day, catalog)].reset_index(drop=True)
     stored = inputs.history[["offer_id", "device_id", "service_id", "offer_day"]]
     chosen = choose(candidates, stored, inputs.day, catalog, fleet_devices=len(inputs.segments))
@@ -814,7 +814,7 @@ def _empty() -> pd.DataFrame:
     return pd.DataFrame({column: pd.Series(dtype=object) for column in OFFER_COLUMNS})
 
 
-def _hash_hex(frame: pd.DataFrame) -> pd.Series:
+def hash_hex(frame: pd.DataFrame) -> pd.Series:
     hashes = pd.util.hash_pandas_object(frame.astype(str), index=False).to_numpy()
     # 16 hex digits per row, formatted for the whole column at once.
     digits = np.frombuffer(hashes.astype(">u8").tobytes().hex().encode(), dtype="S16").astype(str)

@@ -289,7 +289,6 @@ def read_lookalike_examples(store: PersonaStore, per_service: int) -> LookalikeE
         )
         .join(answered, answered.c.offer_id == r.offer_id)
         .group_by(r.service_id)
-        .order_by(r.service_id)
     )
     first = (
         sa.select(r.service_id, answered.c.accepted, r.device_id, sa.func.min(r.created_at).label("first_at"))

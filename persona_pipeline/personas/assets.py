@@ -180,7 +180,7 @@ def persona_vectors(
     else:
         as_of, changed, candidates, profiles = selection
         previous = storage.read_vector_fingerprints(persona_store, candidates)
-        pages = iter([profiles])
+        pages = [profiles]
 
     computed = ComputedVectors(previous.index, len(schema.dimension_names))
     changed_rows = []

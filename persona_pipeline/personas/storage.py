@@ -297,16 +297,11 @@ def _delete_devices(
     PersonaStore.delete_in(connection, table, table.c.device_id, device_ids, where)
 
 
-def write_vectors(
-    store: PersonaStore, rows: pd.DataFrame, removed: list[str], connection: sa.Connection | None = None
-) -> None:
-    """Replace the rows of changed devices and delete the rows of devices that are gone (in
-    `connection`'s transaction when given)."""
-    if connection is None:
-        with store.begin() as own:
-            return write_vectors(store, rows, removed, own)
-    _delete_devices(connection, persona_vectors, [*rows["device_id"].tolist(), *removed])
-    store.insert_frame(connection, persona_vectors, rows)
+def write_vectors(store: PersonaStore, rows: pd.DataFrame, removed: list[str]) -> None:
+    """Replace the rows of changed devices and delete the rows of devices that are gone."""
+    with store.begin() as connection:
+        _delete_devices(connection, persona_vectors, [*rows["device_id"].tolist(), *removed])
+        store.insert_frame(connection, persona_vectors, rows)
 
 
 def write_dimensions(store: PersonaStore, space: str, frame: pd.DataFrame) -> None:
