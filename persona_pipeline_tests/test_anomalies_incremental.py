@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from persona_pipeline.anomalies import storage as anomaly_storage
 from persona_pipeline.anomalies.assets import anomaly_scores
-from persona_pipeline.anomalies.scoring import ROLE_ORDER
+from persona_pipeline.anomalies.scoring import ROLE_ORDER, calibrated_flags, score_from_log_p
 from persona_pipeline.resources import PersonaConfig
 from persona_pipeline.segments.assets import device_clusters, segments
 from persona_pipeline.settings import norms_signing_key
@@ -393,3 +394,75 @@ def test_a_rare_new_behaviour_on_a_few_devices_is_flagged_between_fits(fleet):
     assert metadata["devices_changed"].value == 5
     after = table(store, "anomaly_scores").set_index("device_id")
     assert after.loc[odd, "is_anomaly"].astype(bool).all()
+
+
+def stored_scores(rng: np.random.Generator, devices: int, fdr: float) -> pd.DataFrame:
+    """Scores as a fleet's last runs left them: uniform p-values with ties at 0 and at exactly
+    `fdr`, flags by Benjamini-Hochberg, and a few devices still flagged from an earlier cut."""
+    p_value = rng.uniform(0, 1, devices)
+    p_value[rng.choice(devices, 40, replace=False)] = 0.0
+    p_value[rng.choice(devices, 15, replace=False)] = fdr
+    p_value[rng.choice(devices, 200, replace=False)] = rng.uniform(0, fdr / 50, 200)
+    log_p = np.log(np.maximum(p_value, 1e-300))
+    is_anomaly, cut = calibrated_flags(log_p, fdr, None)
+    is_anomaly[rng.choice(np.flatnonzero(p_value > 0.5), 5, replace=False)] = True
+    return pd.DataFrame(
+        {
+            "device_id": [f"device-{i:05d}" for i in rng.permutation(devices)],
+            "score": score_from_log_p(log_p, cut),
+            "is_anomaly": is_anomaly,
+            "cluster_id": 0,
+            "segment_z": 0.0,
+            "detector": "hbos",
+            "detector_z": 0.0,
+            "scored_at": pd.Timestamp("2026-03-01", tz="UTC"),
+            "p_value": p_value,
+        }
+    )
+
+
+@pytest.mark.parametrize(("fdr", "contamination"), [(0.05, None), (0.2, None), (0.05, 0.03)])
+def test_the_fleet_flagged_from_the_flags_read_equals_the_fleet_flagged_from_every_device(
+    resources, fdr, contamination
+):
+    """Between fits the fleet is flagged again from the stored p-values; with the false-discovery
+    rate only the devices it could flag and those flagged are read whole. The flags, the cut, the
+    devices whose flag turns and the highest scores equal those of every device read."""
+    store = resources["persona_store"]
+    rng = np.random.default_rng(7)
+    scores = stored_scores(rng, 3000, fdr)
+    with store.begin() as connection:
+        store.insert_frame(connection, scores_table, scores)
+    ids = scores["device_id"].to_numpy()
+    changed, gone = ids[:60].tolist(), ids[60:70].tolist()
+    changed_log_p = np.log(rng.uniform(0, 1, len(changed) + 4) ** 3)  # 4 devices new to the scores
+    every = scores[~scores["device_id"].isin([*changed, *gone])].sort_values("device_id")
+    log_p = np.log(np.maximum(every["p_value"].to_numpy(), 1e-300))
+    flags, cut = calibrated_flags(np.concatenate([log_p, changed_log_p]), fdr, contamination)
+    top = 25
+
+    kept = anomaly_storage.read_stored_flags(
+        store, [*changed, *gone], fdr if contamination is None else None, top
+    )
+
+    kept_log_p = np.log(np.maximum(kept.rows["p_value"].to_numpy(), 1e-300))
+    read_flags, read_cut = calibrated_flags(
+        np.concatenate([kept_log_p, np.zeros(kept.others), changed_log_p]), fdr, contamination
+    )
+    assert read_cut == cut
+    assert read_flags[len(kept.rows) + kept.others :].tolist() == flags[len(every) :].tolist()
+    assert len(kept.rows) + kept.others == len(every)
+    assert kept.rows["device_id"].is_monotonic_increasing
+    every_flag = pd.Series(flags[: len(every)], index=every["device_id"].to_numpy())
+    read_flag = pd.Series(read_flags[: len(kept.rows)], index=kept.rows["device_id"].to_numpy())
+    assert read_flag.equals(every_flag.reindex(read_flag.index))
+    left_out = every[~every["device_id"].isin(kept.rows["device_id"])]
+    assert not every_flag.reindex(left_out["device_id"]).any() and not left_out["is_anomaly"].any()
+    if contamination is None:
+        assert kept.others > len(every) / 2  # what is read follows the flags, not the fleet
+        turned = every_flag.index[every_flag.to_numpy() != every["is_anomaly"].to_numpy()]
+        assert len(turned) > 0
+        assert set(turned) <= set(kept.rows["device_id"])
+    else:
+        assert kept.others == 0
+    assert kept.top_scores.tolist() == np.sort(every["score"].to_numpy())[::-1][:top].tolist()

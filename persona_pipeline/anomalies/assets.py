@@ -192,13 +192,13 @@ def anomaly_scores(
     every device's stored p-value. A device's `score` is relative to the cut of the run that last
     scored it; its flag is always the current run's."""
     schema = persona_config.feature_schema()
-    require_one_vector_space(persona_store)
+    spaces = require_one_vector_space(persona_store)
     now = pd.Timestamp.now(tz="UTC")
     try:
         key = norms_signing_key()
     except ValueError as error:
         raise dg.Failure(str(error), allow_retries=False) from None
-    reason, plan = _rescore_reason(context, config, persona_store, schema, key)
+    reason, plan = _rescore_reason(context, config, persona_store, schema, key, spaces)
     if reason is None:
         changed = _evidence_of(persona_store, plan.norms, plan.changed)
         fleet = persona_storage.read_vector_overview(persona_store)[0]
@@ -399,6 +399,7 @@ def _rescore_reason(
     store: PersonaStore,
     schema: FeatureSchema,
     key: bytes | None,
+    spaces: list[str],
 ) -> tuple[str | None, _Rescoring | None]:
     """Why this run scores every device (fitting the norms again), or None and what to score.
     The cheap checks come first; the norms are loaded last, and only when signed with `key`."""
@@ -408,7 +409,6 @@ def _rescore_reason(
         return f"the {config.detector} detector keeps its training data, so no norms are kept", None
     if key is None:
         return "no key signs the norms (set PERSONA_NORMS_KEY), so none are kept", None
-    spaces = persona_storage.read_vector_spaces(store)
     if len(spaces) != 1:
         return "no single feature space", None
     row = storage.read_norms_row(store)
@@ -471,10 +471,15 @@ def _score_changed(
     turns are scored again too (for their score and reason). Nothing else is written."""
     stored, gone = plan.norms, set(plan.gone)
     settings = stored.norms.settings
-    fleet = storage.read_fleet_flags(store)
-    fleet = fleet[~fleet["device_id"].isin([*plan.changed, *plan.gone])].reset_index(drop=True)
+    fdr = settings.fdr if settings.contamination is None else None
+    kept = storage.read_stored_flags(store, [*plan.changed, *plan.gone], fdr, config.explained_top)
+    fleet = kept.rows
     changed_matrix, changed = changed_evidence
-    log_p = np.concatenate([np.log(np.maximum(fleet["p_value"].to_numpy(), MIN_P_VALUE)), changed.log_p])
+    # The devices not read whole have p-values no rank's threshold passes: as p = 1 they are flagged
+    # the same (not) and count the same in the procedure's n.
+    log_p = np.concatenate(
+        [np.log(np.maximum(fleet["p_value"].to_numpy(), MIN_P_VALUE)), np.zeros(kept.others), changed.log_p]
+    )
     flags, cut = calibrated_flags(log_p, settings.fdr, settings.contamination)
     turned = fleet.loc[flags[: len(fleet)] != fleet["is_anomaly"].to_numpy(), "device_id"].tolist()
     rescored_ids = np.array([*plan.changed, *turned], dtype=object)
@@ -484,10 +489,12 @@ def _score_changed(
     evidence = DeviceEvidence.joined([changed, replace(turned_evidence, log_p=turned_log_p)])
     matrix = np.concatenate([changed_matrix, turned_matrix])
     turned_flags = ~fleet.set_index("device_id")["is_anomaly"].reindex(turned).to_numpy(dtype=bool)
-    result = evidence.result(np.concatenate([flags[len(fleet) :], turned_flags]), cut, settings)
+    changed_flags = flags[len(fleet) + kept.others :]
+    result = evidence.result(np.concatenate([changed_flags, turned_flags]), cut, settings)
 
-    top_scores = np.sort(np.concatenate([fleet["score"].to_numpy(), result.score]))[::-1]
-    top_cut = top_scores[config.explained_top - 1] if 0 < config.explained_top <= len(top_scores) else np.inf
+    top_scores = np.sort(np.concatenate([kept.top_scores, result.score]))[::-1]
+    ranked = len(fleet) + kept.others + len(result.score)
+    top_cut = top_scores[config.explained_top - 1] if 0 < config.explained_top <= ranked else np.inf
     explained = np.flatnonzero(result.is_anomaly | (result.score >= top_cut))
     values = readable_values(
         persona_storage.read_profiles_of(store, rescored_ids.tolist())[list(READABLE_COLUMNS)],
@@ -501,7 +508,7 @@ def _score_changed(
     scores = _score_rows(rescored_ids, result, reasons, now)
     storage.write_rescored(store, scores, sorted(gone))
 
-    devices = len(fleet) + len(plan.changed)
+    devices = len(fleet) + kept.others + len(plan.changed)
     flagged = int(flags.sum())
     rate = flagged / devices if devices else 0.0
     context.log.info(

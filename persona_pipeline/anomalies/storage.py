@@ -179,11 +179,41 @@ def read_unscored(store: PersonaStore) -> tuple[list[str], list[str]]:
     return changed["device_id"].tolist(), devices_without_a_vector(store, anomaly_scores)
 
 
-def read_fleet_flags(store: PersonaStore) -> pd.DataFrame:
-    """device_id, p_value, is_anomaly and score of every scored device."""
+# Devices with a p-value up to the false-discovery rate times this are read whole: a margin over
+# the rounding of the procedure's thresholds (rank x fdr / n is fdr at the last rank, to a few ulps).
+FDR_READ_MARGIN = 1.0 + 1e-6
+
+
+@dataclass(frozen=True)
+class StoredFlags:
+    """The stored scores of the devices not scored again, as flagging the fleet between fits
+    needs them."""
+
+    rows: pd.DataFrame  # device_id, p_value, is_anomaly, score, in device_id order
+    others: int  # devices left out of `rows`: none flagged, none the false-discovery rate could flag
+    top_scores: np.ndarray  # the highest scores of all of them (rows and others), descending
+
+
+def read_stored_flags(store: PersonaStore, excluded: list[str], fdr: float | None, top: int) -> StoredFlags:
+    """The stored scores of every scored device but `excluded`. With `fdr` (the Benjamini-Hochberg
+    procedure), only the devices it could flag (p-value at most `fdr`: a larger one passes at no
+    rank) and those flagged now are read whole; the others are counted, so what is read follows
+    the flags, not the fleet. Without (a contamination share flags the smallest p-values, where
+    ties keep the fleet's order), every device is read. `top_scores`: the `top` highest."""
     a = anomaly_scores.c
-    frame = store.read_frame(sa.select(a.device_id, a.p_value, a.is_anomaly, a.score).order_by(a.device_id))
-    return frame.astype({"is_anomaly": bool, "score": np.float64, "p_value": np.float64})
+    query = sa.select(a.device_id, a.p_value, a.is_anomaly, a.score).order_by(a.device_id)
+    if fdr is not None:
+        query = query.where(sa.or_(a.p_value <= fdr * FDR_READ_MARGIN, a.is_anomaly == sa.true()))
+    rows = store.read_frame(query).astype({"is_anomaly": bool, "score": np.float64, "p_value": np.float64})
+    rows = rows[~rows["device_id"].isin(excluded)].reset_index(drop=True)
+    stored_excluded = store.read_frame_in(sa.select(a.device_id), a.device_id, excluded)["device_id"]
+    scored = int(store.scalar(sa.select(sa.func.count()).select_from(anomaly_scores)) or 0)
+    top = max(top, 0)
+    highest = store.read_frame(
+        sa.select(a.device_id, a.score).order_by(a.score.desc()).limit(top + len(stored_excluded))
+    )
+    top_scores = highest.loc[~highest["device_id"].isin(excluded), "score"].to_numpy(dtype=np.float64)[:top]
+    return StoredFlags(rows, scored - len(stored_excluded) - len(rows), top_scores)
 
 
 def count_without_p_value(store: PersonaStore) -> int:
