@@ -601,13 +601,13 @@ def choose(
     `choice_rank` its place in the device's order (the writer re-applies the limits in that
     order). Then the fleet's budget for the day (`within_fleet_budget`)."""
     rules = catalog.rules
-    new = candidates[~candidates["offer_id"].isin(stored["offer_id"])]
+    new = candidates[~_is_in(candidates["offer_id"], stored["offer_id"])]
     new = within_capacity(new, stored, day, catalog).reset_index(drop=True)
     left = slots_left(new["device_id"], stored, day, rules.daily_cap, rules.max_offers_per_week)
     share = rules.exploration_share
     above = new["score"].to_numpy() >= rules.min_score
     devices = pd.factorize(new["device_id"].to_numpy())[0]
-    ids = _text_order(new["offer_id"].to_numpy())
+    ids = _text_order(new["offer_id"])
     exploit = _rank_per_device(devices, -np.where(above, _value(new), -np.inf), ids)
     exploit = np.where(above, exploit, np.iinfo(np.int64).max)
     # A health fault's support offers come first when exploring too: a random draw never
@@ -670,7 +670,7 @@ def within_fleet_budget(
     per_device = per_device.sort_values("priority", ascending=False, kind="stable")
     fits = per_device["slots"].cumsum().to_numpy() <= budget
     fits[0] = True
-    return offers[offers["device_id"].isin(per_device.index[fits])]
+    return offers[_is_in(offers["device_id"], per_device.index[fits])]
 
 
 def _device_priority(offers: pd.DataFrame, devices: np.ndarray | None = None) -> np.ndarray:
@@ -696,11 +696,11 @@ def within_limits(
     offers within 6 days either side of `day`, as the writer reads them when the rows go in):
     each service's daily capacity, then each device's slots, in the device's `choice_rank`
     order (expected value when the frame has none). An offer made is never taken back."""
-    new = offers[~offers["offer_id"].isin(stored["offer_id"])]
+    new = offers[~_is_in(offers["offer_id"], stored["offer_id"])]
     new = within_capacity(new, stored, day, catalog)
     rules = catalog.rules
     left = slots_left(new["device_id"], stored, day, rules.daily_cap, rules.max_offers_per_week)
-    devices, ids = new["device_id"].to_numpy(), new["offer_id"].to_numpy()
+    devices, ids = new["device_id"].to_numpy(), _text_order(new["offer_id"])
     order = new["choice_rank"].to_numpy(dtype=float) if "choice_rank" in new.columns else -_value(new)
     fitting = new[_rank_per_device(devices, order, ids) < left]
     return within_fleet_budget(fitting, stored, day, rules.max_offers_per_device_day, fleet_devices)
@@ -719,7 +719,7 @@ def within_capacity(
         return offers
     made = stored.loc[stored["offer_day"] == day, "service_id"].value_counts()
     left = capacity - made.reindex(offers["service_id"]).fillna(0).to_numpy()
-    rank = _rank_per_device(offers["service_id"].to_numpy(), -_value(offers), offers["offer_id"].to_numpy())
+    rank = _rank_per_device(offers["service_id"].to_numpy(), -_value(offers), _text_order(offers["offer_id"]))
     return offers[np.isnan(left) | (rank < left)]
 
 
@@ -771,11 +771,22 @@ def _codes(values: np.ndarray) -> np.ndarray:
     return values if np.issubdtype(values.dtype, np.integer) else pd.factorize(values)[0]
 
 
-def _text_order(values: np.ndarray) -> np.ndarray:
-    """Integers that sort as `values` do (Arrow ranks text in C++, far faster than sorting objects)."""
+def _text_order(values: np.ndarray | pd.Series) -> np.ndarray:
+    """Integers that sort as `values` do (Arrow ranks text in C++, far faster than sorting objects;
+    a column of pandas' Arrow-backed text goes to Arrow without becoming Python strings)."""
     if len(values) == 0:
         return np.zeros(0, dtype=np.int64)
-    return pc.rank(pa.array(np.asarray(values, dtype=object)), tiebreaker="dense").to_numpy()
+    text = values if isinstance(values, pd.Series) else np.asarray(values, dtype=object)
+    return pc.rank(pa.array(text), tiebreaker="dense").to_numpy()
+
+
+def _is_in(values: pd.Series, wanted: pd.Series | pd.Index) -> np.ndarray:
+    """`values.isin(wanted)` for text, in Arrow: pandas builds the set of Arrow-backed text one
+    Python value at a time, seconds for the hundreds of thousands of offers of a week."""
+    if len(values) == 0 or len(wanted) == 0:
+        return np.zeros(len(values), dtype=bool)
+    found = pc.is_in(pa.array(values.astype(str)), value_set=pa.array(pd.Series(wanted).astype(str)))
+    return found.to_numpy(zero_copy_only=False)
 
 
 def _value(offers: pd.DataFrame) -> np.ndarray:
