@@ -212,9 +212,11 @@ class ServiceCatalog:
         return service.eligibility.apps[0] if service.eligibility.apps else None
 
     def per_service(self, service_ids: pd.Series, field: str, default: float) -> pd.Series:
-        """`field` of each offer's service (looked up once per distinct id), `default` if unknown."""
-        found = {sid: getattr(self.service_for(sid), field, default) for sid in service_ids.unique()}
-        return service_ids.map(found)
+        """`field` of each offer's service (looked up once per distinct id, then taken by code: a
+        dictionary map over a fleet's offers costs seconds), `default` if unknown."""
+        codes, distinct = pd.factorize(service_ids, use_na_sentinel=False)
+        found = pd.Series([getattr(self.service_for(sid), field, default) for sid in distinct])
+        return pd.Series(found.to_numpy()[codes], index=service_ids.index)
 
 
 def load_service_catalog(config_dir: str | os.PathLike | None = None) -> ServiceCatalog:

@@ -559,13 +559,12 @@ def finalize(
         return _empty().assign(
             offer_id=[], score=[], offer_day=[], expected_value=[], propensity=[], choice_rank=[], explored=[]
         )
-    candidates = candidates.copy()
+    candidates = candidates[~_cooling(candidates, contacts, inputs.day, catalog)].reset_index(drop=True)
     candidates["score"] = candidates["strength"] * smoothed_acceptance(candidates, inputs.acceptance, catalog)
     value = catalog.per_service(candidates["service_id"], "value", 1.0).to_numpy(dtype=float)
     candidates["expected_value"] = candidates["score"].to_numpy() * value * candidates["priority"].to_numpy()
     candidates["offer_day"] = inputs.day
     candidates["offer_id"] = "offer-" + hash_hex(candidates[["device_id", "service_id", "offer_day"]])
-    candidates = candidates[~_cooling(candidates, contacts, inputs.day, catalog)].reset_index(drop=True)
     stored = inputs.history[["offer_id", "device_id", "service_id", "offer_day"]]
     chosen = choose(candidates, stored, inputs.day, catalog, fleet_devices=len(inputs.segments))
     return chosen.drop(columns=["strength"]).reset_index(drop=True)
