@@ -343,7 +343,7 @@ def _vectors_of(store: PersonaStore, dimensions: int, device_ids: list[str]) -> 
 def _readable_values_of(
     store: PersonaStore, schema: FeatureSchema, device_ids: np.ndarray, matrix: np.ndarray
 ) -> ReadableValues:
-    profiles = persona_storage.read_profiles_of(store, device_ids.tolist())[list(READABLE_COLUMNS)]
+    profiles = persona_storage.read_profiles_of(store, device_ids.tolist(), READABLE_COLUMNS)
     frame = pd.DataFrame(matrix, index=device_ids, columns=schema.dimension_names)
     return readable_values(profiles, schema, device_ids, frame)
 
@@ -497,7 +497,7 @@ def _score_changed(
     top_cut = top_scores[config.explained_top - 1] if 0 < config.explained_top <= ranked else np.inf
     explained = np.flatnonzero(result.is_anomaly | (result.score >= top_cut))
     values = readable_values(
-        persona_storage.read_profiles_of(store, rescored_ids.tolist())[list(READABLE_COLUMNS)],
+        persona_storage.read_profiles_of(store, rescored_ids.tolist(), READABLE_COLUMNS),
         schema,
         rescored_ids,
         pd.DataFrame(matrix, index=rescored_ids, columns=schema.dimension_names),

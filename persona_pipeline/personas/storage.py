@@ -98,10 +98,14 @@ def clear_profile_changes(store: PersonaStore, changes: ProfileChanges) -> None:
         store.delete_in(connection, profile_changes, profile_changes.c.change_id, ids)
 
 
-def read_profiles_of(store: PersonaStore, device_ids: list[str]) -> pd.DataFrame:
-    """The profile rows of `device_ids`."""
-    frame = store.read_frame_in(sa.select(device_profiles), device_profiles.c.device_id, device_ids)
-    frame["observed_at"] = as_utc(frame["observed_at"])
+def read_profiles_of(
+    store: PersonaStore, device_ids: list[str], columns: tuple[str, ...] | None = None
+) -> pd.DataFrame:
+    """The profile rows of `device_ids` (only `columns`, when given)."""
+    query = sa.select(*[device_profiles.c[c] for c in columns]) if columns else sa.select(device_profiles)
+    frame = store.read_frame_in(query, device_profiles.c.device_id, device_ids)
+    if "observed_at" in frame.columns:
+        frame["observed_at"] = as_utc(frame["observed_at"])
     return frame
 
 

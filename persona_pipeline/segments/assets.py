@@ -418,7 +418,7 @@ def _profile_stats(
         profiles = persona_storage.read_profiles(store, columns=READABLE_COLUMNS)
     else:
         sampled = vectors.device_ids[sample].tolist()
-        profiles = persona_storage.read_profiles_of(store, sampled)[list(READABLE_COLUMNS)]
+        profiles = persona_storage.read_profiles_of(store, sampled, READABLE_COLUMNS)
     frame = vectors.frame().iloc[sample]
     values = readable_values(profiles, schema, vectors.device_ids[sample], frame)
     stats = segment_stats(values, cluster_ids[sample])
