@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.measure import machine_line
-from benchmarks.report import growth_table, size_table
+from benchmarks.report import growth_table, size_table, targets_table
 from benchmarks.run import Options, benchmark
 
 LARGE = 1_000_000
@@ -93,6 +93,7 @@ def main() -> None:
         (options.folder / "results.json").write_text(json.dumps(_as_json(results), indent=1, default=str))
     if len(all_results) > 1:
         print(growth_table(all_results))
+    print(targets_table(all_results))
     print(machine_line())
 
 

@@ -11,9 +11,18 @@ import pytest
 import sqlalchemy as sa
 
 from benchmarks import fleet
-from benchmarks.measure import human_bytes, run_measured
-from benchmarks.report import size_table
-from benchmarks.run import Options, benchmark, fresh_home, generate, run_stage, store_earlier_offers
+from benchmarks.measure import Measured, human_bytes, run_measured
+from benchmarks.report import size_table, targets_table
+from benchmarks.run import (
+    CHAIN,
+    Options,
+    Results,
+    benchmark,
+    fresh_home,
+    generate,
+    run_stage,
+    store_earlier_offers,
+)
 from persona_pipeline.feature_schema import load_feature_schema
 from persona_pipeline.ingest.validation import validate_updates
 from persona_pipeline.resources import PersonaStore
@@ -58,6 +67,12 @@ def test_harness_runs_every_stage_the_baseline_and_prints_the_table(tmp_path: Pa
         assert label in table
     assert "speed-up, ingest -> vectors in memory" in table
     assert "speed-up, ingest -> vectors through the store" in table
+    targets = targets_table([results]).splitlines()
+    assert "no chain run at 1,000,000 devices or more" in targets[1]
+    assert targets[2].split()[-1].endswith("%") or "over:" in targets[2]  # the incremental day, measured
+    assert "200 devices:" in targets[3] and ("met" in targets[3] or "MISSED" in targets[3])
+    assert "not measured" in targets[4]  # one size
+    assert "not measured" in targets[5]  # no 10M run
 
 
 def test_a_stage_in_its_own_process_reports_its_time_and_peak_memory(tmp_path: Path):
@@ -117,3 +132,43 @@ def test_earlier_offers_are_stored_for_the_days_before_the_first(tmp_path: Path)
     assert set(zip(earlier["service_id"], earlier["trigger"], strict=True)) <= set(
         zip(first_day["service_id"], first_day["trigger"], strict=True)
     )
+
+
+def _runs(seconds: float, peak_gib: float = 1.0) -> list[Measured]:
+    return [Measured(seconds=seconds, peak_rss=int(peak_gib * 1024**3), result={})]
+
+
+def _sized(devices: int, full: dict, incremental: dict) -> Results:
+    return Results(Options(devices=devices), generated={}, full=full, incremental=incremental)
+
+
+def test_the_targets_table_says_which_targets_hold_and_names_what_misses():
+    small = _sized(100_000, {"read_validate": _runs(6.5), CHAIN: _runs(60.0)}, {})
+    large = _sized(
+        1_000_000,
+        {"read_validate": _runs(80.0), CHAIN: _runs(290.0, peak_gib=3.9)},
+        {"read_validate": _runs(1.0), CHAIN: _runs(60.0)},
+    )
+    chain, incremental, speed_up, growth, largest = targets_table([small, large]).splitlines()[1:]
+    assert "  met  " in chain and "1,000,000 devices: 290.0 s, peak 3.90 GiB" in chain
+    assert "MISSED" in incremental and "whole chain (Dagster) 20.7%" in incremental
+    assert "read+validate" not in incremental  # 1.2 % of its full day
+    assert "not measured" in speed_up
+    assert "MISSED" in growth and "read+validate 1.23" in growth and "whole chain" not in growth
+    assert "not measured" in largest
+    sharded = Results(
+        Options(devices=10_000_000, device_shards=16), generated={}, full={CHAIN: _runs(3300.0, 2.5)}
+    )
+    assert "  met  " in targets_table([large, sharded]).splitlines()[-1]  # 1.14x the 1M chain per device
+    sharded.full[CHAIN] = _runs(3300.0, peak_gib=3.2)
+    assert "MISSED" in targets_table([large, sharded]).splitlines()[-1]
+
+    quicker = _sized(
+        1_000_000,
+        {"read_validate": _runs(60.0), CHAIN: _runs(170.0, peak_gib=4.2)},
+        {"read_validate": _runs(1.0), CHAIN: _runs(20.0)},
+    )
+    chain, incremental, _, growth, _ = targets_table([small, quicker]).splitlines()[1:]
+    assert "MISSED" in chain and "(stretch met)" in chain  # fast enough, but over the memory target
+    assert "  met  " in incremental and "largest 11.8%" in incremental
+    assert "  met  " in growth and "largest 0.92" in growth
