@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -20,12 +21,13 @@ from persona_pipeline_tests.conftest import resources_for, table
 DAYS = ("2026-03-01", "2026-03-04")
 
 
-def erase(resources, instance, devices=(), customers=()) -> dg.ExecuteInProcessResult:
+def erase(resources, instance, devices=(), customers=(), raise_on_error=True) -> dg.ExecuteInProcessResult:
     config = {"device_ids": list(devices), "customer_ids": list(customers), "requested_by": "case-4711"}
     return erase_devices_job.execute_in_process(
         run_config={"ops": {"erase_devices": {"config": config}}},
         resources={k: resources[k] for k in ("persona_store", "vector_index")},
         instance=instance,
+        raise_on_error=raise_on_error,
     )
 
 
@@ -260,3 +262,83 @@ def test_an_erasure_that_completes_during_a_vectors_run_is_not_undone_by_it(
     metadata = after.asset_materializations_for_node("persona_vectors")[0].metadata
     assert metadata["computed"].value == "every device"
     assert set(table(store, "persona_vectors")["device_id"]) == set(devices) - {"d1"}
+
+
+def _erasable_fleet(landing, resources, instance) -> None:
+    """Six devices of two customers with a profile, a vector and a point in the index."""
+    from persona_pipeline.feedback.assets import key_weights
+    from persona_pipeline.ingest.assets import index_updates
+    from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
+    from persona_pipeline_tests.conftest import update, write_jsonl
+
+    rows = [
+        update(f"d{i}", key, value, f"{DAYS[0]}T10:00:00Z", customer=f"c{i % 2}")
+        for i in range(1, 7)
+        for key, value in (("device.location.city", "Berlin"), ("device.usage.app_maps_duration", 60 * i))
+    ]
+    write_jsonl(landing, DAYS[0], rows)
+    ingest = [index_updates, device_profiles]
+    assert dg.materialize(ingest, resources=resources, instance=instance, partition_key=DAYS[0]).success
+    assert dg.materialize(
+        [key_weights, persona_vectors, persona_index], resources=resources, instance=instance
+    ).success
+
+
+def _points(resources, devices: set[str]) -> int:
+    with resources["vector_index"].open() as index:
+        return sum(len(index.retrieve(c, [point_id(d) for d in devices])) for c in persona_collections(index))
+
+
+def test_a_retried_erasure_counts_in_its_audit_what_every_attempt_deleted(
+    landing, resources, instance, monkeypatch
+):
+    """The first attempt deletes the points and fails in the store; the retry finishes. The audit
+    counts what both deleted, as one attempt that succeeded would have."""
+    from persona_pipeline.erasure import jobs
+
+    _erasable_fleet(landing, resources, instance)
+    store = resources["persona_store"]
+    erased = {"d1", "d3", "d5"}  # customer c1's
+    points, rows = _points(resources, erased), stored_rows_of(resources, erased, set())
+    assert points == 3 and rows["update_history"] == 6 and rows["device_profiles"] == 6
+    real_delete = jobs.delete_device_rows
+    attempts = []
+
+    def fail_the_first_attempt(connection, devices):
+        attempts.append(sorted(devices))
+        if len(attempts) == 1:
+            raise sa.exc.OperationalError("DELETE", {}, Exception("database is locked"))
+        return real_delete(connection, devices)
+
+    monkeypatch.setattr(jobs, "delete_device_rows", fail_the_first_attempt)
+    result = erase(resources, instance, customers=["c1"])
+
+    assert result.success
+    assert attempts == [sorted(erased), sorted(erased)]  # the retry found every device again
+    assert set(stored_rows_of(resources, erased, set()).values()) == {0}
+    assert _points(resources, erased) == 0
+    audit = table(store, "erasure_requests").iloc[0]
+    assert audit["points_deleted"] == points
+    assert audit["rows_deleted"] == sum(rows.values())
+    assert json.loads(audit["rows_by_table"])["update_history"] == rows["update_history"]
+    assert audit["devices_erased"] == 3 and pd.notna(audit["completed_at"])
+
+
+def test_an_erasure_whose_retries_run_out_keeps_what_it_deleted_and_no_completion(
+    landing, resources, instance, monkeypatch
+):
+    from persona_pipeline.erasure import jobs
+
+    _erasable_fleet(landing, resources, instance)
+
+    def always_locked(connection, devices):
+        raise sa.exc.OperationalError("DELETE", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(jobs, "delete_device_rows", always_locked)
+    result = erase(resources, instance, devices=["d2"], raise_on_error=False)
+
+    assert not result.success
+    audit = table(resources["persona_store"], "erasure_requests")
+    assert len(audit) == 1 and pd.isna(audit["completed_at"].iloc[0])  # not done: no completion
+    assert audit["points_deleted"].iloc[0] == 1  # the point its first attempt deleted
+    assert "d2" not in audit.astype(str).to_json()

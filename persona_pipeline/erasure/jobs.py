@@ -11,13 +11,13 @@ from persona_pipeline.erasure.storage import (
     delete_device_rows,
     delete_history_rows,
     devices_of,
+    record_erasure,
     suppress,
 )
 from persona_pipeline.erasure.subjects import unique_ids
 from persona_pipeline.resources import PersonaStore, VectorIndex
 from persona_pipeline.resources.vector_index import VECTOR_INDEX_POOL, persona_collections, point_ids
 from persona_pipeline.retries import STORE_RETRY
-from persona_pipeline.store import tables
 
 
 class ErasureConfig(dg.Config):
@@ -47,53 +47,56 @@ def erase_devices(
         raise dg.Failure(
             "erase_devices: give at least one of device_ids or customer_ids", allow_retries=False
         )
-    request_id = context.run_id.replace("-", "")
-    requested_at = pd.Timestamp.now(tz="UTC")
+    request = {
+        "request_id": context.run_id.replace("-", ""),  # the same for every attempt of the run
+        "requested_by": config.requested_by,
+        "requested_at": pd.Timestamp.now(tz="UTC"),
+        "device_ids_requested": len(device_ids),
+        "customer_ids_requested": len(customer_ids),
+    }
     devices = devices_of(persona_store, device_ids, customer_ids)
 
+    def record(deleted: dict[str, int], points: int = 0) -> None:
+        with persona_store.begin() as connection:
+            record_erasure(connection, request, deleted, points, len(devices), completed_at=None)
+
     # Qdrant first: a failure there leaves the store's rows, so a retry still finds the devices.
-    points = 0
+    # What cannot be rolled back with the store is recorded as soon as it is gone.
     with vector_index.open() as index:
         ids = point_ids(devices)
         for collection in persona_collections(index):
-            points += len(index.retrieve(collection, ids))
+            found = len(index.retrieve(collection, ids))
             index.delete(collection, ids)
+            if found:
+                record({}, points=found)
 
     # Then the update history's files, before the rows that link a customer to its devices go.
     history_rows = delete_history_rows(persona_store, devices)
+    if history_rows:
+        record({HISTORY: history_rows})
 
     with persona_store.begin() as connection:
-        rows = {HISTORY: history_rows, **delete_device_rows(connection, devices)}
-        suppressed = suppress(persona_store, connection, devices, customer_ids, request_id, requested_at)
-        audit = {
-            "request_id": request_id,
-            "requested_by": config.requested_by,
-            "requested_at": requested_at,
-            "completed_at": pd.Timestamp.now(tz="UTC"),
-            "device_ids_requested": len(device_ids),
-            "customer_ids_requested": len(customer_ids),
-            "devices_erased": len(devices),
-            "rows_deleted": sum(rows.values()),
-            "points_deleted": points,
-            "rows_by_table": json.dumps(rows, sort_keys=True),
-        }
-        connection.execute(
-            tables.erasure_requests.delete().where(tables.erasure_requests.c.request_id == request_id)
+        rows = {HISTORY: 0, **delete_device_rows(connection, devices)}
+        suppressed = suppress(
+            persona_store, connection, devices, customer_ids, request["request_id"], request["requested_at"]
         )
-        connection.execute(tables.erasure_requests.insert(), [audit])
+        audit = record_erasure(
+            connection, request, rows, 0, len(devices), completed_at=pd.Timestamp.now(tz="UTC")
+        )
+    rows_by_table = json.loads(audit["rows_by_table"])
     context.log.info(
-        f"erasure {request_id}: {len(devices)} devices, {audit['rows_deleted']} rows and {points} "
-        f"points deleted; {suppressed} subjects suppressed"
+        f"erasure {audit['request_id']}: {len(devices)} devices, {audit['rows_deleted']} rows and "
+        f"{audit['points_deleted']} points deleted; {suppressed} subjects suppressed"
     )
     return dg.Output(
         None,
         metadata={
-            "request_id": dg.MetadataValue.text(request_id),
+            "request_id": dg.MetadataValue.text(audit["request_id"]),
             "devices_erased": dg.MetadataValue.int(len(devices)),
             "rows_deleted": dg.MetadataValue.int(audit["rows_deleted"]),
-            "points_deleted": dg.MetadataValue.int(points),
+            "points_deleted": dg.MetadataValue.int(audit["points_deleted"]),
             "subjects_suppressed": dg.MetadataValue.int(suppressed),
-            "rows_by_table": dg.MetadataValue.json(rows),
+            "rows_by_table": dg.MetadataValue.json(rows_by_table),
         },
     )
 

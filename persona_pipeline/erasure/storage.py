@@ -106,6 +106,40 @@ def delete_device_rows(connection: sa.Connection, devices: list[str]) -> dict[st
     return deleted
 
 
+def record_erasure(
+    connection: sa.Connection,
+    request: dict,
+    deleted: dict[str, int],
+    points: int,
+    devices: int,
+    completed_at: pd.Timestamp | None,
+) -> dict:
+    """Add what one part of an erasure deleted (rows per table, points) to the request's audit row,
+    made by the first part that records anything: the index's points and the history's files
+    cannot be rolled back with the store, so each is recorded once deleted, and a retried request
+    counts what every attempt deleted. `completed_at` once every store is done; a request whose
+    retries ran out keeps its row without one. `request`: request_id, requested_by, requested_at,
+    device_ids_requested, customer_ids_requested. Returns the row."""
+    audits = tables.erasure_requests
+    mine = audits.c.request_id == request["request_id"]
+    earlier = connection.execute(sa.select(audits).where(mine)).mappings().first()
+    by_table = json.loads(earlier["rows_by_table"]) if earlier else {}
+    for name, count in deleted.items():
+        by_table[name] = by_table.get(name, 0) + count
+    row = {
+        **request,
+        "requested_at": earlier["requested_at"] if earlier else request["requested_at"],
+        "completed_at": completed_at,
+        "devices_erased": max(devices, earlier["devices_erased"] if earlier else 0),
+        "rows_deleted": sum(by_table.values()),
+        "points_deleted": points + (earlier["points_deleted"] if earlier else 0),
+        "rows_by_table": json.dumps(by_table, sort_keys=True),
+    }
+    connection.execute(audits.delete().where(mine))
+    connection.execute(audits.insert(), [row])
+    return row
+
+
 def suppress(
     store: PersonaStore,
     connection: sa.Connection,
