@@ -216,7 +216,7 @@ class ServiceCatalog:
         dictionary map over a fleet's offers costs seconds), `default` if unknown."""
         codes, distinct = pd.factorize(service_ids, use_na_sentinel=False)
         found = pd.Series([getattr(self.service_for(sid), field, default) for sid in distinct])
-        return pd.Series(found.to_numpy()[codes], index=service_ids.index)
+        return pd.Series(found.to_numpy()[codes], index=service_ids.index, name=service_ids.name)
 
 
 def load_service_catalog(config_dir: str | os.PathLike | None = None) -> ServiceCatalog:

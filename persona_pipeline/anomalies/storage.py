@@ -199,7 +199,11 @@ def read_stored_flags(store: PersonaStore, excluded: list[str], fdr: float | Non
     procedure), only the devices it could flag (p-value at most `fdr`: a larger one passes at no
     rank) and those flagged now are read whole; the others are counted, so what is read follows
     the flags, not the fleet. Without (a contamination share flags the smallest p-values, where
-    ties keep the fleet's order), every device is read. `top_scores`: the `top` highest."""
+    ties keep the fleet's order), every device is read. `top_scores`: the `top` highest.
+
+    The reads are separate statements: rows an erasure deletes meanwhile can make the count
+    disagree with the rows read by as many devices, never below none left out."""
+    excluded = list(dict.fromkeys(excluded))
     a = anomaly_scores.c
     query = sa.select(a.device_id, a.p_value, a.is_anomaly, a.score).order_by(a.device_id)
     if fdr is not None:
@@ -213,7 +217,7 @@ def read_stored_flags(store: PersonaStore, excluded: list[str], fdr: float | Non
         sa.select(a.device_id, a.score).order_by(a.score.desc()).limit(top + len(stored_excluded))
     )
     top_scores = highest.loc[~highest["device_id"].isin(excluded), "score"].to_numpy(dtype=np.float64)[:top]
-    return StoredFlags(rows, scored - len(stored_excluded) - len(rows), top_scores)
+    return StoredFlags(rows, max(scored - len(stored_excluded) - len(rows), 0), top_scores)
 
 
 def count_without_p_value(store: PersonaStore) -> int:

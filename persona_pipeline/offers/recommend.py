@@ -780,8 +780,9 @@ def _text_order(values: np.ndarray | pd.Series) -> np.ndarray:
 
 
 def _is_in(values: pd.Series, wanted: pd.Series | pd.Index) -> np.ndarray:
-    """`values.isin(wanted)` for text, in Arrow: pandas builds the set of Arrow-backed text one
-    Python value at a time, seconds for the hundreds of thousands of offers of a week."""
+    """`values.isin(wanted)` for text columns (ids; anything else is compared as its text), in
+    Arrow: pandas builds the set of Arrow-backed text one Python value at a time, seconds for the
+    hundreds of thousands of offers of a week."""
     if len(values) == 0 or len(wanted) == 0:
         return np.zeros(len(values), dtype=bool)
     found = pc.is_in(pa.array(values.astype(str)), value_set=pa.array(pd.Series(wanted).astype(str)))

@@ -102,7 +102,8 @@ def read_profiles_of(
     store: PersonaStore, device_ids: list[str], columns: tuple[str, ...] | None = None
 ) -> pd.DataFrame:
     """The profile rows of `device_ids` (only `columns`, when given)."""
-    query = sa.select(*[device_profiles.c[c] for c in columns]) if columns else sa.select(device_profiles)
+    selected = device_profiles.c if columns is None else [device_profiles.c[c] for c in columns]
+    query = sa.select(*selected)
     frame = store.read_frame_in(query, device_profiles.c.device_id, device_ids)
     if "observed_at" in frame.columns:
         frame["observed_at"] = as_utc(frame["observed_at"])
