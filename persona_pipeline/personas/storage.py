@@ -254,7 +254,13 @@ def read_last_vector_run(store: PersonaStore, shard: DeviceShard | None = None) 
 
 
 # Erasure requests on record: a vectors run compares the count at its start and at its record.
-_ERASURES = sa.select(sa.func.count()).select_from(erasure_requests)
+# Completed erasures: a request records its row before it completes (what cannot be rolled back
+# is counted as soon as it is gone) and sets completed_at in the transaction that deletes its rows.
+_ERASURES = (
+    sa.select(sa.func.count())
+    .select_from(erasure_requests)
+    .where(erasure_requests.c.completed_at.is_not(None))
+)
 
 
 def count_erasures(store: PersonaStore) -> int:
