@@ -272,14 +272,15 @@ def _erasable_fleet(landing, resources, instance) -> None:
     from persona_pipeline.personas.assets import device_profiles, persona_index, persona_vectors
     from persona_pipeline_tests.conftest import update, write_jsonl
 
-    rows = [
-        update(f"d{i}", key, value, f"{DAYS[0]}T10:00:00Z", customer=f"c{i % 2}")
-        for i in range(1, 7)
-        for key, value in (("device.location.city", "Berlin"), ("device.usage.app_maps_duration", 60 * i))
-    ]
-    write_jsonl(landing, DAYS[0], rows)
     ingest = [index_updates, device_profiles]
-    assert dg.materialize(ingest, resources=resources, instance=instance, partition_key=DAYS[0]).success
+    for day in DAYS:  # a history file per day
+        rows = [
+            update(f"d{i}", key, value, f"{day}T10:00:00Z", customer=f"c{i % 2}")
+            for i in range(1, 7)
+            for key, value in (("device.location.city", "Berlin"), ("device.usage.app_maps_duration", 60 * i))
+        ]
+        write_jsonl(landing, day, rows)
+        assert dg.materialize(ingest, resources=resources, instance=instance, partition_key=day).success
     assert dg.materialize(
         [key_weights, persona_vectors, persona_index], resources=resources, instance=instance
     ).success
@@ -301,7 +302,7 @@ def test_a_retried_erasure_counts_in_its_audit_what_every_attempt_deleted(
     store = resources["persona_store"]
     erased = {"d1", "d3", "d5"}  # customer c1's
     points, rows = _points(resources, erased), stored_rows_of(resources, erased, set())
-    assert points == 3 and rows["update_history"] == 6 and rows["device_profiles"] == 6
+    assert points == 3 and rows["update_history"] == 12 and rows["device_profiles"] == 6
     real_delete = jobs.delete_device_rows
     attempts = []
 
@@ -345,3 +346,87 @@ def test_an_erasure_whose_retries_run_out_keeps_what_it_deleted_and_no_completio
     assert "d2" not in audit.astype(str).to_json()
     # Not a completed erasure: a vectors run that began before it may still record its run.
     assert count_erasures(resources["persona_store"]) == 0
+
+
+def test_what_an_attempt_deletes_outside_the_store_is_counted_even_when_its_count_or_a_file_fails(
+    landing, resources, instance, monkeypatch
+):
+    """The first attempt's count of the first collection's points fails (the store is locked)
+    and a later attempt's second history file fails to be written: nothing is deleted uncounted,
+    and the audit equals one clean erasure's."""
+    from persona_pipeline.erasure import jobs
+    from persona_pipeline.resources.update_history import UpdateHistory
+
+    _erasable_fleet(landing, resources, instance)
+    erased = {"d1", "d3", "d5"}
+    points, rows = _points(resources, erased), stored_rows_of(resources, erased, set())
+    real_record, real_write = jobs.record_erasure, UpdateHistory._write_file
+    failures = {"record": 1, "write": 1}
+    writes = []
+
+    def record_unless_locked(connection, request, deleted, points, devices, completed_at):
+        if failures["record"]:
+            failures["record"] -= 1
+            raise sa.exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        return real_record(connection, request, deleted, points, devices, completed_at)
+
+    def write_the_first_file_only(history, path, table, in_key_order=False):
+        writes.append(path)
+        if len(writes) == 2 and failures["write"]:
+            failures["write"] -= 1
+            raise OSError("disk full")
+        return real_write(history, path, table, in_key_order)
+
+    monkeypatch.setattr(jobs, "record_erasure", record_unless_locked)
+    monkeypatch.setattr(UpdateHistory, "_write_file", write_the_first_file_only)
+    result = erase(resources, instance, customers=["c1"])
+
+    assert result.success and failures == {"record": 0, "write": 0}
+    assert set(stored_rows_of(resources, erased, set()).values()) == {0}
+    audit = table(resources["persona_store"], "erasure_requests").iloc[0]
+    assert audit["points_deleted"] == points == 3
+    assert json.loads(audit["rows_by_table"])["update_history"] == rows["update_history"] == 12
+    assert audit["rows_deleted"] == sum(rows.values())
+
+
+def test_a_store_error_does_not_show_the_ids_it_was_given(resources):
+    """A failed statement's error reaches Dagster's run storage, which no erasure reaches: it
+    names the statement, never its values."""
+    store = resources["persona_store"]
+    store.scalar(sa.select(sa.func.count()).select_from(tables.device_profiles))  # the schema exists
+    with store.begin() as connection:
+        connection.execute(
+            tables.erasure_requests.insert(),
+            [
+                {
+                    "request_id": "r1",
+                    "requested_by": "case-1",
+                    "requested_at": pd.Timestamp("2026-03-01", tz="UTC"),
+                    "device_ids_requested": 1,
+                    "customer_ids_requested": 0,
+                    "devices_erased": 1,
+                    "rows_deleted": 0,
+                    "points_deleted": 0,
+                    "rows_by_table": "{}",
+                }
+            ],
+        )
+    with pytest.raises(sa.exc.IntegrityError) as raised, store.begin() as connection:
+        connection.execute(
+            tables.erasure_requests.insert(),
+            [
+                {
+                    "request_id": "r1",
+                    "requested_by": "device-4711-of-customer-0815",
+                    "requested_at": pd.Timestamp("2026-03-01", tz="UTC"),
+                    "device_ids_requested": 1,
+                    "customer_ids_requested": 0,
+                    "devices_erased": 1,
+                    "rows_deleted": 0,
+                    "points_deleted": 0,
+                    "rows_by_table": "{}",
+                }
+            ],
+        )
+    assert "erasure_requests" in str(raised.value)
+    assert "device-4711" not in str(raised.value)

@@ -1,6 +1,8 @@
 """`erase_devices_job`: a right-to-be-forgotten request, carried out in every store."""
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dagster as dg
 import pandas as pd
@@ -56,43 +58,45 @@ def erase_devices(
     }
     devices = devices_of(persona_store, device_ids, customer_ids)
 
-    def record(deleted: dict[str, int], points: int = 0) -> None:
+    @contextmanager
+    def recorded(deleted: dict[str, int], points: int = 0) -> Iterator[None]:
+        """What the body deletes outside the store (it cannot be rolled back with it) is counted
+        in the audit row in one transaction with it: a failed delete leaves no count, a failed
+        count no delete (only a failed commit after the delete goes uncounted)."""
         with persona_store.begin() as connection:
             record_erasure(connection, request, deleted, points, len(devices), completed_at=None)
+            yield
 
     # Qdrant first: a failure there leaves the store's rows, so a retry still finds the devices.
-    # What cannot be rolled back with the store is recorded as soon as it is gone.
     with vector_index.open() as index:
         ids = point_ids(devices)
         for collection in persona_collections(index):
             found = len(index.retrieve(collection, ids))
-            index.delete(collection, ids)
             if found:
-                record({}, points=found)
+                with recorded({}, points=found):
+                    index.delete(collection, ids)
 
     # Then the update history's files, before the rows that link a customer to its devices go.
-    history_rows = delete_history_rows(persona_store, devices)
-    if history_rows:
-        record({HISTORY: history_rows})
+    delete_history_rows(persona_store, devices, each_file=lambda rows: recorded({HISTORY: rows}))
 
     with persona_store.begin() as connection:
         rows = {HISTORY: 0, **delete_device_rows(connection, devices)}
-        suppressed = suppress(
-            persona_store, connection, devices, customer_ids, request["request_id"], request["requested_at"]
-        )
         audit = record_erasure(
             connection, request, rows, 0, len(devices), completed_at=pd.Timestamp.now(tz="UTC")
         )
+        suppressed = suppress(
+            persona_store, connection, devices, customer_ids, audit["request_id"], audit["requested_at"]
+        )
     rows_by_table = json.loads(audit["rows_by_table"])
     context.log.info(
-        f"erasure {audit['request_id']}: {len(devices)} devices, {audit['rows_deleted']} rows and "
+        f"erasure {audit['request_id']}: {audit['devices_erased']} devices, {audit['rows_deleted']} rows and "
         f"{audit['points_deleted']} points deleted; {suppressed} subjects suppressed"
     )
     return dg.Output(
         None,
         metadata={
             "request_id": dg.MetadataValue.text(audit["request_id"]),
-            "devices_erased": dg.MetadataValue.int(len(devices)),
+            "devices_erased": dg.MetadataValue.int(audit["devices_erased"]),
             "rows_deleted": dg.MetadataValue.int(audit["rows_deleted"]),
             "points_deleted": dg.MetadataValue.int(audit["points_deleted"]),
             "subjects_suppressed": dg.MetadataValue.int(suppressed),

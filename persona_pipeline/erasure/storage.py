@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import pandas as pd
 import sqlalchemy as sa
@@ -50,9 +51,12 @@ def devices_of(store: PersonaStore, device_ids: list[str], customer_ids: list[st
 HISTORY = "update_history"  # the update history's rows in an erasure's counts
 
 
-def delete_history_rows(store: PersonaStore, devices: list[str]) -> int:
-    """Rewrite the update history's files without the rows of `devices`; rows removed."""
-    return store.history.remove_devices(devices)
+def delete_history_rows(
+    store: PersonaStore, devices: list[str], each_file: Callable[[int], AbstractContextManager] | None = None
+) -> int:
+    """Rewrite the update history's files without the rows of `devices`; rows removed.
+    `each_file(rows)`: entered around each file's rewrite."""
+    return store.history.remove_devices(devices, each_file)
 
 
 def delete_device_rows(connection: sa.Connection, devices: list[str]) -> dict[str, int]:

@@ -154,12 +154,14 @@ def _plain_frame(result: sa.CursorResult) -> pd.DataFrame:
 
 
 def connect(url: str) -> sa.Engine:
-    """An engine for the persona store at `url`, schema untouched (see store.schema)."""
+    """An engine for the persona store at `url`, schema untouched (see store.schema). Its errors
+    never show a statement's values (device and customer ids, raw lines): a failed step's error
+    is kept in Dagster's run storage, which an erasure does not reach."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 60})
+        engine = sa.create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:
@@ -171,7 +173,7 @@ def connect(url: str) -> sa.Engine:
             cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
             cursor.close()
     else:
-        engine = sa.create_engine(url, pool_pre_ping=True)
+        engine = sa.create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
     @sa.event.listens_for(engine, "handle_error")
     def _name_the_store(context: sa.engine.ExceptionContext) -> BaseException | None:

@@ -20,7 +20,7 @@ import posixpath
 import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -314,8 +314,14 @@ class UpdateHistory:
 
     # Erasure ----------------------------------------------------------------------------------
 
-    def remove_devices(self, device_ids: Sequence[str]) -> int:
-        """Rewrite every file holding rows of `device_ids` without them; rows removed."""
+    def remove_devices(
+        self,
+        device_ids: Sequence[str],
+        each_file: Callable[[int], AbstractContextManager] | None = None,
+    ) -> int:
+        """Rewrite every file holding rows of `device_ids` without them; rows removed.
+        `each_file(rows)`: entered around each file's rewrite, with the rows it removes (a caller
+        that records them does so in step with the files)."""
         if not device_ids:
             return 0
         erased = pa.array(list(device_ids), type=pa.string())
@@ -332,7 +338,8 @@ class UpdateHistory:
                 if not count:
                     continue
                 table = pq.read_table(path, schema=SCHEMA, filesystem=filesystem)
-                self._write_file(path, table.filter(pc.invert(hits)))
+                with each_file(count) if each_file else nullcontext():
+                    self._write_file(path, table.filter(pc.invert(hits)))
                 removed += count
         return removed
 
