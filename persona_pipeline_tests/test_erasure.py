@@ -394,39 +394,23 @@ def test_a_store_error_does_not_show_the_ids_it_was_given(resources):
     names the statement, never its values."""
     store = resources["persona_store"]
     store.scalar(sa.select(sa.func.count()).select_from(tables.device_profiles))  # the schema exists
+
+    def audit_row(requested_by: str) -> dict:
+        return {
+            "request_id": "r1",
+            "requested_by": requested_by,
+            "requested_at": pd.Timestamp("2026-03-01", tz="UTC"),
+            "device_ids_requested": 1,
+            "customer_ids_requested": 0,
+            "devices_erased": 1,
+            "rows_deleted": 0,
+            "points_deleted": 0,
+            "rows_by_table": "{}",
+        }
+
     with store.begin() as connection:
-        connection.execute(
-            tables.erasure_requests.insert(),
-            [
-                {
-                    "request_id": "r1",
-                    "requested_by": "case-1",
-                    "requested_at": pd.Timestamp("2026-03-01", tz="UTC"),
-                    "device_ids_requested": 1,
-                    "customer_ids_requested": 0,
-                    "devices_erased": 1,
-                    "rows_deleted": 0,
-                    "points_deleted": 0,
-                    "rows_by_table": "{}",
-                }
-            ],
-        )
+        connection.execute(tables.erasure_requests.insert(), [audit_row("case-1")])
     with pytest.raises(sa.exc.IntegrityError) as raised, store.begin() as connection:
-        connection.execute(
-            tables.erasure_requests.insert(),
-            [
-                {
-                    "request_id": "r1",
-                    "requested_by": "device-4711-of-customer-0815",
-                    "requested_at": pd.Timestamp("2026-03-01", tz="UTC"),
-                    "device_ids_requested": 1,
-                    "customer_ids_requested": 0,
-                    "devices_erased": 1,
-                    "rows_deleted": 0,
-                    "points_deleted": 0,
-                    "rows_by_table": "{}",
-                }
-            ],
-        )
+        connection.execute(tables.erasure_requests.insert(), [audit_row("device-4711-of-customer-0815")])
     assert "erasure_requests" in str(raised.value)
     assert "device-4711" not in str(raised.value)
